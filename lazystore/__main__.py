@@ -1,0 +1,3 @@
+from lazystore.cli import main
+
+raise SystemExit(main())

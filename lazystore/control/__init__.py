@@ -1,0 +1,1 @@
+"""msgpack-over-unix-socket control protocol: framing, server, client."""

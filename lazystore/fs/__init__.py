@@ -1,0 +1,1 @@
+"""FUSE operations and inode table over the store."""

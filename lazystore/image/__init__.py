@@ -1,0 +1,1 @@
+"""OCI images of Nix closures (nix-snapshotter compatible) and registry push."""

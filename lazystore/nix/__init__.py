@@ -1,0 +1,1 @@
+"""Pure Nix formats: nix-base32, hashes, store paths, NAR, narinfo, signatures."""

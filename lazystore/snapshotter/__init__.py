@@ -1,0 +1,1 @@
+"""containerd Snapshots gRPC service backed by overlayfs and daemon views."""

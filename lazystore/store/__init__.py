@@ -1,0 +1,1 @@
+"""Local cache on disk: materialised store paths, index, quota and eviction."""

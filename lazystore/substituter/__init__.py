@@ -1,0 +1,1 @@
+"""Binary-cache client: transports, retries, verification, closure walk."""
