@@ -1,0 +1,31 @@
+"""sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+log = logging.getLogger(__name__)
+
+
+def notify(state: str, environ: dict[str, str] | None = None) -> bool:
+    """Send *state* (e.g. ``"READY=1"``) to the service manager.
+
+    Returns False when not run under a manager that asked for notifications.
+    Abstract sockets (a leading ``@``) are supported, as systemd uses them.
+    """
+    env = os.environ if environ is None else environ
+    address = env.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        try:
+            sock.connect(address)
+            sock.sendall(state.encode())
+        except OSError as exc:
+            log.warning("sd_notify to %s failed: %s", env["NOTIFY_SOCKET"], exc.strerror or exc)
+            return False
+    return True
