@@ -1,0 +1,1 @@
+"""Generated protobuf/gRPC modules for containerd's Snapshots API (scripts/gen-proto)."""
