@@ -28,7 +28,8 @@ def nix_env() -> dict[str, str]:
 
 
 def have_nix() -> bool:
-    return shutil.which("nix-build") is not None and Path("/nix/store").is_dir()
+    # /nix/store itself appears on first use, so only the tools are checked.
+    return shutil.which("nix-build") is not None
 
 
 def run_nix(*argv: str | os.PathLike[str], input: bytes | None = None) -> bytes:
