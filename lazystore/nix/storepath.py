@@ -51,7 +51,7 @@ class StorePath:
     @classmethod
     def from_basename(cls, base: str) -> StorePath:
         """Parse ``<hash>-<name>`` (no directory)."""
-        if len(base) < HASH_LENGTH + 2 or base[HASH_LENGTH] != "-":
+        if len(base) <= HASH_LENGTH or base[HASH_LENGTH] != "-":
             raise FormatError(f"{base!r} is not a store path base name")
         try:
             return cls(base[:HASH_LENGTH], base[HASH_LENGTH + 1 :])
