@@ -1,9 +1,71 @@
-"""CLI: `snapshotter` commands (filled in by the issue that owns them)."""
+"""CLI: ``lazystore snapshotter`` (the containerd proxy snapshotter)."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from lazystore import sdnotify
+from lazystore.control.client import DEFAULT_SOCKET
+
+DEFAULT_ADDRESS = "/run/lazystore-snapshotter.sock"
+DEFAULT_ROOT = "/var/lib/lazystore/snapshotter"
+DEFAULT_MOUNT_POINT = "/run/lazystore"
+
+log = logging.getLogger(__name__)
+
+
+def containerd_config(address: str, name: str = "lazystore") -> str:
+    """The containerd config.toml stanza that makes *address* the proxy plugin *name*."""
+    return f'[proxy_plugins.{name}]\n  type = "snapshot"\n  address = "{address}"\n'
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this module's sub-commands to *sub*."""
+    p = sub.add_parser(
+        "snapshotter",
+        help="serve containerd's Snapshots API (proxy plugin) over daemon views",
+        description="containerd proxy snapshotter: overlayfs snapshots; nix layers are "
+        "shown through views of the lazystore daemon.",
+    )
+    p.add_argument("--address", default=DEFAULT_ADDRESS, help="gRPC unix socket (mode 0600)")
+    p.add_argument("--root", default=DEFAULT_ROOT, help="metadata and overlay directories")
+    p.add_argument("--control-socket", default=DEFAULT_SOCKET, help="the daemon's control socket")
+    p.add_argument("--mount-point", default=DEFAULT_MOUNT_POINT, help="the daemon's mount point")
+    p.add_argument(
+        "--print-containerd-config", action="store_true",
+        help="print the [proxy_plugins.lazystore] stanza for containerd's config.toml and exit",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.print_containerd_config:
+        print(containerd_config(args.address), end="")
+        return 0
+    asyncio.run(_serve(args))
+    return 0
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    # Imported here so that `lazystore --help` does not load grpc.
+    from lazystore.snapshotter.service import start_server
+    from lazystore.snapshotter.snapshots import Snapshotter
+
+    sn = Snapshotter(Path(args.root), args.control_socket, args.mount_point)
+    try:
+        await sn.restore_views()
+        server = await start_server(sn, args.address)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        log.info("serving containerd snapshots on %s (root %s)", args.address, args.root)
+        sdnotify.notify("READY=1")
+        await stop.wait()
+        await server.stop(grace=2)
+    finally:
+        sn.close()

@@ -1,0 +1,103 @@
+"""Recognising nix layers: by their labels (untrusted input) or their content.
+
+Labels (as nix-snapshotter's images annotate their layers and CRI/nerdctl pass
+them on): ``containerd.io/snapshot/nix-layer``, ``…/nix-store-path.<i>`` (one
+store path each) or ``…/nix-closure`` (a closure-info store path whose
+``store-paths`` file lists the closure).
+
+Content: a layer whose ``nix/store/`` holds empty placeholders (empty
+directories or empty files) named like store paths; those names are the
+store paths a daemon view must show through the placeholders.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from lazystore.errors import FormatError
+from lazystore.nix import storepath
+from lazystore.snapshotter.errors import InvalidArgument
+
+LABEL_PREFIX = "containerd.io/snapshot/"
+NIX_LAYER = LABEL_PREFIX + "nix-layer"
+NIX_STORE_PATH = LABEL_PREFIX + "nix-store-path."
+NIX_CLOSURE = LABEL_PREFIX + "nix-closure"
+SNAPSHOT_REF = "containerd.io/snapshot.ref"
+
+_INDEX = re.compile(r"0|[1-9][0-9]{0,8}")
+
+
+class InvalidLabel(InvalidArgument):
+    """A nix label whose value is not acceptable (maps to INVALID_ARGUMENT)."""
+
+
+@dataclass(frozen=True)
+class NixLabels:
+    paths: tuple[str, ...] = ()
+    closure: str | None = None
+
+
+def _store_path(label: str, value: str, store_dir: str) -> str:
+    try:
+        return storepath.StorePath.parse(value, store_dir).path(store_dir)
+    except FormatError as exc:
+        raise InvalidLabel(f"label {label}: {exc}") from None
+
+
+def parse_labels(labels: dict[str, str], store_dir: str) -> NixLabels | None:
+    """The nix layer described by *labels*, None when they describe none.
+
+    Every nix label is validated; InvalidLabel names the first bad one.
+    """
+    paths: list[str] = []
+    closure: str | None = None
+    seen = False
+    for label in sorted(labels):
+        value = labels[label]
+        if label == NIX_LAYER:
+            seen = True
+        elif label.startswith(NIX_STORE_PATH):
+            if not _INDEX.fullmatch(label[len(NIX_STORE_PATH) :]):
+                raise InvalidLabel(f"label {label}: the index is not a decimal number")
+            paths.append(_store_path(label, value, store_dir))
+        elif label == NIX_CLOSURE:
+            closure = _store_path(label, value, store_dir)
+    if not (seen or paths or closure):
+        return None
+    if not paths and closure is None:
+        raise InvalidLabel(f"label {NIX_LAYER} without any {NIX_STORE_PATH}<i> or {NIX_CLOSURE}")
+    return NixLabels(tuple(dict.fromkeys(paths)), closure)
+
+
+def _is_placeholder(entry: os.DirEntry[str]) -> bool:
+    if entry.is_symlink():
+        return False
+    if entry.is_file(follow_symlinks=False):
+        return entry.stat(follow_symlinks=False).st_size == 0
+    if entry.is_dir(follow_symlinks=False):
+        with os.scandir(entry.path) as it:
+            return next(it, None) is None
+    return False
+
+
+def scan_placeholders(layer_root: Path, store_dir: str) -> list[str]:
+    """Store paths (full, sorted) whose empty placeholders the layer holds.
+
+    Blocking (walks one directory); call it from a worker thread.
+    """
+    store = layer_root / store_dir.strip("/")
+    try:
+        if store.is_symlink() or not store.is_dir():
+            return []
+        with os.scandir(store) as it:
+            entries = list(it)
+    except OSError:
+        return []
+    found = [
+        e.name for e in entries
+        if storepath.is_valid_basename(e.name) and _is_placeholder(e)
+    ]
+    return [f"{store_dir}/{name}" for name in sorted(found)]

@@ -1,0 +1,112 @@
+"""Overlay layout on disk and the mounts containerd gets, as its overlayfs snapshotter.
+
+``<root>/snapshots/<id>/fs`` is a snapshot's content (its upperdir while
+active), ``<root>/snapshots/<id>/work`` its overlay workdir. Directory names
+are numeric ids so that long lowerdir chains stay within the one page (4096
+bytes) the kernel accepts for mount options.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# The kernel copies mount options into a single page.
+MOUNT_OPTIONS_LIMIT = 4096
+
+
+@dataclass(frozen=True)
+class Mount:
+    type: str
+    source: str
+    options: list[str] = field(default_factory=list)
+
+
+class Layout:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.snapshots = root / "snapshots"
+        self.snapshots.mkdir(parents=True, exist_ok=True)
+        self.index_off = Path("/sys/module/overlay/parameters/index").exists()
+
+    def dir(self, id_: int) -> Path:
+        return self.snapshots / str(id_)
+
+    def fs(self, id_: int) -> str:
+        return str(self.dir(id_) / "fs")
+
+    def work(self, id_: int) -> str:
+        return str(self.dir(id_) / "work")
+
+    def create(self, id_: int, active: bool) -> None:
+        """Make the snapshot's directories (blocking); a leftover of a crash is replaced."""
+        path = self.dir(id_)
+        if path.exists():
+            shutil.rmtree(path)
+        tmp = self.snapshots / f"new-{id_}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / "fs").mkdir(parents=True)
+        os.chmod(tmp / "fs", 0o755)
+        if active:
+            (tmp / "work").mkdir()
+        tmp.rename(path)
+
+    def remove(self, id_: int) -> None:
+        """Delete the snapshot's directories (blocking), renaming them away first."""
+        path = self.dir(id_)
+        if not path.exists():
+            return
+        doomed = self.snapshots / f"rm-{id_}"
+        path.rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def orphans(self, known: set[int]) -> list[Path]:
+        """Directories that no snapshot row owns (crash leftovers)."""
+        out = []
+        for entry in self.snapshots.iterdir():
+            name = entry.name
+            if name.isdigit() and int(name) in known:
+                continue
+            out.append(entry)
+        return out
+
+
+def usage(path: str) -> tuple[int, int]:
+    """(bytes, inodes) used below *path*, counting hard links once (blocking)."""
+    seen: set[tuple[int, int]] = set()
+    size = 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except FileNotFoundError:
+                continue
+            ident = (st.st_dev, st.st_ino)
+            if ident in seen:
+                continue
+            seen.add(ident)
+            size += st.st_blocks * 512
+    return size, len(seen)
+
+
+def mounts(
+    *, active: bool, upper: str, work: str, lowers: list[str], index_off: bool
+) -> list[Mount]:
+    """containerd's overlayfs snapshotter rules.
+
+    No lower layers: a bind mount of the snapshot's own directory. A view over
+    a single lower directory: a read-only bind mount of it. Otherwise overlay,
+    with upperdir/workdir when active.
+    """
+    if not lowers:
+        return [Mount("bind", upper, ["rw" if active else "ro", "rbind"])]
+    if not active and len(lowers) == 1:
+        return [Mount("bind", lowers[0], ["ro", "rbind"])]
+    options = ["index=off"] if index_off else []
+    if active:
+        options += [f"workdir={work}", f"upperdir={upper}"]
+    options.append("lowerdir=" + ":".join(lowers))
+    return [Mount("overlay", "overlay", options)]

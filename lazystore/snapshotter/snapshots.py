@@ -1,0 +1,293 @@
+"""The snapshotter's operations, independent of gRPC.
+
+Overlay semantics follow containerd's overlayfs snapshotter. Nix layers get a
+daemon view directly above them in every descendant's lowerdir stack: found by
+content at Commit (empty placeholders under nix/store), or made from labels at
+Prepare (then the view is the whole layer and Prepare answers AlreadyExists,
+as remote snapshotters do). One lock serialises changes; blocking filesystem
+work runs in threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+from lazystore.errors import ControlError
+from lazystore.nix.storepath import DEFAULT_STORE_DIR
+from lazystore.snapshotter import filters, nixlayer, overlay
+from lazystore.snapshotter.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from lazystore.snapshotter.metadata import Kind, MetaStore, Snapshot
+from lazystore.snapshotter.views import Views
+
+log = logging.getLogger(__name__)
+
+
+def view_prefix(root: Path) -> str:
+    """Short prefix of this snapshotter's view ids (several may share one daemon)."""
+    return "sn" + hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
+
+
+class Snapshotter:
+    def __init__(
+        self,
+        root: Path,
+        control_socket: str,
+        mount_point: str,
+        store_dir: str = DEFAULT_STORE_DIR,
+    ) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.store_dir = store_dir
+        self.meta = MetaStore(root / "metadata.db")
+        self.layout = overlay.Layout(root)
+        self.views = Views(control_socket, mount_point, view_prefix(root))
+        self._view_dirs: dict[int, str] = {}
+        self._lock = asyncio.Lock()
+
+    def close(self) -> None:
+        self.meta.close()
+
+    # -- views --------------------------------------------------------------
+
+    async def _view(self, snap: Snapshot) -> str:
+        try:
+            path = await self.views.ensure(snap.id, snap.nix_paths, snap.nix_closure)
+        except ControlError as exc:
+            raise Unavailable(f"no view for nix layer {snap.key!r}: {exc}") from None
+        self._view_dirs[snap.id] = path
+        return path
+
+    async def restore_views(self) -> None:
+        """Re-create the views of every nix layer (after a restart of either process)."""
+        for snap in self.meta.all():
+            if snap.is_nix and snap.kind == Kind.COMMITTED:
+                try:
+                    await self._view(snap)
+                except Unavailable as exc:
+                    log.warning("%s (will retry when a container needs it)", exc)
+
+    async def _lowers(self, chain: list[Snapshot]) -> list[str]:
+        lowers: list[str] = []
+        for snap in chain:
+            if snap.is_nix:
+                lowers.append(await self._view(snap))
+            if not snap.remote:
+                lowers.append(self.layout.fs(snap.id))
+        return lowers
+
+    async def _mounts(self, snap: Snapshot) -> list[overlay.Mount]:
+        lowers = await self._lowers(self.meta.chain(snap))
+        return overlay.mounts(
+            active=snap.kind == Kind.ACTIVE,
+            upper=self.layout.fs(snap.id),
+            work=self.layout.work(snap.id),
+            lowers=lowers,
+            index_off=self.layout.index_off,
+        )
+
+    # -- lookups -------------------------------------------------------------
+
+    def _get(self, key: str) -> Snapshot:
+        snap = self.meta.get(key) if key else None
+        if snap is None:
+            raise NotFound(f"snapshot {key!r} does not exist")
+        return snap
+
+    def parent_key(self, snap: Snapshot) -> str:
+        return self.meta.by_id(snap.parent_id).key if snap.parent_id is not None else ""
+
+    def stat(self, key: str) -> Snapshot:
+        return self._get(key)
+
+    # -- operations ---------------------------------------------------------
+
+    async def prepare(
+        self, key: str, parent: str, labels: Mapping[str, str], kind: Kind = Kind.ACTIVE
+    ) -> list[overlay.Mount]:
+        labels = dict(labels)
+        if not key:
+            raise InvalidArgument("snapshot key is empty")
+        nix = nixlayer.parse_labels(labels, self.store_dir)
+        async with self._lock:
+            if self.meta.get(key) is not None:
+                raise AlreadyExists(f"snapshot {key!r} already exists")
+            parent_snap = self._parent(parent)
+            target = labels.get(nixlayer.SNAPSHOT_REF)
+            if nix is not None and target and kind == Kind.ACTIVE:
+                await self._remote(target, parent_snap, labels, nix)
+                raise AlreadyExists(f"target snapshot {target!r} already exists")
+            return await self._create(key, parent_snap, labels, kind, nix)
+
+    def _parent(self, parent: str) -> Snapshot | None:
+        if not parent:
+            return None
+        snap = self.meta.get(parent)
+        if snap is None:
+            raise NotFound(f"parent snapshot {parent!r} does not exist")
+        if snap.kind != Kind.COMMITTED:
+            raise InvalidArgument(f"parent {parent!r} is not a committed snapshot")
+        return snap
+
+    async def _create(
+        self,
+        key: str,
+        parent: Snapshot | None,
+        labels: dict[str, str],
+        kind: Kind,
+        nix: nixlayer.NixLabels | None,
+    ) -> list[overlay.Mount]:
+        with self.meta.transaction():
+            snap = self.meta.insert(
+                key, parent.id if parent else None, kind, labels,
+                nix_paths=list(nix.paths) if nix else None,
+                nix_closure=nix.closure if nix else None,
+            )
+            await asyncio.to_thread(self.layout.create, snap.id, kind == Kind.ACTIVE)
+            try:
+                mounts = await self._mounts(snap)
+            except BaseException:
+                await asyncio.to_thread(self.layout.remove, snap.id)
+                raise
+        log.info("%s %s (id %d, parent %r)", kind.filter_name, key, snap.id,
+                 parent.key if parent else "")
+        return mounts
+
+    async def _remote(
+        self,
+        target: str,
+        parent: Snapshot | None,
+        labels: dict[str, str],
+        nix: nixlayer.NixLabels,
+    ) -> None:
+        """Commit *target* with a daemon view as its whole content (remote snapshot)."""
+        if self.meta.get(target) is not None:
+            return
+        with self.meta.transaction():
+            snap = self.meta.insert(
+                target, parent.id if parent else None, Kind.COMMITTED, labels,
+                nix_paths=list(nix.paths) or None, nix_closure=nix.closure, remote=True,
+            )
+            await asyncio.to_thread(self.layout.create, snap.id, False)
+            try:
+                await self._view(snap)
+            except BaseException:
+                await asyncio.to_thread(self.layout.remove, snap.id)
+                raise
+        log.info("remote nix snapshot %s (id %d, %d store paths)", target, snap.id,
+                 len(nix.paths))
+
+    async def mounts(self, key: str) -> list[overlay.Mount]:
+        async with self._lock:
+            snap = self._get(key)
+            if snap.kind not in (Kind.ACTIVE, Kind.VIEW):
+                raise FailedPrecondition(f"snapshot {key!r} is not active")
+            return await self._mounts(snap)
+
+    async def commit(self, name: str, key: str, labels: Mapping[str, str]) -> None:
+        async with self._lock:
+            snap = self._get(key)
+            if snap.kind != Kind.ACTIVE:
+                raise FailedPrecondition(f"snapshot {key!r} is not active")
+            if not name:
+                raise InvalidArgument("commit name is empty")
+            if self.meta.get(name) is not None:
+                raise AlreadyExists(f"snapshot {name!r} already exists")
+            fs = self.layout.fs(snap.id)
+            size, inodes = await asyncio.to_thread(overlay.usage, fs)
+            found = await asyncio.to_thread(nixlayer.scan_placeholders, Path(fs), self.store_dir)
+            paths = found or snap.nix_paths
+            with self.meta.transaction():
+                done = self.meta.commit(snap, name, dict(labels), size, inodes, paths)
+                if done.is_nix:
+                    await self._view(done)
+        log.info("committed %s as %s (id %d%s)", key, name, snap.id,
+                 f", nix layer of {len(paths)} store paths" if paths else "")
+
+    async def remove(self, key: str) -> None:
+        async with self._lock:
+            snap = self._get(key)
+            if self.meta.has_children(snap.id):
+                raise FailedPrecondition(f"cannot remove snapshot {key!r} with children")
+            with self.meta.transaction():
+                self.meta.delete(snap)
+                await asyncio.to_thread(self.layout.remove, snap.id)
+            if snap.is_nix and snap.kind == Kind.COMMITTED:
+                await self._drop_view(snap)
+        log.info("removed %s (id %d)", key, snap.id)
+
+    async def _drop_view(self, snap: Snapshot) -> None:
+        self._view_dirs.pop(snap.id, None)
+        try:
+            await self.views.remove(snap.id)
+        except ControlError as exc:
+            # The snapshot is gone either way; a stale view only costs the daemon memory.
+            log.info("view of %s not removed: %s", snap.key, exc)
+
+    async def update(
+        self, key: str, labels: Mapping[str, str], paths: list[str]
+    ) -> Snapshot:
+        async with self._lock:
+            snap = self._get(key)
+            new = dict(snap.labels)
+            if not paths:
+                new = dict(labels)
+            for path in paths:
+                if path == "labels":
+                    new = dict(labels)
+                elif path.startswith("labels."):
+                    label = path[len("labels."):]
+                    if label in labels:
+                        new[label] = labels[label]
+                    else:
+                        new.pop(label, None)
+                else:
+                    raise InvalidArgument(f"cannot update field {path!r} of snapshot {key!r}")
+            with self.meta.transaction():
+                return self.meta.set_labels(snap, new)
+
+    def list(self, filter_texts: list[str]) -> list[Snapshot]:
+        try:
+            parsed = filters.parse_any(filter_texts)
+        except filters.FilterError as exc:
+            raise InvalidArgument(str(exc)) from None
+        snaps = self.meta.all()
+        keys = {s.id: s.key for s in snaps}
+        out = []
+        for snap in snaps:
+            parent = keys.get(snap.parent_id, "") if snap.parent_id is not None else ""
+            adaptor = filters.snapshot_adaptor(snap.key, parent, snap.kind.filter_name,
+                                               snap.labels)
+            if filters.match_any(parsed, adaptor):
+                out.append(snap)
+        return out
+
+    async def usage(self, key: str) -> tuple[int, int]:
+        snap = self._get(key)
+        if snap.kind == Kind.ACTIVE:
+            return await asyncio.to_thread(overlay.usage, self.layout.fs(snap.id))
+        return snap.size, snap.inodes
+
+    async def cleanup(self) -> None:
+        async with self._lock:
+            orphans = self.layout.orphans(self.meta.ids())
+            for path in orphans:
+                log.info("cleanup: removing %s", path)
+                await asyncio.to_thread(_rmtree, path)
+
+
+def _rmtree(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
