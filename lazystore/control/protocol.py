@@ -20,6 +20,8 @@ Operations (arguments -> result):
 ``view_remove`` (``id``) -> ``{}``.
 ``evict`` (``paths``: list of store paths; empty = everything evictable)
     -> ``{"evicted": [basenames]}``.
+``closure`` (``paths``: list of store paths) -> ``{"paths": [basenames]}``, the
+    closure through the substituters' References, fetching no NAR.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from lazystore.errors import ControlError
 MAX_FRAME = 16 * 1024 * 1024
 _HEADER = struct.Struct(">I")
 HEADER_SIZE = _HEADER.size
-OPS = ("status", "prefetch", "view_create", "view_remove", "evict")
+OPS = ("status", "prefetch", "view_create", "view_remove", "evict", "closure")
 
 
 def encode_frame(message: dict[str, Any]) -> bytes:

@@ -1,0 +1,161 @@
+"""pyfuse3 Operations: a protocol adapter over the Vfs, nothing more.
+
+Every handler goes through :func:`to_errno`, the one place where exceptions
+become errno values: in pyfuse3 any exception other than FUSEError would end
+``main()`` and with it the mount.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from lazystore.errors import LazystoreError, StoreError
+from lazystore.fs.vfs import Attr, FsError, Vfs
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MTIME_NS = 1_000_000_000  # mtime 1, as in /nix/store
+
+
+def to_errno(exc: BaseException) -> int:
+    """The errno a failed request answers with; logs what is not expected."""
+    if isinstance(exc, pyfuse3.FUSEError):
+        return exc.errno
+    if isinstance(exc, FsError):
+        return exc.errno
+    if isinstance(exc, StoreError):
+        log.warning("%s", exc)
+        return errno.EIO
+    if isinstance(exc, LazystoreError):
+        log.warning("%s", exc)
+        return errno.EIO
+    if isinstance(exc, OSError):
+        log.warning("I/O error in the cache: %s", exc)
+        return errno.EIO
+    log.error("internal error answered with EIO", exc_info=exc)
+    return errno.EIO
+
+
+def mapped(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as exc:
+            raise pyfuse3.FUSEError(to_errno(exc)) from None
+
+    return wrapper
+
+
+def read_only(*_: Any, **__: Any) -> Awaitable[Any]:
+    async def refuse() -> Any:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    return refuse()
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, vfs: Vfs) -> None:
+        super().__init__()
+        self.vfs = vfs
+
+    def entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = attr.ino
+        e.generation = 0
+        e.entry_timeout, e.attr_timeout = self.vfs.timeouts(attr.ino)
+        e.st_mode = attr.mode
+        e.st_nlink = 1
+        e.st_uid = e.st_gid = 0
+        e.st_rdev = 0
+        e.st_size = attr.size
+        e.st_blksize = 4096
+        e.st_blocks = -(-attr.size // 512)
+        e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = MTIME_NS
+        return e
+
+    @mapped
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
+        return self.entry(await self.vfs.lookup(parent_inode, os.fsdecode(name)))
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, n in inode_list:  # must never raise
+            self.vfs.forget(ino, n)
+
+    @mapped
+    async def getattr(self, inode: int, ctx: Any = None) -> Any:
+        return self.entry(await self.vfs.getattr(inode))
+
+    @mapped
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        return os.fsencode(await self.vfs.readlink(inode))
+
+    @mapped
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        attr = await self.vfs.getattr(inode)
+        if attr.kind != "d":
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @mapped
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        for key, name, attr in await self.vfs.listdir(fh, start_id):
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self.entry(attr), key):
+                break
+            self.vfs.remember(attr.ino)
+
+    async def releasedir(self, fh: int) -> None:
+        pass
+
+    @mapped
+    async def open(self, inode: int, flags: int, ctx: Any) -> Any:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return pyfuse3.FileInfo(fh=await self.vfs.open(inode), keep_cache=True)
+
+    @mapped
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self.vfs.read(fh, off, size)
+
+    async def release(self, fh: int) -> None:
+        try:
+            self.vfs.release(fh)
+        except OSError as exc:
+            log.warning("closing a cache file failed: %s", exc)
+
+    @mapped
+    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
+        if mode & os.W_OK:
+            return False
+        await self.vfs.getattr(inode)
+        return True
+
+    @mapped
+    async def statfs(self, ctx: Any) -> Any:
+        st = pyfuse3.StatvfsData()
+        for name, value in self.vfs.statfs().items():
+            setattr(st, name, value)
+        return st
+
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        raise pyfuse3.FUSEError(errno.ENODATA)
+
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        return []
+
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = read_only  # type: ignore[assignment]
+    write = create = setxattr = removexattr = read_only  # type: ignore[assignment]

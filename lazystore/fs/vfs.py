@@ -1,0 +1,377 @@
+"""What the mounted tree looks like, as inodes over the store API, without FUSE.
+
+    /                                   ROOT: every store path, looked up by name
+    /<hash>-<name>/...                  STORE inodes, keyed by (basename, relpath)
+    /.views/                            VIEWS
+    /.views/<id>/nix/store/<basename>   VIEWDIR levels, then the STORE root inode
+
+A store path has one inode per (basename, relpath), whichever way it is
+reached, so the kernel caches its pages once. Lookup counts follow the FUSE
+rules (lookup and readdirplus add, forget subtracts); an unreferenced STORE
+inode is dropped, its number never reused. readdir offsets are stable hashes
+of names (tree.name_key), so a listing survives the tree being replaced by the
+authoritative one. Only ``open``/``read``/``readlink`` need a path's data.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from lazystore.errors import LazystoreError, StoreError
+from lazystore.store.cache import LocalStore
+from lazystore.store.tree import DIRECTORY, REGULAR, SYMLINK, Node, name_key, resolve
+
+log = logging.getLogger(__name__)
+
+ROOT_INODE = 1
+VIEWS_INODE = 2
+VIEWS_NAME = ".views"
+LONG_TIMEOUT = 86400.0
+ROOT_ATTR_TIMEOUT = 1.0
+
+
+class FsError(LazystoreError):
+    """A request the file system refuses; carries the errno to answer with."""
+
+    errno = errno.EIO
+
+
+class NoEntry(FsError):
+    errno = errno.ENOENT
+
+
+class NotADir(FsError):
+    errno = errno.ENOTDIR
+
+
+class IsADir(FsError):
+    errno = errno.EISDIR
+
+
+class InvalidRequest(FsError):
+    errno = errno.EINVAL
+
+
+class BadHandle(FsError):
+    errno = errno.EBADF
+
+
+@dataclass(frozen=True, slots=True)
+class Attr:
+    """The attributes of an inode (owner root, mtime 1, modes as in /nix/store)."""
+
+    ino: int
+    kind: str
+    size: int = 0
+    executable: bool = False
+
+    @property
+    def mode(self) -> int:
+        if self.kind == DIRECTORY:
+            return stat.S_IFDIR | 0o555
+        if self.kind == SYMLINK:
+            return stat.S_IFLNK | 0o777
+        return stat.S_IFREG | (0o555 if self.executable else 0o444)
+
+
+@dataclass(slots=True)
+class Inode:
+    ino: int
+    kind: str  # "root", "views", "viewdir", "store"
+    base: str = ""  # store path basename ("store")
+    rel: tuple[str, ...] = ()  # path below the store path ("store")
+    view: View | None = None  # ("viewdir")
+    level: int = 0  # 0 = .views/<id>, then one per store dir component ("viewdir")
+    lookups: int = 0
+
+
+@dataclass(eq=False)
+class View:
+    id: str
+    bases: tuple[str, ...]
+    dirs: list[int] = field(default_factory=list)  # inode of each level
+
+
+@dataclass(slots=True)
+class Handle:
+    fd: int
+    base: str
+
+
+def check_view_id(view_id: str) -> None:
+    if (
+        not view_id or view_id.startswith(".") or "/" in view_id or "\0" in view_id
+        or len(view_id) > 200
+    ):
+        raise InvalidRequest(f"invalid view id {view_id!r}")
+
+
+class Vfs:
+    """The mounted tree. All methods run on the trio thread."""
+
+    def __init__(self, store: LocalStore, store_dir: str = "/nix/store") -> None:
+        self.store = store
+        self.store_dir_parts = tuple(p for p in store_dir.split("/") if p)
+        self._next_ino = itertools.count(VIEWS_INODE + 1)
+        self._next_fh = itertools.count(1)
+        self.inodes: dict[int, Inode] = {
+            ROOT_INODE: Inode(ROOT_INODE, "root", lookups=1),
+            VIEWS_INODE: Inode(VIEWS_INODE, "views", lookups=1),
+        }
+        self._store_inodes: dict[tuple[str, tuple[str, ...]], int] = {}
+        self.views: dict[str, View] = {}
+        self.handles: dict[int, Handle] = {}
+
+    # -- inode table ------------------------------------------------------
+
+    def _get(self, ino: int) -> Inode:
+        node = self.inodes.get(ino)
+        if node is None:
+            raise NoEntry(f"stale inode {ino}")
+        return node
+
+    def store_inode(self, base: str, rel: tuple[str, ...] = ()) -> int:
+        ino = self._store_inodes.get((base, rel))
+        if ino is None:
+            ino = next(self._next_ino)
+            self._store_inodes[(base, rel)] = ino
+            self.inodes[ino] = Inode(ino, "store", base=base, rel=rel)
+        return ino
+
+    def remember(self, ino: int) -> None:
+        """The kernel took one more reference (lookup, readdirplus)."""
+        self._get(ino).lookups += 1
+
+    def forget(self, ino: int, nlookup: int) -> None:
+        node = self.inodes.get(ino)
+        if node is None:
+            return
+        node.lookups -= nlookup
+        if node.lookups <= 0 and node.kind == "store":
+            del self.inodes[ino]
+            del self._store_inodes[(node.base, node.rel)]
+        elif node.lookups <= 0 and node.kind == "viewdir" and node.view not in self.views.values():
+            del self.inodes[ino]
+
+    def timeouts(self, ino: int) -> tuple[float, float]:
+        """(entry, attribute) timeouts: store contents never change; views do."""
+        kind = self.inodes[ino].kind if ino in self.inodes else "store"
+        if kind == "store":
+            return LONG_TIMEOUT, LONG_TIMEOUT
+        return 0.0, ROOT_ATTR_TIMEOUT
+
+    # -- metadata ---------------------------------------------------------
+
+    async def node(self, inode: Inode) -> Node:
+        root = await self.store.tree(inode.base)
+        node = resolve(root, inode.rel)
+        if node is None:
+            raise NoEntry(f"{inode.base}/{'/'.join(inode.rel)} does not exist")
+        return node
+
+    async def getattr(self, ino: int) -> Attr:
+        inode = self._get(ino)
+        if inode.kind != "store":
+            return Attr(ino, DIRECTORY)
+        node = await self.node(inode)
+        return Attr(ino, node.kind, node.size, node.executable)
+
+    async def lookup(self, parent: int, name: str) -> Attr:
+        """Resolve *name* in *parent*, counting one kernel reference."""
+        attr = await self._lookup(self._get(parent), name)
+        self.remember(attr.ino)
+        return attr
+
+    async def _lookup(self, parent: Inode, name: str) -> Attr:
+        if name in (".", ".."):
+            raise NoEntry(name)  # the kernel resolves these itself
+        if parent.kind == "root":
+            if name == VIEWS_NAME:
+                return Attr(VIEWS_INODE, DIRECTORY)
+            return await self._lookup_store_path(name)
+        if parent.kind == "views":
+            view = self.views.get(name)
+            if view is None:
+                raise NoEntry(name)
+            return Attr(view.dirs[0], DIRECTORY)
+        if parent.kind == "viewdir":
+            return await self._lookup_in_view(parent, name)
+        node = await self.node(parent)
+        if node.kind != DIRECTORY:
+            raise NotADir(name)
+        child = node.child(name)
+        if child is None:
+            raise NoEntry(name)
+        ino = self.store_inode(parent.base, (*parent.rel, name))
+        return Attr(ino, child.kind, child.size, child.executable)
+
+    async def _lookup_store_path(self, name: str) -> Attr:
+        if name.startswith(".") or await self.store.lookup(name) is None:
+            raise NoEntry(name)
+        return await self.getattr(self.store_inode(name))
+
+    async def _lookup_in_view(self, parent: Inode, name: str) -> Attr:
+        view = parent.view
+        assert view is not None
+        if parent.level < len(self.store_dir_parts):
+            if name != self.store_dir_parts[parent.level]:
+                raise NoEntry(name)
+            return Attr(view.dirs[parent.level + 1], DIRECTORY)
+        if name not in view.bases:
+            raise NoEntry(name)
+        return await self.getattr(self.store_inode(name))
+
+    async def listdir(self, ino: int, start: int) -> list[tuple[int, str, Attr]]:
+        """Entries of directory *ino* whose readdir key is above *start*, in key order."""
+        inode = self._get(ino)
+        if inode.kind == "root":
+            names = [VIEWS_NAME] + [b for b, r in self.store.records.items() if r.tree]
+        elif inode.kind == "views":
+            names = list(self.views)
+        elif inode.kind == "viewdir":
+            names = self._viewdir_names(inode)
+        else:
+            node = await self.node(inode)
+            if node.kind != DIRECTORY:
+                raise NotADir(inode.base)
+            return await self._list_store_dir(inode, node, start)
+        keyed = sorted((name_key(n), n) for n in names)
+        out = []
+        for key, name in keyed:
+            if key > start:
+                try:
+                    out.append((key, name, await self._lookup(inode, name)))
+                except NoEntry:
+                    continue
+        return out
+
+    def _viewdir_names(self, inode: Inode) -> list[str]:
+        assert inode.view is not None
+        if inode.level < len(self.store_dir_parts):
+            return [self.store_dir_parts[inode.level]]
+        return list(inode.view.bases)
+
+    async def _list_store_dir(
+        self, inode: Inode, node: Node, start: int
+    ) -> list[tuple[int, str, Attr]]:
+        out = []
+        for key, name in node.sorted_keys():
+            if key > start:
+                child = node.entries[name]  # type: ignore[index]
+                ino = self.store_inode(inode.base, (*inode.rel, name))
+                out.append((key, name, Attr(ino, child.kind, child.size, child.executable)))
+        return out
+
+    # -- data -------------------------------------------------------------
+
+    async def _data_path(self, inode: Inode) -> Path:
+        root = await self.store.materialize(inode.base)
+        return root.joinpath(*inode.rel)
+
+    async def readlink(self, ino: int) -> str:
+        inode = self._get(ino)
+        if inode.kind != "store" or (await self.node(inode)).kind != SYMLINK:
+            raise InvalidRequest("not a symlink")
+        self.store.pin(inode.base)
+        try:
+            return os.readlink(await self._data_path(inode))
+        finally:
+            self.store.unpin(inode.base)
+
+    async def open(self, ino: int) -> int:
+        """Open regular file *ino* for reading (fetching its store path); a handle."""
+        inode = self._get(ino)
+        if inode.kind != "store":
+            raise IsADir("directory")
+        node = await self.node(inode)
+        if node.kind == DIRECTORY:
+            raise IsADir(inode.base)
+        if node.kind != REGULAR:
+            raise InvalidRequest("not a regular file")
+        self.store.pin(inode.base)
+        try:
+            path = await self._data_path(inode)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except BaseException:
+            self.store.unpin(inode.base)
+            raise
+        self.store.touch(inode.base)
+        fh = next(self._next_fh)
+        self.handles[fh] = Handle(fd, inode.base)
+        return fh
+
+    async def read(self, fh: int, offset: int, size: int) -> bytes:
+        handle = self.handles.get(fh)
+        if handle is None:
+            raise BadHandle(f"file handle {fh}")
+        if size > 1 << 20:
+            return await trio.to_thread.run_sync(os.pread, handle.fd, size, offset)
+        return os.pread(handle.fd, size, offset)
+
+    def release(self, fh: int) -> None:
+        handle = self.handles.pop(fh, None)
+        if handle is not None:
+            os.close(handle.fd)
+            self.store.unpin(handle.base)
+
+    def close_all(self) -> None:
+        for fh in list(self.handles):
+            self.release(fh)
+
+    def statfs(self) -> dict[str, int]:
+        block = 4096
+        used = -(-self.store.cache_bytes // block)
+        total = max(used, -(-(self.store.cache_limit or 0) // block))
+        return {
+            "f_bsize": block, "f_frsize": block, "f_blocks": total,
+            "f_bfree": 0, "f_bavail": 0,
+            "f_files": len(self.store.records) + len(self.inodes),
+            "f_ffree": 0, "f_favail": 0, "f_namemax": 255,
+        }
+
+    # -- views ------------------------------------------------------------
+
+    async def create_view(self, view_id: str, bases: list[str]) -> str:
+        """Create view *view_id* of store paths *bases*; returns ``.views/<id>``."""
+        check_view_id(view_id)
+        wanted = tuple(dict.fromkeys(bases))
+        old = self.views.get(view_id)
+        if old is not None:
+            if old.bases == wanted:
+                return f"{VIEWS_NAME}/{view_id}"
+            raise InvalidRequest(f"view {view_id} exists with other store paths")
+        for base in wanted:
+            try:
+                await self.store.require(base)
+            except StoreError as exc:
+                raise StoreError(f"cannot create view {view_id}: {exc}") from None
+        view = View(view_id, wanted)
+        for level in range(len(self.store_dir_parts) + 1):
+            ino = next(self._next_ino)
+            self.inodes[ino] = Inode(ino, "viewdir", view=view, level=level)
+            view.dirs.append(ino)
+        for base in wanted:
+            self.store.pin(base)
+        self.views[view_id] = view
+        log.info("view %s created with %d store paths", view_id, len(wanted))
+        return f"{VIEWS_NAME}/{view_id}"
+
+    def remove_view(self, view_id: str) -> None:
+        view = self.views.pop(view_id, None)
+        if view is None:
+            raise NoEntry(f"no view {view_id!r}")
+        for base in view.bases:
+            self.store.unpin(base)
+        for ino in view.dirs:
+            inode = self.inodes.get(ino)
+            if inode is not None and inode.lookups <= 0:
+                del self.inodes[ino]
+        log.info("view %s removed", view_id)

@@ -1,0 +1,173 @@
+"""Metadata trees of store paths: names, types, sizes, modes, symlink targets.
+
+A tree comes from a cache's ``.ls`` listing (a hint) or from the unpacked,
+verified path on disk (authoritative). It is kept apart from the data so the
+data can be evicted while lookups keep working. Nodes are small slotted
+objects: 100,000 files must fit in well under 200 MB.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lazystore.errors import StoreError
+
+DIRECTORY, REGULAR, SYMLINK = "d", "r", "l"
+MAX_NAME = 255
+
+
+class Node:
+    """One file system object below a store path."""
+
+    __slots__ = ("kind", "size", "executable", "target", "entries", "_keys")
+
+    def __init__(
+        self,
+        kind: str,
+        size: int = 0,
+        executable: bool = False,
+        target: str = "",
+        entries: dict[str, Node] | None = None,
+    ) -> None:
+        self.kind = kind
+        self.size = size
+        self.executable = executable
+        self.target = target
+        self.entries = entries
+        self._keys: list[tuple[int, str]] | None = None
+
+    def child(self, name: str) -> Node | None:
+        return self.entries.get(name) if self.entries is not None else None
+
+    def sorted_keys(self) -> list[tuple[int, str]]:
+        """(stable readdir key, name) pairs in key order; computed once."""
+        if self._keys is None:
+            self._keys = sorted((name_key(n), n) for n in (self.entries or {}))
+        return self._keys
+
+    def count(self) -> int:
+        """Number of nodes in this tree, this one included."""
+        return 1 + sum(c.count() for c in (self.entries or {}).values())
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Node):
+            return NotImplemented
+        return (self.kind, self.size, self.executable, self.target, self.entries) == (
+            other.kind, other.size, other.executable, other.target, other.entries
+        )
+
+    def __repr__(self) -> str:
+        return f"Node({self.kind!r}, size={self.size}, entries={len(self.entries or {})})"
+
+
+def name_key(name: str) -> int:
+    """A stable, positive 63-bit readdir offset for *name* (never a position)."""
+    digest = hashlib.blake2b(name.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return (int.from_bytes(digest, "big") >> 1) or 1
+
+
+def _check_name(name: object) -> str:
+    if (
+        not isinstance(name, str) or name in ("", ".", "..")
+        or "/" in name or "\0" in name or len(name.encode()) > MAX_NAME
+    ):
+        raise StoreError(f"invalid file name {name!r} in a listing")
+    return name
+
+
+def from_listing(document: dict[str, Any]) -> Node:
+    """The tree of a ``.ls`` document (``{"version": 1, "root": {...}}``)."""
+    if not isinstance(document, dict):
+        raise StoreError("malformed listing: not a JSON object")
+    root = document.get("root", document)
+    return _node_from_listing(root, 0)
+
+
+def _node_from_listing(obj: Any, depth: int) -> Node:
+    if not isinstance(obj, dict) or depth > 256:
+        raise StoreError("malformed listing: bad node")
+    kind = obj.get("type")
+    if kind == "directory":
+        raw = obj.get("entries", {})
+        if not isinstance(raw, dict):
+            raise StoreError("malformed listing: directory entries are not an object")
+        entries = {_check_name(n): _node_from_listing(c, depth + 1) for n, c in raw.items()}
+        return Node(DIRECTORY, entries=entries)
+    if kind == "regular":
+        size = obj.get("size", 0)
+        if not isinstance(size, int) or size < 0:
+            raise StoreError("malformed listing: bad file size")
+        return Node(REGULAR, size=size, executable=bool(obj.get("executable", False)))
+    if kind == "symlink":
+        target = obj.get("target")
+        if not isinstance(target, str) or not target:
+            raise StoreError("malformed listing: bad symlink target")
+        return Node(SYMLINK, target=target)
+    raise StoreError(f"malformed listing: unknown node type {kind!r}")
+
+
+def from_disk(path: Path) -> Node:
+    """The authoritative tree of an unpacked store path (never follows symlinks)."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        return Node(SYMLINK, target=os.readlink(path))
+    if stat.S_ISREG(st.st_mode):
+        return Node(REGULAR, size=st.st_size, executable=bool(st.st_mode & 0o100))
+    if stat.S_ISDIR(st.st_mode):
+        with os.scandir(path) as it:
+            names = [e.name for e in it]
+        return Node(DIRECTORY, entries={n: from_disk(path / n) for n in names})
+    raise StoreError(f"{path}: unexpected file type in a store path")
+
+
+def disk_usage(path: Path) -> int:
+    """Bytes *path* occupies on disk (allocated blocks), symlinks not followed."""
+    total = 0
+    for node in _walk(path):
+        total += os.lstat(node).st_blocks * 512
+    return total
+
+
+def _walk(path: Path) -> Iterator[Path]:
+    yield path
+    if path.is_dir() and not path.is_symlink():
+        for child in path.iterdir():
+            yield from _walk(child)
+
+
+def encode(node: Node) -> list[Any]:
+    """A compact msgpack-able form of *node*."""
+    if node.kind == DIRECTORY:
+        return [DIRECTORY, {n: encode(c) for n, c in (node.entries or {}).items()}]
+    if node.kind == REGULAR:
+        return [REGULAR, node.size, node.executable]
+    return [SYMLINK, node.target]
+
+
+def decode(data: Any) -> Node:
+    try:
+        kind = data[0]
+        if kind == DIRECTORY:
+            return Node(DIRECTORY, entries={n: decode(c) for n, c in data[1].items()})
+        if kind == REGULAR:
+            return Node(REGULAR, size=int(data[1]), executable=bool(data[2]))
+        if kind == SYMLINK:
+            return Node(SYMLINK, target=str(data[1]))
+    except (TypeError, IndexError, KeyError, AttributeError, ValueError):
+        pass
+    raise StoreError("corrupt tree in the cache index")
+
+
+def resolve(root: Node, parts: tuple[str, ...]) -> Node | None:
+    """The node at *parts* below *root* (symlinks are not followed)."""
+    node: Node | None = root
+    for part in parts:
+        if node is None or node.kind != DIRECTORY:
+            return None
+        node = node.child(part)
+    return node
