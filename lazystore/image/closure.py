@@ -52,8 +52,13 @@ def parse_dump_db(text: str, store_dir: str = STORE_DIR) -> list[PathInfo]:
 
 
 def resolve_store_path(arg: str, store_dir: str = STORE_DIR) -> str:
-    """The store path an argument names (following a ``result`` symlink)."""
-    path = os.path.realpath(arg)
+    """The store path an argument names, following symlinks such as ``result``
+    until one is reached (a store path may itself be a symlink)."""
+    path = os.path.abspath(arg)
+    for _ in range(40):
+        if is_store_path(path, store_dir) or not os.path.islink(path):
+            break
+        path = os.path.normpath(os.path.join(os.path.dirname(path), os.readlink(path)))
     if not is_store_path(path, store_dir):
         raise ImageError(f"{arg}: not a store path under {store_dir}")
     if not os.path.lexists(path):
