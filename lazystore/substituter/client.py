@@ -1,0 +1,357 @@
+"""``Substituters``: the binary-cache client the daemon and the CLI use.
+
+Safe for many concurrent trio tasks: narinfo lookups and NAR fetches are
+single-flight (per substituter and hash part; per destination), narinfo
+answers are cached with TTLs, one httpx client caps connections globally and
+one CapacityLimiter bounds the worker threads that unpack.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import cachetools
+import httpx
+import trio
+
+from lazystore.errors import LazystoreError
+from lazystore.nix.cacheinfo import CacheInfo
+from lazystore.nix.narinfo import NarInfo
+from lazystore.nix.signing import PublicKey, verify_narinfo
+from lazystore.nix.storepath import StorePath
+from lazystore.substituter import retry
+from lazystore.substituter.config import SubstituterConfig
+from lazystore.substituter.download import download, single_error
+from lazystore.substituter.errors import (
+    CacheInfoError,
+    LocalError,
+    NotAvailableError,
+    SubstituterError,
+    VerificationError,
+)
+from lazystore.substituter.flight import SingleFlight
+from lazystore.substituter.transport import Transport, make_client, make_transport
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stats:
+    """Counters for status displays (monotonic over the client's life)."""
+
+    bytes_downloaded: int = 0  # bytes received for NARs, as sent (compressed)
+    nars_fetched: int = 0
+    nar_bytes: int = 0  # uncompressed NAR bytes of the paths fetched
+    narinfo_hits: int = 0  # query() answers: found
+    narinfo_misses: int = 0  # query() answers: not found
+    narinfo_requests: int = 0  # narinfo files asked of a substituter
+    retries: int = 0
+    failures: int = 0  # NAR downloads that failed at one substituter
+
+
+class _Cache:
+    """One substituter: its transport, its nix-cache-info, its narinfo caches."""
+
+    def __init__(self, index: int, transport: Transport, config: SubstituterConfig) -> None:
+        self.index = index
+        self.transport = transport
+        self.url = transport.url
+        self.info = CacheInfo()
+        self.error: SubstituterError | None = None
+        size = config.narinfo_cache_size
+        self.positive: cachetools.TTLCache[str, NarInfo] = cachetools.TTLCache(
+            size, config.positive_ttl, timer=trio_time)
+        self.negative: cachetools.TTLCache[str, bool] = cachetools.TTLCache(
+            size, config.negative_ttl, timer=trio_time)
+
+
+def trio_time() -> float:
+    """trio's clock when inside trio (so tests can jump it), else monotonic."""
+    try:
+        return trio.current_time()
+    except RuntimeError:
+        import time
+
+        return time.monotonic()
+
+
+class Substituters:
+    """``async with Substituters(config) as subs:`` — see developer-notes/interfaces.md."""
+
+    def __init__(self, config: SubstituterConfig) -> None:
+        self.config = config
+        self.stats = Stats()
+        self._keys = _parse_keys(config.trusted_public_keys)
+        self._policy = retry.RetryPolicy(config.attempts, config.backoff_base,
+                                         config.backoff_max, config.retry_after_max)
+        self._limiter = trio.CapacityLimiter(config.worker_threads)
+        self._client: httpx.AsyncClient | None = None
+        self._caches: list[_Cache] = []
+        self._ordered: list[_Cache] | None = None
+        self._init_lock = trio.Lock()
+        self._narinfo_flight: SingleFlight[NarInfo | None] = SingleFlight()
+        self._fetch_flight: SingleFlight[NarInfo] = SingleFlight()
+
+    async def __aenter__(self) -> Substituters:
+        c = self.config
+        self._client = make_client(c.max_connections, c.connect_timeout, c.stall_timeout,
+                                   c.netrc_file)
+        try:
+            self._caches = [_Cache(i, make_transport(url, self._client, c.stall_timeout), c)
+                            for i, url in enumerate(dict.fromkeys(c.urls))]
+        except BaseException:
+            await self._client.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._client is not None:
+            with trio.CancelScope(shield=True):
+                await self._client.aclose()
+
+    # -- substituters and their nix-cache-info ---------------------------------
+
+    async def substituters(self) -> list[_Cache]:
+        """Usable substituters by priority (stable), each nix-cache-info read once."""
+        if self._ordered is None:
+            async with self._init_lock:
+                if self._ordered is None:
+                    async with trio.open_nursery() as nursery:
+                        for cache in self._caches:
+                            nursery.start_soon(self._load_cache_info, cache)
+                    usable = [c for c in self._caches if c.error is None]
+                    self._ordered = sorted(usable, key=lambda c: (c.info.priority, c.index))
+        return self._ordered
+
+    async def _load_cache_info(self, cache: _Cache) -> None:
+        try:
+            text = await self._retry(lambda: cache.transport.get("nix-cache-info"),
+                                     f"{cache.url}/nix-cache-info")
+            if text is not None:
+                cache.info = CacheInfo.parse(text.decode("utf-8", "replace"))
+        except LazystoreError as exc:
+            cache.error = CacheInfoError(f"substituter {cache.url} is unusable: {exc}")
+        else:
+            if cache.info.store_dir != self.config.store_dir:
+                cache.error = CacheInfoError(
+                    f"substituter {cache.url} is a binary cache for store "
+                    f"{cache.info.store_dir}, not {self.config.store_dir}")
+        if cache.error is not None:
+            log.warning("%s", cache.error)
+
+    def _disabled_reasons(self) -> list[str]:
+        return [str(c.error) for c in self._caches if c.error is not None]
+
+    # -- narinfo -----------------------------------------------------------------
+
+    async def query(self, path: StorePath) -> NarInfo | None:
+        """The trusted narinfo of *path* from the first substituter that has one.
+
+        None when no substituter has it; SubstituterError when one could not
+        be asked (so "absent" is never confused with "unreachable")."""
+        found = await self._find(path)
+        if found is None:
+            self.stats.narinfo_misses += 1
+            return None
+        self.stats.narinfo_hits += 1
+        return found[1]
+
+    async def _find(self, path: StorePath) -> tuple[_Cache, NarInfo] | None:
+        errors = self._disabled_reasons()
+        for cache in await self.substituters():
+            try:
+                info = await self._query_one(cache, path)
+            except SubstituterError as exc:
+                errors.append(str(exc))
+                continue
+            if info is not None:
+                return cache, info
+        if errors:
+            raise NotAvailableError(f"cannot look up {path.path(self.config.store_dir)}: "
+                                    + "; ".join(errors))
+        return None
+
+    async def _query_one(self, cache: _Cache, path: StorePath) -> NarInfo | None:
+        key = path.hash_part
+        if key in cache.negative:
+            return None
+        info = cache.positive.get(key)
+        if info is None:
+            info = await self._narinfo_flight.run(
+                (cache.index, key), lambda: self._fetch_narinfo(cache, key))
+        if info is None or info.path != path:
+            return None  # as Nix: a narinfo for another name is not this path
+        return info
+
+    async def _fetch_narinfo(self, cache: _Cache, hash_part: str) -> NarInfo | None:
+        """The narinfo *cache* has for *hash_part*, if trusted; caches the answer."""
+        self.stats.narinfo_requests += 1
+        name = f"{hash_part}.narinfo"
+        text = await self._retry(lambda: cache.transport.get(name), f"{cache.url}/{name}")
+        info = None if text is None else self._trusted(cache, hash_part, text)
+        if info is None:
+            cache.negative[hash_part] = True
+        else:
+            cache.positive[hash_part] = info
+        return info
+
+    def _trusted(self, cache: _Cache, hash_part: str, text: bytes) -> NarInfo | None:
+        store_dir = self.config.store_dir
+        try:
+            info = NarInfo.parse(text.decode("utf-8"), store_dir)
+        except (LazystoreError, UnicodeDecodeError) as exc:
+            raise VerificationError(f"bad narinfo {hash_part}.narinfo from {cache.url}: {exc}"
+                                    ) from None
+        if info.path.hash_part != hash_part:
+            log.warning("ignoring %s/%s.narinfo: it describes %s", cache.url, hash_part,
+                        info.store_path)
+            return None
+        if self.config.require_sigs and not self._signed(info):
+            log.warning("ignoring the narinfo of %s from %s: no valid signature by a "
+                        "trusted key", info.store_path, cache.url)
+            return None
+        return info
+
+    def _signed(self, info: NarInfo) -> bool:
+        try:
+            return verify_narinfo(info, self._keys, self.config.store_dir) is not None
+        except LazystoreError:
+            return False
+
+    async def listing(self, path: StorePath) -> dict[str, Any] | None:
+        """The ``.ls`` document of the substituter serving *path*, if it has one."""
+        found = await self._find(path)
+        if found is None:
+            return None
+        cache = found[0]
+        name = f"{path.hash_part}.ls"
+        data = await self._retry(lambda: cache.transport.get(name), f"{cache.url}/{name}")
+        if data is None:
+            return None
+        try:
+            document = json.loads(data)
+        except ValueError as exc:
+            raise VerificationError(f"bad listing {cache.url}/{name}: {exc}") from None
+        if not isinstance(document, dict) or not isinstance(document.get("root"), dict):
+            raise VerificationError(f"bad listing {cache.url}/{name}: no 'root' object")
+        return document
+
+    # -- NARs --------------------------------------------------------------------
+
+    async def fetch(self, path: StorePath, dest: Path, tmp_dir: Path) -> NarInfo:
+        """Download, verify and unpack *path* to *dest* (via *tmp_dir*); single
+        flight per *dest*. SubstituterError if no substituter could serve it."""
+        return await self._fetch_flight.run(
+            str(dest), lambda: self._fetch(path, dest, tmp_dir))
+
+    async def _fetch(self, path: StorePath, dest: Path, tmp_dir: Path) -> NarInfo:
+        if dest.exists() or dest.is_symlink():
+            raise LocalError(f"{dest} already exists")
+        full = path.path(self.config.store_dir)
+        errors = self._disabled_reasons()
+        for cache in await self.substituters():
+            try:
+                info = await self._query_one(cache, path)
+            except SubstituterError as exc:
+                errors.append(str(exc))
+                continue
+            if info is None:
+                continue
+            try:
+                await self._download(cache, info, dest, tmp_dir)
+            except LocalError:
+                raise
+            except SubstituterError as exc:
+                self.stats.failures += 1
+                log.warning("cannot substitute %s from %s: %s", full, cache.url, exc)
+                errors.append(str(exc))
+                continue
+            self.stats.nars_fetched += 1
+            self.stats.nar_bytes += info.nar_size
+            return info
+        why = "; ".join(errors) if errors else "no substituter has it"
+        raise NotAvailableError(f"cannot substitute {full}: {why}")
+
+    async def _download(self, cache: _Cache, info: NarInfo, dest: Path, tmp_dir: Path) -> None:
+        await self._retry(
+            lambda: download(cache.transport, info, dest, tmp_dir, self._limiter,
+                             self._count_bytes),
+            f"NAR of {info.store_path} from {cache.url}")
+
+    def _count_bytes(self, n: int) -> None:
+        self.stats.bytes_downloaded += n
+
+    # -- closures ----------------------------------------------------------------
+
+    async def closure(self, paths: Iterable[StorePath]) -> list[NarInfo]:
+        """Narinfos of *paths* and everything they reference, breadth-first
+        (each level queried in parallel, bounded). NotAvailableError if a
+        path of the closure is missing."""
+        limiter = trio.CapacityLimiter(self.config.max_parallel_queries)
+        level = list(dict.fromkeys(paths))
+        needed_by: dict[StorePath, StorePath | None] = dict.fromkeys(level)
+        result: list[NarInfo] = []
+        while level:
+            answers = await self._query_all(level, limiter)
+            following: list[StorePath] = []
+            for path in level:
+                info = answers[path]
+                if info is None:
+                    raise NotAvailableError(self._missing(path, needed_by))
+                result.append(info)
+                for ref in info.references:
+                    ref_path = StorePath.from_basename(ref)
+                    if ref_path not in needed_by:
+                        needed_by[ref_path] = path
+                        following.append(ref_path)
+            level = following
+        return result
+
+    async def _query_all(self, paths: list[StorePath],
+                         limiter: trio.CapacityLimiter) -> dict[StorePath, NarInfo | None]:
+        answers: dict[StorePath, NarInfo | None] = {}
+
+        async def one(path: StorePath) -> None:
+            async with limiter:
+                answers[path] = await self.query(path)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for path in paths:
+                    nursery.start_soon(one, path)
+        except BaseExceptionGroup as group:
+            raise single_error(group) from None
+        return answers
+
+    def _missing(self, path: StorePath, needed_by: dict[StorePath, StorePath | None]) -> str:
+        store_dir = self.config.store_dir
+        parent = needed_by.get(path)
+        message = f"no substituter has {path.path(store_dir)}"
+        if parent is not None:
+            message += f" (referenced by {parent.path(store_dir)})"
+        return message
+
+    # -- retries -----------------------------------------------------------------
+
+    async def _retry(self, operation, what: str):  # type: ignore[no-untyped-def]
+        def count() -> None:
+            self.stats.retries += 1
+
+        return await retry.call(operation, self._policy, what, on_retry=count)
+
+
+def _parse_keys(keys: Iterable[str]) -> list[PublicKey]:
+    parsed = []
+    for text in keys:
+        try:
+            parsed.append(PublicKey.parse(text))
+        except LazystoreError as exc:
+            raise SubstituterError(f"trusted public key {text[:60]!r}: {exc}") from None
+    return parsed

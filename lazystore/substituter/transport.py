@@ -1,0 +1,222 @@
+"""Transports: get a small file, or stream a large one, from a binary cache.
+
+``HttpTransport`` (http/https via one shared httpx.AsyncClient, HTTP/2 where
+offered, a global connection cap) and ``FileTransport`` (a cache folder, as
+``nix copy --to file://`` writes it). Both map every failure to a
+TransportError here, once; retrying is the caller's business (retry.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import urllib.parse
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import Protocol
+
+import httpx
+import trio
+
+from lazystore.substituter import retry
+from lazystore.substituter.errors import (
+    HTTPX_ERRORS,
+    HTTPStatusError,
+    NotFoundError,
+    RequestError,
+    StalledError,
+    SubstituterError,
+    TransportError,
+    map_httpx_error,
+)
+
+log = logging.getLogger(__name__)
+
+# Nix treats these as "the cache does not have it".
+NOT_FOUND_STATUSES = frozenset({403, 404, 410})
+FILE_CHUNK = 256 * 1024
+MAX_DOCUMENT = 16 << 20  # narinfo, nix-cache-info, .ls
+
+
+class Reader(Protocol):
+    async def read(self) -> bytes:
+        """The next chunk; b"" at the end. StalledError when none comes in time."""
+
+
+class Transport(Protocol):
+    url: str
+
+    async def get(self, name: str) -> bytes | None:
+        """The file *name* relative to the cache, or None when it is not there."""
+
+    def stream(self, name: str) -> AbstractAsyncContextManager[Reader]:
+        """A Reader of *name*, as an async context manager (NotFoundError if absent)."""
+
+
+def make_client(
+    max_connections: int, connect_timeout: float, stall_timeout: float, netrc_file: Path | None
+) -> httpx.AsyncClient:
+    """The one HTTP client shared by every HTTP substituter."""
+    timeout = httpx.Timeout(connect=connect_timeout, read=stall_timeout,
+                            write=stall_timeout, pool=None)
+    limits = httpx.Limits(max_connections=max_connections,
+                          max_keepalive_connections=max_connections)
+    return httpx.AsyncClient(http2=True, timeout=timeout, limits=limits,
+                             auth=_netrc_auth(netrc_file), follow_redirects=True,
+                             trust_env=False, headers={"User-Agent": "lazystore"})
+
+
+def _netrc_auth(path: Path | None) -> httpx.Auth | None:
+    if path is None or not path.exists():
+        return None
+    try:
+        return httpx.NetRCAuth(str(path))
+    except netrc.NetrcParseError as exc:
+        # Name the file and line only: the message could quote a credential.
+        raise SubstituterError(f"cannot parse netrc file {path} (line {exc.lineno})") from None
+    except OSError as exc:
+        raise SubstituterError(f"cannot read netrc file {path}: {exc.strerror}") from None
+
+
+def make_transport(url: str, client: httpx.AsyncClient, stall_timeout: float) -> Transport:
+    scheme = urllib.parse.urlsplit(url).scheme
+    if scheme in ("http", "https"):
+        return HttpTransport(url, client, stall_timeout)
+    if scheme == "file":
+        return FileTransport(url)
+    raise RequestError(f"substituter {url}: unsupported URL scheme {scheme!r}")
+
+
+class HttpTransport:
+    def __init__(self, url: str, client: httpx.AsyncClient, stall_timeout: float) -> None:
+        self.url = url.rstrip("/")
+        self._client = client
+        self._stall = stall_timeout
+
+    async def get(self, name: str) -> bytes | None:
+        url = f"{self.url}/{name}"
+        async with self._open(url) as response:
+            if response.status_code in NOT_FOUND_STATUSES:
+                return None
+            _check_status(response, url)
+            body = bytearray()
+            reader = _HttpReader(response, url, self._stall)
+            while chunk := await reader.read():
+                body += chunk
+                if len(body) > MAX_DOCUMENT:
+                    raise RequestError(f"{url}: larger than {MAX_DOCUMENT} bytes")
+            return bytes(body)
+
+    @asynccontextmanager
+    async def stream(self, name: str) -> AsyncIterator[Reader]:
+        url = f"{self.url}/{name}"
+        async with self._open(url) as response:
+            if response.status_code in NOT_FOUND_STATUSES:
+                raise NotFoundError(f"{url}: not found (HTTP {response.status_code})")
+            _check_status(response, url)
+            yield _HttpReader(response, url, self._stall)
+
+    @asynccontextmanager
+    async def _open(self, url: str) -> AsyncIterator[httpx.Response]:
+        try:
+            # httpx's connect/read timeouts fire first; this bounds the rest.
+            with trio.fail_after(self._stall + 5):
+                response = await self._client.send(self._client.build_request("GET", url),
+                                                   stream=True)
+        except trio.TooSlowError:
+            raise StalledError(f"{url}: no response in {self._stall:g}s") from None
+        except HTTPX_ERRORS as exc:
+            raise map_httpx_error(exc, url) from None
+        try:
+            yield response
+        finally:
+            with trio.CancelScope(shield=True):
+                try:
+                    await response.aclose()
+                except HTTPX_ERRORS:
+                    pass  # a broken connection leaves the pool either way
+
+
+def _check_status(response: httpx.Response, url: str) -> None:
+    status = response.status_code
+    if 200 <= status < 300:
+        return
+    after = retry.parse_retry_after(response.headers.get("Retry-After"))
+    raise HTTPStatusError(f"{url}: HTTP {status} {response.reason_phrase}".rstrip(),
+                          status, retry_after=after)
+
+
+class _HttpReader:
+    """Body chunks with any Content-Encoding undone, and a stall timeout."""
+
+    def __init__(self, response: httpx.Response, url: str, stall: float) -> None:
+        self._chunks = response.aiter_bytes()
+        self._url, self._stall = url, stall
+
+    async def read(self) -> bytes:
+        try:
+            with trio.fail_after(self._stall):
+                return await self._chunks.__anext__()
+        except StopAsyncIteration:
+            return b""
+        except trio.TooSlowError:
+            raise StalledError(f"{self._url}: no data for {self._stall:g}s") from None
+        except HTTPX_ERRORS as exc:
+            raise map_httpx_error(exc, self._url) from None
+
+
+class FileTransport:
+    """A binary cache in a local folder (``file:///path``)."""
+
+    def __init__(self, url: str) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.netloc not in ("", "localhost"):
+            raise RequestError(f"substituter {url}: file URLs must name a local path")
+        self.url = url.rstrip("/")
+        self.root = Path(urllib.parse.unquote(parts.path))
+
+    def _path(self, name: str) -> Path:
+        if name.startswith("/") or ".." in Path(name).parts:
+            raise RequestError(f"{self.url}: refusing path {name!r} outside the cache")
+        return self.root / name
+
+    async def get(self, name: str) -> bytes | None:
+        path = self._path(name)
+        try:
+            async with await trio.open_file(path, "rb") as f:
+                data = await f.read(MAX_DOCUMENT + 1)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as exc:
+            raise _os_error(path, exc) from None
+        if len(data) > MAX_DOCUMENT:
+            raise RequestError(f"{path}: larger than {MAX_DOCUMENT} bytes")
+        return data
+
+    @asynccontextmanager
+    async def stream(self, name: str) -> AsyncIterator[Reader]:
+        path = self._path(name)
+        try:
+            f = await trio.open_file(path, "rb")
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFoundError(f"{path}: not found") from None
+        except OSError as exc:
+            raise _os_error(path, exc) from None
+        async with f:
+            yield _FileReader(f, path)
+
+
+class _FileReader:
+    def __init__(self, f: trio.abc.AsyncResource, path: Path) -> None:
+        self._f, self._path = f, path
+
+    async def read(self) -> bytes:
+        try:
+            return await self._f.read(FILE_CHUNK)  # type: ignore[attr-defined, no-any-return]
+        except OSError as exc:
+            raise _os_error(self._path, exc) from None
+
+
+def _os_error(path: Path, exc: OSError) -> TransportError:
+    return TransportError(f"{path}: {exc.strerror or exc}")
