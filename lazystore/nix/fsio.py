@@ -1,0 +1,383 @@
+"""NARs to and from the filesystem: the one module of lazystore.nix doing I/O.
+
+Everything here works relative to open directory descriptors (``dir_fd``), never
+through paths it built, so it never follows a symlink it created or found and
+handles trees deeper than PATH_MAX. At most :data:`FD_WINDOW` directories are
+held open along the current path; deeper ones are reopened through ``..``.
+
+Unpacked trees get store modes: files 0444, executables 0555, directories
+0555 (each directory once it is complete). Note that renaming a 0555
+directory to another parent needs root (rename updates its ``..``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from lazystore.errors import LazystoreError, NarError, UnpackError
+from lazystore.nix.nar import (
+    DirEnd,
+    DirStart,
+    Event,
+    FileData,
+    FileEnd,
+    FileStart,
+    NarParser,
+    NarWriter,
+    Symlink,
+)
+
+log = logging.getLogger(__name__)
+
+FD_WINDOW = 64
+CHUNK = 1 << 20
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class DumpError(LazystoreError):
+    """A path could not be serialised as a NAR."""
+
+
+class _DirFds:
+    """Descriptors of the directories along the current path, at most FD_WINDOW
+    of them open; one that fell out of the window is reopened through ``..``
+    of its child when the walk comes back up."""
+
+    def __init__(self) -> None:
+        self._fds: list[int | None] = []
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+    def push(self, fd: int) -> None:
+        self._fds.append(fd)
+        old = len(self._fds) - FD_WINDOW - 1
+        if old >= 0 and self._fds[old] is not None:
+            os.close(self._fds[old])  # type: ignore[arg-type]
+            self._fds[old] = None
+
+    def top(self) -> int:
+        fd = self._fds[-1]
+        assert fd is not None
+        return fd
+
+    def pop(self) -> int:
+        """Remove the top descriptor and return it (the caller closes it)."""
+        fd = self._fds.pop()
+        assert fd is not None
+        if self._fds and self._fds[-1] is None:
+            try:
+                self._fds[-1] = os.open("..", _DIR_FLAGS, dir_fd=fd)
+            except BaseException:
+                os.close(fd)
+                raise
+        return fd
+
+    def close(self) -> None:
+        while self._fds:
+            fd = self._fds.pop()
+            if fd is not None:
+                os.close(fd)
+
+
+def _split(path: Path) -> tuple[int, bytes]:
+    """An open descriptor of *path*'s parent directory, and *path*'s name."""
+    name = os.fsencode(path.name)
+    if not name or name in (b".", b".."):
+        raise UnpackError(f"invalid destination {path}")
+    return os.open(path.parent, _DIR_FLAGS), name
+
+
+# --- dump -------------------------------------------------------------------
+
+
+def dump(path: str | os.PathLike[str]) -> Iterator[bytes | memoryview]:
+    """The NAR serialisation of *path*, in pieces, byte-identical to
+    ``nix-store --dump``. Raises DumpError."""
+    path = Path(path)
+    writer = NarWriter()
+    try:
+        for event in _dump_events(path):
+            yield writer.write(event)
+    except OSError as exc:
+        raise DumpError(f"cannot dump {path}: {exc.strerror or exc}") from exc
+    writer.close()
+
+
+def _dump_events(path: Path) -> Iterator[Event]:
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        parent, name = _split(path.absolute())
+        try:
+            yield from _leaf_events(parent, name, None, st, path)
+        finally:
+            os.close(parent)
+        return
+    dirs = _DirFds()
+    pending: list[list[bytes]] = []
+    try:
+        dirs.push(os.open(path, _DIR_FLAGS))
+        pending.append(_sorted_names(dirs.top()))
+        yield DirStart(None)
+        while pending:
+            names = pending[-1]
+            if not names:
+                pending.pop()
+                os.close(dirs.pop())
+                yield DirEnd()
+                continue
+            name = names.pop()
+            st = os.stat(name, dir_fd=dirs.top(), follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                dirs.push(os.open(name, _DIR_FLAGS, dir_fd=dirs.top()))
+                pending.append(_sorted_names(dirs.top()))
+                yield DirStart(name)
+            else:
+                yield from _leaf_events(dirs.top(), name, name, st, path)
+    finally:
+        dirs.close()
+
+
+def _sorted_names(dir_fd: int) -> list[bytes]:
+    """Entry names, largest first (the walk pops the smallest off the end)."""
+    return sorted((os.fsencode(n) for n in os.listdir(dir_fd)), reverse=True)
+
+
+def _leaf_events(
+    dir_fd: int, name: bytes, event_name: bytes | None, st: os.stat_result, root: Path
+) -> Iterator[Event]:
+    if stat.S_ISLNK(st.st_mode):
+        yield Symlink(event_name, os.readlink(name, dir_fd=dir_fd))
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise DumpError(f"cannot dump {root}: {os.fsdecode(name)!r} is not a regular file, "
+                        "directory or symlink")
+    yield FileStart(event_name, bool(st.st_mode & stat.S_IXUSR), st.st_size)
+    fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
+    try:
+        left = st.st_size
+        while left:
+            data = os.read(fd, min(left, CHUNK))
+            if not data:
+                raise DumpError(f"cannot dump {root}: {os.fsdecode(name)!r} shrank while read")
+            left -= len(data)
+            yield FileData(data)
+    finally:
+        os.close(fd)
+    yield FileEnd()
+
+
+# --- unpack -----------------------------------------------------------------
+
+
+class NarUnpacker:
+    """Unpacks a NAR fed chunk by chunk into *dest* (which must not exist).
+
+    ``feed(chunk)`` as the bytes arrive, then ``finish()``; ``abort()`` gives up.
+    On any error (NarError for a bad NAR, UnpackError for the filesystem)
+    everything written is removed and *dest* is left absent. Not thread-safe:
+    one thread at a time, but any thread. Also a context manager that aborts
+    on an exception and finishes otherwise.
+    """
+
+    def __init__(self, dest: str | os.PathLike[str]) -> None:
+        self.dest = Path(dest)
+        self._parser = NarParser()
+        self._dirs = _DirFds()
+        self._file = -1
+        self._created = False
+        self._closed = False
+        try:
+            self._parent, self._name = _split(self.dest)
+        except OSError as exc:
+            raise UnpackError(f"cannot unpack into {self.dest}: {exc.strerror}") from exc
+        try:
+            os.stat(self._name, dir_fd=self._parent, follow_symlinks=False)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            self._release()
+            raise UnpackError(f"cannot unpack into {self.dest}: {exc.strerror}") from exc
+        else:
+            self._release()
+            raise UnpackError(f"cannot unpack into {self.dest}: it already exists")
+        self._handlers: dict[type, Callable] = {
+            FileData: self._data, FileStart: self._file_start, FileEnd: self._file_end,
+            DirStart: self._dir_start, DirEnd: self._dir_end, Symlink: self._symlink,
+        }
+
+    def __enter__(self) -> NarUnpacker:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.finish()
+        else:
+            self.abort()
+
+    def feed(self, chunk: bytes | bytearray | memoryview) -> None:
+        self._guard(lambda: self._apply(self._parser.feed(chunk)))
+
+    def finish(self) -> None:
+        """Raise NarError (and remove everything) if the NAR was incomplete."""
+        self._guard(self._parser.close)
+        self._release()
+
+    def abort(self) -> None:
+        """Stop and remove whatever was written. Never raises for cleanup trouble."""
+        if self._closed:
+            return
+        try:
+            self._close_fds()
+            if self._created:
+                _remove(self._parent, self._name)
+        except OSError as exc:
+            log.error("cannot remove partial unpack at %s: %s", self.dest, exc)
+        finally:
+            self._release()
+
+    def _guard(self, step: Callable[[], None]) -> None:
+        if self._closed:
+            raise UnpackError(f"unpacking into {self.dest} is already finished or aborted")
+        try:
+            step()
+        except NarError:
+            self.abort()
+            raise
+        except OSError as exc:
+            self.abort()
+            where = f" ({os.fsdecode(exc.filename)})" if exc.filename else ""
+            raise UnpackError(f"cannot unpack into {self.dest}: {exc.strerror}{where}") from exc
+        except BaseException:
+            self.abort()
+            raise
+
+    def _apply(self, events: list[Event]) -> None:
+        handlers = self._handlers
+        for event in events:
+            handlers[type(event)](event)
+
+    def _where(self, name: bytes | None) -> tuple[int, bytes]:
+        if name is None:
+            return self._parent, self._name
+        return self._dirs.top(), name
+
+    def _file_start(self, event: FileStart) -> None:
+        dir_fd, name = self._where(event.name)
+        mode = 0o555 if event.executable else 0o444
+        self._file = os.open(name, _CREATE_FLAGS, mode, dir_fd=dir_fd)
+        self._created = True
+
+    def _data(self, event: FileData) -> None:
+        data = event.data
+        while data:
+            written = os.write(self._file, data)
+            data = data[written:]
+
+    def _file_end(self, event: FileEnd) -> None:
+        fd, self._file = self._file, -1
+        os.close(fd)
+
+    def _symlink(self, event: Symlink) -> None:
+        dir_fd, name = self._where(event.name)
+        os.symlink(event.target, name, dir_fd=dir_fd)
+        self._created = True
+
+    def _dir_start(self, event: DirStart) -> None:
+        dir_fd, name = self._where(event.name)
+        os.mkdir(name, 0o755, dir_fd=dir_fd)
+        self._created = True
+        self._dirs.push(os.open(name, _DIR_FLAGS, dir_fd=dir_fd))
+
+    def _dir_end(self, event: DirEnd) -> None:
+        fd = self._dirs.pop()
+        try:
+            os.fchmod(fd, 0o555)
+        finally:
+            os.close(fd)
+
+    def _close_fds(self) -> None:
+        if self._file >= 0:
+            fd, self._file = self._file, -1
+            os.close(fd)
+        self._dirs.close()
+
+    def _release(self) -> None:
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(OSError):
+                self._close_fds()
+            os.close(self._parent)
+
+
+def unpack(fileobj: BinaryIO, dest: str | os.PathLike[str], chunk_size: int = CHUNK) -> None:
+    """Unpack the NAR read from *fileobj* into *dest* (see NarUnpacker)."""
+    unpacker = NarUnpacker(dest)
+    try:
+        while chunk := fileobj.read(chunk_size):
+            unpacker.feed(chunk)
+    except OSError as exc:
+        unpacker.abort()
+        raise UnpackError(f"cannot read the NAR for {dest}: {exc.strerror or exc}") from exc
+    except BaseException:
+        unpacker.abort()
+        raise
+    unpacker.finish()
+
+
+# --- removal ----------------------------------------------------------------
+
+
+def remove_tree(path: str | os.PathLike[str]) -> None:
+    """Remove *path* (any depth, read-only directories too) without following
+    symlinks. Missing *path* is fine. Raises OSError."""
+    path = Path(path).absolute()
+    parent, name = _split(path)
+    try:
+        _remove(parent, name)
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(parent)
+
+
+def _remove(parent: int, name: bytes) -> None:
+    try:
+        os.unlink(name, dir_fd=parent)
+        return
+    except IsADirectoryError:
+        pass
+    dirs = _DirFds()
+    stack: list[tuple[bytes, list[bytes]]] = []
+
+    def enter(dir_fd: int, entry: bytes) -> None:
+        fd = os.open(entry, _DIR_FLAGS, dir_fd=dir_fd)
+        dirs.push(fd)
+        with contextlib.suppress(OSError):  # not ours: root can delete anyway
+            os.fchmod(fd, 0o700)
+        stack.append((entry, _sorted_names(fd)))
+
+    try:
+        enter(parent, name)
+        while stack:
+            entry, names = stack[-1]
+            if names:
+                child = names.pop()
+                try:
+                    os.unlink(child, dir_fd=dirs.top())
+                except IsADirectoryError:
+                    enter(dirs.top(), child)
+                continue
+            stack.pop()
+            os.close(dirs.pop())
+            os.rmdir(entry, dir_fd=dirs.top() if len(dirs) else parent)
+    finally:
+        dirs.close()
