@@ -1,0 +1,257 @@
+# NixOS module for lazystore: the FUSE daemon (a lazily fetched view of the
+# binary caches' store at /run/lazystore), its containerd proxy snapshotter,
+# and the containerd wiring.
+#
+#   imports = [ /path/to/lazystore/nixos-module ];
+#   services.lazystore = {
+#     enable = true;
+#     snapshotter.enable = true;
+#     containerd.enable = true;
+#   };
+{ config, lib, pkgs, utils, ... }:
+
+let
+  cfg = config.services.lazystore;
+  inherit (lib) mkEnableOption mkIf mkMerge mkOption literalExpression optional optionals types;
+
+  exe = lib.getExe cfg.package;
+
+  daemonArgs =
+    [ exe "mount" cfg.mountPoint "--cache-dir" cfg.cacheDir "--control-socket" cfg.controlSocket ]
+    ++ lib.concatMap (url: [ "--substituter" url ]) cfg.substituters
+    ++ lib.concatMap (key: [ "--trusted-public-key" key ]) cfg.trustedPublicKeys
+    ++ optionals (cfg.cacheSize != null) [ "--cache-size" cfg.cacheSize ]
+    ++ optional cfg.allowOther "--allow-other"
+    ++ cfg.extraArgs;
+
+  snapshotterArgs =
+    [ exe "snapshotter"
+      "--address" cfg.snapshotter.address
+      "--root" cfg.snapshotter.root
+      "--control-socket" cfg.controlSocket
+      "--mount-point" cfg.mountPoint ]
+    ++ cfg.snapshotter.extraArgs;
+
+  # Hardening that keeps FUSE working. Deliberately absent: every option that
+  # gives the service a mount namespace of its own (ProtectSystem, ProtectHome,
+  # PrivateTmp, PrivateDevices, ReadWritePaths, ProtectKernelTunables,
+  # ProtectKernelModules, ProtectKernelLogs, ProtectControlGroups, ProtectProc,
+  # PrivateMounts...). systemd cuts mount propagation from such a namespace to
+  # the host, so the FUSE mount (and the overlay lowerdirs under it) would be
+  # invisible to containerd and to users. What these options would drop is
+  # dropped here through the capability bounding set and the system call
+  # filter instead.
+  hardening = {
+    DevicePolicy = "closed";
+    NoNewPrivileges = true;
+    LockPersonality = true;
+    ProtectClock = true;
+    ProtectHostname = true;
+    RestrictAddressFamilies = [ "AF_UNIX" "AF_INET" "AF_INET6" "AF_NETLINK" ];
+    RestrictNamespaces = true;
+    RestrictRealtime = true;
+    RestrictSUIDSGID = true;
+    SystemCallArchitectures = "native";
+    SystemCallFilter = [ "@system-service" "@mount" ];
+    SystemCallErrorNumber = "EPERM";
+    UMask = "0022";
+  };
+
+  # StateDirectory=/CacheDirectory= take paths relative to /var/lib, /var/cache.
+  managedDir = base: path:
+    lib.optionalAttrs (lib.hasPrefix "${base}/" path) {
+      dir = lib.removePrefix "${base}/" path;
+    };
+  cacheDirectory = managedDir "/var/cache" cfg.cacheDir;
+  stateDirectory = managedDir "/var/lib" cfg.snapshotter.root;
+in
+{
+  options.services.lazystore = {
+    enable = mkEnableOption "the lazystore FUSE daemon, a lazily fetched view of the binary caches' Nix store";
+
+    package = mkOption {
+      type = types.package;
+      default = pkgs.callPackage ./package.nix { };
+      defaultText = literalExpression "pkgs.callPackage ./package.nix { }";
+      description = "The lazystore package to run.";
+    };
+
+    mountPoint = mkOption {
+      type = types.path;
+      default = "/run/lazystore";
+      description = "Where the daemon mounts the lazy store.";
+    };
+
+    substituters = mkOption {
+      type = types.listOf types.str;
+      default = config.nix.settings.substituters;
+      defaultText = literalExpression "config.nix.settings.substituters";
+      description = "Binary caches to serve store paths from, in priority order.";
+    };
+
+    trustedPublicKeys = mkOption {
+      type = types.listOf types.str;
+      default = config.nix.settings.trusted-public-keys;
+      defaultText = literalExpression "config.nix.settings.trusted-public-keys";
+      description = "Keys (`name:base64`) whose signature a narinfo must carry.";
+    };
+
+    cacheDir = mkOption {
+      type = types.path;
+      default = "/var/cache/lazystore";
+      description = "Local cache of fetched store paths and their metadata.";
+    };
+
+    cacheSize = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "20G";
+      description = ''
+        Size limit of the local cache; least recently used store paths are
+        evicted beyond it (and fetched again when read). `null`: no limit.
+      '';
+    };
+
+    controlSocket = mkOption {
+      type = types.path;
+      default = "/run/lazystore.sock";
+      description = "The daemon's control socket (used by the CLI and the snapshotter).";
+    };
+
+    allowOther = mkOption {
+      type = types.bool;
+      default = true;
+      description = ''
+        Let every user (and containers running as non-root users) read the
+        mount, as everyone can read /nix/store.
+      '';
+    };
+
+    extraArgs = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "--verbose" ];
+      description = "Further arguments for `lazystore mount`.";
+    };
+
+    snapshotter = {
+      enable = mkEnableOption "the lazystore containerd proxy snapshotter";
+
+      address = mkOption {
+        type = types.path;
+        default = "/run/lazystore-snapshotter.sock";
+        description = "The snapshotter's gRPC socket, which containerd connects to.";
+      };
+
+      root = mkOption {
+        type = types.path;
+        default = "/var/lib/lazystore/snapshotter";
+        description = "The snapshotter's state: metadata and overlay directories.";
+      };
+
+      extraArgs = mkOption {
+        type = types.listOf types.str;
+        default = [ ];
+        description = "Further arguments for `lazystore snapshotter`.";
+      };
+    };
+
+    containerd = {
+      enable = mkEnableOption "the lazystore snapshotter as containerd proxy plugin `lazystore`";
+
+      makeDefaultCriSnapshotter = mkOption {
+        type = types.bool;
+        default = false;
+        description = ''
+          Make `lazystore` the snapshotter of containerd's CRI plugin
+          (Kubernetes pods then use it without further configuration).
+        '';
+      };
+    };
+  };
+
+  config = mkMerge [
+    {
+      assertions = [
+        {
+          assertion = cfg.snapshotter.enable -> cfg.enable;
+          message = "services.lazystore.snapshotter.enable needs services.lazystore.enable.";
+        }
+        {
+          assertion = cfg.containerd.enable -> cfg.snapshotter.enable;
+          message = "services.lazystore.containerd.enable needs services.lazystore.snapshotter.enable.";
+        }
+        {
+          assertion = cfg.containerd.makeDefaultCriSnapshotter -> cfg.containerd.enable;
+          message = "services.lazystore.containerd.makeDefaultCriSnapshotter needs services.lazystore.containerd.enable.";
+        }
+      ];
+    }
+
+    (mkIf cfg.enable {
+      environment.systemPackages = [ cfg.package ];
+
+      systemd.services.lazystore = {
+        description = "lazystore: lazily fetched Nix store (FUSE)";
+        wantedBy = [ "multi-user.target" ];
+        wants = [ "network-online.target" ];
+        after = [ "network-online.target" ];
+        path = [ pkgs.fuse3 ];
+        serviceConfig = hardening // {
+          Type = "notify";
+          NotifyAccess = "main";
+          ExecStart = utils.escapeSystemdExecArgs daemonArgs;
+          DeviceAllow = [ "/dev/fuse rw" ];
+          # Mounting; reading and evicting read-only (0444/0555) cached trees.
+          CapabilityBoundingSet = [ "CAP_SYS_ADMIN" "CAP_DAC_OVERRIDE" "CAP_DAC_READ_SEARCH" "CAP_FOWNER" ];
+          Restart = "on-failure";
+          RestartSec = 2;
+          TimeoutStopSec = 30;
+          LimitNOFILE = 1048576;
+        } // lib.optionalAttrs (cacheDirectory ? dir) {
+          CacheDirectory = cacheDirectory.dir;
+          CacheDirectoryMode = "0700";
+        };
+      };
+    })
+
+    (mkIf (cfg.enable && cfg.snapshotter.enable) {
+      systemd.services.lazystore-snapshotter = {
+        description = "lazystore: containerd snapshotter for lazily fetched Nix store paths";
+        wantedBy = [ "multi-user.target" ];
+        requires = [ "lazystore.service" ];
+        after = [ "lazystore.service" ];
+        before = [ "containerd.service" ];
+        serviceConfig = hardening // {
+          Type = "notify";
+          NotifyAccess = "main";
+          ExecStart = utils.escapeSystemdExecArgs snapshotterArgs;
+          Restart = "on-failure";
+          RestartSec = 2;
+          TimeoutStopSec = 30;
+          # Overlay mounts; creating and removing snapshot trees of any owner and mode.
+          CapabilityBoundingSet = [ "CAP_SYS_ADMIN" "CAP_DAC_OVERRIDE" "CAP_DAC_READ_SEARCH" "CAP_FOWNER" "CAP_CHOWN" ];
+        } // lib.optionalAttrs (stateDirectory ? dir) {
+          StateDirectory = stateDirectory.dir;
+          StateDirectoryMode = "0700";
+        };
+      };
+    })
+
+    (mkIf (cfg.enable && cfg.snapshotter.enable && cfg.containerd.enable) {
+      virtualisation.containerd.settings.proxy_plugins.lazystore = {
+        type = "snapshot";
+        address = cfg.snapshotter.address;
+      };
+      # containerd still starts when lazystore fails: other snapshotters keep working.
+      systemd.services.containerd = {
+        wants = [ "lazystore-snapshotter.service" ];
+        after = [ "lazystore-snapshotter.service" ];
+      };
+    })
+
+    (mkIf (cfg.enable && cfg.snapshotter.enable && cfg.containerd.enable && cfg.containerd.makeDefaultCriSnapshotter) {
+      virtualisation.containerd.settings.plugins."io.containerd.grpc.v1.cri".containerd.snapshotter = "lazystore";
+    })
+  ];
+}

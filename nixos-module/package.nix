@@ -1,0 +1,53 @@
+# lazystore as a Nix package: `pkgs.callPackage ./package.nix { }`.
+{ lib, python3Packages }:
+
+let
+  root = ../.;
+  init = builtins.readFile (root + "/lazystore/__init__.py");
+  version = builtins.head (builtins.match ".*__version__ = \"([^\"]+)\".*" init);
+in
+python3Packages.buildPythonApplication {
+  pname = "lazystore";
+  inherit version;
+  pyproject = true;
+
+  # Only what the wheel is built from: no .venv, caches or benchmark results.
+  src = lib.fileset.toSource {
+    inherit root;
+    fileset = lib.fileset.unions [
+      (root + "/lazystore")
+      (root + "/setup.cfg")
+      (root + "/pyproject.toml")
+      (root + "/README.rst")
+    ];
+  };
+
+  build-system = [ python3Packages.setuptools python3Packages.wheel ];
+
+  # setup.cfg [options] install_requires (httpx[http2] is httpx + h2).
+  dependencies = with python3Packages; [
+    pyfuse3
+    trio
+    httpx
+    h2
+    zstandard
+    lz4
+    cachetools
+    msgpack
+    cryptography
+    grpcio
+    protobuf
+  ];
+
+  # The test suite needs root, FUSE, containerd and a working Nix: run it with
+  # scripts/test on a machine, not in the build sandbox.
+  doCheck = false;
+  pythonImportsCheck = [ "lazystore" "lazystore.cli" ];
+
+  meta = {
+    description = "A lazily fetched Nix store: FUSE daemon and containerd snapshotter";
+    license = lib.licenses.mit;
+    platforms = lib.platforms.linux;
+    mainProgram = "lazystore";
+  };
+}

@@ -1,0 +1,94 @@
+# Evaluate nixos-module/ with a given configuration against the stub module
+# system, as a NixOS system would:
+#
+#   nix-instantiate --eval --strict --json --expr \
+#     'import ./eval.nix { config = { services.lazystore.enable = true; }; }'
+#
+# Returns { options (declared under services.lazystore), assertions (failed
+# ones' messages), systemd.services, virtualisation.containerd.settings,
+# environment.systemPackages, package }.
+{ config ? { }, module ? ../../../nixos-module }:
+let
+  lib = import ./lib.nix;
+  inherit (import ./modules.nix lib) evalModules;
+  inherit (lib) mkOption types;
+
+  fakeDerivation = pname: version: extra: {
+    type = "derivation";
+    inherit pname version;
+    name = "${pname}-${version}";
+    outPath = "/nix/store/${builtins.substring 0 32 (builtins.hashString "sha256" pname)}-${pname}-${version}";
+    meta = { mainProgram = pname; };
+  } // extra;
+
+  python3Packages = builtins.listToAttrs (map (name: { inherit name; value = fakeDerivation name "1.0" { }; }) [
+    "pyfuse3" "trio" "httpx" "h2" "zstandard" "lz4" "cachetools" "msgpack"
+    "cryptography" "grpcio" "protobuf" "setuptools" "wheel"
+  ]) // {
+    # Records its arguments so the tests can check the package's dependencies.
+    buildPythonApplication = args:
+      fakeDerivation args.pname args.version {
+        inherit (args) meta;
+        dependencies = map (d: d.pname) args.dependencies;
+        buildSystem = map (d: d.pname) args.build-system;
+        pythonImportsCheck = args.pythonImportsCheck or [ ];
+        doCheck = args.doCheck or true;
+      };
+  };
+
+  pkgs = {
+    inherit python3Packages;
+    fuse3 = fakeDerivation "fuse3" "3.14.0" { };
+    callPackage = fn: overrides:
+      let f = import fn; in
+      f (builtins.intersectAttrs (builtins.functionArgs f) { inherit lib pkgs python3Packages; } // overrides);
+  };
+
+  # NixOS' utils.escapeSystemdExecArg(s): a JSON string is a systemd
+  # double-quoted word once `%` (specifiers) and `$` (variables) are doubled.
+  utils = rec {
+    escapeSystemdExecArg = arg:
+      builtins.replaceStrings [ "%" "$" ] [ "%%" "$$" ] (builtins.toJSON (toString arg));
+    escapeSystemdExecArgs = args: builtins.concatStringsSep " " (map escapeSystemdExecArg args);
+  };
+
+  # The NixOS options the module reads or defines, with nixpkgs' defaults.
+  host = {
+    options = {
+      assertions = mkOption { type = types.listOf types.anything; default = [ ]; };
+      environment.systemPackages = mkOption { type = types.listOf types.package; default = [ ]; };
+      nix.settings.substituters = mkOption {
+        type = types.listOf types.str;
+        default = [ "https://cache.nixos.org/" ];
+      };
+      nix.settings.trusted-public-keys = mkOption {
+        type = types.listOf types.str;
+        default = [ "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY=" ];
+      };
+      systemd.services = mkOption { type = types.anything; default = { }; };
+      virtualisation.containerd.enable = mkOption { type = types.bool; default = false; };
+      virtualisation.containerd.settings = mkOption { type = types.anything; default = { }; };
+    };
+  };
+
+  result = evalModules {
+    modules = [ host module config ];
+    specialArgs = { inherit pkgs utils; };
+  };
+  cfg = result.config;
+in
+{
+  options = result.options.services.lazystore;
+  assertions = map (a: a.message) (builtins.filter (a: !a.assertion) cfg.assertions);
+  systemd.services = cfg.systemd.services;
+  virtualisation.containerd.settings = cfg.virtualisation.containerd.settings;
+  environment.systemPackages = map (p: p.outPath) cfg.environment.systemPackages;
+  package = {
+    inherit (cfg.services.lazystore.package) name;
+    path = cfg.services.lazystore.package.outPath;
+    dependencies = cfg.services.lazystore.package.dependencies or null;
+    buildSystem = cfg.services.lazystore.package.buildSystem or null;
+    doCheck = cfg.services.lazystore.package.doCheck or null;
+    mainProgram = cfg.services.lazystore.package.meta.mainProgram;
+  };
+}
