@@ -1,9 +1,223 @@
-"""CLI: `fetch` commands (filled in by the issue that owns them)."""
+"""CLI: ``lazystore fetch`` — materialise store paths (and their closures)
+from binary caches into a folder, verified. Also the substituter options the
+daemon's CLI shares (``add_substituter_arguments``, ``config_from_args``)."""
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from lazystore.errors import FormatError, LazystoreError
+from lazystore.nix.narinfo import NarInfo
+from lazystore.nix.storepath import StorePath
+from lazystore.substituter.client import Substituters
+from lazystore.substituter.config import NIX_CONF, SubstituterConfig
+from lazystore.substituter.download import single_error
+from lazystore.substituter.errors import SubstituterError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this module's sub-commands to *sub*."""
+    parser = sub.add_parser(
+        "fetch", help="fetch store paths from binary caches into a folder",
+        description="Download, verify and unpack store paths (by default with their "
+        "closures) as DEST/<hash>-<name>. Paths already in DEST are not fetched again.")
+    parser.add_argument("paths", nargs="+", metavar="STOREPATH",
+                        help="a store path (/nix/store/<hash>-<name>) or its base name")
+    parser.add_argument("--dest", required=True, type=Path, metavar="DIR",
+                        help="folder to unpack into (created if missing)")
+    parser.add_argument("--no-closure", dest="closure", action="store_false",
+                        help="fetch only the paths named, not what they reference")
+    add_substituter_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def add_substituter_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options choosing and trusting binary caches (defaults: nix.conf, then cache.nixos.org)."""
+    group = parser.add_argument_group("substituters")
+    group.add_argument("--substituter", dest="substituters", action="append", metavar="URL",
+                       help="binary cache URL (http, https, file); repeatable")
+    group.add_argument("--trusted-public-key", dest="trusted_public_keys", action="append",
+                       metavar="KEY", help="name:base64 key whose signatures are trusted; "
+                       "repeatable")
+    group.add_argument("--no-require-sigs", dest="require_sigs", action="store_false",
+                       default=None, help="accept unsigned narinfos (local testing only)")
+    group.add_argument("--nix-conf", type=Path, default=NIX_CONF, metavar="FILE",
+                       help=f"nix.conf to take defaults from (default {NIX_CONF})")
+    group.add_argument("--netrc-file", type=Path, metavar="FILE",
+                       help="credentials for HTTP caches (default: nix.conf's netrc-file)")
+    group.add_argument("--max-connections", type=_positive_int, metavar="N",
+                       help="HTTP connections at most (default 25)")
+    group.add_argument("--attempts", type=_positive_int, metavar="N",
+                       help="tries per download (default 5)")
+    group.add_argument("--connect-timeout", type=_positive_float, metavar="SECONDS")
+    group.add_argument("--stall-timeout", type=_positive_float, metavar="SECONDS",
+                       help="give up a download after this long without data (default 300)")
+
+
+def config_from_args(args: argparse.Namespace) -> SubstituterConfig:
+    """The SubstituterConfig for options added by ``add_substituter_arguments``."""
+    return SubstituterConfig.from_nix_conf(
+        args.nix_conf,
+        urls=args.substituters,
+        trusted_public_keys=args.trusted_public_keys,
+        require_sigs=args.require_sigs,
+        netrc_file=args.netrc_file,
+        max_connections=args.max_connections,
+        attempts=args.attempts,
+        connect_timeout=args.connect_timeout,
+        stall_timeout=args.stall_timeout,
+    )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    roots = [_parse_path(p, config.store_dir) for p in args.paths]
+    dest: Path = args.dest
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LazystoreError(f"cannot create {dest}: {exc.strerror}") from None
+    job = _Job(config, roots, dest, args.closure, sys.stderr.isatty())
+    try:
+        trio.run(job.run)
+    except BaseExceptionGroup as group:
+        raise single_error(group) from None
+    for message in job.failures.values():
+        print(f"lazystore: error: {message}", file=sys.stderr)
+    print(job.summary(), file=sys.stderr)
+    return 1 if job.failures else 0
+
+
+def _parse_path(text: str, store_dir: str) -> StorePath:
+    try:
+        if "/" in text:
+            return StorePath.parse(text, store_dir)
+        return StorePath.from_basename(text)
+    except FormatError as exc:
+        raise LazystoreError(str(exc)) from None
+
+
+@dataclass
+class _Job:
+    config: SubstituterConfig
+    roots: list[StorePath]
+    dest: Path
+    closure: bool
+    tty: bool
+    failures: dict[StorePath, str] = field(default_factory=dict)
+    wanted: dict[StorePath, NarInfo] = field(default_factory=dict)
+    present: int = 0
+    done: int = 0
+    started: float = field(default_factory=time.monotonic)
+    subs: Substituters | None = None
+
+    async def run(self) -> None:
+        tmp_dir = Path(tempfile.mkdtemp(prefix=".lazystore-tmp-", dir=self.dest))
+        try:
+            async with Substituters(self.config) as subs:
+                self.subs = subs
+                async with trio.open_nursery() as nursery:
+                    for root in self.roots:
+                        nursery.start_soon(self._resolve, root)
+                await self._fetch_all(tmp_dir)
+        finally:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+
+    async def _resolve(self, root: StorePath) -> None:
+        assert self.subs is not None
+        full = root.path(self.config.store_dir)
+        try:
+            if self.closure:
+                infos = await self.subs.closure([root])
+            else:
+                info = await self.subs.query(root)
+                if info is None:
+                    raise SubstituterError(f"no substituter has {full}")
+                infos = [info]
+        except SubstituterError as exc:
+            self.failures[root] = f"{full}: {exc}" if full not in str(exc) else str(exc)
+            return
+        for info in infos:
+            self.wanted.setdefault(info.path, info)
+
+    async def _fetch_all(self, tmp_dir: Path) -> None:
+        todo = [p for p in self.wanted if not _exists(self.dest / p.basename)]
+        self.present = len(self.wanted) - len(todo)
+        limiter = trio.CapacityLimiter(self.config.max_parallel_fetches)
+        async with trio.open_nursery() as nursery:
+            if self.tty:
+                nursery.start_soon(self._progress, len(todo))
+            async with trio.open_nursery() as fetches:
+                for path in todo:
+                    fetches.start_soon(self._fetch_one, path, tmp_dir, limiter)
+            nursery.cancel_scope.cancel()
+        if self.tty:
+            self._draw(len(todo), final=True)
+
+    async def _fetch_one(self, path: StorePath, tmp_dir: Path,
+                         limiter: trio.CapacityLimiter) -> None:
+        assert self.subs is not None
+        async with limiter:
+            try:
+                await self.subs.fetch(path, self.dest / path.basename, tmp_dir)
+            except SubstituterError as exc:
+                self.failures[path] = str(exc)
+                return
+        self.done += 1
+
+    async def _progress(self, total: int) -> None:
+        while True:
+            self._draw(total)
+            await trio.sleep(0.25)
+
+    def _draw(self, total: int, final: bool = False) -> None:
+        assert self.subs is not None
+        got = self.subs.stats.bytes_downloaded
+        elapsed = max(time.monotonic() - self.started, 1e-6)
+        width = 30
+        filled = width * self.done // total if total else width
+        bar = "#" * filled + "-" * (width - filled)
+        line = (f"\r[{bar}] {self.done}/{total} paths, {_mib(got)} MiB, "
+                f"{_mib(got / elapsed)} MiB/s")
+        sys.stderr.write(line + ("\n" if final else "\x1b[K"))
+        sys.stderr.flush()
+
+    def summary(self) -> str:
+        got = self.subs.stats.bytes_downloaded if self.subs else 0
+        elapsed = time.monotonic() - self.started
+        parts = [f"fetched {self.done} paths"]
+        if self.present:
+            parts.append(f"{self.present} already present")
+        if self.failures:
+            parts.append(f"{len(self.failures)} failed")
+        return f"{', '.join(parts)}; {_mib(got)} MiB downloaded in {elapsed:.1f} s"
+
+
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
+
+
+def _mib(n: float) -> str:
+    return f"{n / (1 << 20):.1f}"
