@@ -1,0 +1,187 @@
+"""``bench/run``: build the workloads, serve them through the shaping proxy,
+run every mode from a cold state, write the results."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import shlex
+import shutil
+import socket
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.harness import report
+from bench.harness.measure import RunFailed, Skip
+from bench.harness.modes import MODES, Context
+from bench.harness.workloads import BENCH, Workload, bench_key, build, write_caches
+from bench.proxy import PROFILES, shaping_proxy
+from tests.support.httpserver import serve_directory
+
+log = logging.getLogger(__name__)
+
+ALL_WORKLOADS = ("python", "busybox", "wide")
+QUICK_WORKLOADS = ("busybox", "wide")
+
+
+@dataclass
+class Plan:
+    quick: bool
+    reps: int
+    workloads: list[str]
+    modes: list[str]
+    profiles: list[str]
+    compressions: list[str]
+    timeout: float
+    workdir: Path | None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench/run", description=__doc__)
+    p.add_argument("--quick", action="store_true",
+                   help="one repetition, small workloads (busybox, wide), 100mbit, zstd")
+    p.add_argument("--reps", type=int, help="repetitions per mode (default 5; 1 with --quick)")
+    p.add_argument("--workloads", help=f"comma-separated, from {','.join(ALL_WORKLOADS)}")
+    p.add_argument("--modes", help=f"comma-separated, from {','.join(MODES)}")
+    p.add_argument("--profiles", help=f"comma-separated link profiles, from {','.join(PROFILES)}")
+    p.add_argument("--compression", default="zstd", help="comma-separated: zstd, xz")
+    p.add_argument("--timeout", type=float, default=600, help="per program run, seconds")
+    p.add_argument("--out", type=Path, default=BENCH / "results", help="results directory")
+    p.add_argument("--workdir", type=Path, help="scratch parent directory (default: $TMPDIR)")
+    return p.parse_args(argv)
+
+
+def _list(text: str | None, default: tuple[str, ...], allowed: object) -> list[str]:
+    items = list(default) if not text else [t.strip() for t in text.split(",") if t.strip()]
+    bad = [i for i in items if i not in allowed]  # type: ignore[operator]
+    if bad:
+        raise SystemExit(f"bench/run: unknown {', '.join(bad)}")
+    return items
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    quick = args.quick
+    return Plan(
+        quick=quick,
+        reps=args.reps or (1 if quick else 5),
+        workloads=_list(args.workloads, QUICK_WORKLOADS if quick else ALL_WORKLOADS,
+                        ALL_WORKLOADS),
+        modes=_list(args.modes, tuple(MODES), MODES),
+        profiles=_list(args.profiles, ("100mbit",) if quick else ("100mbit", "1gbit", "unshaped"),
+                       PROFILES),
+        compressions=_list(args.compression, ("zstd",), ("zstd", "xz")),
+        timeout=args.timeout,
+        workdir=args.workdir,
+    )
+
+
+def machine() -> dict[str, Any]:
+    mem = Path("/proc/meminfo").read_text().split("\n", 1)[0].split()[1]
+    return {
+        "cpus": os.cpu_count(),
+        "mem_kib": int(mem),
+        "kernel": os.uname().release,
+        "loadavg_at_start": os.getloadavg(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="bench: %(message)s")
+    if os.geteuid() != 0:
+        sys.stderr.write("bench/run: needs root (mount namespaces, FUSE, containerd)\n")
+        return 1
+    plan = make_plan(args)
+    now = datetime.datetime.now(datetime.UTC)
+    host = socket.gethostname()
+    result: dict[str, Any] = {
+        "date": now.strftime("%Y-%m-%d %H:%M UTC"),
+        "host": host,
+        "command": shlex.join(["bench/run", *(sys.argv[1:] if argv is None else argv)]),
+        "quick": plan.quick,
+        "machine": machine(),
+        "profiles": {n: {"latency_s": PROFILES[n].latency, "rate_bit_s": PROFILES[n].rate}
+                     for n in plan.profiles},
+    }
+    with tempfile.TemporaryDirectory(prefix="lazystore-bench-", dir=plan.workdir) as tmp:
+        result.update(run_plan(plan, Path(tmp)))
+    result["summary"] = report.summarize(result["runs"])
+    result["ratios"] = report.ratios(result["runs"])
+    result["targets"] = report.targets(result["summary"], result["ratios"])
+    stem = now.strftime("%Y-%m-%d") + f"-{host}" + ("-quick" if plan.quick else "")
+    report.write(result, args.out, stem)
+    sys.stdout.write(report.markdown(result))
+    return 0
+
+
+def run_plan(plan: Plan, workdir: Path) -> dict[str, Any]:
+    key = bench_key()
+    runs: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
+    workloads: dict[str, Any] = {}
+    for name in plan.workloads:
+        first = build(name, quick=plan.quick)
+        second = build(name, variant="v2", quick=plan.quick)
+        caches = write_caches([first, second], plan.compressions)
+        workloads[name] = {"first": first.summary(), "delta": second.summary(),
+                           "new_paths": sorted(set(second.paths) - set(first.paths)),
+                           "cache_bytes": {c: _tree_size(p) for c, p in caches.items()}}
+        for compression in plan.compressions:
+            with serve_directory(caches[compression]) as server:
+                for profile in plan.profiles:
+                    with shaping_proxy(server.url, profile) as proxy:  # type: ignore[attr-defined]
+                        ctx = Context(first, PROFILES[profile], compression, proxy,
+                                      key.public_key, workdir, plan.timeout,
+                                      {"delta": second})
+                        _run_modes(plan, ctx, runs, skipped)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return {"workloads": workloads, "runs": runs, "skipped": skipped}
+
+
+def _run_modes(plan: Plan, ctx: Context, runs: list[dict[str, Any]],
+               skipped: list[dict[str, str]]) -> None:
+    wl: Workload = ctx.workload
+    where = {"workload": wl.name, "profile": ctx.profile.name, "compression": ctx.compression}
+    dead: set[str] = set()
+    with ExitStack() as stack:
+        ctx.extra["stack"] = stack  # container modes keep shared services here
+        for rep in range(plan.reps):
+            order = plan.modes[rep % len(plan.modes):] + plan.modes[:rep % len(plan.modes)]
+            for mode in order:
+                if mode in dead:
+                    continue
+                log.info("%s %s %s rep %d: %s", wl.name, ctx.profile.name, ctx.compression,
+                         rep + 1, mode)
+                try:
+                    record = MODES[mode](ctx)
+                except Skip as exc:
+                    log.info("  skipped: %s", exc)
+                    skipped.append({**where, "mode": mode, "reason": str(exc)})
+                    dead.add(mode)
+                    continue
+                except RunFailed as exc:
+                    log.info("  FAILED: %s", exc)
+                    runs.append({**where, "mode": mode, "rep": rep, "status": "failed",
+                                 "reason": str(exc)})
+                    skipped.append({**where, "mode": mode, "reason": f"failed: {exc}"})
+                    continue
+                log.info("  first output after %.2f s, %.1f MB, %s paths",
+                         record["time_to_first_output"], record["bytes"] / 1e6,
+                         record["store_paths_fetched"])
+                runs.append({**where, "mode": mode, "rep": rep, "status": "ok", **record})
+
+
+def _tree_size(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
