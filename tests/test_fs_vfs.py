@@ -1,0 +1,183 @@
+"""The mounted tree without a mount: the Vfs and the pyfuse3 Operations called
+directly (s3ql's t3 tier), over a fake substituter."""
+
+from __future__ import annotations
+
+import errno
+import stat
+from pathlib import Path
+
+import pyfuse3
+import pytest
+import trio
+
+from lazystore.errors import StoreError
+from lazystore.fs.operations import Operations, to_errno
+from lazystore.fs.vfs import ROOT_INODE, VIEWS_INODE, FsError, NoEntry, Vfs
+from lazystore.store.cache import LocalStore
+from tests.test_store_cache import MISSING, A, B, C, FakeSubstituters, sample_paths
+
+
+async def _walk(vfs: Vfs, *names: str) -> int:
+    ino = ROOT_INODE
+    for name in names:
+        ino = (await vfs.lookup(ino, name)).ino
+    return ino
+
+
+@pytest.fixture
+def subs() -> FakeSubstituters:
+    return FakeSubstituters(sample_paths())
+
+
+async def test_stat_and_list_need_no_fetch(tmp_path: Path, subs: FakeSubstituters) -> None:
+    async with LocalStore(subs, tmp_path) as store:
+        vfs = Vfs(store)
+        attr = await vfs.lookup(ROOT_INODE, A)
+        assert attr.kind == "d" and stat.S_IMODE(attr.mode) == 0o555
+        lib = await vfs.lookup(attr.ino, "lib")
+        names = [n for _, n, _ in await vfs.listdir(lib.ino, 0)]
+        assert sorted(names) == ["data", "link"]
+        data = await vfs.lookup(lib.ino, "data")
+        assert data.size == 16 and stat.S_IMODE(data.mode) == 0o444
+        assert subs.fetches == []
+
+
+async def test_readdir_resumes_from_stable_key(tmp_path: Path) -> None:
+    subs = FakeSubstituters({A: {f"f{i}": b"x" for i in range(100)}})
+    async with LocalStore(subs, tmp_path) as store:
+        vfs = Vfs(store)
+        ino = await _walk(vfs, A)
+        entries = await vfs.listdir(ino, 0)
+        cut = entries[40][0]
+        rest = await vfs.listdir(ino, cut)
+        assert [n for _, n, _ in entries[41:]] == [n for _, n, _ in rest]
+
+
+async def test_invalid_and_missing_names_are_enoent(tmp_path: Path, subs: FakeSubstituters) -> None:
+    async with LocalStore(subs, tmp_path) as store:
+        vfs = Vfs(store)
+        for name in ("bogus", ".hidden", MISSING, "a" * 32):
+            with pytest.raises(NoEntry):
+                await vfs.lookup(ROOT_INODE, name)
+    assert subs.queries == [MISSING]  # invalid names never reach the network
+
+
+async def test_same_inode_through_root_and_view(tmp_path: Path, subs: FakeSubstituters) -> None:
+    async with LocalStore(subs, tmp_path) as store:
+        vfs = Vfs(store)
+        await vfs.create_view("v1", [A, B])
+        via_view = await _walk(vfs, ".views", "v1", "nix", "store", A, "lib", "data")
+        via_root = await _walk(vfs, A, "lib", "data")
+        assert via_view == via_root
+        view_dir = await _walk(vfs, ".views", "v1", "nix", "store")
+        assert sorted(n for _, n, _ in await vfs.listdir(view_dir, 0)) == sorted([A, B])
+        with pytest.raises(NoEntry):
+            await vfs.lookup(view_dir, C)  # known store path, not in this view
+        assert store.pinned(A) and store.pinned(B)
+        vfs.remove_view("v1")
+        assert not store.pinned(A)
+        with pytest.raises(NoEntry):
+            await vfs.lookup(VIEWS_INODE, "v1")
+
+
+async def test_view_of_unknown_path_fails(tmp_path: Path, subs: FakeSubstituters) -> None:
+    async with LocalStore(subs, tmp_path) as store:
+        vfs = Vfs(store)
+        with pytest.raises(StoreError):
+            await vfs.create_view("v", [A, MISSING])
+        assert vfs.views == {} and not store.pinned(A)
+
+
+async def test_forget_drops_unreferenced_inodes(tmp_path: Path, subs: FakeSubstituters) -> None:
+    async with LocalStore(subs, tmp_path) as store:
+        vfs = Vfs(store)
+        ino = await _walk(vfs, A)
+        await vfs.lookup(ROOT_INODE, A)
+        vfs.forget(ino, 1)
+        assert ino in vfs.inodes
+        vfs.forget(ino, 1)
+        assert ino not in vfs.inodes
+        vfs.forget(ino, 1)  # never raises
+        assert (await _walk(vfs, A)) != ino  # numbers are never reused
+
+
+async def test_open_read_fetches_once_and_pins(tmp_path: Path, subs: FakeSubstituters) -> None:
+    async with LocalStore(subs, tmp_path) as store:
+        ops = Operations(Vfs(store))
+        a = (await ops.lookup(ROOT_INODE, A.encode())).st_ino
+        lib = (await ops.lookup(a, b"lib")).st_ino
+        data = (await ops.lookup(lib, b"data")).st_ino
+        link = (await ops.lookup(lib, b"link")).st_ino
+        info = await ops.open(data, 0, None)
+        assert info.keep_cache
+        assert await ops.read(info.fh, 0, 100) == b"hello from liba\n"
+        assert await ops.readlink(link, None) == b"data"
+        assert subs.fetches == [A]
+        assert await store.evict([]) == []  # open file: pinned
+        await ops.release(info.fh)
+        assert await store.evict([]) == [A]
+
+
+async def test_writes_are_erofs(tmp_path: Path, subs: FakeSubstituters) -> None:
+    async with LocalStore(subs, tmp_path) as store:
+        ops = Operations(Vfs(store))
+        for call in (ops.mkdir(ROOT_INODE, b"x", 0o755, None), ops.unlink(ROOT_INODE, A.encode(), None)):
+            with pytest.raises(pyfuse3.FUSEError) as info:
+                await call
+            assert info.value.errno == errno.EROFS
+        a = (await ops.lookup(ROOT_INODE, A.encode())).st_ino
+        with pytest.raises(pyfuse3.FUSEError) as info:
+            await ops.open(a, 0, None)
+        assert info.value.errno == errno.EISDIR
+
+
+@pytest.mark.allow_log
+async def test_fetch_failure_is_eio_then_retry_succeeds(
+    tmp_path: Path, subs: FakeSubstituters
+) -> None:
+    subs.fail.add(B)
+    async with LocalStore(subs, tmp_path) as store:
+        ops = Operations(Vfs(store))
+        big = (await ops.lookup((await ops.lookup(ROOT_INODE, B.encode())).st_ino, b"big")).st_ino
+        with pytest.raises(pyfuse3.FUSEError) as info:
+            await ops.open(big, 0, None)
+        assert info.value.errno == errno.EIO
+        assert not store.pinned(B)
+        subs.fail.clear()
+        fh = (await ops.open(big, 0, None)).fh
+        assert await ops.read(fh, 9990, 100) == b"b" * 10
+
+
+@pytest.mark.allow_log
+@pytest.mark.parametrize("exc, expected", [
+    (NoEntry("x"), errno.ENOENT),
+    (FsError("x"), errno.EIO),
+    (StoreError("x"), errno.EIO),
+    (OSError(errno.EACCES, "denied"), errno.EIO),
+    (RuntimeError("bug"), errno.EIO),
+    (pyfuse3.FUSEError(errno.ENOTDIR), errno.ENOTDIR),
+])
+def test_every_exception_maps_to_an_errno(exc: BaseException, expected: int) -> None:
+    assert to_errno(exc) == expected
+
+
+@pytest.mark.allow_log
+async def test_handler_bug_is_eio_not_a_crash(tmp_path: Path, subs: FakeSubstituters) -> None:
+    async with LocalStore(subs, tmp_path) as store:
+        vfs = Vfs(store)
+
+        async def broken(ino: int) -> None:
+            raise RuntimeError("bug")
+
+        vfs.getattr = broken  # type: ignore[method-assign]
+        with pytest.raises(pyfuse3.FUSEError) as info:
+            await Operations(vfs).getattr(ROOT_INODE, None)
+        assert info.value.errno == errno.EIO
+
+
+async def test_statfs(tmp_path: Path, subs: FakeSubstituters) -> None:
+    async with LocalStore(subs, tmp_path, cache_limit=1 << 30) as store:
+        st = await Operations(Vfs(store)).statfs(None)
+        assert st.f_bsize == 4096 and st.f_blocks == (1 << 30) // 4096 and st.f_namemax == 255
+    await trio.sleep(0)

@@ -1,0 +1,286 @@
+"""The local cache without FUSE: index, single flight, quota, restart consistency.
+
+The substituter is a fake here (this is the layer below it); the real one is
+used by the mount tests.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import trio
+
+from lazystore.errors import StoreError
+from lazystore.nix.storepath import StorePath
+from lazystore.store import index, tree
+from lazystore.store.cache import LocalStore
+
+
+def base(char: str, name: str) -> str:
+    return f"{char * 32}-{name}"
+
+
+A, B, C, D = base("a", "liba"), base("b", "libb"), base("c", "docs"), base("d", "single")
+MISSING = base("f", "missing")
+
+
+class FakeSubstituters:
+    """Serves trees described as {relpath: bytes | ("link", target) | None(dir)}."""
+
+    def __init__(self, paths: dict[str, dict[str, Any]], listings: bool = True) -> None:
+        self.paths = paths
+        self.listings = listings
+        self.fetches: list[str] = []
+        self.queries: list[str] = []
+        self.fail: set[str] = set()
+        self.gate: trio.Event | None = None
+        self.stats = SimpleNamespace(bytes_downloaded=0, nars_fetched=0)
+
+    async def query(self, path: StorePath) -> Any:
+        self.queries.append(path.basename)
+        if path.basename not in self.paths:
+            return None
+        return SimpleNamespace(
+            store_path=f"/nix/store/{path.basename}", nar_size=100, references=[]
+        )
+
+    async def listing(self, path: StorePath) -> dict[str, Any] | None:
+        if not self.listings:
+            return None
+        root: dict[str, Any] = {"type": "directory", "entries": {}}
+        for rel, content in sorted(self.paths[path.basename].items()):
+            node = root
+            parts = rel.split("/")
+            for part in parts[:-1]:
+                node = node["entries"].setdefault(part, {"type": "directory", "entries": {}})
+            node["entries"][parts[-1]] = _ls_node(content)
+        return {"version": 1, "root": root}
+
+    async def fetch(self, path: StorePath, dest: Path, tmp_dir: Path) -> Any:
+        self.fetches.append(path.basename)
+        if self.gate is not None:
+            await self.gate.wait()
+        await trio.sleep(0)
+        if path.basename in self.fail:
+            from lazystore.errors import SubstituterError
+
+            raise SubstituterError(f"{path.basename}: NAR hash mismatch")
+        tmp = tmp_dir / f"unpack-{path.basename}"
+        tmp.mkdir()
+        for rel, content in self.paths[path.basename].items():
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if content is None:
+                target.mkdir()
+            elif isinstance(content, tuple):
+                target.symlink_to(content[1])
+            else:
+                target.write_bytes(content)
+        os.rename(tmp, dest)
+        self.stats.nars_fetched += 1
+        return None
+
+    async def closure(self, paths: list[StorePath]) -> list[Any]:
+        return [await self.query(p) for p in paths]
+
+
+def _ls_node(content: Any) -> dict[str, Any]:
+    if content is None:
+        return {"type": "directory", "entries": {}}
+    if isinstance(content, tuple):
+        return {"type": "symlink", "target": content[1]}
+    return {"type": "regular", "size": len(content)}
+
+
+def sample_paths(size: int = 10_000) -> dict[str, dict[str, Any]]:
+    return {
+        A: {"lib/data": b"hello from liba\n", "lib/link": ("link", "data"), "share": None},
+        B: {"big": b"b" * size},
+        C: {"share/doc/manual": b"d" * size},
+        D: {"x": b"y" * size},
+    }
+
+
+@pytest.fixture
+def subs() -> FakeSubstituters:
+    return FakeSubstituters(sample_paths())
+
+
+async def test_lookup_caches_positive_and_negative(tmp_path: Path, subs: FakeSubstituters) -> None:
+    async with LocalStore(subs, tmp_path) as store:
+        assert await store.lookup(A) is not None
+        assert await store.lookup(A) is not None
+        assert await store.lookup(MISSING) is None
+        assert await store.lookup(MISSING) is None
+        assert await store.lookup("not-a-store-path") is None
+    assert subs.queries == [A, MISSING]
+
+
+async def test_listing_gives_tree_without_fetch(tmp_path: Path, subs: FakeSubstituters) -> None:
+    async with LocalStore(subs, tmp_path) as store:
+        node = await store.tree(A)
+        assert tree.resolve(node, ("lib", "data")).size == len(b"hello from liba\n")
+        assert tree.resolve(node, ("lib", "link")).target == "data"
+        assert subs.fetches == []
+
+
+async def test_no_listing_fetches_for_metadata(tmp_path: Path) -> None:
+    subs = FakeSubstituters(sample_paths(), listings=False)
+    async with LocalStore(subs, tmp_path) as store:
+        node = await store.tree(A)
+        assert tree.resolve(node, ("lib", "data")).kind == tree.REGULAR
+        assert subs.fetches == [A]
+
+
+async def test_concurrent_materialize_is_one_fetch(tmp_path: Path, subs: FakeSubstituters) -> None:
+    subs.gate = trio.Event()
+    results: list[Path] = []
+    async with LocalStore(subs, tmp_path) as store:
+        async with trio.open_nursery() as nursery:
+            for _ in range(50):
+                nursery.start_soon(lambda: _append(results, store.materialize(B)))
+            await trio.sleep(0.05)
+            assert store.in_flight == 1
+            subs.gate.set()
+        assert subs.fetches == [B]
+        assert len(results) == 50
+        assert (results[0] / "big").read_bytes() == b"b" * 10_000
+
+
+async def _append(out: list[Any], coro: Any) -> None:
+    out.append(await coro)
+
+
+@pytest.mark.allow_log
+async def test_failed_fetch_errors_all_waiters_then_retries(
+    tmp_path: Path, subs: FakeSubstituters
+) -> None:
+    subs.fail.add(B)
+    errors: list[str] = []
+
+    async def reader(store: LocalStore) -> None:
+        try:
+            await store.materialize(B)
+        except StoreError as exc:
+            errors.append(str(exc))
+
+    async with LocalStore(subs, tmp_path) as store:
+        async with trio.open_nursery() as nursery:
+            for _ in range(10):
+                nursery.start_soon(reader, store)
+        assert len(errors) == 10 and "hash mismatch" in errors[0]
+        assert subs.fetches == [B]
+        assert not (tmp_path / "store" / B).exists()
+        subs.fail.clear()
+        assert (await store.materialize(B) / "big").read_bytes() == b"b" * 10_000
+        assert subs.fetches == [B, B]
+
+
+async def test_quota_evicts_lru_keeps_pinned(tmp_path: Path, subs: FakeSubstituters) -> None:
+    async with LocalStore(subs, tmp_path, cache_limit=40_000) as store:
+        await store.materialize(B)
+        store.pin(B)  # an open file
+        await trio.sleep(0.01)
+        await store.materialize(C)
+        await trio.sleep(0.01)
+        await store.materialize(D)  # over the limit: C is the oldest unpinned
+        status = store.status()
+        assert B in status["paths_materialized"] and D in status["paths_materialized"]
+        assert C not in status["paths_materialized"]
+        assert not (tmp_path / "store" / C).exists()
+        assert store.cache_bytes <= 40_000
+        # metadata stays; the next read fetches it again, transparently
+        assert tree.resolve(store.records[C].tree, ("share", "doc", "manual")).size == 10_000
+        data = (await store.materialize(C) / "share/doc/manual").read_bytes()
+        assert data == b"d" * 10_000
+        assert subs.fetches == [B, C, D, C]
+        assert B in store.status()["paths_materialized"]
+
+
+async def test_evict_skips_pinned(tmp_path: Path, subs: FakeSubstituters) -> None:
+    async with LocalStore(subs, tmp_path) as store:
+        await store.materialize(A)
+        await store.materialize(B)
+        store.pin(A)
+        assert await store.evict([]) == [B]
+        store.unpin(A)
+        assert await store.evict([f"/nix/store/{A}"]) == [A]
+        assert store.cache_bytes == 0
+
+
+async def test_index_survives_restart(tmp_path: Path, subs: FakeSubstituters) -> None:
+    async with LocalStore(subs, tmp_path) as store:
+        await store.materialize(A)
+        await store.tree(C)
+    async with LocalStore(subs, tmp_path) as store:
+        assert store.status()["paths_materialized"] == [A]
+        assert store.records[C].tree is not None and not store.records[C].materialized
+        await store.tree(C)
+        await store.materialize(A)
+    assert subs.fetches == [A]
+
+
+async def test_restart_after_crash_is_consistent(tmp_path: Path, subs: FakeSubstituters) -> None:
+    """A crash can leave: a half unpack in tmp/, a path renamed into store/ but
+    not yet in the index, an index naming a path whose data is gone."""
+    async with LocalStore(subs, tmp_path) as store:
+        await store.materialize(A)
+        await store.materialize(B)
+    (tmp_path / "tmp" / "unpack-half").mkdir()
+    (tmp_path / "tmp" / "unpack-half" / "partial").write_bytes(b"xx")
+    os.chmod(tmp_path / "tmp" / "unpack-half", 0o555)
+    import shutil
+
+    shutil.rmtree(tmp_path / "store" / B)
+    async with LocalStore(subs, tmp_path) as other:  # writes D into store/ behind the index
+        await other.materialize(D)
+        other.records.pop(D)
+        await other._save()
+    async with LocalStore(subs, tmp_path) as store:
+        assert list((tmp_path / "tmp").iterdir()) == []
+        assert store.status()["paths_materialized"] == sorted([A, D])
+        assert store.cache_bytes == store.records[A].disk_bytes + store.records[D].disk_bytes
+        assert (await store.materialize(B) / "big").read_bytes() == b"b" * 10_000
+
+
+def test_index_roundtrip_and_compression(tmp_path: Path) -> None:
+    node = tree.from_listing(
+        {"root": {"type": "directory", "entries": {
+            f"f{i}": {"type": "regular", "size": i, "executable": i % 2 == 0}
+            for i in range(2000)
+        } | {"l": {"type": "symlink", "target": "f1"}}}}
+    )
+    records = {A: index.Record(nar_size=5, references=(B,), tree=node, last_used=3.5)}
+    index.save(tmp_path / "index", records)
+    data = (tmp_path / "index").read_bytes()
+    assert data[:1] == b"L"  # compressed: it pays for a tree like this
+    loaded = index.load(tmp_path / "index")
+    assert loaded[A].tree == node and loaded[A].references == (B,)
+
+
+@pytest.mark.allow_log
+def test_corrupt_index_starts_empty(tmp_path: Path) -> None:
+    (tmp_path / "index").write_bytes(b"Lgarbage")
+    assert index.load(tmp_path / "index") == {}
+
+
+@pytest.mark.parametrize("doc", [
+    [], {"root": {"type": "fifo"}}, {"root": {"type": "regular", "size": -1}},
+    {"root": {"type": "directory", "entries": {"..": {"type": "regular", "size": 1}}}},
+    {"root": {"type": "directory", "entries": {"a/b": {"type": "regular", "size": 1}}}},
+    {"root": {"type": "symlink"}},
+])
+def test_malformed_listing_is_a_store_error(doc: Any) -> None:
+    with pytest.raises(StoreError):
+        tree.from_listing(doc)
+
+
+def test_readdir_keys_are_stable_and_distinct() -> None:
+    names = [f"name{i}" for i in range(10000)]
+    keys = {tree.name_key(n) for n in names}
+    assert len(keys) == len(names) and all(0 < k < 2**63 for k in keys)
+    assert tree.name_key("same") == tree.name_key("same")
