@@ -437,14 +437,20 @@ class OciArchive:
         return [*self.layers, self.config_descriptor]
 
     def stream_blob(self, desc: Descriptor) -> Iterator[bytes]:
-        """The blob's bytes in chunks; ImageError at the end if they do not match."""
-        digest, size = hashlib.sha256(), 0
+        """The blob's bytes in chunks, checked against *desc*: the last chunk is
+        held back until the whole blob verified, so a consumer (an upload) never
+        receives a complete blob that does not match; ImageError then."""
+        digest, size, held = hashlib.sha256(), 0, b""
         for chunk in self._open(blob_name(desc.digest)):
             digest.update(chunk)
             size += len(chunk)
-            yield chunk
+            if held:
+                yield held
+            held = chunk
         if size != desc.size or "sha256:" + digest.hexdigest() != desc.digest:
             raise ImageError(f"{self.path}: blob {desc.digest} does not match its digest or size")
+        if held:
+            yield held
 
     def read_blob(self, desc: Descriptor) -> bytes:
         return b"".join(self.stream_blob(desc))
