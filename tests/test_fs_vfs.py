@@ -122,7 +122,8 @@ async def test_open_read_fetches_once_and_pins(tmp_path: Path, subs: FakeSubstit
 async def test_writes_are_erofs(tmp_path: Path, subs: FakeSubstituters) -> None:
     async with LocalStore(subs, tmp_path) as store:
         ops = Operations(Vfs(store))
-        for call in (ops.mkdir(ROOT_INODE, b"x", 0o755, None), ops.unlink(ROOT_INODE, A.encode(), None)):
+        calls = (ops.mkdir(ROOT_INODE, b"x", 0o755, None), ops.unlink(ROOT_INODE, A.encode(), None))
+        for call in calls:
             with pytest.raises(pyfuse3.FUSEError) as info:
                 await call
             assert info.value.errno == errno.EROFS

@@ -1,9 +1,160 @@
-"""CLI: `daemon` commands (filled in by the issue that owns them)."""
+"""CLI: `mount`, `status`, `prefetch`, `evict` (the FUSE daemon and its control socket)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from lazystore.control.client import DEFAULT_SOCKET, ControlClient
+from lazystore.errors import LazystoreError
+
+DEFAULT_MOUNTPOINT = "/run/lazystore"
+DEFAULT_CACHE_DIR = "/var/cache/lazystore"
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``20G``, ``512M``, ``1.5T``, ``4096`` -> bytes (powers of 1024)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (examples: 20G, 512M)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def _socket_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--control-socket", default=DEFAULT_SOCKET, metavar="PATH",
+        help=f"the daemon's control socket (default {DEFAULT_SOCKET})",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this module's sub-commands to *sub*."""
+    from lazystore.cli import fetch as fetch_cli
+
+    p = sub.add_parser("mount", help="mount the lazy store (foreground)")
+    p.add_argument("mountpoint", nargs="?", default=DEFAULT_MOUNTPOINT)
+    fetch_cli.add_substituter_arguments(p)
+    p.add_argument("--cache-dir", type=Path, default=Path(DEFAULT_CACHE_DIR))
+    p.add_argument("--cache-size", type=parse_size, default=None, metavar="SIZE",
+                   help="evict least recently used paths above this (e.g. 20G)")
+    p.add_argument("--store-dir", default=None, metavar="DIR",
+                   help="the store directory the caches serve (default: nix.conf's, /nix/store)")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let other users (containers) read the mount")
+    _socket_arg(p)
+    p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("status", help="what the daemon has fetched and serves")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _socket_arg(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("prefetch", help="fetch store paths ahead of use")
+    p.add_argument("paths", nargs="+", metavar="STOREPATH")
+    p.add_argument("--closure", action="store_true", help="their whole closures")
+    _socket_arg(p)
+    p.set_defaults(func=cmd_prefetch)
+
+    p = sub.add_parser("evict", help="drop the local data of store paths (all when none)")
+    p.add_argument("paths", nargs="*", metavar="STOREPATH")
+    _socket_arg(p)
+    p.set_defaults(func=cmd_evict)
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    import trio
+
+    from lazystore.cli import fetch as fetch_cli
+    from lazystore.fs import daemon
+    from lazystore.substituter.client import Substituters
+
+    config = fetch_cli.config_from_args(args)
+    if args.store_dir:
+        config = dataclasses.replace(config, store_dir=args.store_dir)
+    trio.run(lambda: daemon.run(
+        Substituters(config),
+        mountpoint=args.mountpoint,
+        cache_dir=args.cache_dir,
+        cache_size=args.cache_size,
+        control_socket=args.control_socket,
+        store_dir=config.store_dir,
+        allow_other=args.allow_other,
+        substituter_urls=list(config.urls),
+    ))
+    return 0
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with ControlClient(args.control_socket) as client:
+        st: dict[str, Any] = client.call("status")
+    if args.json:
+        print(json.dumps(st, indent=2, sort_keys=True))
+        return 0
+    limit = st.get("cache_limit")
+    print(f"mount:           {st.get('mount_point')}")
+    print(f"substituters:    {' '.join(st.get('substituters', [])) or '-'}")
+    print(f"cache:           {st.get('cache_dir')}: {_human(st['cache_bytes'])}"
+          f" of {_human(limit) if limit else 'no limit'}")
+    print(f"paths known:     {st.get('paths_known')}")
+    print(f"materialised:    {len(st['paths_materialized'])}")
+    for base in st["paths_materialized"]:
+        print(f"  {base}")
+    print(f"in flight:       {st['in_flight']}")
+    print(f"downloaded:      {_human(st['bytes_downloaded'])} in {st.get('nars_fetched', 0)} NARs")
+    print(f"hits / misses:   {st.get('hits', 0)} / {st.get('misses', 0)}")
+    print(f"views:           {' '.join(st.get('views', [])) or '-'}")
+    return 0
+
+
+def _bar(done: int, total: int, name: str) -> None:
+    if not sys.stderr.isatty():
+        return
+    width = 30
+    filled = width * done // max(total, 1)
+    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {name[:40]:<40}")
+    sys.stderr.flush()
+
+
+def cmd_prefetch(args: argparse.Namespace) -> int:
+    with ControlClient(args.control_socket) as client:
+        if args.closure:
+            paths = client.call("closure", paths=args.paths)["paths"]
+        else:
+            paths = list(args.paths)
+        failed: list[str] = []
+        for i, path in enumerate(paths):
+            _bar(i, len(paths), path)
+            try:
+                client.call("prefetch", paths=[path], closure=False)
+            except LazystoreError as exc:
+                failed.append(str(exc))
+        _bar(len(paths), len(paths), "done")
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
+    if failed:
+        more = f" (and {len(failed) - 1} more failures)" if len(failed) > 1 else ""
+        raise LazystoreError(failed[0] + more)
+    print(f"{len(paths)} store paths present")
+    return 0
+
+
+def cmd_evict(args: argparse.Namespace) -> int:
+    with ControlClient(args.control_socket) as client:
+        evicted = client.call("evict", paths=args.paths)["evicted"]
+    for base in evicted:
+        print(base)
+    return 0
