@@ -79,6 +79,13 @@ def _is_dir(path: str) -> bool:
         raise ImageError(f"{path}: {exc.strerror}") from None
 
 
+def _history(group: Sequence[str]) -> str:
+    names = [os.path.basename(p) for p in group]
+    if len(names) > 4:
+        names = [*names[:3], f"and {len(names) - 3} more"]
+    return f"lazystore image build: {', '.join(names)}"
+
+
 def _write(
     dest: Path,
     name: oci.ImageName,
@@ -86,7 +93,7 @@ def _write(
     written: list[tuple[oci.Layer, dict[str, str]]],
     groups: list[list[str]],
 ) -> str:
-    history = [f"lazystore: {', '.join(os.path.basename(p) for p in g)}" for g in groups]
+    history = [_history(g) for g in groups]
     config = oci.config_document(runtime, [layer.diff_id for layer, _ in written], history)
     config_desc = oci.Descriptor(oci.MEDIA_CONFIG, oci.digest_of(config), len(config))
     layer_descs = [layer.descriptor(ann) for layer, ann in written]
