@@ -1,0 +1,108 @@
+"""The cold-start harness keeps working: `bench/run --quick` once, for real
+(real Nix, real HTTP cache behind the shaping proxy, the modes that have
+landed), and its outputs are complete and plausible."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.harness import report
+from bench.harness.modes import MODES
+from bench.proxy import PROFILES, shaping_proxy
+from tests.support import nixcache
+from tests.support.httpserver import serve_directory
+
+REPO = Path(__file__).resolve().parents[1]
+EXPECT = {"busybox": "hello from busybox", "wide": "wide ready", "python": "ready"}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    if os.geteuid() != 0:
+        pytest.skip("bench/run needs root")
+    if not nixcache.have_nix() or shutil.which("unshare") is None:
+        pytest.skip("real Nix and unshare are needed")
+    out = tmp_path_factory.mktemp("bench-results")
+    proc = subprocess.run(
+        [str(REPO / "bench" / "run"), "--quick", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [result_file] = out.glob("*-quick.json")
+    return json.loads(result_file.read_text()), out
+
+
+def test_quick_run_writes_json_markdown_and_png(quick_run: tuple[dict[str, Any], Path]) -> None:
+    result, out = quick_run
+    stem = next(out.glob("*-quick.json")).stem
+    assert (out / f"{stem}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / f"{stem}.md").read_text()
+    assert "| workload | link | mode |" in table
+    for row in result["summary"]:
+        assert f"| {row['workload']} | {row['profile']} ({row['compression']}) | {row['mode']} |" \
+            in table
+    assert result["quick"] is True and result["command"].startswith("bench/run --quick")
+
+
+def test_every_mode_ran_or_says_why_not(quick_run: tuple[dict[str, Any], Path]) -> None:
+    result, _ = quick_run
+    ran = {r["mode"] for r in result["runs"] if r["status"] == "ok"}
+    reasons = {s["mode"]: s["reason"] for s in result["skipped"]}
+    for mode in MODES:
+        assert mode in ran or reasons.get(mode, "").strip(), mode
+    assert "nix-eager" in ran  # needs nothing but Nix: must always run
+
+
+def test_runs_report_plausible_values(quick_run: tuple[dict[str, Any], Path]) -> None:
+    result, _ = quick_run
+    ok = [r for r in result["runs"] if r["status"] == "ok"]
+    assert ok
+    for run in ok:
+        closure = result["workloads"][run["workload"]]["first"]
+        assert run["output"].startswith(EXPECT[run["workload"]]), run
+        assert run["time_to_first_output"] > 0
+        assert 0 < run["store_paths_fetched"] <= closure["store_paths"] + 1
+        assert run["bytes"] > 0
+        if run["mode"] == "nix-eager":
+            # eager substitution fetches the whole closure, compressed
+            assert run["store_paths_fetched"] == closure["store_paths"]
+            assert run["bytes"] >= result["workloads"][run["workload"]]["cache_bytes"]["zstd"] / 3
+        if run["mode"] == "lazystore-fuse":
+            # the program leaves referenced paths unread, so they stay unfetched
+            assert run["store_paths_fetched"] < closure["store_paths"]
+    assert result["workloads"]["wide"]["first"]["store_paths"] >= 40
+
+
+def test_ratios_pair_repetitions() -> None:
+    def run(mode: str, rep: int, t: float) -> dict[str, Any]:
+        return {"workload": "w", "profile": "p", "compression": "zstd", "mode": mode,
+                "rep": rep, "status": "ok", "time_to_first_output": t, "bytes": 10,
+                "store_paths_fetched": 1}
+
+    runs = [run("nix-eager", 0, 10.0), run("nix-eager", 1, 2.0),
+            run("lazystore-fuse", 0, 1.0), run("lazystore-fuse", 1, 1.0)]
+    [row] = report.ratios(runs)
+    assert (row["mode"], row["baseline"], row["pairs"]) == ("lazystore-fuse", "nix-eager", 2)
+    assert row["time"] == {"median": 0.3, "min": 0.1, "max": 0.5}
+
+
+def test_proxy_counts_what_crosses_it(tmp_path: Path) -> None:
+    (tmp_path / "nar").mkdir()
+    payload = os.urandom(300_000)
+    (tmp_path / "nar" / "x.nar.zst").write_bytes(payload)
+    with serve_directory(tmp_path) as server:
+        with shaping_proxy(server.url, PROFILES["100mbit"]) as proxy:  # type: ignore[attr-defined]
+            with urllib.request.urlopen(f"{proxy.url}/nar/x.nar.zst") as resp:
+                assert resp.read() == payload
+            stats = proxy.reset()
+    assert stats.targets("/nar/") == ["/nar/x.nar.zst"]
+    assert len(payload) < stats.bytes_down < len(payload) + 1000  # body + headers
+    assert stats.connections == 1 and stats.bytes_up > 0
