@@ -176,6 +176,7 @@ def test_cli_build_follows_result_symlink(
         (["{closure}", "--name", "x", "--env", "NOEQUALS"], "expected K=V"),
         (["{closure}", "--name", "x", "--layered", "0"], "at least 1 layer"),
         (["{closure}", "--name", "x", "--cmd", "'unclosed"], "--cmd"),
+        (["{closure}", "--name", "x", "--entrypoint", '["a", 1]'], "--entrypoint"),
     ],
 )
 def test_cli_build_errors_are_one_line(
@@ -193,3 +194,13 @@ def test_cli_build_errors_are_one_line(
     assert err.count("\n") == 1 and err.startswith("lazystore: error: ") and message in err
     assert out.read_bytes() == b"previous"  # nothing lost
     assert list(tmp_path.iterdir()) == [out]  # no temporaries left
+
+
+def test_cli_build_unwritable_output_is_one_line(
+    tmp_path: Path, sample_closure: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for out in (tmp_path / "missing" / "img.tar", tmp_path):
+        assert main(["image", "build", sample_closure, "-o", str(out), "--name", "x"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("lazystore: error: "), err
+    assert list(tmp_path.iterdir()) == []  # no temporaries left

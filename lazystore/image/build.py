@@ -42,18 +42,25 @@ def build_image(
     if layers is not None and layers < 1:
         raise ImageError(f"--layered needs at least 1 layer, not {layers}")
     infos = local_closure([resolve_store_path(a) for a in args])
-    with tempfile.TemporaryDirectory(prefix=".lazystore-image-", dir=dest.parent) as tmp:
-        if layers is None:
-            groups = [[i.path for i in infos]]
-            written = [_nix_layer(infos, Path(tmp))]
-        else:
-            groups = layered.group_layers(infos, layers)
-            written = [_content_layer(g, Path(tmp) / f"layer{n}") for n, g in enumerate(groups)]
-        digest = _write(dest, image_name, runtime, written, groups)
+    try:
+        with tempfile.TemporaryDirectory(prefix=".lazystore-image-", dir=dest.parent) as tmp:
+            groups, written = _layers(infos, layers, Path(tmp))
+            digest = _write(dest, image_name, runtime, written, groups)
+    except OSError as exc:
+        raise ImageError(f"{exc.filename or dest}: {exc.strerror or exc}") from None
     log.info(
         "wrote %s (%d store paths, %d layers, manifest %s)", dest, len(infos), len(groups), digest
     )
     return BuildResult(dest, image_name, digest, groups, [i.path for i in infos])
+
+
+def _layers(
+    infos: Sequence[PathInfo], layers: int | None, tmp: Path
+) -> tuple[list[list[str]], list[tuple[oci.Layer, dict[str, str]]]]:
+    if layers is None:
+        return [[i.path for i in infos]], [_nix_layer(infos, tmp)]
+    groups = layered.group_layers(infos, layers)
+    return groups, [_content_layer(g, tmp / f"layer{n}") for n, g in enumerate(groups)]
 
 
 def _nix_layer(infos: Sequence[PathInfo], tmp: Path) -> tuple[oci.Layer, dict[str, str]]:
