@@ -1,0 +1,207 @@
+"""A private containerd 1.6 (and the lazystore snapshotter) for tests and benchmarks.
+
+Plain module, no pytest: ``with Containerd(workdir, proxy_plugins={"lazystore":
+sock}) as ctd: ctd.ctr("images", "ls")``. containerd gets its own root, state,
+gRPC address and config.toml under *workdir*; it is stopped (and its
+containers' shims with it) when the context exits. ``snapshotter_process``
+starts ``lazystore snapshotter`` as a child process and waits for READY=1.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+NAMESPACE = "lazystore-test"
+
+
+def have_containerd() -> bool:
+    return all(shutil.which(t) for t in ("containerd", "ctr", "runc")) and os.geteuid() == 0
+
+
+def config_toml(root: Path, state: Path, address: Path,
+                proxy_plugins: Mapping[str, str]) -> str:
+    lines = [
+        "version = 2",
+        f'root = "{root}"',
+        f'state = "{state}"',
+        "[grpc]",
+        f'  address = "{address}"',
+        "[ttrpc]",
+        f'  address = "{address}.ttrpc"',
+        "[debug]",
+        f'  address = "{address}.debug"',
+        "[metrics]",
+        '  address = ""',
+        "[plugins]",
+        '  [plugins."io.containerd.grpc.v1.cri"]',
+        "    disable_apparmor = true",
+    ]
+    for name, sock in proxy_plugins.items():
+        lines += [f"[proxy_plugins.{name}]", '  type = "snapshot"', f'  address = "{sock}"']
+    return "\n".join(lines) + "\n"
+
+
+def _wait_for_socket(path: Path, proc: subprocess.Popen, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {proc.returncode}")
+        if path.exists():
+            with socket.socket(socket.AF_UNIX) as s:
+                try:
+                    s.connect(str(path))
+                    return
+                except OSError:
+                    pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on {path} within {timeout}s")
+
+
+class Containerd:
+    """A running private containerd; ``ctr()`` runs ctr against it."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        proxy_plugins: Mapping[str, str] | None = None,
+        namespace: str = NAMESPACE,
+    ) -> None:
+        self.workdir = workdir
+        self.root = workdir / "root"
+        self.state = workdir / "state"
+        self.address = workdir / "containerd.sock"
+        self.config = workdir / "config.toml"
+        self.log_file = workdir / "containerd.log"
+        self.namespace = namespace
+        self.proxy_plugins = dict(proxy_plugins or {})
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> Containerd:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        for d in (self.root, self.state):
+            d.mkdir(parents=True, exist_ok=True)
+        self.config.write_text(
+            config_toml(self.root, self.state, self.address, self.proxy_plugins)
+        )
+        with open(self.log_file, "ab") as log:
+            self.proc = subprocess.Popen(
+                ["containerd", "--config", str(self.config), "--log-level", "info"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        try:
+            _wait_for_socket(self.address, self.proc, 30, "containerd")
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        for task in self._task_ids():
+            self.ctr("tasks", "kill", "-s", "SIGKILL", task, check=False)
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+        self._unmount_below(self.state)
+        self._unmount_below(self.root)
+
+    def _task_ids(self) -> list[str]:
+        out = self.ctr("tasks", "ls", "-q", check=False)
+        return out.stdout.split() if out.returncode == 0 else []
+
+    @staticmethod
+    def _unmount_below(path: Path) -> None:
+        prefix = str(path.resolve()) + "/"
+        with open("/proc/self/mounts") as f:
+            targets = [line.split()[1] for line in f]
+        for target in sorted((t for t in targets if t.startswith(prefix)), reverse=True):
+            subprocess.run(["umount", "-l", target], capture_output=True)
+
+    def ctr(
+        self,
+        *args: str,
+        check: bool = True,
+        timeout: float = 300,
+        input: bytes | None = None,
+        namespace: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``ctr --address … --namespace … ARGS``; raise with its output when *check*."""
+        argv = ["ctr", "--address", str(self.address),
+                "--namespace", namespace or self.namespace, *args]
+        proc = subprocess.run(
+            argv, capture_output=True, timeout=timeout,
+            input=input.decode() if input is not None else None, text=True,
+        )
+        if check and proc.returncode != 0:
+            raise RuntimeError(
+                f"{' '.join(argv[5:])} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}"
+            )
+        return proc
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+@contextmanager
+def snapshotter_process(
+    root: Path,
+    address: Path,
+    control_socket: str | Path,
+    mount_point: str | Path,
+    extra_args: Sequence[str] = (),
+    log_file: Path | None = None,
+    timeout: float = 30,
+) -> Iterator[subprocess.Popen]:
+    """Run ``lazystore snapshotter`` until the context exits; waits for READY=1."""
+    notify_path = root.parent / f".notify-{os.getpid()}-{time.monotonic_ns()}"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.settimeout(timeout)
+    env = dict(os.environ, NOTIFY_SOCKET=str(notify_path))
+    argv = [sys.executable, "-m", "lazystore", "-v", "snapshotter", "--address", str(address),
+            "--root", str(root), "--control-socket", str(control_socket),
+            "--mount-point", str(mount_point), *extra_args]
+    out = open(log_file, "ab") if log_file else subprocess.DEVNULL
+    proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        try:
+            message = notify.recv(256)
+        except TimeoutError:
+            raise RuntimeError("lazystore snapshotter sent no READY=1") from None
+        if message != b"READY=1":
+            raise RuntimeError(f"unexpected sd_notify message {message!r}")
+        yield proc
+    finally:
+        notify.close()
+        notify_path.unlink(missing_ok=True)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if log_file:
+            out.close()  # type: ignore[union-attr]

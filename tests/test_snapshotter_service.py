@@ -1,0 +1,518 @@
+"""The snapshotter process called over gRPC exactly as containerd calls it.
+
+A real ``lazystore snapshotter`` child process; the daemon on the other side of
+the control socket is a small fake (a thread speaking the real control
+protocol and making view directories), so that these tests do not need FUSE.
+Tests that mount overlays need root and skip without it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socketserver
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from lazystore.control import protocol
+from lazystore.snapshotter.proto import snapshots_pb2 as pb
+from lazystore.snapshotter.proto import snapshots_pb2_grpc as pb_grpc
+from tests.support.containerd import snapshotter_process
+
+H1 = "0" * 31 + "1"
+H2 = "0" * 31 + "2"
+H3 = "0" * 31 + "3"
+P1, P2, P3 = f"/nix/store/{H1}-liba", f"/nix/store/{H2}-busybox", f"/nix/store/{H3}-hello.txt"
+REF = "containerd.io/snapshot.ref"
+NIX_LAYER = "containerd.io/snapshot/nix-layer"
+NIX_PATH = "containerd.io/snapshot/nix-store-path."
+ROOT = os.geteuid() == 0
+
+
+class FakeDaemon(socketserver.ThreadingUnixStreamServer):
+    """Answers view_create/view_remove; a view of P holds ``nix/store/<P>/content``."""
+
+    daemon_threads = True
+
+    def __init__(self, socket_path: str, mount_point: Path) -> None:
+        self.mount_point = mount_point
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.refuse = False
+        super().__init__(socket_path, _Handler)
+
+    def handle_op(self, op: str, args: dict[str, Any]) -> Any:
+        self.calls.append((op, args))
+        if self.refuse:
+            raise ValueError("daemon refuses (test)")
+        view = self.mount_point / ".views" / args["id"]
+        if op == "view_remove":
+            shutil.rmtree(view, ignore_errors=True)
+            return {}
+        if op != "view_create":
+            raise ValueError(f"unexpected op {op}")
+        paths = list(args.get("paths") or [])
+        if args.get("closure_info"):
+            paths = [P1, P2]
+        for p in paths:
+            d = view / p.lstrip("/")
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "content").write_text(f"content of {Path(p).name}\n")
+        view.mkdir(parents=True, exist_ok=True)
+        return {"path": str(view), "paths": [Path(p).name for p in paths]}
+
+    def reset_views(self) -> None:
+        """As a restarted daemon: no views."""
+        shutil.rmtree(self.mount_point / ".views", ignore_errors=True)
+        self.calls.clear()
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    server: FakeDaemon
+
+    def handle(self) -> None:
+        while header := self.rfile.read(protocol.HEADER_SIZE):
+            body = self.rfile.read(protocol.frame_length(header))
+            op, args = protocol.parse_request(protocol.decode_body(body))
+            try:
+                reply = protocol.ok(self.server.handle_op(op, args))
+            except ValueError as exc:
+                reply = protocol.error(str(exc))
+            self.wfile.write(protocol.encode_frame(reply))
+
+
+class Env:
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.root = base / "root"
+        self.address = base / "sn.sock"
+        self.mount_point = base / "mnt"
+        self.mount_point.mkdir()
+        self.daemon = FakeDaemon(str(base / "ctl.sock"), self.mount_point)
+        threading.Thread(target=self.daemon.serve_forever, daemon=True).start()
+        self.proc: subprocess.Popen | None = None
+        self._cm: Any = None
+        self.channel: grpc.Channel | None = None
+
+    def start(self) -> pb_grpc.SnapshotsStub:
+        self._cm = snapshotter_process(
+            self.root, self.address, self.base / "ctl.sock", self.mount_point,
+            log_file=self.base / "snapshotter.log",
+        )
+        self.proc = self._cm.__enter__()
+        self.channel = grpc.insecure_channel(f"unix:{self.address}")
+        return pb_grpc.SnapshotsStub(self.channel)
+
+    def stop(self, kill: bool = False) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+        if self.proc is not None and kill:
+            self.proc.kill()
+            self.proc.wait()
+        if self._cm is not None:
+            self._cm.__exit__(None, None, None)
+            self._cm = None
+
+    def close(self) -> None:
+        self.stop()
+        self.daemon.shutdown()
+        self.daemon.server_close()
+
+    def log(self) -> str:
+        return (self.base / "snapshotter.log").read_text(errors="replace")
+
+
+@pytest.fixture
+def env() -> Iterator[Env]:
+    base = Path(tempfile.mkdtemp(prefix="lzsn-", dir="/tmp"))  # unix socket paths are short
+    e = Env(base)
+    try:
+        yield e
+    finally:
+        e.close()
+        _unmount_below(base)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def sn(env: Env) -> pb_grpc.SnapshotsStub:
+    return env.start()
+
+
+def _unmount_below(path: Path) -> None:
+    with open("/proc/self/mounts") as f:
+        targets = [line.split()[1] for line in f if line.split()[1].startswith(str(path) + "/")]
+    for t in sorted(targets, reverse=True):
+        subprocess.run(["umount", "-l", t], capture_output=True)
+
+
+# -- helpers ------------------------------------------------------------------
+
+
+def prepare(sn: pb_grpc.SnapshotsStub, key: str, parent: str = "", **labels: str) -> list:
+    return list(sn.Prepare(pb.PrepareSnapshotRequest(key=key, parent=parent, labels=labels)).mounts)
+
+
+def commit(sn: pb_grpc.SnapshotsStub, name: str, key: str) -> None:
+    sn.Commit(pb.CommitSnapshotRequest(name=name, key=key))
+
+
+def listing(sn: pb_grpc.SnapshotsStub, *filters: str) -> list[pb.Info]:
+    return [i for resp in sn.List(pb.ListSnapshotsRequest(filters=filters)) for i in resp.info]
+
+
+def code_of(call: Any) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code()
+
+
+def upper_of(mounts: list) -> str:
+    if mounts[0].type == "bind":
+        return mounts[0].source
+    return next(o for o in mounts[0].options if o.startswith("upperdir="))[len("upperdir="):]
+
+
+def lowers_of(mounts: list) -> list[str]:
+    opt = next(o for o in mounts[0].options if o.startswith("lowerdir="))
+    return opt[len("lowerdir="):].split(":")
+
+
+def layer(sn: pb_grpc.SnapshotsStub, name: str, parent: str = "", files: dict | None = None,
+          dirs: tuple[str, ...] = ()) -> None:
+    """Prepare, write *files* (relative path -> bytes) and *dirs*, commit as *name*."""
+    mounts = prepare(sn, f"extract-{name}", parent)
+    upper = Path(upper_of(mounts))
+    for d in dirs:
+        (upper / d).mkdir(parents=True, exist_ok=True)
+    for rel, data in (files or {}).items():
+        (upper / rel).parent.mkdir(parents=True, exist_ok=True)
+        (upper / rel).write_bytes(data)
+    commit(sn, name, f"extract-{name}")
+
+
+# -- overlay semantics --------------------------------------------------------
+
+
+def test_socket_is_private_and_ready_is_notified(env: Env, sn: pb_grpc.SnapshotsStub) -> None:
+    # snapshotter_process already waited for READY=1 on NOTIFY_SOCKET.
+    assert stat.S_IMODE(os.stat(env.address).st_mode) == 0o600
+    assert listing(sn) == []
+
+
+def test_first_layer_is_a_bind_mount_and_commit_makes_it_committed(
+    sn: pb_grpc.SnapshotsStub,
+) -> None:
+    mounts = prepare(sn, "k1", **{"x": "y"})
+    assert [(m.type, list(m.options)) for m in mounts] == [("bind", ["rw", "rbind"])]
+    info = sn.Stat(pb.StatSnapshotRequest(key="k1")).info
+    assert (info.name, info.kind, info.parent) == ("k1", pb.ACTIVE, "")
+    assert dict(info.labels) == {"x": "y"}
+    commit(sn, "c1", "k1")
+    info = sn.Stat(pb.StatSnapshotRequest(key="c1")).info
+    assert (info.name, info.kind) == ("c1", pb.COMMITTED)
+    assert info.created_at.seconds > 0
+    assert code_of(lambda: sn.Stat(pb.StatSnapshotRequest(key="k1"))) == grpc.StatusCode.NOT_FOUND
+
+
+def test_active_snapshot_stacks_lowerdirs_nearest_parent_first(sn: pb_grpc.SnapshotsStub) -> None:
+    layer(sn, "l1", files={"a": b"1"})
+    layer(sn, "l2", "l1", files={"b": b"2"})
+    mounts = prepare(sn, "ctr", "l2")
+    assert mounts[0].type == "overlay"
+    lowers = lowers_of(mounts)
+    assert len(lowers) == 2
+    assert (Path(lowers[0]) / "b").read_bytes() == b"2"
+    assert (Path(lowers[1]) / "a").read_bytes() == b"1"
+    opts = list(mounts[0].options)
+    assert any(o.startswith("workdir=") for o in opts)
+    assert any(o.startswith("upperdir=") for o in opts)
+    assert len(",".join(opts)) < 4096
+    assert list(sn.Mounts(pb.MountsRequest(key="ctr")).mounts) == mounts
+
+
+def test_views_are_read_only(sn: pb_grpc.SnapshotsStub) -> None:
+    layer(sn, "l1", files={"a": b"1"})
+    one = list(sn.View(pb.ViewSnapshotRequest(key="v1", parent="l1")).mounts)
+    assert [(m.type, list(m.options)) for m in one] == [("bind", ["ro", "rbind"])]
+    assert (Path(one[0].source) / "a").read_bytes() == b"1"
+    layer(sn, "l2", "l1", files={"b": b"2"})
+    two = list(sn.View(pb.ViewSnapshotRequest(key="v2", parent="l2")).mounts)
+    assert two[0].type == "overlay"
+    assert not any(o.startswith(("upperdir=", "workdir=")) for o in two[0].options)
+    assert len(lowers_of(two)) == 2
+    assert sn.Stat(pb.StatSnapshotRequest(key="v2")).info.kind == pb.VIEW
+
+
+def test_errors_use_the_codes_containerd_expects(sn: pb_grpc.SnapshotsStub) -> None:
+    prepare(sn, "a")
+    assert code_of(lambda: prepare(sn, "a")) == grpc.StatusCode.ALREADY_EXISTS
+    assert code_of(lambda: prepare(sn, "b", "nope")) == grpc.StatusCode.NOT_FOUND
+    # an active parent
+    assert code_of(lambda: prepare(sn, "b", "a")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(lambda: prepare(sn, "")) == grpc.StatusCode.INVALID_ARGUMENT
+    commit(sn, "ca", "a")
+    assert code_of(lambda: commit(sn, "x", "ca")) == grpc.StatusCode.FAILED_PRECONDITION
+    assert code_of(lambda: commit(sn, "x", "nope")) == grpc.StatusCode.NOT_FOUND
+    prepare(sn, "c", "ca")
+    assert code_of(lambda: commit(sn, "ca", "c")) == grpc.StatusCode.ALREADY_EXISTS
+    assert code_of(
+        lambda: sn.Mounts(pb.MountsRequest(key="ca"))
+    ) == grpc.StatusCode.FAILED_PRECONDITION
+    assert code_of(
+        lambda: sn.Remove(pb.RemoveSnapshotRequest(key="ca"))
+    ) == grpc.StatusCode.FAILED_PRECONDITION
+    assert code_of(
+        lambda: sn.Remove(pb.RemoveSnapshotRequest(key="zz"))
+    ) == grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: sn.Usage(pb.UsageRequest(key="zz"))) == grpc.StatusCode.NOT_FOUND
+    # "c" still active: nothing was lost by the failed calls.
+    assert sn.Stat(pb.StatSnapshotRequest(key="c")).info.kind == pb.ACTIVE
+
+
+def test_remove_frees_the_parent_and_the_directories(env: Env, sn: pb_grpc.SnapshotsStub) -> None:
+    layer(sn, "l1", files={"a": b"1"})
+    upper = upper_of(prepare(sn, "c", "l1"))
+    sn.Remove(pb.RemoveSnapshotRequest(key="c"))
+    assert not Path(upper).exists()
+    sn.Remove(pb.RemoveSnapshotRequest(key="l1"))
+    assert listing(sn) == []
+    assert [p.name for p in (env.root / "snapshots").iterdir()] == []
+
+
+def test_update_labels_with_and_without_field_mask(sn: pb_grpc.SnapshotsStub) -> None:
+    prepare(sn, "k", a="1", b="2")
+
+    def update(labels: dict, paths: list[str] | None) -> dict:
+        req = pb.UpdateSnapshotRequest(info=pb.Info(name="k", labels=labels))
+        if paths is not None:
+            req.update_mask.paths.extend(paths)
+        return dict(sn.Update(req).info.labels)
+
+    assert update({"b": "20", "c": "3"}, ["labels.b"]) == {"a": "1", "b": "20"}
+    assert update({}, ["labels.a"]) == {"b": "20"}  # absent from info: removed
+    assert update({"z": "9"}, ["labels"]) == {"z": "9"}
+    assert update({"y": "8"}, None) == {"y": "8"}
+    assert dict(sn.Stat(pb.StatSnapshotRequest(key="k")).info.labels) == {"y": "8"}
+    assert code_of(lambda: update({}, ["parent"])) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(
+        lambda: sn.Update(pb.UpdateSnapshotRequest(info=pb.Info(name="nope")))
+    ) == grpc.StatusCode.NOT_FOUND
+
+
+def test_list_filters(sn: pb_grpc.SnapshotsStub) -> None:
+    prepare(sn, "k1", **{REF: "sha256:one"})
+    commit(sn, "base", "k1")
+    prepare(sn, "k2", "base", **{REF: "sha256:two"})
+    prepare(sn, "k3", "base", other="x")
+
+    def names(*filters: str) -> set[str]:
+        return {i.name for i in listing(sn, *filters)}
+
+    assert names() == {"base", "k2", "k3"}
+    assert names(f'labels."{REF}"==sha256:two') == {"k2"}
+    assert names(f'labels."{REF}"==sha256:two,parent=="base"') == {"k2"}
+    assert names(f'labels."{REF}"==sha256:two,parent=="other"') == set()
+    assert names('parent==base') == {"k2", "k3"}
+    assert names("kind==committed") == {"base"}
+    assert names("labels.other", "name==base") == {"k3", "base"}  # several filters: OR
+    assert names("name~=^k[23]$,labels.other!=x") == {"k2"}
+    assert code_of(lambda: listing(sn, 'name=="unterminated')) == grpc.StatusCode.INVALID_ARGUMENT
+    info = next(i for i in listing(sn, "name==k2"))
+    assert info.parent == "base"
+
+
+def test_usage_counts_active_and_committed_content(sn: pb_grpc.SnapshotsStub) -> None:
+    upper = Path(upper_of(prepare(sn, "k")))
+    (upper / "f").write_bytes(b"x" * 100_000)
+    usage = sn.Usage(pb.UsageRequest(key="k"))
+    assert usage.size >= 100_000 and usage.inodes == 1
+    commit(sn, "c", "k")
+    assert sn.Usage(pb.UsageRequest(key="c")).size == usage.size
+
+
+def test_cleanup_removes_directories_no_snapshot_owns(env: Env, sn: pb_grpc.SnapshotsStub) -> None:
+    layer(sn, "l1", files={"a": b"1"})
+    orphan = env.root / "snapshots" / "999"
+    (orphan / "fs").mkdir(parents=True)
+    sn.Cleanup(pb.CleanupRequest())
+    assert not orphan.exists()
+    assert sn.Stat(pb.StatSnapshotRequest(key="l1")).info.kind == pb.COMMITTED
+    assert len(list((env.root / "snapshots").iterdir())) == 1
+
+
+# -- nix layers ---------------------------------------------------------------
+
+
+def nix_layer(sn: pb_grpc.SnapshotsStub, name: str = "nix") -> None:
+    """A layer as `lazystore image build` / nix-snapshotter make: empty placeholders."""
+    layer(
+        sn, name,
+        dirs=(f"nix/store/{H1}-liba", f"nix/store/{H2}-busybox", f"nix/store/{'0' * 31}4-full",
+              "nix/store/not-a-store-path"),
+        files={f"nix/store/{H3}-hello.txt": b"", f"nix/store/{'0' * 31}4-full/x": b"real"},
+    )
+
+
+def test_nix_layer_is_detected_by_its_placeholders(env: Env, sn: pb_grpc.SnapshotsStub) -> None:
+    nix_layer(sn)
+    creates = [a for op, a in env.daemon.calls if op == "view_create"]
+    assert len(creates) == 1
+    # Only empty placeholders with store path names; the non-empty dir is real content.
+    assert sorted(creates[0]["paths"]) == [P1, P2, P3]
+    mounts = prepare(sn, "ctr", "nix")
+    lowers = lowers_of(mounts)
+    view = env.mount_point / ".views" / creates[0]["id"]
+    assert lowers[0] == str(view)  # the view sits directly above its layer
+    assert (Path(lowers[1]) / "nix/store" / f"{H1}-liba").is_dir()
+
+
+def test_view_stays_directly_above_its_layer_in_a_deeper_chain(
+    env: Env, sn: pb_grpc.SnapshotsStub
+) -> None:
+    layer(sn, "base", files={"etc/os": b"base"})
+    nix_layer(sn)  # parentless, so build a chain: base -> nix' -> top
+    layer(sn, "nix2", "base", dirs=(f"nix/store/{H1}-liba",))
+    layer(sn, "top", "nix2", files={"etc/app": b"app"})
+    lowers = lowers_of(prepare(sn, "ctr", "top"))
+    assert len(lowers) == 4
+    assert (Path(lowers[0]) / "etc/app").exists()
+    assert ".views" in lowers[1]
+    assert (Path(lowers[2]) / "nix/store" / f"{H1}-liba").is_dir()
+    assert (Path(lowers[3]) / "etc/os").exists()
+
+
+@pytest.mark.skipif(not ROOT, reason="mounting overlayfs needs root")
+def test_overlay_shows_view_content_through_placeholders(
+    env: Env, sn: pb_grpc.SnapshotsStub
+) -> None:
+    nix_layer(sn)
+    mounts = prepare(sn, "ctr", "nix")
+    target = env.base / "rootfs"
+    target.mkdir()
+    m = mounts[0]
+    subprocess.run(["mount", "-t", m.type, m.source, str(target), "-o", ",".join(m.options)],
+                   check=True)
+    try:
+        store = target / "nix/store"
+        assert (store / f"{H1}-liba/content").read_text() == f"content of {H1}-liba\n"
+        assert (store / f"{H2}-busybox/content").exists()
+        assert (store / f"{'0' * 31}4-full/x").read_bytes() == b"real"
+        (target / "written").write_text("rw")  # the container's upper layer is writable
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
+    assert (Path(upper_of(mounts)) / "written").read_text() == "rw"
+
+
+def test_labels_make_a_remote_snapshot_as_containerds_unpacker_expects(
+    env: Env, sn: pb_grpc.SnapshotsStub
+) -> None:
+    layer(sn, "default/1/base", files={"etc/os": b"base"})
+    labels = {REF: "sha256:chain", NIX_LAYER: "true", NIX_PATH + "0": P1, NIX_PATH + "1": P2}
+    key = "default/2/extract-123 sha256:chain"
+    assert code_of(lambda: prepare(sn, key, "default/1/base", **labels)) == (
+        grpc.StatusCode.ALREADY_EXISTS
+    )
+    # containerd's metadata layer then looks the target up by ref and parent...
+    found = listing(sn, f'labels."{REF}"==sha256:chain,parent=="default/1/base"')
+    assert [(i.name, i.kind, i.parent) for i in found] == [
+        ("sha256:chain", pb.COMMITTED, "default/1/base")
+    ]
+    assert found[0].labels[REF] == "sha256:chain"
+    # ...and Stats it; the extract key itself was never created.
+    assert sn.Stat(pb.StatSnapshotRequest(key="sha256:chain")).info.kind == pb.COMMITTED
+    assert code_of(lambda: sn.Stat(pb.StatSnapshotRequest(key=key))) == grpc.StatusCode.NOT_FOUND
+    creates = [a for op, a in env.daemon.calls if op == "view_create"]
+    assert [sorted(a["paths"]) for a in creates] == [[P1, P2]]
+    # The view is the layer's whole content: directly above the base layer.
+    lowers = lowers_of(prepare(sn, "ctr", "sha256:chain"))
+    assert lowers[0] == str(env.mount_point / ".views" / creates[0]["id"])
+    assert (Path(lowers[1]) / "etc/os").exists() and len(lowers) == 2
+    # A second pull of the same layer: AlreadyExists again, no second view.
+    assert code_of(lambda: prepare(sn, "default/3/extract-456 sha256:chain", "default/1/base",
+                                   **labels)) == grpc.StatusCode.ALREADY_EXISTS
+    assert len([1 for op, _ in env.daemon.calls if op == "view_create"]) == 1
+
+
+def test_closure_label_asks_for_a_closure_view(env: Env, sn: pb_grpc.SnapshotsStub) -> None:
+    info = f"/nix/store/{'1' * 32}-closure-info"
+    labels = {REF: "sha256:c", "containerd.io/snapshot/nix-closure": info}
+    assert code_of(lambda: prepare(sn, "x sha256:c", **labels)) == grpc.StatusCode.ALREADY_EXISTS
+    creates = [a for op, a in env.daemon.calls if op == "view_create"]
+    assert creates[0]["closure_info"] == info
+    mounts = prepare(sn, "ctr", "sha256:c")
+    assert lowers_of(mounts) == [str(env.mount_point / ".views" / creates[0]["id"])]
+
+
+@pytest.mark.parametrize(
+    ("label", "value", "message"),
+    [
+        (NIX_PATH + "0", "/etc/passwd", "not in the store"),
+        (NIX_PATH + "0", f"/nix/store/../../etc/{H1}-x", "sub-path"),
+        (NIX_PATH + "0", "/nix/store/..", "store path"),
+        (NIX_PATH + "0", "/nix/store/not-a-store-path", "store path"),
+        (NIX_PATH + "0", f"/nix/store/{H1}-x/../../etc", "sub-path"),
+        (NIX_PATH + "0", f"/nix/store/{H1}-x/bin", "sub-path"),
+        (NIX_PATH + "x", P1, "index"),
+        ("containerd.io/snapshot/nix-closure", "relative/path", "not in the store"),
+        (NIX_LAYER, "true", "without any"),
+    ],
+)
+def test_hostile_labels_are_refused_and_nothing_is_created(
+    env: Env, sn: pb_grpc.SnapshotsStub, label: str, value: str, message: str
+) -> None:
+    labels = {REF: "sha256:evil", NIX_LAYER: "true", label: value}
+    with pytest.raises(grpc.RpcError) as info:
+        prepare(sn, "extract sha256:evil", **labels)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in info.value.details() and "\n" not in info.value.details()
+    assert listing(sn) == []
+    assert env.daemon.calls == []
+    assert list((env.root / "snapshots").iterdir()) == []
+
+
+def test_daemon_unavailable_fails_commit_and_loses_nothing(
+    env: Env, sn: pb_grpc.SnapshotsStub
+) -> None:
+    mounts = prepare(sn, "k")
+    (Path(upper_of(mounts)) / f"nix/store/{H1}-liba").mkdir(parents=True)
+    env.daemon.refuse = True
+    assert code_of(lambda: commit(sn, "c", "k")) == grpc.StatusCode.UNAVAILABLE
+    assert sn.Stat(pb.StatSnapshotRequest(key="k")).info.kind == pb.ACTIVE
+    env.daemon.refuse = False
+    commit(sn, "c", "k")
+    assert sn.Stat(pb.StatSnapshotRequest(key="c")).info.kind == pb.COMMITTED
+
+
+def test_restart_keeps_snapshots_and_recreates_views(env: Env, sn: pb_grpc.SnapshotsStub) -> None:
+    nix_layer(sn)
+    layer(sn, "app", "nix", files={"app": b"1"})
+    before = lowers_of(prepare(sn, "ctr", "app"))
+    env.stop(kill=True)  # SIGKILL: no clean shutdown
+    env.daemon.reset_views()  # the daemon restarted too
+    sn2 = env.start()
+    # Views are re-created at start, before any request.
+    assert [op for op, _ in env.daemon.calls] == ["view_create"]
+    assert {i.name for i in listing(sn2)} == {"nix", "app", "ctr"}
+    assert lowers_of(list(sn2.Mounts(pb.MountsRequest(key="ctr")).mounts)) == before
+    assert (Path(before[1]) / "nix/store" / f"{H1}-liba/content").exists()
+    commit(sn2, "ctr-c", "ctr")
+    assert sn2.Stat(pb.StatSnapshotRequest(key="ctr-c")).info.parent == "app"
+
+
+def test_print_containerd_config() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "lazystore", "snapshotter",
+         "--address", "/run/x.sock", "--print-containerd-config"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert out == '[proxy_plugins.lazystore]\n  type = "snapshot"\n  address = "/run/x.sock"\n'
