@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "daemon",
     "snapshotter",
     "image",
+    "deploy",
 )
 
 

@@ -1,0 +1,98 @@
+"""CLI: `install-systemd`, the units and containerd wiring for non-NixOS hosts."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from lazystore import deploy
+from lazystore.errors import LazystoreError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add this module's sub-commands to *sub*."""
+    p = sub.add_parser(
+        "install-systemd",
+        help="write systemd units (and containerd's proxy plugin stanza) for lazystore",
+        description="Write lazystore.service and lazystore-snapshotter.service, make "
+        "containerd start after them and merge the [proxy_plugins.lazystore] stanza into "
+        "containerd's config (existing settings kept, previous versions backed up). "
+        "Files whose content is already right are left alone.",
+    )
+    p.add_argument("--root", type=Path, default=Path("/"),
+                   help="write below this directory instead of / (for staging)")
+    p.add_argument("--unit-dir", type=Path, help="default: ROOT/etc/systemd/system")
+    p.add_argument("--containerd-config", type=Path,
+                   help="default: ROOT/etc/containerd/config.toml")
+    p.add_argument("--exec", dest="executable",
+                   help="the lazystore program the units run (default: this one)")
+    p.add_argument("--mount-point", default="/run/lazystore")
+    p.add_argument("--substituter", action="append", default=[], metavar="URL",
+                   help="binary cache (repeatable; default: the daemon reads nix.conf)")
+    p.add_argument("--trusted-public-key", action="append", default=[], metavar="KEY",
+                   help="name:base64 (repeatable; default: the daemon reads nix.conf)")
+    p.add_argument("--cache-dir", default="/var/cache/lazystore")
+    p.add_argument("--cache-size", help="e.g. 20G (default: no limit)")
+    p.add_argument("--control-socket", default="/run/lazystore.sock")
+    p.add_argument("--no-allow-other", dest="allow_other", action="store_false",
+                   help="only root may read the mount")
+    p.add_argument("--daemon-arg", action="append", default=[], metavar="ARG",
+                   help="a further argument for `lazystore mount` (repeatable)")
+    p.add_argument("--no-snapshotter", dest="snapshotter", action="store_false",
+                   help="only the FUSE daemon (implies --no-containerd)")
+    p.add_argument("--snapshotter-address", default="/run/lazystore-snapshotter.sock")
+    p.add_argument("--snapshotter-root", default="/var/lib/lazystore/snapshotter")
+    p.add_argument("--no-containerd", dest="containerd", action="store_false",
+                   help="leave containerd's config and unit alone")
+    p.add_argument("--cri-default-snapshotter", action="store_true",
+                   help="also make lazystore the snapshotter of containerd's CRI plugin")
+    p.add_argument("--dry-run", action="store_true", help="show what would change, write nothing")
+    p.set_defaults(func=_install)
+
+
+def _default_executable() -> str:
+    # The entry point running now (.venv/bin/lazystore, /usr/local/bin/lazystore...).
+    here = Path(sys.argv[0])
+    if here.name == "lazystore" and here.is_file():
+        return str(here.absolute())
+    found = shutil.which("lazystore")
+    if found is None:
+        raise LazystoreError("cannot find the lazystore program; give it with --exec PATH")
+    return str(Path(found).absolute())
+
+
+def _install(args: argparse.Namespace) -> int:
+    cfg = deploy.DeployConfig(
+        executable=args.executable or _default_executable(),
+        mount_point=args.mount_point,
+        substituters=args.substituter,
+        trusted_public_keys=args.trusted_public_key,
+        cache_dir=args.cache_dir,
+        cache_size=args.cache_size,
+        control_socket=args.control_socket,
+        allow_other=args.allow_other,
+        extra_args=args.daemon_arg,
+        snapshotter=args.snapshotter,
+        snapshotter_address=args.snapshotter_address,
+        snapshotter_root=args.snapshotter_root,
+        containerd=args.containerd and args.snapshotter,
+        cri_default_snapshotter=args.cri_default_snapshotter,
+    )
+    targets = deploy.Targets.under(args.root)
+    if args.unit_dir:
+        targets.unit_dir = args.unit_dir
+    if args.containerd_config:
+        targets.containerd_config = args.containerd_config
+    changes = deploy.install(cfg, targets, dry_run=args.dry_run)
+    for change in changes:
+        print(change)
+    changed = any(c.action != "unchanged" for c in changes)
+    if changed and not args.dry_run and args.root == Path("/"):
+        units = deploy.DAEMON_UNIT
+        if cfg.snapshotter:
+            units += " " + deploy.SNAPSHOTTER_UNIT
+        print(f"next: systemctl daemon-reload && systemctl enable --now {units}"
+              + (" && systemctl restart containerd.service" if cfg.containerd else ""))
+    return 0

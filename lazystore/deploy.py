@@ -1,0 +1,469 @@
+"""Deployment on systemd hosts without NixOS: unit files and containerd wiring.
+
+The units are the ones nixos-module/default.nix defines (same ordering, same
+hardening); the containerd config gains the ``[proxy_plugins.lazystore]``
+stanza. Rendering is pure (strings in, strings out); :func:`install` writes
+the files, only when their content changes, backing up what it replaces.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import logging
+import math
+import os
+import re
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lazystore.errors import LazystoreError
+
+log = logging.getLogger(__name__)
+
+DAEMON_UNIT = "lazystore.service"
+SNAPSHOTTER_UNIT = "lazystore-snapshotter.service"
+CONTAINERD_DROPIN = "containerd.service.d/lazystore.conf"
+PLUGIN_NAME = "lazystore"
+STANZA_HEADER = "# Added by `lazystore install-systemd`.\n"
+HEADER = "# Written by `lazystore install-systemd`; run it again to change this file.\n"
+
+# Kept equal to `hardening` in nixos-module/default.nix (a test compares them).
+# No option that gives the service its own mount namespace (ProtectSystem,
+# PrivateTmp, ReadWritePaths...): systemd cuts mount propagation from such a
+# namespace to the host, which would hide the FUSE mount from containerd.
+HARDENING: dict[str, str | bool | list[str]] = {
+    "DevicePolicy": "closed",
+    "NoNewPrivileges": True,
+    "LockPersonality": True,
+    "ProtectClock": True,
+    "ProtectHostname": True,
+    "RestrictAddressFamilies": ["AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"],
+    "RestrictNamespaces": True,
+    "RestrictRealtime": True,
+    "RestrictSUIDSGID": True,
+    "SystemCallArchitectures": "native",
+    "SystemCallFilter": ["@system-service", "@mount"],
+    "SystemCallErrorNumber": "EPERM",
+    "UMask": "0022",
+}
+DAEMON_CAPABILITIES = ["CAP_SYS_ADMIN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER"]
+SNAPSHOTTER_CAPABILITIES = [*DAEMON_CAPABILITIES, "CAP_CHOWN"]
+
+
+class DeployError(LazystoreError):
+    """Installing the units or wiring containerd failed (nothing was half-written)."""
+
+
+@dataclass
+class DeployConfig:
+    """What the units run; defaults as in the NixOS module."""
+
+    executable: str
+    mount_point: str = "/run/lazystore"
+    substituters: list[str] = field(default_factory=list)
+    trusted_public_keys: list[str] = field(default_factory=list)
+    cache_dir: str = "/var/cache/lazystore"
+    cache_size: str | None = None
+    control_socket: str = "/run/lazystore.sock"
+    allow_other: bool = True
+    extra_args: list[str] = field(default_factory=list)
+    snapshotter: bool = True
+    snapshotter_address: str = "/run/lazystore-snapshotter.sock"
+    snapshotter_root: str = "/var/lib/lazystore/snapshotter"
+    snapshotter_extra_args: list[str] = field(default_factory=list)
+    containerd: bool = True
+    cri_default_snapshotter: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("executable", "mount_point", "cache_dir", "control_socket",
+                     "snapshotter_address", "snapshotter_root"):
+            if not os.path.isabs(getattr(self, name)):
+                raise DeployError(f"{name.replace('_', ' ')} must be an absolute path, "
+                                  f"not {getattr(self, name)!r}")
+        if self.cri_default_snapshotter and not (self.containerd and self.snapshotter):
+            raise DeployError("making lazystore the CRI snapshotter needs the snapshotter "
+                              "and the containerd wiring")
+        if self.containerd and not self.snapshotter:
+            raise DeployError("the containerd wiring needs the snapshotter")
+
+
+# ---------------------------------------------------------------- unit files
+
+
+def daemon_argv(cfg: DeployConfig) -> list[str]:
+    argv = [cfg.executable, "mount", cfg.mount_point, "--cache-dir", cfg.cache_dir,
+            "--control-socket", cfg.control_socket]
+    for url in cfg.substituters:
+        argv += ["--substituter", url]
+    for key in cfg.trusted_public_keys:
+        argv += ["--trusted-public-key", key]
+    if cfg.cache_size is not None:
+        argv += ["--cache-size", cfg.cache_size]
+    if cfg.allow_other:
+        argv.append("--allow-other")
+    return argv + cfg.extra_args
+
+
+def snapshotter_argv(cfg: DeployConfig) -> list[str]:
+    return [cfg.executable, "snapshotter", "--address", cfg.snapshotter_address,
+            "--root", cfg.snapshotter_root, "--control-socket", cfg.control_socket,
+            "--mount-point", cfg.mount_point, *cfg.snapshotter_extra_args]
+
+
+def exec_quote(arg: str) -> str:
+    """One word of a systemd command line (ExecStart=), quoted only when needed.
+
+    systemd expands ``%`` specifiers and ``$`` variables everywhere, so both are
+    doubled; quoting follows C-style escapes inside double quotes.
+    """
+    if "\n" in arg or "\0" in arg:
+        raise DeployError(f"an argument cannot contain a newline or NUL: {arg!r}")
+    escaped = arg.replace("%", "%%").replace("$", "$$")
+    if escaped and re.fullmatch(r"[A-Za-z0-9_@%+=:,./$-]+", escaped):
+        return escaped
+    return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def exec_line(argv: Iterable[str]) -> str:
+    return " ".join(exec_quote(a) for a in argv)
+
+
+def _value(value: str | bool | int | list[str]) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return " ".join(value)
+    return str(value)
+
+
+def _section(name: str, entries: dict[str, Any]) -> str:
+    lines = [f"[{name}]"]
+    for key, value in entries.items():
+        if isinstance(value, list) and key == "DeviceAllow":
+            lines += [f"{key}={item}" for item in value]  # one device per line
+        else:
+            lines.append(f"{key}={_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _managed_dir(base: str, path: str) -> str | None:
+    """*path* relative to *base* (for StateDirectory= etc.), when below it."""
+    prefix = base + "/"
+    if path.startswith(prefix) and ".." not in path.split("/"):
+        return path[len(prefix):].rstrip("/")
+    return None
+
+
+def daemon_unit(cfg: DeployConfig) -> str:
+    service: dict[str, Any] = {
+        "Type": "notify",
+        "NotifyAccess": "main",
+        "ExecStart": exec_line(daemon_argv(cfg)),
+        "Restart": "on-failure",
+        "RestartSec": 2,
+        "TimeoutStopSec": 30,
+        "LimitNOFILE": 1048576,
+        "DeviceAllow": ["/dev/fuse rw"],
+        "CapabilityBoundingSet": DAEMON_CAPABILITIES,
+        **HARDENING,
+    }
+    if (cache := _managed_dir("/var/cache", cfg.cache_dir)) is not None:
+        service |= {"CacheDirectory": cache, "CacheDirectoryMode": "0700"}
+    unit = {
+        "Description": "lazystore: lazily fetched Nix store (FUSE)",
+        "Wants": "network-online.target",
+        "After": "network-online.target",
+    }
+    install = {"WantedBy": "multi-user.target"}
+    return "\n".join([HEADER + _section("Unit", unit), _section("Service", service),
+                      _section("Install", install)])
+
+
+def snapshotter_unit(cfg: DeployConfig) -> str:
+    service: dict[str, Any] = {
+        "Type": "notify",
+        "NotifyAccess": "main",
+        "ExecStart": exec_line(snapshotter_argv(cfg)),
+        "Restart": "on-failure",
+        "RestartSec": 2,
+        "TimeoutStopSec": 30,
+        "CapabilityBoundingSet": SNAPSHOTTER_CAPABILITIES,
+        **HARDENING,
+    }
+    if (state := _managed_dir("/var/lib", cfg.snapshotter_root)) is not None:
+        service |= {"StateDirectory": state, "StateDirectoryMode": "0700"}
+    unit = {
+        "Description": "lazystore: containerd snapshotter for lazily fetched Nix store paths",
+        "Requires": DAEMON_UNIT,
+        "After": DAEMON_UNIT,
+        "Before": "containerd.service",
+    }
+    install = {"WantedBy": "multi-user.target"}
+    return "\n".join([HEADER + _section("Unit", unit), _section("Service", service),
+                      _section("Install", install)])
+
+
+def containerd_dropin() -> str:
+    """containerd wants the snapshotter and starts after it (but still starts
+    when it fails: other snapshotters keep working)."""
+    return HEADER + _section("Unit", {"Wants": SNAPSHOTTER_UNIT, "After": SNAPSHOTTER_UNIT})
+
+
+# ---------------------------------------------------------- containerd config
+
+
+def _cri_path(data: dict[str, Any]) -> tuple[str, ...]:
+    # containerd reads a config without `version` as version 1 ("cri" plugin id).
+    if int(data.get("version", 1)) >= 2:
+        return ("plugins", "io.containerd.grpc.v1.cri", "containerd")
+    return ("plugins", "cri", "containerd")
+
+
+def _get(data: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(data, dict) or key not in data:
+            return None
+        data = data[key]
+    return data
+
+
+def _set(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        child = data.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise DeployError(f"containerd config: {'.'.join(path[:-1])} is not a table")
+        data = child
+    data[path[-1]] = value
+
+
+def _wanted(data: dict[str, Any], address: str, cri_default: bool) -> dict[str, Any]:
+    """*data* with the lazystore proxy plugin (and CRI snapshotter) set."""
+    want = copy.deepcopy(data)
+    plugin = dict(_get(data, ("proxy_plugins", PLUGIN_NAME)) or {})
+    plugin |= {"type": "snapshot", "address": address}
+    _set(want, ("proxy_plugins", PLUGIN_NAME), plugin)
+    if cri_default:
+        _set(want, (*_cri_path(data), "snapshotter"), PLUGIN_NAME)
+    return want
+
+
+def _stanzas(data: dict[str, Any], address: str, cri_default: bool) -> str | None:
+    """TOML text to append that defines only tables *data* does not have, or
+    None when appending cannot express the change."""
+    parts = []
+    plugin = _get(data, ("proxy_plugins", PLUGIN_NAME))
+    if plugin is None:
+        parts.append(f"[proxy_plugins.{PLUGIN_NAME}]\n  type = \"snapshot\"\n"
+                     f"  address = {_toml_string(address)}\n")
+    elif plugin.get("type") != "snapshot" or plugin.get("address") != address:
+        return None
+    if cri_default and _get(data, (*_cri_path(data), "snapshotter")) != PLUGIN_NAME:
+        if _get(data, _cri_path(data)) is not None:
+            return None
+        parts.append(f"[{_dotted(_cri_path(data))}]\n  snapshotter = \"{PLUGIN_NAME}\"\n")
+    return "\n".join(parts)
+
+
+def merge_containerd_config(text: str, address: str, cri_default: bool = False) -> str | None:
+    """containerd's config.toml *text* with the lazystore proxy plugin (and,
+    with *cri_default*, as the CRI plugin's snapshotter); None if it already is.
+
+    Existing settings are kept. The stanza is appended when that is valid TOML
+    (comments and layout survive); otherwise the document is written anew from
+    its parsed form. Either way the result is parsed back and compared.
+    """
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise DeployError(f"containerd config is not valid TOML: {exc}") from None
+    want = _wanted(data, address, cri_default)
+    if want == data:
+        return None
+    if not data:  # no file, or only comments: a version 2 config
+        want = _wanted({"version": 2}, address, cri_default)
+        kept = text.rstrip("\n") + "\n\n" if text.strip() else ""
+        candidate = kept + "version = 2\n\n" + STANZA_HEADER + (
+            _stanzas({"version": 2}, address, cri_default) or "")
+    elif (extra := _stanzas(data, address, cri_default)) is not None:
+        candidate = text.rstrip("\n") + "\n\n" + STANZA_HEADER + extra
+    else:
+        candidate = toml_dumps(want)
+    try:
+        if tomllib.loads(candidate) == want:
+            return candidate
+    except tomllib.TOMLDecodeError:
+        pass
+    candidate = toml_dumps(want)
+    if tomllib.loads(candidate) != want:
+        raise DeployError("cannot express the merged containerd config as TOML")
+    return candidate
+
+
+# A TOML writer for what tomllib reads (containerd configs need no more).
+
+
+def _toml_string(text: str) -> str:
+    # JSON string escapes are TOML basic-string escapes; DEL must be escaped too.
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_string(key)
+
+
+def _dotted(path: Iterable[str]) -> str:
+    return ".".join(_toml_key(k) for k in path)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return ("inf" if value > 0 else "-inf") if math.isinf(value) else repr(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, (datetime.datetime, datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        inner = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
+        return "{ " + inner + " }" if inner else "{}"
+    raise DeployError(f"cannot write {type(value).__name__} as TOML")
+
+
+def _is_table_array(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def _emit(lines: list[str], path: tuple[str, ...], table: dict[str, Any], array: bool) -> None:
+    plain = {k: v for k, v in table.items()
+             if not isinstance(v, dict) and not _is_table_array(v)}
+    tables = {k: v for k, v in table.items() if isinstance(v, dict)}
+    arrays = {k: v for k, v in table.items() if _is_table_array(v)}
+    header = None
+    if array:
+        header = f"[[{_dotted(path)}]]"
+    elif path and (plain or not (tables or arrays)):
+        header = f"[{_dotted(path)}]"  # else the table is defined by its subtables
+    if header:
+        lines += [""] if lines else []
+        lines.append(header)
+    lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in plain.items()]
+    for key, sub in tables.items():
+        _emit(lines, (*path, key), sub, array=False)
+    for key, items in arrays.items():
+        for item in items:
+            _emit(lines, (*path, key), item, array=True)
+
+
+def toml_dumps(data: dict[str, Any]) -> str:
+    lines: list[str] = []
+    _emit(lines, (), data, array=False)
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ install
+
+
+@dataclass
+class Change:
+    path: Path
+    action: str  # "created", "updated", "unchanged" (or "would be ..." in a dry run)
+    backup: Path | None = None
+    note: str = ""
+
+    def __str__(self) -> str:
+        details = [d for d in (self.note, self.backup and f"previous version: {self.backup}") if d]
+        return f"{self.action} {self.path}" + (f" ({'; '.join(details)})" if details else "")
+
+
+def _backup_name(path: Path) -> Path:
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+    candidate = path.with_name(f"{path.name}.bak-{stamp}")
+    n = 1
+    while candidate.exists():
+        candidate = path.with_name(f"{path.name}.bak-{stamp}.{n}")
+        n += 1
+    return candidate
+
+
+def _write(path: Path, content: str, dry_run: bool) -> Change:
+    """Write *content* to *path* atomically unless it is there already; keep
+    the previous version next to it."""
+    try:
+        old = path.read_text() if path.exists() else None
+    except OSError as exc:
+        raise DeployError(f"cannot read {path}: {exc.strerror}") from None
+    if old == content:
+        return Change(path, "unchanged")
+    action = "created" if old is None else "updated"
+    backup = _backup_name(path) if old is not None else None
+    if dry_run:
+        return Change(path, f"would be {action}", backup=None)
+    tmp = path.with_name(f".{path.name}.lazystore-tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mode = path.stat().st_mode & 0o7777 if old is not None else 0o644
+        if backup is not None:
+            backup.write_text(old or "")
+            os.chmod(backup, mode)
+        with open(tmp, "w") as f:
+            f.write(content)
+            f.flush()
+            os.fchmod(f.fileno(), mode)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise DeployError(f"cannot write {path}: {exc.strerror}") from None
+    log.info("%s %s", action, path)
+    return Change(path, action, backup)
+
+
+@dataclass
+class Targets:
+    """Where the files go; ``Targets.under(root)`` for a staging root."""
+
+    unit_dir: Path
+    containerd_config: Path
+
+    @classmethod
+    def under(cls, root: Path) -> Targets:
+        return cls(root / "etc/systemd/system", root / "etc/containerd/config.toml")
+
+
+def install(cfg: DeployConfig, targets: Targets, dry_run: bool = False) -> list[Change]:
+    """Write the units (and wire containerd); the list of what was done."""
+    config_text = ""
+    if cfg.containerd and targets.containerd_config.exists():
+        try:
+            config_text = targets.containerd_config.read_text()
+        except OSError as exc:
+            raise DeployError(f"cannot read {targets.containerd_config}: {exc.strerror}") from None
+    # Check the containerd config before writing anything.
+    merged = (merge_containerd_config(config_text, cfg.snapshotter_address,
+                                      cfg.cri_default_snapshotter)
+              if cfg.containerd else None)
+    changes = [_write(targets.unit_dir / DAEMON_UNIT, daemon_unit(cfg), dry_run)]
+    if cfg.snapshotter:
+        changes.append(_write(targets.unit_dir / SNAPSHOTTER_UNIT, snapshotter_unit(cfg), dry_run))
+    if cfg.containerd:
+        changes.append(_write(targets.unit_dir / CONTAINERD_DROPIN, containerd_dropin(), dry_run))
+        if merged is None:
+            changes.append(Change(targets.containerd_config, "unchanged"))
+        else:
+            change = _write(targets.containerd_config, merged, dry_run)
+            if config_text.strip() and not merged.startswith(config_text.rstrip("\n")):
+                change.note = "rewritten from its parsed form, comments not kept"
+            changes.append(change)
+    return changes
