@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shlex
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,42 +55,43 @@ class SubstituterConfig:
         return cls(**values)
 
 
-def read_nix_conf(path: Path, _depth: int = 0) -> dict[str, str]:
+def read_nix_conf(path: Path) -> dict[str, str]:
     """``name = value`` settings of a nix.conf (``include``, ``!include``, ``extra-``)."""
+    settings: dict[str, str] = {}
+    for name, value in _assignments(path, 0):
+        if name.startswith("extra-"):
+            base = name[len("extra-") :]
+            settings[base] = f"{settings.get(base, '')} {value}".strip()
+        else:
+            settings[name] = value
+    return settings
+
+
+def _assignments(path: Path, depth: int) -> Iterator[tuple[str, str]]:
+    """(name, value) in file order, included files inlined where they are included."""
     try:
         text = path.read_text()
     except FileNotFoundError:
-        return {}
+        return
     except OSError as exc:
         raise SubstituterError(f"cannot read {path}: {exc.strerror}") from None
-    settings: dict[str, str] = {}
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
         words = line.split()
         if words[0] in ("include", "!include") and len(words) == 2:
-            if _depth > 10:
-                raise SubstituterError(f"{path}:{lineno}: includes nested too deeply")
             target = path.parent / words[1]
+            if depth > 10:
+                raise SubstituterError(f"{path}:{lineno}: includes nested too deeply")
             if words[0] == "include" and not target.exists():
                 raise SubstituterError(f"{path}:{lineno}: included file {target} does not exist")
-            _merge(settings, read_nix_conf(target, _depth + 1))
+            yield from _assignments(target, depth + 1)
             continue
         name, sep, value = line.partition("=")
         if not sep or not name.strip():
             raise SubstituterError(f"{path}:{lineno}: expected 'name = value'")
-        _merge(settings, {name.strip(): value.strip()})
-    return settings
-
-
-def _merge(settings: dict[str, str], new: dict[str, str]) -> None:
-    for name, value in new.items():
-        if name.startswith("extra-"):
-            base = name[len("extra-") :]
-            settings[base] = f"{settings.get(base, '')} {value}".strip()
-        else:
-            settings[name] = value
+        yield name.strip(), value.strip()
 
 
 def _from_settings(settings: dict[str, str]) -> dict[str, Any]:

@@ -126,6 +126,9 @@ class _Server(ThreadingHTTPServer):
         self.queued: dict[str, deque[Fault]] = defaultdict(deque)
         self.permanent: dict[str, Fault] = {}
 
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # clients that hang up (timeouts, cancelled downloads) are expected here
+
     def take(self, path: str, headers: dict[str, str]) -> Fault | None:
         with self.lock:
             self.requests.append(path)

@@ -1,0 +1,341 @@
+"""Units of the substituter below the network: retry policy, error mapping,
+decompression, nix.conf, single flight."""
+
+from __future__ import annotations
+
+import bz2
+import inspect
+import lzma
+import os
+import random
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+import trio.testing
+import zstandard
+
+from lazystore.errors import LazystoreError, SubstituterError
+from lazystore.substituter import decompress, errors, retry
+from lazystore.substituter.config import (
+    CACHE_NIXOS_ORG,
+    CACHE_NIXOS_ORG_KEY,
+    SubstituterConfig,
+)
+from lazystore.substituter.flight import SingleFlight
+
+# -- error classification -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "transient"),
+    [(500, True), (502, True), (503, True), (504, True), (599, True), (408, True),
+     (429, True), (501, False), (505, False), (511, False), (400, False), (401, False),
+     (418, False), (300, False)],
+)
+def test_http_status_transience_follows_nix(status: int, transient: bool) -> None:
+    assert errors.HTTPStatusError("x", status).transient is transient
+
+
+def _httpx_exception_classes() -> list[type[Exception]]:
+    return [obj for _, obj in inspect.getmembers(httpx, inspect.isclass)
+            if issubclass(obj, Exception) and obj.__module__.startswith("httpx")]
+
+
+def test_every_httpx_exception_is_caught_and_mapped_to_a_specific_class() -> None:
+    classes = _httpx_exception_classes()
+    assert len(classes) > 20  # the walk really found httpx's hierarchy
+    for cls in classes:
+        assert issubclass(cls, errors.HTTPX_ERRORS), f"{cls.__name__} would escape"
+        exc = cls.__new__(cls)
+        Exception.__init__(exc, "boom")
+        mapped = errors.map_httpx_error(exc, "http://cache")
+        assert isinstance(mapped, errors.TransportError)
+        assert type(mapped) is not errors.TransportError, cls.__name__
+        assert "http://cache" in str(mapped) and "\n" not in str(mapped)
+
+
+@pytest.mark.parametrize(
+    ("cls", "mapped", "transient"),
+    [(httpx.ConnectError, errors.ConnectionFailed, True),
+     (httpx.ConnectTimeout, errors.TimedOut, True),
+     (httpx.ReadTimeout, errors.StalledError, True),
+     (httpx.ReadError, errors.ConnectionFailed, True),
+     (httpx.RemoteProtocolError, errors.ProtocolError, True),
+     (httpx.UnsupportedProtocol, errors.RequestError, False),
+     (httpx.TooManyRedirects, errors.RequestError, False),
+     (httpx.DecodingError, errors.ProtocolError, True)],
+)
+def test_httpx_mapping_table(cls: type[Exception], mapped: type[Exception],
+                             transient: bool) -> None:
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, "detail")
+    result = errors.map_httpx_error(exc, "u")
+    assert type(result) is mapped and result.transient is transient
+
+
+def test_map_rejects_non_httpx_errors() -> None:
+    with pytest.raises(TypeError):
+        errors.map_httpx_error(ValueError("x"), "u")
+
+
+# -- retry ----------------------------------------------------------------------
+
+
+def test_backoff_is_full_jitter_and_exponential_with_a_cap() -> None:
+    policy = retry.RetryPolicy(attempts=10, backoff_base=1.0, backoff_max=8.0)
+    rng = random.Random(1)
+    exc = errors.ConnectionFailed("x")
+    for attempt, ceiling in [(1, 1.0), (2, 2.0), (3, 4.0), (4, 8.0), (7, 8.0)]:
+        delays = [policy.delay(attempt, exc, rng) for _ in range(300)]
+        assert all(0.0 <= d <= ceiling for d in delays)
+        assert max(delays) > ceiling * 0.8 and min(delays) < ceiling * 0.2
+
+
+def test_retry_after_is_honoured_and_capped() -> None:
+    policy = retry.RetryPolicy(retry_after_max=10.0)
+    rng = random.Random(1)
+    assert policy.delay(1, errors.HTTPStatusError("x", 503, retry_after=3.0), rng) == 3.0
+    assert policy.delay(1, errors.HTTPStatusError("x", 503, retry_after=3600.0), rng) == 10.0
+
+
+def test_parse_retry_after() -> None:
+    assert retry.parse_retry_after("7") == 7.0
+    assert retry.parse_retry_after(None) is None
+    assert retry.parse_retry_after("soon") is None
+    now = 1_700_000_000.0
+    assert retry.parse_retry_after("Tue, 14 Nov 2023 22:13:40 GMT", now=now) == 20.0
+    assert retry.parse_retry_after("Tue, 14 Nov 2023 22:13:00 GMT", now=now) == 0.0
+
+
+async def test_retry_call_retries_transient_errors_only(
+        autojump_clock: trio.testing.MockClock) -> None:
+    policy = retry.RetryPolicy(attempts=4, backoff_base=1.0)
+    calls: list[int] = []
+
+    async def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise errors.HTTPStatusError("503", 503)
+        return "ok"
+
+    assert await retry.call(flaky, policy, "op") == "ok" and len(calls) == 3
+
+    calls.clear()
+
+    async def permanent() -> str:
+        calls.append(1)
+        raise errors.HTTPStatusError("501", 501)
+
+    with pytest.raises(errors.HTTPStatusError):
+        await retry.call(permanent, policy, "op")
+    assert len(calls) == 1
+
+    calls.clear()
+
+    async def always() -> str:
+        calls.append(1)
+        raise errors.ConnectionFailed("down")
+
+    with pytest.raises(errors.ConnectionFailed):
+        await retry.call(always, policy, "op")
+    assert len(calls) == 4
+
+
+async def test_retry_call_waits_for_retry_after(autojump_clock: trio.testing.MockClock) -> None:
+    policy = retry.RetryPolicy(attempts=2, retry_after_max=100.0)
+    times: list[float] = []
+
+    async def op() -> None:
+        times.append(trio.current_time())
+        if len(times) == 1:
+            raise errors.HTTPStatusError("429", 429, retry_after=42.0)
+
+    await retry.call(op, policy, "op")
+    assert times[1] - times[0] == pytest.approx(42.0)
+
+
+# -- decompression ----------------------------------------------------------------
+
+DATA = os.urandom(200_000) * 8 + b"\0" * 6_000_000
+
+COMPRESSORS = {
+    "none": lambda d: d,
+    "xz": lzma.compress,
+    "bzip2": bz2.compress,
+    "zstd": lambda d: zstandard.ZstdCompressor().compress(d),
+}
+
+
+def _run(compression: str, data: bytes, chunk: int = 65536) -> list[bytes]:
+    out: list[bytes] = []
+    dec = decompress.make(compression, out.append)
+    for start in range(0, len(data), chunk):
+        dec.feed(data[start : start + chunk])
+    dec.finish()
+    return out
+
+
+@pytest.mark.parametrize("compression", sorted(COMPRESSORS))
+def test_decompression_round_trip_in_bounded_pieces(compression: str) -> None:
+    pieces = _run(compression, COMPRESSORS[compression](DATA))
+    assert b"".join(pieces) == DATA
+    assert max(len(p) for p in pieces) <= decompress.PIECE
+
+
+def test_concatenated_xz_streams_are_read_whole() -> None:
+    data = lzma.compress(b"a" * 1000) + lzma.compress(b"b" * 1000)
+    assert b"".join(_run("xz", data, chunk=7)) == b"a" * 1000 + b"b" * 1000
+
+
+@pytest.mark.parametrize("compression", ["xz", "bzip2"])
+def test_truncated_stream_is_an_error(compression: str) -> None:
+    packed = COMPRESSORS[compression](DATA)
+    with pytest.raises(errors.VerificationError, match="ends before"):
+        _run(compression, packed[: len(packed) // 2])
+
+
+@pytest.mark.parametrize("compression", ["xz", "bzip2", "zstd"])
+def test_garbage_is_a_verification_error(compression: str) -> None:
+    with pytest.raises(errors.VerificationError, match="corrupt"):
+        _run(compression, b"this is not compressed at all" * 100)
+
+
+def test_unknown_compression_is_refused() -> None:
+    with pytest.raises(errors.VerificationError, match="unsupported NAR compression 'lzip'"):
+        decompress.make("lzip", lambda b: None)
+
+
+# -- nix.conf ---------------------------------------------------------------------
+
+
+def test_nix_conf_settings_includes_and_extra(tmp_path: Path) -> None:
+    (tmp_path / "more.conf").write_text("extra-substituters = http://b\n")
+    conf = tmp_path / "nix.conf"
+    conf.write_text(
+        "# comment\n"
+        "substituters = http://a  # trailing comment\n"
+        "include more.conf\n"
+        "!include missing.conf\n"
+        "trusted-public-keys = k1:AAAA k2:BBBB\n"
+        "require-sigs = false\n"
+        "http-connections = 7\n"
+        "download-attempts = 2\n"
+        "stalled-download-timeout = 12\n"
+        "connect-timeout = 0\n"
+        "netrc-file = /x/netrc\n"
+        "narinfo-cache-negative-ttl = 5\n"
+    )
+    config = SubstituterConfig.from_nix_conf(conf, attempts=None, max_connections=3)
+    assert config.urls == ["http://a", "http://b"]
+    assert config.trusted_public_keys == ["k1:AAAA", "k2:BBBB"]
+    assert config.require_sigs is False
+    assert config.max_connections == 3  # override wins; None overrides are ignored
+    assert config.attempts == 2
+    assert config.stall_timeout == 12.0
+    assert config.connect_timeout == SubstituterConfig().connect_timeout  # 0: default
+    assert config.netrc_file == Path("/x/netrc")
+    assert config.negative_ttl == 5.0
+
+
+def test_missing_nix_conf_falls_back_to_cache_nixos_org(tmp_path: Path) -> None:
+    config = SubstituterConfig.from_nix_conf(tmp_path / "absent.conf")
+    assert config.urls == [CACHE_NIXOS_ORG]
+    assert config.trusted_public_keys == [CACHE_NIXOS_ORG_KEY]
+    assert config.require_sigs is True
+
+
+def test_substituters_without_keys_keep_the_default_key(tmp_path: Path) -> None:
+    conf = tmp_path / "nix.conf"
+    conf.write_text("substituters = http://mine\n")
+    config = SubstituterConfig.from_nix_conf(conf)
+    assert config.urls == ["http://mine"]
+    assert config.trusted_public_keys == [CACHE_NIXOS_ORG_KEY]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("substituters\n", "expected 'name = value'"),
+     ("require-sigs = maybe\n", "not a boolean"),
+     ("http-connections = many\n", "not a number"),
+     ("include nowhere.conf\n", "does not exist")],
+)
+def test_bad_nix_conf_is_one_clear_line(tmp_path: Path, text: str, message: str) -> None:
+    conf = tmp_path / "nix.conf"
+    conf.write_text(text)
+    with pytest.raises(SubstituterError, match=message) as info:
+        SubstituterConfig.from_nix_conf(conf)
+    assert "\n" not in str(info.value) and isinstance(info.value, LazystoreError)
+
+
+# -- single flight ------------------------------------------------------------------
+
+
+async def test_single_flight_shares_one_execution() -> None:
+    flight: SingleFlight[int] = SingleFlight()
+    runs: list[int] = []
+    results: list[int] = []
+
+    async def work() -> int:
+        runs.append(1)
+        await trio.sleep(0.01)
+        return 42
+
+    async def caller() -> None:
+        results.append(await flight.run("k", work))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(20):
+            nursery.start_soon(caller)
+    assert runs == [1] and results == [42] * 20 and "k" not in flight
+
+
+async def test_single_flight_shares_errors_and_survives_a_cancelled_leader() -> None:
+    flight: SingleFlight[int] = SingleFlight()
+
+    async def fail() -> int:
+        await trio.sleep(0.01)
+        raise SubstituterError("nope")
+
+    outcomes: list[str] = []
+
+    async def caller() -> None:
+        try:
+            await flight.run("k", fail)
+        except SubstituterError as exc:
+            outcomes.append(str(exc))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(caller)
+    assert outcomes == ["nope"] * 5
+
+    started = trio.Event()
+
+    async def slow() -> int:
+        started.set()
+        await trio.sleep(10)
+        return 1
+
+    async def quick() -> int:
+        return 2
+
+    async with trio.open_nursery() as nursery:
+        leader = trio.CancelScope()
+
+        async def lead() -> None:
+            with leader:
+                await flight.run("c", slow)
+
+        nursery.start_soon(lead)
+        await started.wait()
+        waiter_result: list[int] = []
+
+        async def wait() -> None:
+            waiter_result.append(await flight.run("c", quick))
+
+        nursery.start_soon(wait)
+        await trio.sleep(0.01)
+        leader.cancel()
+    assert waiter_result == [2]
