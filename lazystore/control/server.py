@@ -72,11 +72,11 @@ async def serve(
                 stream = await listener.accept()
                 nursery.start_soon(_connection, stream, handler)
     finally:
-        await listener.aclose()
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass
+        await listener.aclose()
 
 
 async def _connection(stream: trio.SocketStream, handler: Handler) -> None:
