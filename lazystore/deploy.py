@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -50,6 +51,17 @@ HARDENING: dict[str, str | bool | list[str]] = {
     "SystemCallFilter": ["@system-service", "@mount"],
     "SystemCallErrorNumber": "EPERM",
     "UMask": "0022",
+}
+# The snapshotter mounts nothing itself (containerd mounts what it describes),
+# so it gets a read-only view of the system in a mount namespace of its own.
+SNAPSHOTTER_SANDBOX: dict[str, str | bool | list[str]] = {
+    "ProtectSystem": "strict",
+    "ProtectHome": True,
+    "PrivateTmp": True,
+    "ProtectKernelTunables": True,
+    "ProtectKernelModules": True,
+    "ProtectKernelLogs": True,
+    "ProtectControlGroups": True,
 }
 DAEMON_CAPABILITIES = ["CAP_SYS_ADMIN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER"]
 SNAPSHOTTER_CAPABILITIES = [*DAEMON_CAPABILITIES, "CAP_CHOWN"]
@@ -129,6 +141,15 @@ def exec_quote(arg: str) -> str:
     return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def path_quote(path: str) -> str:
+    """A path in a space-separated path list (ReadWritePaths=): specifiers
+    are expanded there, environment variables are not."""
+    escaped = path.replace("%", "%%")
+    if re.fullmatch(r"[A-Za-z0-9_@%+=:,./-]+", escaped):
+        return escaped
+    return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def exec_line(argv: Iterable[str]) -> str:
     return " ".join(exec_quote(a) for a in argv)
 
@@ -194,9 +215,17 @@ def snapshotter_unit(cfg: DeployConfig) -> str:
         "TimeoutStopSec": 30,
         "CapabilityBoundingSet": SNAPSHOTTER_CAPABILITIES,
         **HARDENING,
+        **SNAPSHOTTER_SANDBOX,
     }
+    writable = [os.path.dirname(cfg.snapshotter_address)]
     if (state := _managed_dir("/var/lib", cfg.snapshotter_root)) is not None:
         service |= {"StateDirectory": state, "StateDirectoryMode": "0700"}
+    else:
+        # ReadWritePaths= needs the directory before the namespace is set up.
+        writable.append(cfg.snapshotter_root)
+        mkdir = shutil.which("mkdir") or "/bin/mkdir"
+        service["ExecStartPre"] = "+" + exec_line([mkdir, "-p", cfg.snapshotter_root])
+    service["ReadWritePaths"] = " ".join(path_quote(p) for p in writable)
     unit = {
         "Description": "lazystore: containerd snapshotter for lazily fetched Nix store paths",
         "Requires": DAEMON_UNIT,

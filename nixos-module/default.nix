@@ -32,8 +32,8 @@ let
       "--mount-point" cfg.mountPoint ]
     ++ cfg.snapshotter.extraArgs;
 
-  # Hardening that keeps FUSE working. Deliberately absent: every option that
-  # gives the service a mount namespace of its own (ProtectSystem, ProtectHome,
+  # Hardening that keeps FUSE working. Deliberately absent (for the daemon):
+  # every option that gives the service a mount namespace of its own (ProtectSystem, ProtectHome,
   # PrivateTmp, PrivateDevices, ReadWritePaths, ProtectKernelTunables,
   # ProtectKernelModules, ProtectKernelLogs, ProtectControlGroups, ProtectProc,
   # PrivateMounts...). systemd cuts mount propagation from such a namespace to
@@ -55,6 +55,21 @@ let
     SystemCallFilter = [ "@system-service" "@mount" ];
     SystemCallErrorNumber = "EPERM";
     UMask = "0022";
+  };
+
+  # The snapshotter mounts nothing itself (containerd mounts what it
+  # describes), so it can have a read-only view of the system in a mount
+  # namespace of its own; host mounts (the daemon's) still propagate into it.
+  snapshotterSandbox = {
+    ProtectSystem = "strict";
+    ProtectHome = true;
+    PrivateTmp = true;
+    ProtectKernelTunables = true;
+    ProtectKernelModules = true;
+    ProtectKernelLogs = true;
+    ProtectControlGroups = true;
+    ReadWritePaths = [ (dirOf cfg.snapshotter.address) ]
+      ++ optional (!(stateDirectory ? dir)) cfg.snapshotter.root;
   };
 
   # StateDirectory=/CacheDirectory= take paths relative to /var/lib, /var/cache.
@@ -196,7 +211,8 @@ in
         wantedBy = [ "multi-user.target" ];
         wants = [ "network-online.target" ];
         after = [ "network-online.target" ];
-        path = [ pkgs.fuse3 ];
+        # Clearing a stale mount left by a killed daemon: fusermount3, else umount.
+        path = [ pkgs.fuse3 pkgs.util-linux ];
         serviceConfig = hardening // {
           Type = "notify";
           NotifyAccess = "main";
@@ -222,7 +238,7 @@ in
         requires = [ "lazystore.service" ];
         after = [ "lazystore.service" ];
         before = [ "containerd.service" ];
-        serviceConfig = hardening // {
+        serviceConfig = hardening // snapshotterSandbox // {
           Type = "notify";
           NotifyAccess = "main";
           ExecStart = utils.escapeSystemdExecArgs snapshotterArgs;
@@ -231,10 +247,13 @@ in
           TimeoutStopSec = 30;
           # Overlay mounts; creating and removing snapshot trees of any owner and mode.
           CapabilityBoundingSet = [ "CAP_SYS_ADMIN" "CAP_DAC_OVERRIDE" "CAP_DAC_READ_SEARCH" "CAP_FOWNER" "CAP_CHOWN" ];
-        } // lib.optionalAttrs (stateDirectory ? dir) {
+        } // (if stateDirectory ? dir then {
           StateDirectory = stateDirectory.dir;
           StateDirectoryMode = "0700";
-        };
+        } else {
+          # ReadWritePaths= needs the directory before the namespace is set up.
+          ExecStartPre = "+" + utils.escapeSystemdExecArgs [ "${pkgs.coreutils}/bin/mkdir" "-p" cfg.snapshotter.root ];
+        });
       };
     })
 

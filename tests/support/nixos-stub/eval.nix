@@ -39,6 +39,8 @@ let
   pkgs = {
     inherit python3Packages;
     fuse3 = fakeDerivation "fuse3" "3.14.0" { };
+    util-linux = fakeDerivation "util-linux" "2.39" { };
+    coreutils = fakeDerivation "coreutils" "9.4" { };
     callPackage = fn: overrides:
       let f = import fn; in
       f (builtins.intersectAttrs (builtins.functionArgs f) { inherit lib pkgs python3Packages; } // overrides);
