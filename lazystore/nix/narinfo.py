@@ -10,15 +10,17 @@ a narinfo that says two things is not one we want to trust.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from lazystore.errors import FormatError, NarInfoError
 from lazystore.nix.hashes import Hash
 from lazystore.nix.storepath import DEFAULT_STORE_DIR, StorePath
 
 _NUMBER_RE = re.compile(r"[0-9]{1,20}")
-_REPEATABLE = frozenset({"Sig"})
 _UNKNOWN_DERIVER = "unknown-deriver"
+T = TypeVar("T")
 
 
 @dataclass
@@ -127,7 +129,7 @@ def _split_line(line: str, lineno: int) -> tuple[str, str]:
     return key, value[1:]
 
 
-def _optional(fields: dict[str, str], key: str, parse):  # type: ignore[no-untyped-def]
+def _optional(fields: dict[str, str], key: str, parse: Callable[[str], T]) -> T | None:
     value = fields.get(key)
     return None if value is None else parse(value)
 
