@@ -5,14 +5,16 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
 
 
-def notify(state: str, environ: dict[str, str] | None = None) -> bool:
+def notify(state: str, environ: Mapping[str, str] | None = None) -> bool:
     """Send *state* (e.g. ``"READY=1"``) to the service manager.
 
-    Returns False when not run under a manager that asked for notifications.
+    Returns False when not run under a manager that asked for notifications
+    (no ``NOTIFY_SOCKET``) or when the message could not be sent (logged).
     Abstract sockets (a leading ``@``) are supported, as systemd uses them.
     """
     env = os.environ if environ is None else environ
@@ -21,11 +23,14 @@ def notify(state: str, environ: dict[str, str] | None = None) -> bool:
         return False
     if address.startswith("@"):
         address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        try:
+    elif not address.startswith("/"):
+        log.warning("sd_notify: unsupported NOTIFY_SOCKET %r", address)
+        return False
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.connect(address)
             sock.sendall(state.encode())
-        except OSError as exc:
-            log.warning("sd_notify to %s failed: %s", env["NOTIFY_SOCKET"], exc.strerror or exc)
-            return False
+    except OSError as exc:
+        log.warning("sd_notify to %s failed: %s", env["NOTIFY_SOCKET"], exc.strerror or exc)
+        return False
     return True

@@ -1,0 +1,79 @@
+"""sd_notify against real AF_UNIX datagram sockets (path and abstract)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lazystore import sdnotify
+
+
+@pytest.fixture
+def listener(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
+    """A bound datagram socket, as systemd's notify socket, and its address."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = tmp_path / "notify"
+    sock.bind(str(path))
+    sock.settimeout(5)
+    try:
+        yield sock, str(path)
+    finally:
+        sock.close()
+
+
+def test_ready_reaches_a_path_socket(listener: tuple[socket.socket, str]) -> None:
+    sock, address = listener
+    assert sdnotify.notify("READY=1", environ={"NOTIFY_SOCKET": address}) is True
+    assert sock.recv(4096) == b"READY=1"
+
+
+def test_multi_line_state_is_one_datagram(listener: tuple[socket.socket, str]) -> None:
+    sock, address = listener
+    assert sdnotify.notify("READY=1\nSTATUS=serving", environ={"NOTIFY_SOCKET": address})
+    assert sock.recv(4096) == b"READY=1\nSTATUS=serving"
+
+
+def test_ready_reaches_an_abstract_socket() -> None:
+    name = f"lazystore-test-{os.getpid()}-{os.urandom(4).hex()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)
+        sock.settimeout(5)
+        assert sdnotify.notify("READY=1", environ={"NOTIFY_SOCKET": "@" + name}) is True
+        assert sock.recv(4096) == b"READY=1"
+
+
+def test_uses_the_process_environment(
+    listener: tuple[socket.socket, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sock, address = listener
+    monkeypatch.setenv("NOTIFY_SOCKET", address)
+    assert sdnotify.notify("STOPPING=1") is True
+    assert sock.recv(4096) == b"STOPPING=1"
+
+
+def test_without_notify_socket_returns_false(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert sdnotify.notify("READY=1") is False
+    assert sdnotify.notify("READY=1", environ={}) is False
+    assert sdnotify.notify("READY=1", environ={"NOTIFY_SOCKET": ""}) is False
+
+
+@pytest.mark.allow_log
+def test_nobody_listening_is_logged_not_raised(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    gone = tmp_path / "gone"
+    assert sdnotify.notify("READY=1", environ={"NOTIFY_SOCKET": str(gone)}) is False
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and str(gone) in warnings[0].getMessage()
+
+
+@pytest.mark.allow_log
+def test_unsupported_address_is_refused(caplog: pytest.LogCaptureFixture) -> None:
+    assert sdnotify.notify("READY=1", environ={"NOTIFY_SOCKET": "vsock:2:1234"}) is False
+    assert any("unsupported" in r.getMessage() for r in caplog.records)
