@@ -145,6 +145,17 @@ _EXPECTED = {
 _AFTER = {
     _NODE_OPEN: _TYPE_KEY, _TYPE_KEY: _TYPE_VALUE, _CONTENTS_KEY: _CONTENTS_SIZE,
     _TARGET_KEY: _TARGET, _ENTRY_OPEN: _NAME_KEY, _NAME_KEY: _NAME, _ENTRY_CLOSE: _DIR_FIELD,
+    _NODE_KEY: _NODE_OPEN,
+}
+# Frequent token sequences, checked first in one comparison each:
+# state -> ((encoded tokens, state after them, executable flag to set or None), ...)
+_SHORTCUTS = {
+    _DIR_FIELD: ((_ENTRY_START, _NAME, None),),
+    _NODE_KEY: (
+        (_NODE + _TYPE_REGULAR + _CONTENTS, _CONTENTS_SIZE, False),
+        (_NODE + _TYPE_REGULAR + _EXECUTABLE + _CONTENTS, _CONTENTS_SIZE, True),
+    ),
+    _NODE_CLOSE: ((_CLOSE + _CLOSE + _ENTRY_START, _NAME, None),),  # only inside a directory
 }
 _MAGIC_STRING = _S(MAGIC)
 _LIMITS = {_NAME: NAME_MAX, _TARGET: TARGET_MAX}
@@ -202,10 +213,8 @@ class NarParser:
             what = f"expected {_WANTED[self._state]}"
         raise NarError(f"NAR is truncated: unexpected end at byte {at} ({what})")
 
-    # Each step below consumes one token from buf at pos and returns the new
-    # position, or -1 when buf holds only part of the token.
-
-    def _parse(self, buf: bytes, events: list[Event]) -> int:  # noqa: C901 - the grammar
+    def _parse(self, buf: bytes, events: list[Event]) -> int:
+        """Parse as much of buf as possible; return the position reached."""
         pos, end = 0, len(buf)
         while pos < end or self._state in (_DATA, _PADDING):
             state = self._state
@@ -227,38 +236,50 @@ class NarParser:
                 pos += pad
                 events.append(FileEnd())
                 self._state = _NODE_CLOSE
-            elif state == _MAGIC:
-                head = buf[pos:pos + len(_MAGIC_STRING)]
-                if not _MAGIC_STRING.startswith(head):
-                    self._fail(pos, "not a NAR (bad magic)")
-                if len(head) < len(_MAGIC_STRING):
-                    return pos
-                pos += len(head)
-                self._state = _NODE_OPEN
-            elif state in _EXPECTED:
-                encoded, text = _EXPECTED[state]
-                if buf.startswith(encoded, pos):
-                    pos += len(encoded)
-                    self._after_tag(state, events)
-                else:
-                    got = self._token(buf, pos, _TAG_MAX, tag=True)
-                    if got is None:
-                        return pos
-                    self._fail(pos, f"expected tag {text!r}, got {show(got[0])}")
             else:
-                new = self._field(state, buf, pos, events)
+                new = self._shortcut(state, buf, pos)
                 if new < 0:
-                    return pos
+                    new = self._step(state, buf, pos, events)
+                    if new < 0:
+                        return pos
                 pos = new
         return pos
 
-    def _after_tag(self, state: int, events: list[Event]) -> None:
+    def _shortcut(self, state: int, buf: bytes, pos: int) -> int:
+        """Skip a frequent token sequence in one comparison (for speed only)."""
+        if state in _SHORTCUTS and (state != _NODE_CLOSE or self._previous):
+            for encoded, after, executable in _SHORTCUTS[state]:
+                if buf.startswith(encoded, pos):
+                    self._state = after
+                    if executable is not None:
+                        self._executable = executable
+                    return pos + len(encoded)
+        return -1
+
+    def _step(self, state: int, buf: bytes, pos: int, events: list[Event]) -> int:
+        """Consume one token; the new position, or -1 if buf has only part of it."""
+        if state == _MAGIC:
+            head = buf[pos:pos + len(_MAGIC_STRING)]
+            if not _MAGIC_STRING.startswith(head):
+                self._fail(pos, "not a NAR (bad magic)")
+            if len(head) < len(_MAGIC_STRING):
+                return -1
+            self._state = _NODE_OPEN
+            return pos + len(head)
+        if state in _EXPECTED:
+            encoded, text = _EXPECTED[state]
+            if buf.startswith(encoded, pos):
+                self._after_tag(state)
+                return pos + len(encoded)
+            got = self._token(buf, pos, _TAG_MAX, tag=True)
+            if got is None:
+                return -1
+            self._fail(pos, f"expected tag {text!r}, got {show(got[0])}")
+        return self._field(state, buf, pos, events)
+
+    def _after_tag(self, state: int) -> None:
         if state == _NODE_CLOSE:
             self._node_end()
-        elif state == _NODE_KEY:
-            if len(self._previous) >= self._max_depth:
-                raise NarError(f"NAR nests directories deeper than {self._max_depth} levels")
-            self._state = _NODE_OPEN
         else:
             self._state = _AFTER[state]
 
@@ -310,6 +331,8 @@ class NarParser:
         self._state = state
         self._executable = False
         if state == _DIR_FIELD:
+            if len(self._previous) >= self._max_depth:
+                self._fail(pos, f"NAR nests directories deeper than {self._max_depth} levels")
             self._previous.append(b"")
             events.append(DirStart(self._name))
 
