@@ -158,7 +158,7 @@ async def test_retry_call_waits_for_retry_after(autojump_clock: trio.testing.Moc
 
 # -- decompression ----------------------------------------------------------------
 
-DATA = os.urandom(200_000) * 8 + b"\0" * 6_000_000
+DATA = os.urandom(100_000) * 4 + b"\0" * 3_000_000
 
 COMPRESSORS = {
     "none": lambda d: d,

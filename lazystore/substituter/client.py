@@ -164,8 +164,9 @@ class Substituters:
         return found[1]
 
     async def _find(self, path: StorePath) -> tuple[_Cache, NarInfo] | None:
+        caches = await self.substituters()
         errors = self._disabled_reasons()
-        for cache in await self.substituters():
+        for cache in caches:
             try:
                 info = await self._query_one(cache, path)
             except SubstituterError as exc:
@@ -255,8 +256,9 @@ class Substituters:
         if dest.exists() or dest.is_symlink():
             raise LocalError(f"{dest} already exists")
         full = path.path(self.config.store_dir)
+        caches = await self.substituters()
         errors = self._disabled_reasons()
-        for cache in await self.substituters():
+        for cache in caches:
             try:
                 info = await self._query_one(cache, path)
             except SubstituterError as exc:

@@ -1,0 +1,149 @@
+"""Substituters against binary caches written and signed by real Nix, served
+as file:// and by a real HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lazystore.nix.storepath import StorePath
+from lazystore.substituter.client import Substituters
+from lazystore.substituter.config import SubstituterConfig
+from lazystore.substituter.errors import NotAvailableError, SubstituterError
+from tests.support import nixcache
+from tests.support.httpserver import serve_directory
+
+
+def test_config(urls: list[str], key: str, **overrides: object) -> SubstituterConfig:
+    values: dict[str, object] = dict(
+        urls=urls, trusted_public_keys=[key], netrc_file=None, attempts=3,
+        backoff_base=0.01, backoff_max=0.05, connect_timeout=5.0, stall_timeout=5.0)
+    values.update(overrides)
+    return SubstituterConfig(**values)  # type: ignore[arg-type]
+
+
+test_config.__test__ = False  # type: ignore[attr-defined]
+
+
+def nix_hash_path(path: Path) -> str:
+    """``nix hash path`` of *path* as ``sha256:<nix32>`` (Nix 2.8 prints it bare)."""
+    digest = nixcache.nar_hash(str(path))
+    return digest if digest.startswith("sha256:") else f"sha256:{digest}"
+
+
+@pytest.fixture(scope="module", params=["xz", "zstd", "none"])
+def nix_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+              sample_closure: str, test_key: nixcache.KeyPair) -> nixcache.BinaryCache:
+    root = tmp_path_factory.mktemp(f"cache-{request.param}")
+    return nixcache.make_cache(sample_closure, root, test_key, compression=request.param)
+
+
+@pytest.fixture(params=["file", "http"])
+def cache_url(request: pytest.FixtureRequest, nix_cache: nixcache.BinaryCache) -> Iterator[str]:
+    if request.param == "file":
+        yield nix_cache.url
+    else:
+        with serve_directory(nix_cache.root) as server:
+            yield server.url  # type: ignore[attr-defined]
+
+
+async def test_closure_fetched_from_real_nix_cache_hashes_to_nar_hash(
+        nix_cache: nixcache.BinaryCache, cache_url: str, tmp_path: Path) -> None:
+    assert len(nix_cache.paths) >= 4
+    top = StorePath.parse(nix_cache.top)
+    dest, tmp = tmp_path / "store", tmp_path / "tmp"
+    dest.mkdir()
+    tmp.mkdir()
+    config = test_config([cache_url], nix_cache.key.public_key)
+    async with Substituters(config) as subs:
+        infos = await subs.closure([top])
+        assert sorted(i.store_path for i in infos) == sorted(nix_cache.paths)
+        assert infos[0].store_path == nix_cache.top  # breadth-first from the root
+        for info in infos:
+            await subs.fetch(info.path, dest / info.path.basename, tmp)
+        assert subs.stats.nars_fetched == len(infos)
+        assert subs.stats.bytes_downloaded > 0
+    for info in infos:
+        fetched = dest / info.path.basename
+        assert nix_hash_path(fetched) == str(info.nar_hash)
+        assert nix_hash_path(Path(info.store_path)) == str(info.nar_hash)  # Nix's own copy
+    assert list(tmp.iterdir()) == []
+
+
+async def test_listing_is_the_ls_document(binary_cache: nixcache.BinaryCache,
+                                          http_cache: str) -> None:
+    top = StorePath.parse(binary_cache.top)
+    async with Substituters(test_config([http_cache], binary_cache.key.public_key)) as subs:
+        listing = await subs.listing(top)
+    assert listing is not None and listing["version"] == 1
+    assert listing["root"]["type"] in ("directory", "regular", "symlink")
+
+
+async def test_absent_path_is_none_and_cached_negatively(
+        binary_cache: nixcache.BinaryCache) -> None:
+    absent = StorePath("0" * 32, "absent")
+    with serve_directory(binary_cache.root) as server:
+        config = test_config([server.url], binary_cache.key.public_key)  # type: ignore[attr-defined]
+        async with Substituters(config) as subs:
+            assert await subs.query(absent) is None
+            assert await subs.query(absent) is None
+            assert await subs.listing(absent) is None
+        requests = server.requests  # type: ignore[attr-defined]
+    assert requests.count(f"/{'0' * 32}.narinfo") == 1
+    assert requests.count("/nix-cache-info") == 1
+
+
+async def test_query_with_a_wrong_name_is_absent(binary_cache: nixcache.BinaryCache) -> None:
+    real = StorePath.parse(binary_cache.top)
+    async with Substituters(test_config([binary_cache.url], binary_cache.key.public_key)) as s:
+        assert await s.query(StorePath(real.hash_part, "other-name")) is None
+        assert (await s.query(real)) is not None
+
+
+async def test_priority_orders_substituters_stably(
+        binary_cache: nixcache.BinaryCache, tmp_path_factory: pytest.TempPathFactory,
+        sample_closure: str, test_key: nixcache.KeyPair) -> None:
+    second = nixcache.make_cache(sample_closure, tmp_path_factory.mktemp("prio"), test_key)
+    (second.root / "nix-cache-info").write_text("StoreDir: /nix/store\nPriority: 10\n")
+    top = StorePath.parse(binary_cache.top)
+    with serve_directory(binary_cache.root) as first_server, \
+            serve_directory(second.root) as second_server:
+        urls = [first_server.url, second_server.url]  # type: ignore[attr-defined]
+        async with Substituters(test_config(urls, test_key.public_key)) as subs:
+            ordered = [c.url for c in await subs.substituters()]
+            assert await subs.query(top) is not None
+        assert ordered == [urls[1], urls[0]]
+        assert f"/{top.hash_part}.narinfo" in second_server.requests  # type: ignore[attr-defined]
+        assert f"/{top.hash_part}.narinfo" not in first_server.requests  # type: ignore[attr-defined]
+
+
+@pytest.mark.allow_log
+async def test_store_dir_mismatch_is_a_clear_error(
+        tmp_path: Path, binary_cache: nixcache.BinaryCache,
+        caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "nix-cache-info").write_text("StoreDir: /gnu/store\n")
+    top = StorePath.parse(binary_cache.top)
+    async with Substituters(test_config([f"file://{tmp_path}"],
+                                        binary_cache.key.public_key)) as subs:
+        with pytest.raises(NotAvailableError,
+                           match="binary cache for store /gnu/store, not /nix/store"):
+            await subs.query(top)
+        with pytest.raises(SubstituterError, match="/gnu/store"):
+            await subs.fetch(top, tmp_path / "dest", tmp_path)
+    assert not (tmp_path / "dest").exists()
+    assert any("/gnu/store" in r.getMessage() for r in caplog.records
+               if r.levelname == "WARNING")
+
+
+async def test_untrusted_key_config_is_rejected() -> None:
+    with pytest.raises(SubstituterError, match="trusted public key"):
+        Substituters(test_config(["file:///x"], "not-a-key"))
+
+
+async def test_unsupported_scheme_is_rejected() -> None:
+    with pytest.raises(SubstituterError, match="unsupported URL scheme 's3'"):
+        async with Substituters(test_config(["s3://bucket"], nixcache.KEY_NAME + ":" + "A" * 43
+                                            + "=")):
+            pass
