@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lazystore.errors import NarInfoError
 from lazystore.nix.cacheinfo import CacheInfo
@@ -352,3 +354,30 @@ def test_cache_info_errors(text: str, match: str) -> None:
 def test_cache_info_written_by_nix(binary_cache: nixcache.BinaryCache) -> None:
     info = CacheInfo.parse((binary_cache.root / "nix-cache-info").read_text())
     assert info.store_dir == "/nix/store"
+
+
+@settings(deadline=None, max_examples=300)
+@given(st.data())
+def test_mutated_narinfo_parses_or_fails_cleanly(data: st.DataObject) -> None:
+    text = SAMPLE + "System: x86_64-linux\nCA: fixed:r:sha1:1ak1ymbmsfx7z8kh09jzkr3a4dvkrfjw\n"
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, len(text)))
+        cut = data.draw(st.integers(0, 3))
+        insert = data.draw(st.text(max_size=3))
+        text = text[:at] + insert + text[at + cut :]
+    try:
+        info = NarInfo.parse(text)
+    except NarInfoError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert NarInfo.parse(info.to_text()) == info
+    assert info.fingerprint().startswith(b"1;/nix/store/")
+
+
+@settings(deadline=None)
+@given(st.text(max_size=120))
+def test_random_cache_info_parses_or_fails_cleanly(text: str) -> None:
+    try:
+        CacheInfo.parse(text)
+    except NarInfoError as exc:
+        assert "\n" not in str(exc)
