@@ -4,6 +4,8 @@ and a cross-check of our encodings with real Nix (`nix hash to-*`)."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lazystore.errors import FormatError
 from lazystore.nix.hashes import Hash
@@ -123,3 +125,18 @@ def test_encodings_match_real_nix(nix: None, algo: str) -> None:
         out = nixcache.run_nix("nix", "hash", command, "--type", algo, b64).decode().strip()
         assert out == ours
         assert Hash.parse(out, algo) == h
+
+
+@settings(deadline=None)
+@given(
+    st.sampled_from(["", "sha256:", "sha256-", "sha1:", "md5-", "sha512:"]),
+    st.text(max_size=130),
+    st.sampled_from([None, "sha256", "sha1"]),
+)
+def test_random_text_parses_or_fails_cleanly(prefix: str, body: str, algo: str | None) -> None:
+    try:
+        h = Hash.parse(prefix + body, algo)
+    except FormatError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert Hash.parse(str(h)) == Hash.parse(h.sri()) == h

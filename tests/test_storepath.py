@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lazystore.errors import FormatError
 from lazystore.nix.storepath import StorePath, check_store_dir, is_valid_basename
@@ -107,3 +109,11 @@ def test_ordering_and_hashing() -> None:
 def test_paths_built_by_nix_parse(sample_closure: str) -> None:
     for path in nixcache.closure(sample_closure):
         assert StorePath.parse(path).path() == path
+
+
+@settings(deadline=None)
+@given(st.one_of(st.text(max_size=50), st.text(alphabet="ab.-+?=_Z9 /", max_size=230)))
+def test_random_names_agree_with_the_rules(name: str) -> None:
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+-._?=")
+    expected = 0 < len(name) <= 211 and set(name) <= allowed and not name.startswith(".")
+    assert is_valid_basename(f"{H}-{name}") == expected
