@@ -4,7 +4,7 @@
 #   nix-instantiate --eval --strict --json --expr \
 #     'import ./eval.nix { config = { services.lazystore.enable = true; }; }'
 #
-# Returns { options (declared under services.lazystore), assertions (failed
+# Returns { options (declared under services.lazystore), values, assertions (failed
 # ones' messages), systemd.services, virtualisation.containerd.settings,
 # environment.systemPackages, package }.
 { config ? { }, module ? ../../../nixos-module }:
@@ -81,6 +81,8 @@ let
 in
 {
   options = result.options.services.lazystore;
+  # Every value (so that bad definitions are type-checked), the package as its path.
+  values = cfg.services.lazystore;
   assertions = map (a: a.message) (builtins.filter (a: !a.assertion) cfg.assertions);
   systemd.services = cfg.systemd.services;
   virtualisation.containerd.settings = cfg.virtualisation.containerd.settings;

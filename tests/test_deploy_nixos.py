@@ -1,0 +1,359 @@
+"""The NixOS module, evaluated by real Nix against the stub module system in
+tests/support/nixos-stub (options, units, containerd settings, package)."""
+
+from __future__ import annotations
+
+import configparser
+import functools
+import json
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import lazystore
+from lazystore import deploy
+from tests.support import nixcache
+
+ROOT = Path(__file__).resolve().parents[1]
+STUB = ROOT / "tests" / "support" / "nixos-stub" / "eval.nix"
+NIX_FILES = sorted(
+    p for p in ROOT.rglob("*.nix")
+    if not any(part.startswith(".") for part in p.relative_to(ROOT).parts)
+)
+ENABLED_ALL = """{
+  services.lazystore = {
+    enable = true;
+    snapshotter.enable = true;
+    containerd.enable = true;
+  };
+}"""
+CACHE_NIXOS_KEY = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="
+# Options that give a unit its own mount namespace, which would hide the FUSE
+# mount from the host.
+NAMESPACING = {
+    "ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices", "PrivateMounts",
+    "ReadWritePaths", "ReadOnlyPaths", "InaccessiblePaths", "TemporaryFileSystem",
+    "BindPaths", "BindReadOnlyPaths", "ProtectKernelTunables", "ProtectKernelModules",
+    "ProtectKernelLogs", "ProtectControlGroups", "ProtectProc", "ProcSubset",
+    "PrivateUsers", "DynamicUser", "MountFlags", "RootDirectory",
+}
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("nix-instantiate") is None, reason="nix-instantiate (nix-bin) is not installed"
+)
+
+
+def run_nix(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, env=nixcache.nix_env())
+
+
+@functools.cache
+def evaluate(config: str = "{ }") -> dict[str, Any]:
+    """eval.nix's result for the module with *config* (a NixOS module in Nix)."""
+    proc = run_nix("nix-instantiate", "--eval", "--strict", "--json", "--expr",
+                   f"import {STUB} {{ config = {config}; }}")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def evaluation_error(config: str) -> str:
+    proc = run_nix("nix-instantiate", "--eval", "--strict", "--json", "--expr",
+                   f"import {STUB} {{ config = {config}; }}")
+    assert proc.returncode != 0, f"evaluation succeeded: {proc.stdout}"
+    return proc.stderr
+
+
+def argv(exec_start: str) -> list[str]:
+    """The words of an ExecStart= line (systemd double-quoting, %% and $$)."""
+    return [w.replace("%%", "%").replace("$$", "$") for w in shlex.split(exec_start)]
+
+
+def services(config: str) -> dict[str, Any]:
+    return evaluate(config)["systemd"]["services"]
+
+
+@pytest.mark.parametrize("path", NIX_FILES, ids=[str(p.relative_to(ROOT)) for p in NIX_FILES])
+def test_every_nix_file_parses(path: Path) -> None:
+    proc = run_nix("nix-instantiate", "--parse", str(path))
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_module_and_stub_files_are_among_the_parsed() -> None:
+    names = {str(p.relative_to(ROOT)) for p in NIX_FILES}
+    assert {"nixos-module/default.nix", "nixos-module/package.nix",
+            "tests/support/nixos-stub/eval.nix"} <= names
+
+
+def test_options_declared_with_types_and_defaults() -> None:
+    options = evaluate()["options"]
+
+    def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, dict[str, Any]]:
+        out = {}
+        for name, value in tree.items():
+            if "typeName" in value:
+                out[prefix + name] = value
+            else:
+                out |= flat(value, f"{prefix}{name}.")
+        return out
+
+    got = {name: (o["type"], o["default"]) for name, o in flat(options).items()}
+    package_default = got.pop("package")
+    assert package_default[0] == "package"
+    assert package_default[1].endswith(f"-lazystore-{lazystore.__version__}")
+    assert got == {
+        "enable": ("boolean", False),
+        "mountPoint": ("path", "/run/lazystore"),
+        "substituters": ("list of string", ["https://cache.nixos.org/"]),
+        "trustedPublicKeys": ("list of string", [CACHE_NIXOS_KEY]),
+        "cacheDir": ("path", "/var/cache/lazystore"),
+        "cacheSize": ("null or string", None),
+        "controlSocket": ("path", "/run/lazystore.sock"),
+        "allowOther": ("boolean", True),
+        "extraArgs": ("list of string", []),
+        "snapshotter.enable": ("boolean", False),
+        "snapshotter.address": ("path", "/run/lazystore-snapshotter.sock"),
+        "snapshotter.root": ("path", "/var/lib/lazystore/snapshotter"),
+        "snapshotter.extraArgs": ("list of string", []),
+        "containerd.enable": ("boolean", False),
+        "containerd.makeDefaultCriSnapshotter": ("boolean", False),
+    }
+    flat_options = flat(options)
+    assert flat_options["substituters"]["defaultText"] == "config.nix.settings.substituters"
+    assert (flat_options["trustedPublicKeys"]["defaultText"]
+            == "config.nix.settings.trusted-public-keys")
+    assert all(o["description"] for o in flat_options.values())
+
+
+def test_disabled_module_defines_nothing() -> None:
+    result = evaluate("{ services.lazystore.allowOther = false; }")
+    assert result["values"]["allowOther"] is False and result["values"]["enable"] is False
+    assert result["systemd"]["services"] == {}
+    assert result["virtualisation"]["containerd"]["settings"] == {}
+    assert result["environment"]["systemPackages"] == []
+    assert result["assertions"] == []
+
+
+def test_daemon_unit() -> None:
+    result = evaluate("{ services.lazystore.enable = true; }")
+    units = result["systemd"]["services"]
+    assert set(units) == {"lazystore"}, "snapshotter and containerd wiring are opt-in"
+    unit = units["lazystore"]
+    sc = unit["serviceConfig"]
+    assert sc["Type"] == "notify" and sc["NotifyAccess"] == "main"
+    assert sc["Restart"] == "on-failure"
+    assert unit["wantedBy"] == ["multi-user.target"]
+    assert "network-online.target" in unit["after"] and "network-online.target" in unit["wants"]
+    exe = f"{result['package']['path']}/bin/lazystore"
+    assert argv(sc["ExecStart"]) == [
+        exe, "mount", "/run/lazystore",
+        "--cache-dir", "/var/cache/lazystore",
+        "--control-socket", "/run/lazystore.sock",
+        "--substituter", "https://cache.nixos.org/",
+        "--trusted-public-key", CACHE_NIXOS_KEY,
+        "--allow-other",
+    ]
+    assert result["environment"]["systemPackages"] == [result["package"]["path"]]
+    assert sc["CacheDirectory"] == "lazystore"
+
+
+def test_daemon_hardening_still_allows_fuse() -> None:
+    sc = services("{ services.lazystore.enable = true; }")["lazystore"]["serviceConfig"]
+    assert sc["DeviceAllow"] == ["/dev/fuse rw"]
+    assert sc["DevicePolicy"] == "closed"
+    assert "CAP_SYS_ADMIN" in sc["CapabilityBoundingSet"]
+    assert "@mount" in sc["SystemCallFilter"]
+    assert sc["NoNewPrivileges"] is True
+    assert not NAMESPACING & set(sc), "a mount namespace would hide the FUSE mount from the host"
+
+
+def test_flags_follow_options() -> None:
+    sc = services("""{
+      services.lazystore = {
+        enable = true;
+        mountPoint = "/mnt/lazy store";
+        substituters = [ "http://127.0.0.1:5000" "https://cache.example.org/100%" ];
+        trustedPublicKeys = [ "a-1:AAAA" ];
+        cacheDir = "/srv/lazystore";
+        cacheSize = "20G";
+        controlSocket = "/run/ls.sock";
+        allowOther = false;
+        extraArgs = [ "--store-dir" "/nix/store" ];
+      };
+    }""")["lazystore"]["serviceConfig"]
+    assert argv(sc["ExecStart"])[1:] == [
+        "mount", "/mnt/lazy store",
+        "--cache-dir", "/srv/lazystore",
+        "--control-socket", "/run/ls.sock",
+        "--substituter", "http://127.0.0.1:5000",
+        "--substituter", "https://cache.example.org/100%",
+        "--trusted-public-key", "a-1:AAAA",
+        "--cache-size", "20G",
+        "--store-dir", "/nix/store",
+    ]
+    assert "CacheDirectory" not in sc, "a cache outside /var/cache is not systemd's to manage"
+
+
+def test_keys_and_caches_default_to_nix_settings() -> None:
+    sc = services("""{
+      nix.settings.substituters = [ "http://cache.local" ];
+      nix.settings.trusted-public-keys = [ "local-1:BBBB" ];
+      services.lazystore.enable = true;
+    }""")["lazystore"]["serviceConfig"]
+    words = argv(sc["ExecStart"])
+    assert words[words.index("--substituter") + 1] == "http://cache.local"
+    assert words.count("--substituter") == 1
+    assert words[words.index("--trusted-public-key") + 1] == "local-1:BBBB"
+
+
+def test_snapshotter_and_containerd_ordering() -> None:
+    result = evaluate(ENABLED_ALL)
+    units = result["systemd"]["services"]
+    snap = units["lazystore-snapshotter"]
+    sc = snap["serviceConfig"]
+    assert sc["Type"] == "notify" and sc["Restart"] == "on-failure"
+    # daemon -> snapshotter -> containerd
+    assert "lazystore.service" in snap["requires"] and "lazystore.service" in snap["after"]
+    assert "containerd.service" in snap["before"]
+    assert snap["wantedBy"] == ["multi-user.target"]
+    assert "lazystore-snapshotter.service" in units["containerd"]["after"]
+    assert "lazystore-snapshotter.service" in units["containerd"]["wants"]
+    assert argv(sc["ExecStart"]) == [
+        f"{result['package']['path']}/bin/lazystore", "snapshotter",
+        "--address", "/run/lazystore-snapshotter.sock",
+        "--root", "/var/lib/lazystore/snapshotter",
+        "--control-socket", "/run/lazystore.sock",
+        "--mount-point", "/run/lazystore",
+    ]
+    assert sc["StateDirectory"] == "lazystore/snapshotter"
+    assert sc["ProtectSystem"] == "strict" and sc["ReadWritePaths"] == ["/run"]
+
+
+def test_snapshotter_root_outside_var_lib_is_made_writable() -> None:
+    sc = services("""{
+      services.lazystore = { enable = true; snapshotter.enable = true;
+                             snapshotter.root = "/srv/snapshots"; };
+    }""")["lazystore-snapshotter"]["serviceConfig"]
+    assert "StateDirectory" not in sc
+    assert "/srv/snapshots" in sc["ReadWritePaths"]
+    assert sc["ExecStartPre"].startswith("+")
+    assert argv(sc["ExecStartPre"][1:])[1:] == ["-p", "/srv/snapshots"]
+
+
+def test_containerd_settings() -> None:
+    settings = evaluate(ENABLED_ALL)["virtualisation"]["containerd"]["settings"]
+    assert settings == {
+        "proxy_plugins": {
+            "lazystore": {"type": "snapshot", "address": "/run/lazystore-snapshotter.sock"}
+        }
+    }
+
+
+def test_cri_default_snapshotter_and_existing_settings_kept() -> None:
+    settings = evaluate("""{
+      virtualisation.containerd.settings = {
+        plugins."io.containerd.grpc.v1.cri".cni.bin_dir = "/opt/cni/bin";
+        proxy_plugins.other = { type = "snapshot"; address = "/run/other.sock"; };
+      };
+      services.lazystore = {
+        enable = true;
+        snapshotter.enable = true;
+        snapshotter.address = "/run/snap.sock";
+        containerd.enable = true;
+        containerd.makeDefaultCriSnapshotter = true;
+      };
+    }""")["virtualisation"]["containerd"]["settings"]
+    assert settings["proxy_plugins"] == {
+        "other": {"type": "snapshot", "address": "/run/other.sock"},
+        "lazystore": {"type": "snapshot", "address": "/run/snap.sock"},
+    }
+    assert settings["plugins"]["io.containerd.grpc.v1.cri"] == {
+        "cni": {"bin_dir": "/opt/cni/bin"},
+        "containerd": {"snapshotter": "lazystore"},
+    }
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ("{ services.lazystore.snapshotter.enable = true; }",
+         "services.lazystore.snapshotter.enable needs services.lazystore.enable."),
+        ("{ services.lazystore = { enable = true; containerd.enable = true; }; }",
+         "services.lazystore.containerd.enable needs services.lazystore.snapshotter.enable."),
+    ],
+)
+def test_inconsistent_settings_fail_assertions(config: str, message: str) -> None:
+    assert evaluate(config)["assertions"] == [message]
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ('{ services.lazystore.cacheSize = 20; }',
+         "option `services.lazystore.cacheSize' is not of type `null or string'"),
+        ('{ services.lazystore.mountPoint = "run/lazystore"; }',
+         "option `services.lazystore.mountPoint' is not of type `path'"),
+        ("{ services.lazystore.extraArgs = [ 1 ]; }",
+         "option `services.lazystore.extraArgs' is not of type `list of string'"),
+        ("{ services.lazystore.cachesize = \"1G\"; }",
+         "The option `services.lazystore.cachesize' does not exist."),
+    ],
+)
+def test_bad_values_are_rejected(config: str, expected: str) -> None:
+    assert expected in evaluation_error(config)
+
+
+def _requirement_names(spec: str) -> set[str]:
+    names = set()
+    for line in spec.split("\n"):
+        m = re.match(r"\s*([A-Za-z0-9_.-]+)(\[([^\]]*)\])?", line)
+        if m and m.group(1):
+            names.add(m.group(1).lower())
+            if m.group(3) == "http2":  # httpx[http2]: h2 in nixpkgs
+                names.add("h2")
+    return names
+
+
+def test_package_dependencies_match_setup_cfg() -> None:
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    wanted = _requirement_names(cfg["options"]["install_requires"])
+    package = evaluate("{ services.lazystore.enable = true; }")["package"]
+    assert set(package["dependencies"]) == wanted
+    assert package["name"] == f"lazystore-{lazystore.__version__}"
+    assert package["mainProgram"] == "lazystore"
+    assert "setuptools" in package["buildSystem"]
+
+
+def _systemd_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return " ".join(value)
+    return str(value)
+
+
+def test_nixos_units_match_the_installer() -> None:
+    """The NixOS units and scripts/install-systemd's carry the same settings."""
+    units = services(ENABLED_ALL)
+    cfg = deploy.DeployConfig(executable="/usr/bin/lazystore",
+                              substituters=["https://cache.nixos.org/"],
+                              trusted_public_keys=[CACHE_NIXOS_KEY])
+    for name, expected_argv, text in [
+        ("lazystore", deploy.daemon_argv(cfg), deploy.daemon_unit(cfg)),
+        ("lazystore-snapshotter", deploy.snapshotter_argv(cfg), deploy.snapshotter_unit(cfg)),
+    ]:
+        nixos = units[name]["serviceConfig"]
+        installed = configparser.ConfigParser(strict=False, interpolation=None)
+        installed.optionxform = str  # type: ignore[assignment,method-assign]
+        installed.read_string(text)
+        service = dict(installed["Service"])
+        assert argv(nixos["ExecStart"])[1:] == expected_argv[1:]
+        assert argv(service["ExecStart"]) == expected_argv
+        nixos.pop("ExecStart")
+        service.pop("ExecStart")
+        assert {k: _systemd_value(v) for k, v in nixos.items()} == service, name
