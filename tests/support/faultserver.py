@@ -52,8 +52,8 @@ class Fault:
         return cls("stall", after=after)
 
     @classmethod
-    def replace(cls, body: bytes) -> Fault:
-        return cls("replace", body=body)
+    def replace(cls, body: bytes, headers: dict[str, str] | None = None) -> Fault:
+        return cls("replace", body=body, headers=headers or {})
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -76,7 +76,7 @@ class _Handler(BaseHTTPRequestHandler):
         if body is None:
             return self._send(404, b"not found\n")
         if fault is None or fault.kind == "replace":
-            return self._send(200, body)
+            return self._send(200, body, fault.headers if fault is not None else None)
         return self._faulty(fault, body)
 
     def _file(self, path: str) -> bytes | None:

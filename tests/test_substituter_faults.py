@@ -1,0 +1,370 @@
+"""The substituter against a fault-injecting HTTP server on 127.0.0.1: every
+failure ends in a clear SubstituterError (or a retried success) and never
+leaves a partial store path behind."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from lazystore.nix.narinfo import NarInfo
+from lazystore.nix.signing import SecretKey
+from lazystore.nix.storepath import StorePath
+from lazystore.substituter.client import Substituters
+from lazystore.substituter.config import SubstituterConfig
+from lazystore.substituter.errors import NotAvailableError, SubstituterError
+from tests.support import nixcache
+from tests.support.faultserver import Fault, FaultServer
+
+
+@pytest.fixture(scope="module")
+def plain_cache(tmp_path_factory: pytest.TempPathFactory, sample_closure: str,
+                test_key: nixcache.KeyPair) -> nixcache.BinaryCache:
+    """The sample closure uncompressed, so a flipped byte is a NarHash mismatch."""
+    return nixcache.make_cache(sample_closure, tmp_path_factory.mktemp("plain"), test_key,
+                               compression="none")
+
+
+@pytest.fixture
+def server(binary_cache: nixcache.BinaryCache) -> Iterator[FaultServer]:
+    with FaultServer(binary_cache.root) as srv:
+        yield srv
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> tuple[Path, Path]:
+    dest, tmp = tmp_path / "store", tmp_path / "tmp"
+    dest.mkdir()
+    tmp.mkdir()
+    return dest, tmp
+
+
+def config(urls: list[str], key: str, **overrides: object) -> SubstituterConfig:
+    values: dict[str, object] = dict(
+        urls=urls, trusted_public_keys=[key], netrc_file=None, attempts=3,
+        backoff_base=0.01, backoff_max=0.05, retry_after_max=5.0,
+        connect_timeout=5.0, stall_timeout=5.0)
+    values.update(overrides)
+    return SubstituterConfig(**values)  # type: ignore[arg-type]
+
+
+def path_named(cache: nixcache.BinaryCache, name: str) -> StorePath:
+    return next(StorePath.parse(p) for p in cache.paths if p.endswith(f"-{name}"))
+
+
+def narinfo(cache: nixcache.BinaryCache, path: StorePath) -> NarInfo:
+    return NarInfo.parse((cache.root / f"{path.hash_part}.narinfo").read_text())
+
+
+def nar_url(cache: nixcache.BinaryCache, path: StorePath) -> str:
+    return "/" + narinfo(cache, path).url
+
+
+def nar_len(cache: nixcache.BinaryCache, path: StorePath) -> int:
+    return (cache.root / narinfo(cache, path).url).stat().st_size
+
+
+def assert_nothing_left(dest: Path, tmp: Path) -> None:
+    assert list(dest.iterdir()) == [], "a partial path is visible"
+    assert list(tmp.iterdir()) == [], "a temporary was left behind"
+
+
+def assert_fetched(dest: Path, tmp: Path, info: NarInfo) -> None:
+    got = nixcache.nar_hash(str(dest / info.path.basename))
+    assert got.removeprefix("sha256:") == info.nar_hash.nix32()
+    assert list(tmp.iterdir()) == []
+
+
+def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno >= logging.WARNING and r.name.startswith("lazystore")]
+
+
+async def test_500_then_success_is_retried(binary_cache: nixcache.BinaryCache,
+                                           server: FaultServer, dirs: tuple[Path, Path]) -> None:
+    dest, tmp = dirs
+    busybox = path_named(binary_cache, "busybox")
+    server.program(nar_url(binary_cache, busybox), Fault.error(500))
+    async with Substituters(config([server.url], binary_cache.key.public_key)) as subs:
+        info = await subs.fetch(busybox, dest / busybox.basename, tmp)
+        assert subs.stats.retries == 1
+    assert server.count(nar_url(binary_cache, busybox)) == 2
+    assert_fetched(dest, tmp, info)
+
+
+async def test_503_with_retry_after_waits_as_asked(
+        binary_cache: nixcache.BinaryCache, server: FaultServer, dirs: tuple[Path, Path],
+        caplog: pytest.LogCaptureFixture) -> None:
+    dest, tmp = dirs
+    liba = path_named(binary_cache, "liba")
+    server.program(f"/{liba.hash_part}.narinfo", Fault.error(503, {"Retry-After": "1"}))
+    async with Substituters(config([server.url], binary_cache.key.public_key)) as subs:
+        start = trio.current_time()
+        info = await subs.fetch(liba, dest / liba.basename, tmp)
+        waited = trio.current_time() - start
+    assert waited >= 0.95  # Retry-After: 1, not the 0.01 s backoff of this config
+    assert server.count(f"/{liba.hash_part}.narinfo") == 2
+    assert any("retrying in 1.00s" in r.getMessage() for r in caplog.records)
+    assert_fetched(dest, tmp, info)
+
+
+async def test_connection_reset_mid_body_is_retried(
+        binary_cache: nixcache.BinaryCache, server: FaultServer, dirs: tuple[Path, Path]) -> None:
+    dest, tmp = dirs
+    busybox = path_named(binary_cache, "busybox")
+    url = nar_url(binary_cache, busybox)
+    server.program(url, Fault.reset(after=nar_len(binary_cache, busybox) // 2))
+    async with Substituters(config([server.url], binary_cache.key.public_key)) as subs:
+        info = await subs.fetch(busybox, dest / busybox.basename, tmp)
+    assert server.count(url) == 2
+    assert_fetched(dest, tmp, info)
+
+
+@pytest.mark.allow_log
+async def test_truncated_body_every_time_fails_cleanly(
+        binary_cache: nixcache.BinaryCache, server: FaultServer, dirs: tuple[Path, Path],
+        caplog: pytest.LogCaptureFixture) -> None:
+    dest, tmp = dirs
+    busybox = path_named(binary_cache, "busybox")
+    url = nar_url(binary_cache, busybox)
+    server.always(url, Fault.truncate(after=nar_len(binary_cache, busybox) // 2))
+    async with Substituters(config([server.url], binary_cache.key.public_key)) as subs:
+        with pytest.raises(NotAvailableError, match=f"cannot substitute {busybox.path()}"):
+            await subs.fetch(busybox, dest / busybox.basename, tmp)
+    assert server.count(url) == 3  # attempts=3
+    assert_nothing_left(dest, tmp)
+    assert any(busybox.path() in w and server.url in w for w in warnings(caplog))
+
+
+@pytest.mark.allow_log
+async def test_corrupted_byte_skips_to_the_next_substituter(
+        plain_cache: nixcache.BinaryCache, dirs: tuple[Path, Path],
+        caplog: pytest.LogCaptureFixture) -> None:
+    dest, tmp = dirs
+    busybox = path_named(plain_cache, "busybox")
+    url = nar_url(plain_cache, busybox)
+    with FaultServer(plain_cache.root) as bad, FaultServer(plain_cache.root) as good:
+        bad.always(url, Fault.corrupt(offset=nar_len(plain_cache, busybox) // 2))
+        cfg = config([bad.url, good.url], plain_cache.key.public_key)
+        async with Substituters(cfg) as subs:
+            info = await subs.fetch(busybox, dest / busybox.basename, tmp)
+        assert bad.count(url) == 1  # a hash mismatch is not retried at the same cache
+        assert good.count(url) == 1
+    assert_fetched(dest, tmp, info)
+    [warning] = warnings(caplog)
+    assert "does not match its NarHash" in warning and bad.url in warning
+
+
+@pytest.mark.allow_log
+async def test_corrupted_byte_with_no_other_substituter_leaves_nothing(
+        plain_cache: nixcache.BinaryCache, dirs: tuple[Path, Path]) -> None:
+    dest, tmp = dirs
+    busybox = path_named(plain_cache, "busybox")
+    url = nar_url(plain_cache, busybox)
+    with FaultServer(plain_cache.root) as bad:
+        bad.always(url, Fault.corrupt(offset=nar_len(plain_cache, busybox) // 3))
+        async with Substituters(config([bad.url], plain_cache.key.public_key)) as subs:
+            with pytest.raises(NotAvailableError, match="NarHash"):
+                await subs.fetch(busybox, dest / busybox.basename, tmp)
+    assert_nothing_left(dest, tmp)
+
+
+def _tampered_sig(text: str) -> bytes:
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("Sig: "):
+            name, _, sig = line[5:].partition(":")
+            raw = bytearray(base64.b64decode(sig))
+            raw[0] ^= 0xFF
+            line = f"Sig: {name}:{base64.b64encode(bytes(raw)).decode()}"
+        lines.append(line)
+    return ("\n".join(lines) + "\n").encode()
+
+
+@pytest.mark.allow_log
+async def test_wrong_signature_is_not_used(
+        binary_cache: nixcache.BinaryCache, server: FaultServer, dirs: tuple[Path, Path],
+        caplog: pytest.LogCaptureFixture) -> None:
+    dest, tmp = dirs
+    liba = path_named(binary_cache, "liba")
+    text = (binary_cache.root / f"{liba.hash_part}.narinfo").read_text()
+    server.always(f"/{liba.hash_part}.narinfo", Fault.replace(_tampered_sig(text)))
+    async with Substituters(config([server.url], binary_cache.key.public_key)) as subs:
+        assert await subs.query(liba) is None
+        with pytest.raises(NotAvailableError):
+            await subs.fetch(liba, dest / liba.basename, tmp)
+    assert nar_url(binary_cache, liba) not in server.requests
+    assert_nothing_left(dest, tmp)
+    [warning] = warnings(caplog)  # negatively cached: warned once
+    assert liba.path() in warning and server.url in warning and "signature" in warning
+
+
+@pytest.mark.allow_log
+async def test_signature_by_an_unknown_key_is_not_used(
+        binary_cache: nixcache.BinaryCache, server: FaultServer, dirs: tuple[Path, Path],
+        caplog: pytest.LogCaptureFixture) -> None:
+    dest, tmp = dirs
+    liba = path_named(binary_cache, "liba")
+    other = str(SecretKey.generate("someone-else-1").public_key)
+    async with Substituters(config([server.url], other)) as subs:
+        with pytest.raises(NotAvailableError):
+            await subs.fetch(liba, dest / liba.basename, tmp)
+    assert_nothing_left(dest, tmp)
+    assert any(liba.path() in w and "signature" in w for w in warnings(caplog))
+
+
+async def test_unsigned_narinfo_is_accepted_without_require_sigs(
+        binary_cache: nixcache.BinaryCache, server: FaultServer, dirs: tuple[Path, Path]) -> None:
+    dest, tmp = dirs
+    liba = path_named(binary_cache, "liba")
+    other = str(SecretKey.generate("someone-else-1").public_key)
+    async with Substituters(config([server.url], other, require_sigs=False)) as subs:
+        info = await subs.fetch(liba, dest / liba.basename, tmp)
+    assert_fetched(dest, tmp, info)
+
+
+@pytest.mark.allow_log
+async def test_narinfo_naming_another_path_is_not_used(
+        binary_cache: nixcache.BinaryCache, server: FaultServer, dirs: tuple[Path, Path],
+        caplog: pytest.LogCaptureFixture) -> None:
+    dest, tmp = dirs
+    liba, docs = path_named(binary_cache, "liba"), path_named(binary_cache, "docs")
+    other = (binary_cache.root / f"{docs.hash_part}.narinfo").read_bytes()
+    server.always(f"/{liba.hash_part}.narinfo", Fault.replace(other))
+    async with Substituters(config([server.url], binary_cache.key.public_key)) as subs:
+        assert await subs.query(liba) is None
+        with pytest.raises(NotAvailableError):
+            await subs.fetch(liba, dest / liba.basename, tmp)
+    assert_nothing_left(dest, tmp)
+    assert any(docs.path() in w and liba.hash_part in w for w in warnings(caplog))
+
+
+async def test_404_narinfo_is_absent_and_not_retried(
+        binary_cache: nixcache.BinaryCache, server: FaultServer, dirs: tuple[Path, Path]) -> None:
+    dest, tmp = dirs
+    liba = path_named(binary_cache, "liba")
+    server.always(f"/{liba.hash_part}.narinfo", Fault.error(404))
+    async with Substituters(config([server.url], binary_cache.key.public_key)) as subs:
+        assert await subs.query(liba) is None
+        with pytest.raises(NotAvailableError, match="no substituter has it"):
+            await subs.fetch(liba, dest / liba.basename, tmp)
+        assert subs.stats.narinfo_misses == 1
+    assert server.count(f"/{liba.hash_part}.narinfo") == 1  # then negatively cached
+    assert_nothing_left(dest, tmp)
+
+
+@pytest.mark.allow_log
+async def test_404_nar_behind_a_valid_narinfo(
+        binary_cache: nixcache.BinaryCache, server: FaultServer, dirs: tuple[Path, Path],
+        caplog: pytest.LogCaptureFixture) -> None:
+    dest, tmp = dirs
+    liba = path_named(binary_cache, "liba")
+    url = nar_url(binary_cache, liba)
+    server.always(url, Fault.error(404))
+    async with Substituters(config([server.url], binary_cache.key.public_key)) as subs:
+        with pytest.raises(NotAvailableError, match="not found"):
+            await subs.fetch(liba, dest / liba.basename, tmp)
+    assert server.count(url) == 1
+    assert_nothing_left(dest, tmp)
+    assert any("not found" in w for w in warnings(caplog))
+
+
+@pytest.mark.allow_log
+@pytest.mark.parametrize("where", ["narinfo", "nar-headers", "nar-body"])
+async def test_stalling_server_is_an_error_in_bounded_time(
+        binary_cache: nixcache.BinaryCache, server: FaultServer, dirs: tuple[Path, Path],
+        where: str) -> None:
+    dest, tmp = dirs
+    busybox = path_named(binary_cache, "busybox")
+    if where == "narinfo":
+        server.always(f"/{busybox.hash_part}.narinfo", Fault.stall(after=-1))
+    elif where == "nar-headers":
+        server.always(nar_url(binary_cache, busybox), Fault.stall(after=-1))
+    else:
+        server.always(nar_url(binary_cache, busybox), Fault.stall(after=4096))
+    cfg = config([server.url], binary_cache.key.public_key, stall_timeout=0.5, attempts=2)
+    with trio.fail_after(60):  # the property: an error, not a hang
+        async with Substituters(cfg) as subs:
+            with pytest.raises(SubstituterError, match="no (data|response)"):
+                await subs.fetch(busybox, dest / busybox.basename, tmp)
+    assert_nothing_left(dest, tmp)
+
+
+async def test_cancelled_fetch_leaves_nothing(
+        binary_cache: nixcache.BinaryCache, server: FaultServer, dirs: tuple[Path, Path]) -> None:
+    dest, tmp = dirs
+    busybox = path_named(binary_cache, "busybox")
+    url = nar_url(binary_cache, busybox)
+    server.always(url, Fault.stall(after=nar_len(binary_cache, busybox) // 2))
+    async with Substituters(config([server.url], binary_cache.key.public_key)) as subs:
+        with trio.move_on_after(1.0) as scope:
+            await subs.fetch(busybox, dest / busybox.basename, tmp)
+    assert scope.cancelled_caught
+    assert server.count(url) == 1
+    assert_nothing_left(dest, tmp)
+
+
+async def test_fifty_concurrent_fetches_download_once(
+        binary_cache: nixcache.BinaryCache, server: FaultServer, dirs: tuple[Path, Path]) -> None:
+    dest, tmp = dirs
+    busybox = path_named(binary_cache, "busybox")
+    results: list[NarInfo] = []
+    async with Substituters(config([server.url], binary_cache.key.public_key)) as subs:
+
+        async def one() -> None:
+            results.append(await subs.fetch(busybox, dest / busybox.basename, tmp))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(50):
+                nursery.start_soon(one)
+        assert subs.stats.nars_fetched == 1
+    assert len(results) == 50 and all(r == results[0] for r in results)
+    assert server.count(nar_url(binary_cache, busybox)) == 1
+    assert server.count(f"/{busybox.hash_part}.narinfo") == 1
+    assert_fetched(dest, tmp, results[0])
+
+
+async def test_fifty_concurrent_queries_ask_once(
+        binary_cache: nixcache.BinaryCache, server: FaultServer) -> None:
+    liba = path_named(binary_cache, "liba")
+    async with Substituters(config([server.url], binary_cache.key.public_key)) as subs:
+        async with trio.open_nursery() as nursery:
+            for _ in range(50):
+                nursery.start_soon(subs.query, liba)
+        assert subs.stats.narinfo_hits == 50
+    assert server.count(f"/{liba.hash_part}.narinfo") == 1
+    assert server.count("/nix-cache-info") == 1
+
+
+async def test_content_encoding_is_decoded(
+        binary_cache: nixcache.BinaryCache, server: FaultServer) -> None:
+    liba = path_named(binary_cache, "liba")
+    text = (binary_cache.root / f"{liba.hash_part}.narinfo").read_bytes()
+    server.always(f"/{liba.hash_part}.narinfo",
+                  Fault.replace(gzip.compress(text), {"Content-Encoding": "gzip"}))
+    async with Substituters(config([server.url], binary_cache.key.public_key)) as subs:
+        info = await subs.query(liba)
+    assert info is not None and info.store_path == liba.path()
+
+
+async def test_netrc_credentials_are_sent_and_never_logged(
+        binary_cache: nixcache.BinaryCache, server: FaultServer, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    secret = "s3cret-pw-do-not-log"
+    netrc = tmp_path / "netrc"
+    netrc.write_text(f"machine 127.0.0.1 login alice password {secret}\n")
+    liba = path_named(binary_cache, "liba")
+    cfg = config([server.url], binary_cache.key.public_key, netrc_file=netrc)
+    async with Substituters(cfg) as subs:
+        assert await subs.query(liba) is not None
+    token = base64.b64encode(f"alice:{secret}".encode()).decode()
+    assert all(h.get("Authorization") == f"Basic {token}" for h in server.request_headers)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert logged and secret not in logged and token not in logged
