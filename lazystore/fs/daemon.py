@@ -60,7 +60,7 @@ def _lazy_unmount(path: str) -> None:
 def prepare_mountpoint(path: str) -> None:
     """Clear a stale mount of a killed daemon; refuse a live one."""
     try:
-        os.stat(path)
+        os.statvfs(path)  # never answered from the kernel's attribute cache
     except FileNotFoundError:
         os.makedirs(path, exist_ok=True)
         return
