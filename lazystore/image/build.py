@@ -7,6 +7,7 @@ import os
 import stat
 import tempfile
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +61,10 @@ def _layers(
     if layers is None:
         return [[i.path for i in infos]], [_nix_layer(infos, tmp)]
     groups = layered.group_layers(infos, layers)
-    return groups, [_content_layer(g, tmp / f"layer{n}") for n, g in enumerate(groups)]
+    # zlib, hashlib and file reads release the GIL: layers compress in parallel.
+    with ThreadPoolExecutor(max_workers=min(len(groups), os.cpu_count() or 1) or 1) as pool:
+        jobs = [pool.submit(_content_layer, g, tmp / f"layer{n}") for n, g in enumerate(groups)]
+        return groups, [job.result() for job in jobs]
 
 
 def _nix_layer(infos: Sequence[PathInfo], tmp: Path) -> tuple[oci.Layer, dict[str, str]]:
