@@ -1,0 +1,148 @@
+"""``lazystore fetch`` end to end: real Nix caches, a real HTTP server."""
+
+from __future__ import annotations
+
+import os
+import pty
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lazystore.cli import main
+from lazystore.nix.storepath import StorePath
+from tests.support import nixcache
+from tests.support.httpserver import serve_directory
+
+
+def nix_hash(path: Path) -> str:
+    digest = nixcache.nar_hash(str(path))
+    return digest if digest.startswith("sha256:") else f"sha256:{digest}"
+
+
+def narinfo_hash(cache: nixcache.BinaryCache, path: str) -> str:
+    text = cache.narinfo_path(path).read_text()
+    return next(line.split(": ", 1)[1] for line in text.splitlines()
+                if line.startswith("NarHash: "))
+
+
+def base_args(cache: nixcache.BinaryCache, url: str, dest: Path, tmp_path: Path) -> list[str]:
+    return ["fetch", "--substituter", url, "--trusted-public-key", cache.key.public_key,
+            "--dest", str(dest), "--nix-conf", str(tmp_path / "no-nix.conf")]
+
+
+def named(cache: nixcache.BinaryCache, name: str) -> str:
+    return next(p for p in cache.paths if p.endswith(f"-{name}"))
+
+
+def test_fetch_materialises_the_closure(binary_cache: nixcache.BinaryCache, http_cache: str,
+                                        tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                        ) -> None:
+    dest = tmp_path / "out"
+    assert main(base_args(binary_cache, http_cache, dest, tmp_path) + [binary_cache.top]) == 0
+    assert sorted(p.name for p in dest.iterdir()) == sorted(
+        Path(p).name for p in binary_cache.paths)  # no temporaries left either
+    for path in binary_cache.paths:
+        assert nix_hash(dest / Path(path).name) == narinfo_hash(binary_cache, path)
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [err.strip()]  # one summary line, no progress bar
+    assert err.startswith(f"fetched {len(binary_cache.paths)} paths;") and "\r" not in err
+
+
+def test_no_closure_fetches_only_the_named_paths(binary_cache: nixcache.BinaryCache,
+                                                 tmp_path: Path) -> None:
+    dest = tmp_path / "out"
+    base = Path(binary_cache.top).name  # base names are accepted too
+    assert main(base_args(binary_cache, binary_cache.url, dest, tmp_path)
+                + ["--no-closure", base]) == 0
+    assert [p.name for p in dest.iterdir()] == [base]
+
+
+def test_present_paths_are_not_fetched_again(binary_cache: nixcache.BinaryCache,
+                                             tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    dest = tmp_path / "out"
+    with serve_directory(binary_cache.root) as server:
+        args = base_args(binary_cache, server.url, dest, tmp_path)  # type: ignore[attr-defined]
+        assert main(args + [named(binary_cache, "liba"), "--no-closure"]) == 0
+        capsys.readouterr()
+        assert main(args + [binary_cache.top]) == 0
+        requests = server.requests  # type: ignore[attr-defined]
+    nar_requests = [r for r in requests if r.startswith("/nar/")]
+    assert len(nar_requests) == len(binary_cache.paths)  # liba's NAR once, not twice
+    err = capsys.readouterr().err
+    assert f"fetched {len(binary_cache.paths) - 1} paths, 1 already present" in err
+
+
+def test_failed_paths_get_one_line_each_and_the_rest_stays(
+        binary_cache: nixcache.BinaryCache, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    dest = tmp_path / "out"
+    absent = f"/nix/store/{'1' * 32}-absent"
+    liba = named(binary_cache, "liba")
+    code = main(base_args(binary_cache, binary_cache.url, dest, tmp_path) + [absent, liba])
+    assert code == 1
+    errors = [line for line in capsys.readouterr().err.splitlines()
+              if line.startswith("lazystore: error:")]
+    assert errors == [f"lazystore: error: no substituter has {absent}"]
+    assert nix_hash(dest / Path(liba).name) == narinfo_hash(binary_cache, liba)
+
+
+def test_defaults_come_from_nix_conf(binary_cache: nixcache.BinaryCache,
+                                     tmp_path: Path) -> None:
+    conf = tmp_path / "nix.conf"
+    conf.write_text(f"substituters = {binary_cache.url}\n"
+                    f"trusted-public-keys = {binary_cache.key.public_key}\n")
+    dest = tmp_path / "out"
+    assert main(["fetch", "--nix-conf", str(conf), "--dest", str(dest), binary_cache.top]) == 0
+    assert len(list(dest.iterdir())) == len(binary_cache.paths)
+
+
+@pytest.mark.allow_log
+def test_untrusted_cache_fails_with_one_line(binary_cache: nixcache.BinaryCache,
+                                             tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    dest = tmp_path / "out"
+    args = ["fetch", "--substituter", binary_cache.url, "--dest", str(dest),
+            "--nix-conf", str(tmp_path / "none.conf"), "--no-closure", binary_cache.top]
+    assert main(args) == 1  # only cache.nixos.org's key is trusted by default
+    errors = [line for line in capsys.readouterr().err.splitlines()
+              if line.startswith("lazystore: error:")]
+    assert errors == [f"lazystore: error: no substituter has {binary_cache.top}"]
+    assert list(dest.iterdir()) == []
+
+
+def test_invalid_store_path_is_one_clear_line(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["fetch", "--substituter", "file:///nonexistent", "--dest", str(tmp_path),
+                 "--nix-conf", str(tmp_path / "none.conf"), "/nix/store/not-a-path"])
+    assert code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lazystore: error:") and "\n" not in err
+
+
+def test_progress_bar_on_a_terminal(binary_cache: nixcache.BinaryCache,
+                                    tmp_path: Path) -> None:
+    primary, secondary = pty.openpty()
+    dest = tmp_path / "out"
+    args = base_args(binary_cache, binary_cache.url, dest, tmp_path) + [binary_cache.top]
+    proc = subprocess.Popen([sys.executable, "-m", "lazystore", *args], stderr=secondary,
+                            stdout=subprocess.DEVNULL, cwd=Path(__file__).parents[1])
+    os.close(secondary)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(primary, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(primary)
+    assert proc.wait(timeout=120) == 0
+    text = output.decode()
+    total = len(binary_cache.paths)
+    assert "\r[" in text and f"{total}/{total} paths" in text and "MiB/s" in text
+    assert StorePath.from_basename(Path(binary_cache.top).name).basename in {
+        p.name for p in dest.iterdir()}
