@@ -309,7 +309,7 @@ def merge_containerd_config(text: str, address: str, cri_default: bool = False) 
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise DeployError(f"containerd config is not valid TOML: {exc}") from None
+        raise DeployError(f"not valid TOML ({exc}); nothing changed") from None
     want = _wanted(data, address, cri_default)
     if want == data:
         return None
@@ -480,9 +480,13 @@ def install(cfg: DeployConfig, targets: Targets, dry_run: bool = False) -> list[
         except OSError as exc:
             raise DeployError(f"cannot read {targets.containerd_config}: {exc.strerror}") from None
     # Check the containerd config before writing anything.
-    merged = (merge_containerd_config(config_text, cfg.snapshotter_address,
-                                      cfg.cri_default_snapshotter)
-              if cfg.containerd else None)
+    merged = None
+    if cfg.containerd:
+        try:
+            merged = merge_containerd_config(config_text, cfg.snapshotter_address,
+                                             cfg.cri_default_snapshotter)
+        except DeployError as exc:
+            raise DeployError(f"{targets.containerd_config}: {exc}") from None
     changes = [_write(targets.unit_dir / DAEMON_UNIT, daemon_unit(cfg), dry_run)]
     if cfg.snapshotter:
         changes.append(_write(targets.unit_dir / SNAPSHOTTER_UNIT, snapshotter_unit(cfg), dry_run))

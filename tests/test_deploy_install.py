@@ -1,0 +1,325 @@
+"""scripts/install-systemd: units systemd accepts, an idempotent merge into
+containerd's config.toml that keeps everything else, clear failures."""
+
+from __future__ import annotations
+
+import datetime
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lazystore import deploy
+from lazystore.cli import main
+from lazystore.deploy import DeployConfig, DeployError, Targets
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "install-systemd"
+LAZYSTORE = Path(sys.executable).with_name("lazystore")
+ADDRESS = "/run/lazystore-snapshotter.sock"
+PROXY = {"type": "snapshot", "address": ADDRESS}
+
+# A containerd 1.6 config as an administrator might have it: comments, a
+# runtime, a registry mirror, another proxy plugin.
+EXISTING = """\
+# containerd config, edited by hand
+version = 2
+root = "/var/lib/containerd"
+
+[grpc]
+  address = "/run/containerd/containerd.sock"
+
+[plugins]
+  [plugins."io.containerd.grpc.v1.cri"]
+    sandbox_image = "registry.k8s.io/pause:3.6"
+    [plugins."io.containerd.grpc.v1.cri".containerd]
+      default_runtime_name = "runc"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+        runtime_type = "io.containerd.runc.v2"
+    [plugins."io.containerd.grpc.v1.cri".registry.mirrors."docker.io"]
+      endpoint = ["https://mirror.example.org"]
+
+[proxy_plugins]
+  [proxy_plugins.stargz]
+    type = "snapshot"
+    address = "/run/containerd-stargz-grpc/containerd-stargz-grpc.sock"
+"""
+
+
+def config(**kw: Any) -> DeployConfig:
+    return DeployConfig(executable=str(LAZYSTORE), **kw)
+
+
+def without(data: dict[str, Any], *path: str) -> dict[str, Any]:
+    """*data* without the key at *path* (and tables it leaves empty)."""
+    if len(path) == 1:
+        return {k: v for k, v in data.items() if k != path[0]}
+    out = dict(data)
+    out[path[0]] = without(data[path[0]], *path[1:])
+    if not out[path[0]]:
+        del out[path[0]]
+    return out
+
+
+def backups(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(path.name + ".bak-*"))
+
+
+def run_script(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+                          timeout=120)
+
+
+# ------------------------------------------------------------- unit files
+
+
+def systemd_verify(*units: Path) -> None:
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    proc = subprocess.run(["systemd-analyze", "verify", *map(str, units)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    # Unknown keys and bad values are only warnings: accept none of them.
+    assert proc.stderr.strip() == "", proc.stderr
+
+
+def test_installed_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    targets = Targets.under(tmp_path)
+    deploy.install(config(cache_size="20G"), targets)
+    systemd_verify(targets.unit_dir / deploy.DAEMON_UNIT,
+                   targets.unit_dir / deploy.SNAPSHOTTER_UNIT)
+
+
+def test_units_with_unusual_paths_pass_verify(tmp_path: Path) -> None:
+    targets = Targets.under(tmp_path)
+    cfg = config(mount_point="/mnt/lazy store", cache_dir="/srv/cache 100%",
+                 snapshotter_root="/srv/snap $x", substituters=["http://127.0.0.1:1/a b"],
+                 extra_args=['--store-dir', '/nix/"store"'])
+    deploy.install(cfg, targets)
+    systemd_verify(targets.unit_dir / deploy.DAEMON_UNIT,
+                   targets.unit_dir / deploy.SNAPSHOTTER_UNIT)
+    text = (targets.unit_dir / deploy.DAEMON_UNIT).read_text()
+    exec_start = next(line for line in text.splitlines() if line.startswith("ExecStart="))
+    words = [w.replace("%%", "%").replace("$$", "$")
+             for w in shlex.split(exec_start.removeprefix("ExecStart="))]
+    assert words == deploy.daemon_argv(cfg)
+
+
+def test_containerd_dropin_passes_verify(tmp_path: Path) -> None:
+    shipped = Path("/lib/systemd/system/containerd.service")
+    if not shipped.exists():
+        pytest.skip("containerd.service is not installed")
+    targets = Targets.under(tmp_path)
+    deploy.install(config(), targets)
+    shutil.copy(shipped, targets.unit_dir / "containerd.service")
+    dropin = targets.unit_dir / deploy.CONTAINERD_DROPIN
+    assert "After=lazystore-snapshotter.service" in dropin.read_text()
+    systemd_verify(targets.unit_dir / "containerd.service")
+
+
+def test_unit_contents() -> None:
+    daemon = deploy.daemon_unit(config())
+    assert "Type=notify\n" in daemon and "Restart=on-failure\n" in daemon
+    assert "DeviceAllow=/dev/fuse rw\n" in daemon and "CAP_SYS_ADMIN" in daemon
+    assert "ProtectSystem" not in daemon and "PrivateTmp" not in daemon
+    assert "WantedBy=multi-user.target\n" in daemon
+    snapshotter = deploy.snapshotter_unit(config())
+    for line in ("Requires=lazystore.service", "After=lazystore.service",
+                 "Before=containerd.service", "Type=notify", "Restart=on-failure"):
+        assert line + "\n" in snapshotter
+
+
+# ------------------------------------------------------ containerd config
+
+
+def test_merge_keeps_everything_and_adds_the_proxy_plugin() -> None:
+    merged = deploy.merge_containerd_config(EXISTING, ADDRESS)
+    assert merged is not None
+    assert merged.startswith(EXISTING), "appended: comments and layout survive"
+    data = tomllib.loads(merged)
+    assert data["proxy_plugins"]["lazystore"] == PROXY
+    assert without(data, "proxy_plugins", "lazystore") == tomllib.loads(EXISTING)
+    assert deploy.merge_containerd_config(merged, ADDRESS) is None
+
+
+def test_merge_agrees_with_the_snapshotter_stanza() -> None:
+    proc = subprocess.run([str(LAZYSTORE), "snapshotter", "--print-containerd-config",
+                           "--address", "/run/x.sock"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    stanza = tomllib.loads(proc.stdout)
+    merged = deploy.merge_containerd_config("version = 2\n", "/run/x.sock")
+    assert merged is not None
+    assert tomllib.loads(merged)["proxy_plugins"] == stanza["proxy_plugins"]
+
+
+def test_cri_default_snapshotter_rewrites_when_it_must() -> None:
+    merged = deploy.merge_containerd_config(EXISTING, ADDRESS, cri_default=True)
+    assert merged is not None
+    data = tomllib.loads(merged)
+    cri = data["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]
+    assert cri["snapshotter"] == "lazystore"
+    assert cri["default_runtime_name"] == "runc"
+    rest = without(without(data, "proxy_plugins", "lazystore"),
+                   "plugins", "io.containerd.grpc.v1.cri", "containerd", "snapshotter")
+    assert rest == tomllib.loads(EXISTING)
+    assert deploy.merge_containerd_config(merged, ADDRESS, cri_default=True) is None
+
+
+def test_cri_default_in_a_version_1_config() -> None:
+    merged = deploy.merge_containerd_config('root = "/var/lib/containerd"\n', ADDRESS,
+                                            cri_default=True)
+    assert merged is not None
+    data = tomllib.loads(merged)
+    assert data["plugins"]["cri"]["containerd"]["snapshotter"] == "lazystore"
+    assert data["proxy_plugins"]["lazystore"] == PROXY
+    assert data["root"] == "/var/lib/containerd"
+
+
+def test_stale_address_is_replaced_other_keys_kept() -> None:
+    old = EXISTING + '\n[proxy_plugins.lazystore]\n  type = "snapshot"\n  address = "/old.sock"\n'
+    merged = deploy.merge_containerd_config(old, ADDRESS)
+    assert merged is not None
+    data = tomllib.loads(merged)
+    assert data["proxy_plugins"]["lazystore"] == PROXY
+    assert data["proxy_plugins"]["stargz"] == tomllib.loads(EXISTING)["proxy_plugins"]["stargz"]
+    assert without(data, "proxy_plugins", "lazystore") == tomllib.loads(EXISTING)
+
+
+@pytest.mark.parametrize("text", ["", "# nothing configured yet\n"])
+def test_empty_config_becomes_version_2(text: str) -> None:
+    merged = deploy.merge_containerd_config(text, ADDRESS)
+    assert merged is not None and merged.startswith(text)
+    assert tomllib.loads(merged) == {"version": 2, "proxy_plugins": {"lazystore": PROXY}}
+
+
+def test_invalid_toml_is_refused() -> None:
+    with pytest.raises(DeployError, match="not valid TOML"):
+        deploy.merge_containerd_config("[plugins\nversion = 2\n", ADDRESS)
+
+
+# ---------------------------------------------------------------- install
+
+
+def test_install_is_idempotent_and_backs_up(tmp_path: Path) -> None:
+    targets = Targets.under(tmp_path)
+    targets.containerd_config.parent.mkdir(parents=True)
+    targets.containerd_config.write_text(EXISTING)
+    first = deploy.install(config(), targets)
+    assert [c.action for c in first] == ["created", "created", "created", "updated"]
+    [backup] = backups(targets.containerd_config)
+    assert backup.read_text() == EXISTING
+    written = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    second = deploy.install(config(), targets)
+    assert [c.action for c in second] == ["unchanged"] * 4
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == written
+
+
+def test_changed_options_update_units_with_backup(tmp_path: Path) -> None:
+    targets = Targets.under(tmp_path)
+    deploy.install(config(), targets)
+    unit = targets.unit_dir / deploy.DAEMON_UNIT
+    before = unit.read_text()
+    changes = deploy.install(config(cache_size="5G"), targets)
+    assert changes[0].action == "updated"
+    assert "--cache-size 5G" in unit.read_text()
+    assert [b.read_text() for b in backups(unit)] == [before]
+
+
+def test_bad_containerd_config_writes_nothing(tmp_path: Path) -> None:
+    targets = Targets.under(tmp_path)
+    targets.containerd_config.parent.mkdir(parents=True)
+    targets.containerd_config.write_text("version = [\n")
+    with pytest.raises(DeployError, match=str(targets.containerd_config)):
+        deploy.install(config(), targets)
+    assert not targets.unit_dir.exists()
+    assert targets.containerd_config.read_text() == "version = [\n"
+
+
+def test_relative_paths_are_refused() -> None:
+    with pytest.raises(DeployError, match="cache dir must be an absolute path"):
+        config(cache_dir="var/cache")
+
+
+def test_script_prints_what_it_changed(tmp_path: Path) -> None:
+    first = run_script("--root", tmp_path, "--exec", LAZYSTORE, "--cri-default-snapshotter")
+    assert first.returncode == 0, first.stderr
+    unit_dir = tmp_path / "etc/systemd/system"
+    assert first.stdout.splitlines() == [
+        f"created {unit_dir / 'lazystore.service'}",
+        f"created {unit_dir / 'lazystore-snapshotter.service'}",
+        f"created {unit_dir / 'containerd.service.d/lazystore.conf'}",
+        f"created {tmp_path / 'etc/containerd/config.toml'}",
+    ]
+    data = tomllib.loads((tmp_path / "etc/containerd/config.toml").read_text())
+    assert data["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["snapshotter"] == "lazystore"
+    second = run_script("--root", tmp_path, "--exec", LAZYSTORE, "--cri-default-snapshotter")
+    assert second.returncode == 0, second.stderr
+    assert all(line.startswith("unchanged ") for line in second.stdout.splitlines())
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str, str]:
+    """`lazystore install-systemd ARGS` in this process: status, stdout, stderr."""
+    status = main(["install-systemd", *map(str, args)])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_cli_dry_run_and_no_snapshotter(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = cli(capsys, "--root", tmp_path, "--exec", LAZYSTORE, "--dry-run")
+    assert status == 0
+    assert len(out.splitlines()) == 4
+    assert all(line.startswith("would be created ") for line in out.splitlines())
+    assert not any(tmp_path.iterdir())
+    status, out, _ = cli(capsys, "--root", tmp_path, "--exec", LAZYSTORE, "--no-snapshotter")
+    assert status == 0
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["lazystore.service"]
+
+
+def test_cli_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "etc/containerd").mkdir(parents=True)
+    (tmp_path / "etc/containerd/config.toml").write_text("[[broken\n")
+    status, out, err = cli(capsys, "--root", tmp_path, "--exec", LAZYSTORE)
+    assert status == 1 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lazystore: error: ")
+    assert "config.toml" in lines[0] and "not valid TOML" in lines[0]
+    assert not (tmp_path / "etc/systemd").exists()
+
+
+# ------------------------------------------------------- the TOML writer
+
+_keys = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=8)
+_scalars = st.one_of(
+    st.booleans(),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=False),
+    st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=20),
+    st.datetimes(timezones=st.just(datetime.UTC)).map(lambda d: d.replace(microsecond=0)),
+    st.dates(),
+)
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=3),
+                            st.dictionaries(_keys, inner, max_size=3)),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.dictionaries(_keys, _values, max_size=5))
+def test_toml_writer_round_trips(data: dict[str, Any]) -> None:
+    assert tomllib.loads(deploy.toml_dumps(data)) == data
+
+
+@pytest.mark.parametrize("arg", ["plain", "a b", 'q"uote', "back\\slash", "100%", "$HOME", ""])
+def test_exec_quote_round_trips(arg: str) -> None:
+    [word] = shlex.split(deploy.exec_quote(arg))
+    assert word.replace("%%", "%").replace("$$", "$") == arg
