@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from bench.harness import report
-from bench.harness.modes import MODES
+from bench.harness.cli import MODES
 from bench.proxy import PROFILES, shaping_proxy
 from tests.support import nixcache
 from tests.support.httpserver import serve_directory

@@ -12,21 +12,22 @@ import shutil
 import socket
 import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.harness import report
+from bench.harness.containers import CONTAINER_MODES
 from bench.harness.measure import RunFailed, Skip
-from bench.harness.modes import MODES, Context
+from bench.harness.modes import HOST_MODES, Context
 from bench.harness.workloads import BENCH, Workload, bench_key, build, write_caches
 from bench.proxy import PROFILES, shaping_proxy
 from tests.support.httpserver import serve_directory
 
 log = logging.getLogger(__name__)
 
+MODES = {**HOST_MODES, **CONTAINER_MODES}
 ALL_WORKLOADS = ("python", "busybox", "wide")
 QUICK_WORKLOADS = ("busybox", "wide")
 
@@ -182,6 +183,3 @@ def _tree_size(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
 
-@contextmanager
-def _nothing() -> Iterator[None]:
-    yield

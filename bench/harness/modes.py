@@ -218,7 +218,7 @@ def lazystore_fuse(ctx: Context) -> Record:
     }
 
 
-MODES: dict[str, Callable[[Context], Record]] = {
+HOST_MODES: dict[str, Callable[[Context], Record]] = {
     "nix-eager": nix_eager,
     "lazystore-fuse": lazystore_fuse,
 }

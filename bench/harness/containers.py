@@ -1,0 +1,263 @@
+"""Container modes: the workload as images in a real local registry (behind
+the shaping proxy), pulled and run by a fresh private containerd 1.6 with the
+stock overlayfs snapshotter or with lazystore's snapshotter.
+
+Timing per run, from the start of the pull: ``pull`` (``ctr image pull``),
+``create`` (``ctr container create``: the rootfs snapshot), ``run`` (``ctr
+task start`` until the program's first output). Bytes are what crossed the
+proxies (registry + binary cache)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.harness.measure import (
+    Output,
+    RunFailed,
+    Skip,
+    check,
+    drop_caches,
+    peak_rss_kib,
+    run_until_exit,
+)
+from bench.harness.modes import LAZYSTORE, Context, Daemon, cli_has, lazystore_status, nar_fetches
+from bench.harness.workloads import CACHE_DIR, Workload
+from bench.proxy import ShapingProxy, shaping_proxy
+
+log = logging.getLogger(__name__)
+
+LAYERS = 100  # --layered N: containerd 1.6 overlay mounts stay well below their limits
+Record = dict[str, Any]
+
+
+@dataclass
+class Images:
+    """References (through the registry proxy) of the workload's four images."""
+
+    proxy: ShapingProxy  # in front of the registry
+    refs: dict[tuple[str, str], str]  # (kind, variant) -> HOST:PORT/REPO:TAG
+
+
+def _support() -> tuple[Any, Any]:
+    try:
+        from tests.support import containerd, registry
+    except ImportError as exc:
+        raise Skip(f"tests.support containerd/registry helpers are missing ({exc})") from None
+    return containerd, registry
+
+
+def _image_archive(wl: Workload, kind: str) -> Path:
+    """Build (once, cached in bench/.cache/images) the workload's nix or layered image."""
+    dest = CACHE_DIR / "images" / f"{Path(wl.top).name}-{kind}.tar"
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".tmp")
+    argv = [LAZYSTORE, "image", "build", wl.top, "-o", str(tmp),
+            "--name", f"bench/{wl.name}:{kind}", "--entrypoint", json.dumps(wl.argv)]
+    if kind == "layered":
+        argv += ["--layered", str(LAYERS)]
+    log.info("building %s image of %s", kind, wl.top)
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RunFailed(f"lazystore image build failed: {proc.stderr.strip()[-500:]}")
+    tmp.rename(dest)
+    return dest
+
+
+def start_registry(stack: ExitStack, workdir: Path, first: Workload, second: Workload,
+                   profile: Any) -> Images:
+    """A real registry with the four images pushed (unshaped), and a shaping
+    proxy in front of it for the pulls; owned by *stack*."""
+    containerd, registry = _support()
+    if not containerd.have_containerd():
+        raise Skip("containerd, ctr and runc (and root) are needed")
+    if not registry.available():
+        raise Skip("docker-registry is not installed")
+    if not cli_has("image", "build") or not cli_has("image", "push"):
+        raise Skip("`lazystore image build/push` have not landed yet (issue 5)")
+    reg = stack.enter_context(registry.running(workdir / "registry"))
+    proxy = stack.enter_context(shaping_proxy(reg.url, profile))
+    refs = {}
+    for variant, wl in (("v1", first), ("v2", second)):
+        for kind in ("nix", "layered"):
+            archive = _image_archive(wl, kind)
+            repo = f"bench/{wl.name}-{kind}:{variant}"
+            proc = subprocess.run([LAZYSTORE, "image", "push", str(archive), f"{reg.host}/{repo}",
+                                   "--plain-http"], capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RunFailed(f"lazystore image push failed: {proc.stderr.strip()[-500:]}")
+            refs[(kind, variant)] = f"{proxy.address}/{repo}"
+    return Images(proxy, refs)
+
+
+def _images(ctx: Context) -> Images:
+    """The registry for this context, started on first use (Skip is remembered)."""
+    if "images" not in ctx.extra:
+        try:
+            ctx.extra["images"] = start_registry(
+                ctx.extra["stack"], ctx.fresh_dir("registry"), ctx.workload,
+                ctx.extra["delta"], ctx.profile)
+        except (Skip, RunFailed) as exc:
+            ctx.extra["images"] = exc
+    found = ctx.extra["images"]
+    if isinstance(found, Exception):
+        raise found
+    return found
+
+
+class _Pull:
+    """pull + create + start of one image in a running containerd."""
+
+    def __init__(self, ctd: Any, snapshotter: str, timeout: float) -> None:
+        self.ctd = ctd
+        self.snapshotter = snapshotter
+        self.timeout = timeout
+
+    def _ctr(self, *args: str) -> list[str]:
+        return ["ctr", "--address", str(self.ctd.address), "--namespace", self.ctd.namespace,
+                *args]
+
+    def run(self, ref: str, name: str, expect: str) -> tuple[Output, dict[str, float]]:
+        start = time.monotonic()
+        pull = run_until_exit(self._ctr("images", "pull", "--plain-http", "--snapshotter",
+                                        self.snapshotter, ref), start, self.timeout)
+        if pull.returncode != 0:
+            raise RunFailed(f"ctr image pull failed: {pull.stderr.strip()[-500:]}")
+        create = run_until_exit(self._ctr("containers", "create", "--snapshotter",
+                                          self.snapshotter, ref, name), start, self.timeout)
+        if create.returncode != 0:
+            raise RunFailed(f"ctr container create failed: {create.stderr.strip()[-500:]}")
+        prog = run_until_exit(self._ctr("tasks", "start", name), start, self.timeout)
+        check(prog, expect, f"container {name}")
+        split = {"pull": pull.finished, "create": create.finished - pull.finished,
+                 "run": prog.first_output - create.finished}
+        self.ctd.ctr("tasks", "delete", name, check=False)
+        self.ctd.ctr("containers", "delete", name, check=False)
+        return prog, split
+
+
+def _record(prog: Output, split: dict[str, float], proxies: list[ShapingProxy],
+            cache_stats: Any = None) -> Record:
+    stats = [p.reset() for p in proxies]
+    return {
+        "time_to_first_output": prog.first_output,
+        "split": split,
+        "bytes": sum(s.bytes_down for s in stats),
+        "requests": sum(len(s.requests) for s in stats),
+        "output": prog.first_line,
+        **({} if cache_stats is None else cache_stats),
+    }
+
+
+def oci_overlayfs(ctx: Context, delta: bool = False) -> Record:
+    """The --layered image on containerd's own overlayfs snapshotter."""
+    images = _images(ctx)
+    containerd, _ = _support()
+    with containerd.Containerd(ctx.fresh_dir("containerd-oci")) as ctd:
+        puller = _Pull(ctd, "overlayfs", ctx.timeout)
+        new_nar = None
+        if delta:
+            puller.run(images.refs[("layered", "v1")], "first", ctx.workload.expect)
+            new_nar = _new_nar_bytes(ctx)
+        dropped = drop_caches()
+        for p in (images.proxy, ctx.cache_proxy):
+            p.reset()
+        prog, split = puller.run(images.refs[("layered", "v2" if delta else "v1")], "bench",
+                                 ctx.extra["delta"].expect if delta else ctx.workload.expect)
+        layers = len([t for t in images.proxy.stats.targets("/v2/") if "/blobs/" in t])
+        record = _record(prog, split, [images.proxy, ctx.cache_proxy])
+        rss = _containerd_rss(ctd)
+    record.update({"store_paths_fetched": _paths_in_layers(ctx, delta),
+                   "blobs_fetched": layers, "daemon_peak_rss_kib": rss,
+                   "page_cache_dropped": dropped})
+    if new_nar is not None:
+        record["new_nar_bytes"] = new_nar
+    return record
+
+
+def _paths_in_layers(ctx: Context, delta: bool) -> int:
+    """A layered pull brings every store path of the image (or of the new layers)."""
+    first = set(ctx.workload.paths)
+    second = set(ctx.extra["delta"].paths)
+    return len(second - first) if delta else len(first)
+
+
+def _new_nar_bytes(ctx: Context) -> int:
+    second: Workload = ctx.extra["delta"]
+    new = set(second.paths) - set(ctx.workload.paths)
+    return sum(second.nar_sizes[p] for p in new)
+
+
+def _containerd_rss(ctd: Any) -> int | None:
+    return None if ctd.proc is None else peak_rss_kib(ctd.proc.pid)
+
+
+def lazystore_snapshotter(ctx: Context, delta: bool = False) -> Record:
+    """The nix image through lazystore's snapshotter (fresh daemon, snapshotter
+    and containerd, empty caches)."""
+    images = _images(ctx)
+    containerd, _ = _support()
+    if not cli_has("snapshotter"):
+        raise Skip("`lazystore snapshotter` has not landed yet (issue 5)")
+    with ExitStack() as stack:
+        daemon = stack.enter_context(Daemon(ctx, "snap-daemon", allow_other=True))
+        base = ctx.fresh_dir("snapshotter")
+        address = base / "snapshotter.sock"
+        snap = stack.enter_context(containerd.snapshotter_process(
+            base / "root", address, daemon.socket, daemon.mount_point,
+            log_file=base / "snapshotter.log"))
+        ctd = stack.enter_context(containerd.Containerd(
+            ctx.fresh_dir("containerd-lazy"), proxy_plugins={"lazystore": str(address)}))
+        puller = _Pull(ctd, "lazystore", ctx.timeout)
+        new_nar = None
+        before: set[str] = set()
+        if delta:
+            puller.run(images.refs[("nix", "v1")], "first", ctx.workload.expect)
+            new_nar = _new_nar_bytes(ctx)
+            before = set(lazystore_status(daemon.socket).get("paths_materialized", []))
+        dropped = drop_caches()
+        for p in (images.proxy, ctx.cache_proxy):
+            p.reset()
+        prog, split = puller.run(images.refs[("nix", "v2" if delta else "v1")], "bench",
+                                 ctx.extra["delta"].expect if delta else ctx.workload.expect)
+        nars = nar_fetches(ctx.cache_proxy.stats)
+        record = _record(prog, split, [images.proxy, ctx.cache_proxy])
+        status = lazystore_status(daemon.socket)
+        fetched = set(status.get("paths_materialized", [])) - before
+        record.update({
+            "store_paths_fetched": len(fetched),
+            "nar_requests": nars,
+            "daemon_peak_rss_kib": daemon.peak_rss_kib(),
+            "snapshotter_peak_rss_kib": peak_rss_kib(snap.pid),
+            "containerd_peak_rss_kib": _containerd_rss(ctd),
+            "page_cache_dropped": dropped,
+        })
+        if new_nar is not None:
+            record["new_nar_bytes"] = new_nar
+    shutil.rmtree(base, ignore_errors=True)
+    return record
+
+
+def delta_oci_overlayfs(ctx: Context) -> Record:
+    return oci_overlayfs(ctx, delta=True)
+
+
+def delta_lazystore_snapshotter(ctx: Context) -> Record:
+    return lazystore_snapshotter(ctx, delta=True)
+
+
+CONTAINER_MODES = {
+    "oci-overlayfs": oci_overlayfs,
+    "lazystore-snapshotter": lazystore_snapshotter,
+    "delta-oci-overlayfs": delta_oci_overlayfs,
+    "delta-lazystore-snapshotter": delta_lazystore_snapshotter,
+}
