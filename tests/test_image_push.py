@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import pytest
 
 from lazystore.cli import main
@@ -197,3 +198,28 @@ def test_missing_archive_gives_one_line_error(
 ) -> None:
     err = _cli_error(["image", "push", str(tmp_path / "absent.tar"), "127.0.0.1:1/x:y"], capsys)
     assert "not a readable OCI archive" in err
+
+
+def test_relative_upload_location_and_registry_errors(images: dict[str, BuildResult]) -> None:
+    """Below the real registry: a relative Location is resolved against the
+    upload URL, and an unexpected answer quotes the registry's error message."""
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(f"{request.method} {request.url}")
+        if request.method == "HEAD":
+            return httpx.Response(404)
+        if request.method == "POST":
+            return httpx.Response(202, headers={"Location": "/v2/r/blobs/uploads/u1?state=s"})
+        request.read()
+        body = {"errors": [{"code": "DENIED", "message": "quota\nexceeded"}]}
+        return httpx.Response(403, json=body)
+
+    with pytest.raises(ImageError) as info:
+        push_image(images["nix"].path, "reg.test:5000/r:t", transport=httpx.MockTransport(handler))
+    message = str(info.value)
+    assert "\n" not in message and "403 Forbidden: quota exceeded" in message
+    put = seen[-1]
+    assert put.startswith(
+        "PUT https://reg.test:5000/v2/r/blobs/uploads/u1?state=s&digest=sha256%3A"
+    )
