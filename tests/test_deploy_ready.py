@@ -1,0 +1,126 @@
+"""Type=notify for real: `lazystore mount` and `lazystore snapshotter` send
+READY=1 to $NOTIFY_SOCKET, and only once they serve (the FUSE mount is up
+and the control socket answers; the gRPC socket accepts connections)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from lazystore.control.client import ControlClient
+from lazystore.nix.signing import SecretKey
+
+LAZYSTORE = str(Path(sys.executable).with_name("lazystore"))
+# A guard against hanging forever, not a speed requirement.
+READY_TIMEOUT = 90.0
+
+pytestmark = pytest.mark.root
+
+
+def is_mounted(path: Path) -> bool:
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == real for line in f)
+
+
+@contextmanager
+def notify_socket(path: Path) -> Iterator[socket.socket]:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(READY_TIMEOUT)
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+@contextmanager
+def started(argv: list[str], notify: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    env = dict(os.environ, NOTIFY_SOCKET=str(notify))
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=out, env=env)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def wait_ready(sock: socket.socket, proc: subprocess.Popen[bytes], log: Path) -> None:
+    try:
+        message = sock.recv(4096)
+    except TimeoutError:
+        raise AssertionError(f"no READY=1: {log.read_text(errors='replace')[-3000:]}") from None
+    assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+    assert "READY=1" in message.decode().split("\n")
+
+
+@pytest.fixture
+def daemon_argv(tmp_path: Path) -> list[str]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root for a FUSE mount")
+    if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
+        pytest.skip("FUSE (/dev/fuse, fusermount3) is not available")
+    cache = tmp_path / "binary-cache"
+    cache.mkdir()
+    (cache / "nix-cache-info").write_text("StoreDir: /nix/store\nPriority: 40\n")
+    (tmp_path / "nix.conf").touch()
+    key = SecretKey.generate("deploy-test-1").public_key
+    return [
+        LAZYSTORE, "mount", str(tmp_path / "mnt"),
+        "--substituter", f"file://{cache}", "--trusted-public-key", str(key),
+        "--nix-conf", str(tmp_path / "nix.conf"), "--cache-dir", str(tmp_path / "cache"),
+        "--control-socket", str(tmp_path / "ctl.sock"), "--allow-other",
+    ]
+
+
+def test_daemon_and_snapshotter_notify_ready_once_serving(
+    tmp_path: Path, daemon_argv: list[str]
+) -> None:
+    mnt, control = tmp_path / "mnt", tmp_path / "ctl.sock"
+    try:
+        with (
+            notify_socket(tmp_path / "notify-daemon") as daemon_notify,
+            started(daemon_argv, tmp_path / "notify-daemon", tmp_path / "daemon.log") as daemon,
+        ):
+            wait_ready(daemon_notify, daemon, tmp_path / "daemon.log")
+            assert is_mounted(mnt), "READY=1 before the FUSE mount was up"
+            with ControlClient(str(control), timeout=30) as client:
+                assert isinstance(client.call("status"), dict)
+
+            address = tmp_path / "snapshotter.sock"
+            snapshotter_argv = [
+                LAZYSTORE, "snapshotter", "--address", str(address),
+                "--root", str(tmp_path / "snapshotter"), "--control-socket", str(control),
+                "--mount-point", str(mnt),
+            ]
+            with (
+                notify_socket(tmp_path / "notify-sn") as sn_notify,
+                started(snapshotter_argv, tmp_path / "notify-sn", tmp_path / "sn.log") as sn,
+            ):
+                wait_ready(sn_notify, sn, tmp_path / "sn.log")
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                    probe.connect(str(address))  # listening when READY=1 arrived
+                sn.send_signal(signal.SIGTERM)
+                assert sn.wait(timeout=30) == 0
+
+            daemon.send_signal(signal.SIGTERM)
+            assert daemon.wait(timeout=30) == 0
+            assert not is_mounted(mnt), "SIGTERM unmounts"
+    finally:
+        if is_mounted(mnt):
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
