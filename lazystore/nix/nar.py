@@ -218,6 +218,8 @@ class NarParser:
         pos, end = 0, len(buf)
         while pos < end or self._state in (_DATA, _PADDING):
             state = self._state
+            if state == _DONE:
+                self._fail(pos, "trailing data after the end of the NAR")
             if state == _DATA:
                 n = min(self._left, end - pos)
                 if n:
