@@ -428,7 +428,9 @@ def _backup_name(path: Path) -> Path:
 
 def _write(path: Path, content: str, dry_run: bool) -> Change:
     """Write *content* to *path* atomically unless it is there already; keep
-    the previous version next to it."""
+    the previous version next to it. A symlink's target is written, not the link."""
+    if path.is_symlink():
+        path = path.resolve()
     try:
         old = path.read_text() if path.exists() else None
     except OSError as exc:

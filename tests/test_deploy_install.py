@@ -233,6 +233,18 @@ def test_changed_options_update_units_with_backup(tmp_path: Path) -> None:
     assert [b.read_text() for b in backups(unit)] == [before]
 
 
+def test_symlinked_config_keeps_its_link(tmp_path: Path) -> None:
+    targets = Targets.under(tmp_path)
+    real = tmp_path / "managed" / "containerd.toml"
+    real.parent.mkdir()
+    real.write_text(EXISTING)
+    targets.containerd_config.parent.mkdir(parents=True)
+    targets.containerd_config.symlink_to(real)
+    deploy.install(config(), targets)
+    assert targets.containerd_config.is_symlink()
+    assert tomllib.loads(real.read_text())["proxy_plugins"]["lazystore"] == PROXY
+
+
 def test_bad_containerd_config_writes_nothing(tmp_path: Path) -> None:
     targets = Targets.under(tmp_path)
     targets.containerd_config.parent.mkdir(parents=True)

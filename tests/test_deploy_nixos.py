@@ -10,6 +10,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -327,6 +328,49 @@ def test_package_dependencies_match_setup_cfg() -> None:
     assert package["name"] == f"lazystore-{lazystore.__version__}"
     assert package["mainProgram"] == "lazystore"
     assert "setuptools" in package["buildSystem"]
+
+
+def render_unit(unit: dict[str, Any]) -> str:
+    """A unit file from a NixOS systemd.services entry, rendered as NixOS does
+    (lists as repeated lines, booleans as true/false)."""
+    def lines(key: str, value: Any) -> list[str]:
+        values = value if isinstance(value, list) else [value]
+        return [f"{key}={str(v).lower() if isinstance(v, bool) else v}" for v in values]
+
+    out = ["[Unit]", f"Description={unit['description']}"]
+    for key in ("wants", "requires", "after", "before"):
+        if unit.get(key):
+            out.append(f"{key.capitalize()}={' '.join(unit[key])}")
+    out.append("[Service]")
+    for key, value in unit["serviceConfig"].items():
+        out += lines(key, value)
+    out += ["[Install]", f"WantedBy={' '.join(unit['wantedBy'])}"]
+    return "\n".join(out) + "\n"
+
+
+def test_nixos_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    venv = Path(sys.executable).parent.parent  # ExecStart must name a real program
+    units = services(f"""{{
+      services.lazystore = {{
+        enable = true;
+        package = {{ type = "derivation"; name = "lazystore"; outPath = "{venv}";
+                     meta.mainProgram = "lazystore"; }};
+        cacheSize = "20G";
+        snapshotter.enable = true;
+        containerd.enable = true;
+      }};
+    }}""")
+    paths = []
+    for name in ("lazystore", "lazystore-snapshotter"):
+        path = tmp_path / f"{name}.service"
+        path.write_text(render_unit(units[name]))
+        paths.append(str(path))
+    proc = subprocess.run(["systemd-analyze", "verify", *paths], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip() == "", proc.stderr
 
 
 def _systemd_value(value: Any) -> str:
