@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import tarfile
@@ -106,8 +107,6 @@ def test_layer_is_deterministic_and_hashed(tmp_path: Path) -> None:
 
 
 def test_tree_entries_refuse_special_files(tmp_path: Path) -> None:
-    import os
-
     os.mkfifo(tmp_path / "fifo")
     with pytest.raises(ImageError, match="not a regular file"):
         list(oci.tree_entries(tmp_path, "x"))
@@ -166,7 +165,7 @@ def test_skopeo_accepts_archive(tmp_path: Path, sample_closure: str, layers: int
             data = (copied / desc.digest.removeprefix("sha256:")).read_bytes()
             assert oci.digest_of(data) == desc.digest and len(data) == desc.size
         assert (copied / "manifest.json").read_bytes() == image.read_blob(image.manifest_descriptor)
-    assert info["Layers"] == [d.digest for d in OciArchive(out).layers]
+        assert info["Layers"] == [d.digest for d in image.layers]
 
 
 def _rewrite(src: Path, dest: Path, change: dict[str, bytes]) -> None:
