@@ -221,14 +221,9 @@ class Entry:
 def tar_info(entry: Entry) -> tarfile.TarInfo:
     """A deterministic header: root owned, mtime 1, no user/group names."""
     info = tarfile.TarInfo(entry.name)
-    info.mode, info.mtime, info.uid, info.gid, info.uname, info.gname = (
-        entry.mode,
-        MTIME,
-        0,
-        0,
-        "",
-        "",
-    )
+    info.mode, info.mtime = entry.mode, MTIME
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
     if entry.kind == "dir":
         info.type = tarfile.DIRTYPE
     elif entry.kind == "symlink":
