@@ -1,6 +1,8 @@
 """Type=notify for real: `lazystore mount` and `lazystore snapshotter` send
 READY=1 to $NOTIFY_SOCKET, and only once they serve (the FUSE mount is up
-and the control socket answers; the gRPC socket accepts connections)."""
+and the control socket answers; the gRPC socket accepts connections). They
+run as their units run them: no new privileges and only the capabilities of
+the units' CapabilityBoundingSet (applied with setpriv)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from lazystore import deploy
 from lazystore.control.client import ControlClient
 from lazystore.nix.signing import SecretKey
 
@@ -41,6 +44,12 @@ def notify_socket(path: Path) -> Iterator[socket.socket]:
         yield sock
     finally:
         sock.close()
+
+
+def as_unit(argv: list[str], capabilities: list[str]) -> list[str]:
+    """*argv* with the unit's capability bounding set and NoNewPrivileges."""
+    caps = ",".join("+" + c.removeprefix("CAP_").lower() for c in capabilities)
+    return ["setpriv", "--no-new-privs", f"--bounding-set=-all,{caps}", "--", *argv]
 
 
 @contextmanager
@@ -75,20 +84,22 @@ def daemon_argv(tmp_path: Path) -> list[str]:
         pytest.skip("needs root for a FUSE mount")
     if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
         pytest.skip("FUSE (/dev/fuse, fusermount3) is not available")
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
     cache = tmp_path / "binary-cache"
     cache.mkdir()
     (cache / "nix-cache-info").write_text("StoreDir: /nix/store\nPriority: 40\n")
     (tmp_path / "nix.conf").touch()
     key = SecretKey.generate("deploy-test-1").public_key
-    return [
+    return as_unit([
         LAZYSTORE, "mount", str(tmp_path / "mnt"),
         "--substituter", f"file://{cache}", "--trusted-public-key", str(key),
         "--nix-conf", str(tmp_path / "nix.conf"), "--cache-dir", str(tmp_path / "cache"),
         "--control-socket", str(tmp_path / "ctl.sock"), "--allow-other",
-    ]
+    ], deploy.DAEMON_CAPABILITIES)
 
 
-def test_daemon_and_snapshotter_notify_ready_once_serving(
+def test_daemon_and_snapshotter_notify_ready_once_serving_with_unit_privileges(
     tmp_path: Path, daemon_argv: list[str]
 ) -> None:
     mnt, control = tmp_path / "mnt", tmp_path / "ctl.sock"
@@ -103,11 +114,11 @@ def test_daemon_and_snapshotter_notify_ready_once_serving(
                 assert isinstance(client.call("status"), dict)
 
             address = tmp_path / "snapshotter.sock"
-            snapshotter_argv = [
+            snapshotter_argv = as_unit([
                 LAZYSTORE, "snapshotter", "--address", str(address),
                 "--root", str(tmp_path / "snapshotter"), "--control-socket", str(control),
                 "--mount-point", str(mnt),
-            ]
+            ], deploy.SNAPSHOTTER_CAPABILITIES)
             with (
                 notify_socket(tmp_path / "notify-sn") as sn_notify,
                 started(snapshotter_argv, tmp_path / "notify-sn", tmp_path / "sn.log") as sn,
