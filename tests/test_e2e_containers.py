@@ -1,0 +1,435 @@
+"""End to end: real containerd + runc + registry + lazystore daemon + snapshotter.
+
+One stack per module (module-scoped fixtures): a private containerd with the
+proxy plugin ``lazystore``, ``lazystore mount`` (allow_other) over the sample
+closure's real-Nix binary cache(s) on 127.0.0.1 HTTP, ``lazystore snapshotter``
+and Debian's docker-registry. Tests run in file order; the daemon's
+fetch counters are compared before/after each step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from lazystore.control.client import ControlClient
+from lazystore.errors import ControlError
+from lazystore.snapshotter.proto import snapshots_pb2 as pb
+from lazystore.snapshotter.proto import snapshots_pb2_grpc as pb_grpc
+from tests.support import nixcache, registry
+from tests.support.containerd import Containerd, have_containerd, snapshotter_process
+from tests.support.httpserver import serve_directory
+
+LAZYSTORE = str(Path(sys.executable).with_name("lazystore"))
+SN = "lazystore"
+# A made-up chain id for the remote snapshot test (no image references it, so
+# containerd's garbage collector may remove it at any time afterwards).
+REMOTE_CHAIN = "sha256:" + hashlib.sha256(b"lazystore remote test").hexdigest()
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+
+def _need_tools() -> None:
+    if not have_containerd():
+        pytest.skip("needs root, containerd, ctr and runc")
+    if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
+        pytest.skip("FUSE (/dev/fuse, fusermount3) is not available")
+    if not registry.available():
+        pytest.skip("docker-registry/skopeo is not installed")
+    if not nixcache.have_nix():
+        pytest.skip("real Nix (nix-bin) is not installed")
+
+
+def _mounted(path: Path) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == str(path) for line in f)
+
+
+class Daemon:
+    def __init__(self, base: Path, urls: list[str], key: str) -> None:
+        self.mnt, self.sock, self.log = base / "mnt", base / "ctl.sock", base / "daemon.log"
+        self.mnt.mkdir(exist_ok=True)
+        (base / "nix.conf").touch()
+        self.argv = [LAZYSTORE, "-v", "mount", str(self.mnt), "--trusted-public-key", key,
+                     "--nix-conf", str(base / "nix.conf"), "--cache-dir", str(base / "cache"),
+                     "--control-socket", str(self.sock), "--allow-other"]
+        for url in urls:
+            self.argv += ["--substituter", url]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited: {self.log.read_text()[-3000:]}")
+            if self.sock.exists() and _mounted(self.mnt):
+                try:
+                    self.status()
+                    return
+                except ControlError:
+                    pass
+            time.sleep(0.05)
+        raise AssertionError(f"daemon did not come up: {self.log.read_text()[-3000:]}")
+
+    def status(self) -> dict[str, Any]:
+        with ControlClient(str(self.sock), timeout=60) as client:
+            return client.call("status")  # type: ignore[no-any-return]
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            if kill:
+                self.proc.kill()
+            else:
+                self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        if _mounted(self.mnt):
+            subprocess.run(["umount", "-l", str(self.mnt)], capture_output=True)
+
+
+@dataclass
+class Stack:
+    base: Path
+    daemon: Daemon
+    ctd: Containerd
+    registry: registry.Registry
+    sn_root: Path
+    sn_address: Path
+    one: str  # sample closure top (prog)
+    two: str  # overlapping closure top (prog-two)
+    sn_cm: Any = None
+    sn_proc: subprocess.Popen | None = None
+
+    def start_snapshotter(self) -> None:
+        self.sn_cm = snapshotter_process(
+            self.sn_root, self.sn_address, self.daemon.sock, self.daemon.mnt,
+            log_file=self.base / "snapshotter.log",
+        )
+        self.sn_proc = self.sn_cm.__enter__()
+
+    def stop_snapshotter(self, kill: bool = False) -> None:
+        if self.sn_cm is not None:
+            cm, self.sn_cm = self.sn_cm, None
+            if kill and self.sn_proc is not None:
+                self.sn_proc.kill()
+                self.sn_proc.wait()
+            cm.__exit__(None, None, None)
+
+    def materialized(self) -> set[str]:
+        return set(self.daemon.status()["paths_materialized"])
+
+    def logs(self) -> str:
+        parts = []
+        for name in ("snapshotter.log", "daemon.log"):
+            p = self.base / name
+            if p.exists():
+                parts.append(f"--- {name}\n" + p.read_text(errors="replace")[-3000:])
+        parts.append("--- containerd\n" + self.ctd.log_tail())
+        return "\n".join(parts)
+
+
+@pytest.fixture(scope="module")
+def stack(
+    binary_cache: nixcache.BinaryCache, http_cache: str, test_key: nixcache.KeyPair,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Stack]:
+    _need_tools()
+    two = nixcache.build(tag="two")
+    cache_two = nixcache.make_cache(two, tmp_path_factory.mktemp("cache-two"), test_key)
+    base = Path(tempfile.mkdtemp(prefix="lze-", dir="/tmp"))  # short unix socket paths
+    os.chmod(base, 0o755)
+    try:
+        with serve_directory(cache_two.root) as server_two, \
+                registry.running(base / "registry") as reg:
+            daemon = Daemon(base, [http_cache, server_two.url], test_key.public_key)  # type: ignore[attr-defined]
+            daemon.start()
+            st = Stack(base, daemon, Containerd(base / "ctd", {SN: str(base / "sn.sock")}),
+                       reg, base / "sn", base / "sn.sock", binary_cache.top, two)
+            try:
+                st.start_snapshotter()
+                st.ctd.start()
+                yield st
+            finally:
+                st.ctd.stop()
+                st.stop_snapshotter()
+                daemon.stop()
+    finally:
+        _unmount_below(base)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _unmount_below(path: Path) -> None:
+    with open("/proc/self/mounts") as f:
+        targets = [line.split()[1] for line in f if line.split()[1].startswith(str(path) + "/")]
+    for t in sorted(targets, reverse=True):
+        subprocess.run(["umount", "-l", t], capture_output=True)
+
+
+def lazystore(*args: str) -> str:
+    proc = subprocess.run([LAZYSTORE, *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def run(st: Stack, image: str, *argv: str) -> str:
+    name = f"c{time.monotonic_ns()}"
+    proc = st.ctd.ctr("run", "--snapshotter", SN, "--rm", image, name, *argv,
+                      check=False, timeout=180)
+    assert proc.returncode == 0, f"ctr run failed: {proc.stderr}\n{st.logs()}"
+    return proc.stdout
+
+
+def base(path: str) -> str:
+    return Path(path).name
+
+
+def closure_bases(top: str) -> set[str]:
+    return {base(p) for p in nixcache.closure(top)}
+
+
+def named(bases: set[str], name: str) -> str:
+    return next(b for b in bases if b[33:] == name)
+
+
+# -- OCI archives written by the tests ------------------------------------------
+
+
+def _blob(blobs: dict[str, bytes], data: bytes) -> dict[str, Any]:
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    blobs[digest] = data
+    return {"digest": digest, "size": len(data)}
+
+
+def _tar(entries: list[tuple[str, bytes | None, int]]) -> bytes:
+    """(name, data or None for a directory, mode) -> an uncompressed tar."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data, mode in entries:
+            info = tarfile.TarInfo(name)
+            info.mode, info.mtime = mode, 1
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def oci_archive(dest: Path, name: str, layers: list[tuple[bytes, dict[str, str]]],
+                entrypoint: list[str], user: str = "") -> Path:
+    """Write an OCI image-layout tar (loadable by ``ctr image import``)."""
+    blobs: dict[str, bytes] = {}
+    layer_descs, diff_ids = [], []
+    for data, notes in layers:
+        desc = {"mediaType": "application/vnd.oci.image.layer.v1.tar", **_blob(blobs, data)}
+        if notes:
+            desc["annotations"] = notes
+        layer_descs.append(desc)
+        diff_ids.append(desc["digest"])
+    config = {"architecture": "amd64", "os": "linux",
+              "config": {"Entrypoint": entrypoint, "Env": ["PATH=/bin"], "User": user},
+              "rootfs": {"type": "layers", "diff_ids": diff_ids}}
+    config_desc = {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   **_blob(blobs, json.dumps(config).encode())}
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": config_desc, "layers": layer_descs}
+    manifest_desc = {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                     **_blob(blobs, json.dumps(manifest).encode()),
+                     "annotations": {"io.containerd.image.name": name,
+                                     "org.opencontainers.image.ref.name": name.rsplit(":", 1)[1]}}
+    index = {"schemaVersion": 2, "manifests": [manifest_desc]}
+    files = [("oci-layout", b'{"imageLayoutVersion": "1.0.0"}', 0o644),
+             ("index.json", json.dumps(index).encode(), 0o644),
+             ("blobs", None, 0o755), ("blobs/sha256", None, 0o755)]
+    files += [(f"blobs/sha256/{d[7:]}", data, 0o644) for d, data in blobs.items()]
+    dest.write_bytes(_tar(files))
+    return dest
+
+
+# -- tests (in order) ---------------------------------------------------------
+
+
+def test_ordinary_image_runs_on_the_lazystore_snapshotter(stack: Stack) -> None:
+    busybox = Path("/bin/busybox").read_bytes()
+    layer1 = _tar([("bin", None, 0o755), ("bin/busybox", busybox, 0o755)])
+    layer2 = _tar([("etc", None, 0o755), ("etc/greeting", b"plain layers work\n", 0o644)])
+    archive = oci_archive(stack.base / "plain.tar", "example.test/plain:1",
+                          [(layer1, {}), (layer2, {})], ["/bin/busybox"])
+    stack.ctd.ctr("image", "import", "--snapshotter", SN, str(archive))
+    out = run(stack, "example.test/plain:1", "/bin/busybox", "cat", "/etc/greeting")
+    assert out == "plain layers work\n"
+    snaps = stack.ctd.ctr("snapshots", "--snapshotter", SN, "ls").stdout
+    assert "Committed" in snaps
+
+
+def test_nix_image_pull_fetches_nothing_and_run_fetches_only_touched_paths(
+    stack: Stack,
+) -> None:
+    archive = stack.base / "one.tar"
+    lazystore("image", "build", stack.one, "-o", str(archive), "--name", "lazy/one:1")
+    ref = f"{stack.registry.host}/lazy/one:1"
+    lazystore("image", "push", str(archive), ref, "--plain-http")
+    before = stack.daemon.status()
+    stack.ctd.ctr("image", "pull", "--snapshotter", SN, "--plain-http", ref, timeout=300)
+    after_pull = stack.daemon.status()
+    assert after_pull["bytes_downloaded"] == before["bytes_downloaded"]
+    assert after_pull["paths_materialized"] == before["paths_materialized"]
+    bases = closure_bases(stack.one)
+    prog = base(stack.one)
+    out = run(stack, ref, f"{stack.one}/bin/prog")
+    assert out == "hello from liba\n"
+    fetched = stack.materialized() - set(before["paths_materialized"])
+    assert fetched == {prog, named(bases, "busybox"), named(bases, "liba")}
+    assert named(bases, "docs") not in stack.materialized()
+    assert stack.daemon.status()["bytes_downloaded"] > after_pull["bytes_downloaded"]
+
+
+def test_second_image_fetches_only_new_paths(stack: Stack) -> None:
+    archive = stack.base / "two.tar"
+    lazystore("image", "build", stack.two, "-o", str(archive), "--name", "lazy/two:1")
+    ref = f"{stack.registry.host}/lazy/two:1"
+    lazystore("image", "push", str(archive), ref, "--plain-http")
+    before = stack.materialized()
+    stack.ctd.ctr("image", "pull", "--snapshotter", SN, "--plain-http", ref, timeout=300)
+    assert stack.materialized() == before
+    out = run(stack, ref, f"{stack.two}/bin/prog")
+    assert out == "extra two\nhello from liba\n"
+    new = closure_bases(stack.two) - closure_bases(stack.one)
+    assert stack.materialized() - before == new
+
+
+def test_imported_archive_runs_without_labels(stack: Stack) -> None:
+    archive = stack.base / "one.tar"  # built by the pull test; rebuild if run alone
+    if not archive.exists():
+        lazystore("image", "build", stack.one, "-o", str(archive), "--name", "lazy/one:1")
+    stack.ctd.ctr("image", "import", "--snapshotter", SN, str(archive))
+    names = stack.ctd.ctr("image", "ls", "-q").stdout.split()
+    image = next(n for n in names if "lazy/one:1" in n and "127.0.0.1" not in n)
+    assert run(stack, image, f"{stack.one}/bin/prog") == "hello from liba\n"
+
+
+def test_non_root_user_reads_store_paths(stack: Stack) -> None:
+    # ctr 1.6 has no --user; the image config's User (as `docker run --user` would) is
+    # applied by `ctr run` instead.
+    busybox = f"/nix/store/{named(closure_bases(stack.one), 'busybox')}/bin/busybox"
+    archive = oci_archive(
+        stack.base / "user.tar", "example.test/user:1", [placeholder_layer(stack.one)],
+        [busybox, "sh", "-c", f"{busybox} id -u; {stack.one}/bin/prog"], user="1000:1000",
+    )
+    stack.ctd.ctr("image", "import", "--snapshotter", SN, str(archive))
+    assert run(stack, "example.test/user:1") == "1000\nhello from liba\n"
+
+
+def placeholder_layer(top: str) -> tuple[bytes, dict[str, str]]:
+    """nix-snapshotter's mountpoint layer (an empty directory per store path) and annotations."""
+    paths = nixcache.closure(top)
+    entries: list[tuple[str, bytes | None, int]] = [
+        ("nix", None, 0o755), ("nix/store", None, 0o755)]
+    entries += [(p.lstrip("/") + "/", None, 0o555) for p in paths]
+    notes = {"containerd.io/snapshot/nix-layer": "true"}
+    notes.update({f"containerd.io/snapshot/nix-store-path.{i}": p for i, p in enumerate(paths)})
+    return _tar(entries), notes
+
+
+def test_nix_snapshotter_style_image_runs(stack: Stack) -> None:
+    archive = oci_archive(stack.base / "nixsn.tar", "example.test/nixsn:1",
+                          [placeholder_layer(stack.one)], [f"{stack.one}/bin/prog"])
+    stack.ctd.ctr("image", "import", "--snapshotter", SN, str(archive))
+    assert run(stack, "example.test/nixsn:1") == "hello from liba\n"
+
+
+def _containerd_snapshots(st: Stack) -> tuple[grpc.Channel, pb_grpc.SnapshotsStub]:
+    channel = grpc.insecure_channel(f"unix:{st.ctd.address}")
+    return channel, pb_grpc.SnapshotsStub(channel)
+
+
+def test_hostile_labels_through_containerd_are_refused_and_nothing_mounted(
+    stack: Stack,
+) -> None:
+    md = (("containerd-namespace", stack.ctd.namespace),)
+    before = {p.name for p in (stack.sn_root / "snapshots").iterdir()}
+    channel, snaps = _containerd_snapshots(stack)
+    with channel:
+        for bad in ("/etc/passwd", "/nix/store/../../etc", "/nix/store/not-a-store-path"):
+            labels = {"containerd.io/snapshot.ref": "sha256:" + "e" * 64,
+                      "containerd.io/snapshot/nix-layer": "true",
+                      "containerd.io/snapshot/nix-store-path.0": bad}
+            with pytest.raises(grpc.RpcError) as info:
+                snaps.Prepare(pb.PrepareSnapshotRequest(
+                    snapshotter=SN, key=f"evil-{len(bad)}", labels=labels), metadata=md)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    # (containerd may garbage-collect old snapshots meanwhile: only check nothing is new)
+    assert {p.name for p in (stack.sn_root / "snapshots").iterdir()} <= before
+    listed = stack.ctd.ctr("snapshots", "--snapshotter", SN, "ls").stdout
+    assert "evil" not in listed and "e" * 64 not in listed
+
+
+def test_labelled_prepare_through_containerd_makes_a_remote_snapshot(stack: Stack) -> None:
+    md = (("containerd-namespace", stack.ctd.namespace),)
+    chain = REMOTE_CHAIN
+    labels = {"containerd.io/snapshot.ref": chain, "containerd.io/snapshot/nix-layer": "true"}
+    labels.update({f"containerd.io/snapshot/nix-store-path.{i}": p
+                   for i, p in enumerate(nixcache.closure(stack.one))})
+    channel, snaps = _containerd_snapshots(stack)
+    with channel:
+        with pytest.raises(grpc.RpcError) as info:
+            snaps.Prepare(pb.PrepareSnapshotRequest(
+                snapshotter=SN, key=f"extract-1 {chain}", labels=labels), metadata=md)
+        assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS, info.value.details()
+        got = snaps.Stat(pb.StatSnapshotRequest(snapshotter=SN, key=chain), metadata=md).info
+        assert got.kind == pb.COMMITTED
+    # (ctr's lease ends with the command, so containerd collects the view afterwards.)
+    out = stack.ctd.ctr("snapshots", "--snapshotter", SN, "view", "--mounts", "rv", chain).stdout
+    mounts = json.loads(out)
+    # The view is the layer's whole content: a read-only bind mount of the daemon's view.
+    assert [m["Type"] for m in mounts] == ["bind"]
+    assert mounts[0]["Source"].startswith(f"{stack.daemon.mnt}/.views/")
+    stack.ctd.ctr("snapshots", "--snapshotter", SN, "rm", chain, check=False)
+
+
+def test_restart_of_snapshotter_and_daemon_keeps_snapshots_mountable(stack: Stack) -> None:
+    images = stack.ctd.ctr("image", "ls", "-q").stdout.split()
+    image = next(n for n in images if "lazy/one:1" in n)
+    listed = committed(stack)
+    assert listed
+    stack.stop_snapshotter(kill=True)
+    stack.daemon.stop(kill=True)
+    stack.daemon.start()
+    stack.start_snapshotter()
+    # containerd's gRPC client reconnects to the new socket with its own backoff.
+    deadline = time.monotonic() + 60
+    while True:
+        proc = stack.ctd.ctr("snapshots", "--snapshotter", SN, "ls", check=False)
+        if proc.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert committed(stack) == listed
+    assert run(stack, image, f"{stack.one}/bin/prog") == "hello from liba\n"
+
+
+def committed(st: Stack) -> set[str]:
+    out = st.ctd.ctr("snapshots", "--snapshotter", SN, "ls").stdout
+    names = {line.split()[0] for line in out.splitlines()[1:] if "Committed" in line}
+    return names - {REMOTE_CHAIN}
