@@ -401,3 +401,22 @@ def test_nixos_units_match_the_installer() -> None:
         nixos.pop("ExecStart")
         service.pop("ExecStart")
         assert {k: _systemd_value(v) for k, v in nixos.items()} == service, name
+
+
+def test_user_settings_merge_with_the_units_as_in_nixos() -> None:
+    unit = services("""{ lib, ... }: {
+      services.lazystore.enable = true;
+      systemd.services.lazystore.serviceConfig.Restart = lib.mkForce "always";
+      systemd.services.lazystore.after = [ "remote-fs.target" ];
+    }""")["lazystore"]
+    assert unit["serviceConfig"]["Restart"] == "always"
+    assert set(unit["after"]) == {"network-online.target", "remote-fs.target"}
+    assert unit["serviceConfig"]["Type"] == "notify"
+
+
+def test_conflicting_user_setting_is_an_error() -> None:
+    error = evaluation_error("""{
+      services.lazystore.enable = true;
+      systemd.services.lazystore.serviceConfig.Restart = "always";
+    }""")
+    assert "systemd.services.lazystore.serviceConfig.Restart' has conflicting definition" in error
