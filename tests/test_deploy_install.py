@@ -199,6 +199,30 @@ def test_empty_config_becomes_version_2(text: str) -> None:
     assert tomllib.loads(merged) == {"version": 2, "proxy_plugins": {"lazystore": PROXY}}
 
 
+@pytest.mark.parametrize(
+    ("existing", "cri_default"),
+    [(EXISTING, False), (EXISTING, True), ('root = "/var/lib/containerd"\n', True)],
+    ids=["append", "rewrite-cri-default", "version-1"],
+)
+def test_real_containerd_reads_the_merged_config(
+    tmp_path: Path, existing: str, cri_default: bool
+) -> None:
+    if shutil.which("containerd") is None:
+        pytest.skip("containerd is not installed")
+    merged = deploy.merge_containerd_config(existing, ADDRESS, cri_default=cri_default)
+    assert merged is not None
+    path = tmp_path / "config.toml"
+    path.write_text(merged)
+    # `config dump` prints the configuration containerd would run with (as version 2).
+    proc = subprocess.run(["containerd", "--config", str(path), "config", "dump"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    dumped = tomllib.loads(proc.stdout)
+    assert dumped["proxy_plugins"]["lazystore"] == PROXY
+    cri = dumped["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]
+    assert (cri["snapshotter"] == "lazystore") == cri_default
+
+
 def test_invalid_toml_is_refused() -> None:
     with pytest.raises(DeployError, match="not valid TOML"):
         deploy.merge_containerd_config("[plugins\nversion = 2\n", ADDRESS)
