@@ -11,6 +11,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -420,3 +421,23 @@ def test_conflicting_user_setting_is_an_error() -> None:
       systemd.services.lazystore.serviceConfig.Restart = "always";
     }""")
     assert "systemd.services.lazystore.serviceConfig.Restart' has conflicting definition" in error
+
+
+def test_real_containerd_reads_the_nixos_settings(tmp_path: Path) -> None:
+    """As nixpkgs checks the generated config.toml with `containerd config dump`."""
+    if shutil.which("containerd") is None:
+        pytest.skip("containerd is not installed")
+    settings = evaluate(ENABLED_ALL.replace(
+        "containerd.enable = true;",
+        "containerd.enable = true; containerd.makeDefaultCriSnapshotter = true;",
+    ))["virtualisation"]["containerd"]["settings"]
+    path = tmp_path / "config.toml"
+    path.write_text(deploy.toml_dumps({"version": 2, **settings}))
+    proc = subprocess.run(["containerd", "--config", str(path), "config", "dump"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    dumped = tomllib.loads(proc.stdout)
+    assert dumped["proxy_plugins"]["lazystore"] == {
+        "type": "snapshot", "address": "/run/lazystore-snapshotter.sock"}
+    assert dumped["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]["snapshotter"] == (
+        "lazystore")
