@@ -32,15 +32,15 @@ let
       "--mount-point" cfg.mountPoint ]
     ++ cfg.snapshotter.extraArgs;
 
-  # Hardening that keeps FUSE working. Deliberately absent (for the daemon):
-  # every option that gives the service a mount namespace of its own (ProtectSystem, ProtectHome,
-  # PrivateTmp, PrivateDevices, ReadWritePaths, ProtectKernelTunables,
-  # ProtectKernelModules, ProtectKernelLogs, ProtectControlGroups, ProtectProc,
-  # PrivateMounts...). systemd cuts mount propagation from such a namespace to
-  # the host, so the FUSE mount (and the overlay lowerdirs under it) would be
-  # invisible to containerd and to users. What these options would drop is
-  # dropped here through the capability bounding set and the system call
-  # filter instead.
+  # Hardening that keeps FUSE working. Deliberately absent for the daemon:
+  # every option that gives a service a mount namespace of its own
+  # (ProtectSystem, ProtectHome, PrivateTmp, PrivateDevices, ReadWritePaths,
+  # ProtectKernelTunables, ProtectKernelModules, ProtectKernelLogs,
+  # ProtectControlGroups, ProtectProc, PrivateMounts...). systemd cuts mount
+  # propagation from such a namespace to the host, so the FUSE mount (and the
+  # views under it that containers use as overlay lowerdirs) would be
+  # invisible to containerd and to users. The capability bounding set and the
+  # system call filter take away what those options would.
   hardening = {
     DevicePolicy = "closed";
     NoNewPrivileges = true;
