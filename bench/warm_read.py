@@ -1,0 +1,104 @@
+"""Warm reads, stat walks and memory of the daemon.
+
+1. Sequential read (1 MiB reads) of a 200 MB file (the sample closure's docs
+   with ``bigSize=200``) through the mount vs. the same file in the cache
+   dir on the local filesystem. "first" is the first read after
+   ``prefetch`` (every block crosses FUSE once), "warm" the best of the
+   following reads (kernel page cache, keep_cache).
+2. ``os.walk`` + ``lstat`` of a store path of 20,000 files, warm (second
+   walk and later, best of --runs), through the mount vs. the cache dir.
+3. Daemon RSS after a full stat walk of a store path of 100,000 files (its
+   tree and 100,000 inodes known).
+
+Run as root::
+
+    .venv/bin/python bench/warm_read.py [--runs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.lazymount import (  # noqa: E402
+    MANY_FILES_NIX,
+    build_expr,
+    lazystore_mount,
+    load_note,
+    signed_cache,
+)
+from tests.support import nixcache  # noqa: E402
+
+BLOCK = 1 << 20
+
+
+def read_all(path: Path) -> float:
+    start = time.monotonic()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while os.read(fd, BLOCK):
+            pass
+    finally:
+        os.close(fd)
+    return time.monotonic() - start
+
+
+def walk(root: Path) -> tuple[float, int]:
+    start, n = time.monotonic(), 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            os.lstat(os.path.join(dirpath, name))
+            n += 1
+    return time.monotonic() - start, n
+
+
+def bench_read(tmp: Path, runs: int) -> None:
+    top = nixcache.build(bigSize="200")
+    docs = next(p for p in nixcache.closure(top) if p.endswith("-docs"))
+    base = os.path.basename(docs)
+    with signed_cache(top, tmp / "c1") as (url, key), lazystore_mount(tmp / "m1", url, key) as m:
+        m.call("prefetch", paths=[docs])
+        via_mount = m.mnt / base / "share/doc/manual.txt"
+        native = m.cache / "store" / base / "share/doc/manual.txt"
+        size = native.stat().st_size
+        first = read_all(via_mount)
+        warm = min(read_all(via_mount) for _ in range(runs))
+        nat = min(read_all(native) for _ in range(runs))
+    mb = size / 1e6
+    print(f"read {mb:.0f} MB: native {mb / nat:.0f} MB/s; mount first {mb / first:.0f} MB/s "
+          f"({nat / first:.2f}x); mount warm {mb / warm:.0f} MB/s ({nat / warm:.2f}x)")
+
+
+def bench_walk(tmp: Path, runs: int, files: int, tag: str) -> None:
+    top = build_expr(MANY_FILES_NIX, files=str(files))
+    base = os.path.basename(top)
+    with signed_cache(top, tmp / f"c{tag}") as (url, key), \
+            lazystore_mount(tmp / f"m{tag}", url, key) as m:
+        m.call("prefetch", paths=[top])
+        walk(m.mnt / base)
+        t_mount, n = min(walk(m.mnt / base) for _ in range(runs))
+        t_native, _ = min(walk(m.cache / "store" / base) for _ in range(runs))
+        rss = m.rss_bytes()
+    print(f"stat walk of {n} entries: native {t_native:.3f} s, mount warm {t_mount:.3f} s "
+          f"({t_mount / t_native:.2f}x); daemon RSS {rss / 1e6:.0f} MB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+        bench_read(Path(tmp), args.runs)
+        bench_walk(Path(tmp), args.runs, 20_000, "20k")
+        bench_walk(Path(tmp), 1, 100_000, "100k")
+    print(load_note())
+
+
+if __name__ == "__main__":
+    main()
