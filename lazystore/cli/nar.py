@@ -120,9 +120,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
     out = sys.stdout.buffer
     if args.json:
         if args.recursive:
-            out.write(nar.to_json({"version": 1, "root": node}) + b"\n")
+            out.write(nar.to_json({"version": 1, "root": node}))
         else:
-            out.write(nar.to_json(_shallow(node)) + b"\n")
+            out.write(nar.to_json(_shallow(node)))  # no newline, as Nix
         return 0
     parts = _components(args.path)
     rel = "." if node["type"] == "directory" else (parts[-1] if parts else "")
