@@ -48,7 +48,7 @@ async def test_readdir_resumes_from_stable_key(tmp_path: Path) -> None:
     async with LocalStore(subs, tmp_path) as store:
         vfs = Vfs(store)
         ino = await _walk(vfs, A)
-        entries = await vfs.listdir(ino, 0)
+        entries = list(await vfs.listdir(ino, 0))
         cut = entries[40][0]
         rest = await vfs.listdir(ino, cut)
         assert [n for _, n, _ in entries[41:]] == [n for _, n, _ in rest]

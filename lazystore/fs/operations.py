@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MTIME_NS = 1_000_000_000  # mtime 1, as in /nix/store
+ENTRY_CACHE = 65536
 
 
 def to_errno(exc: BaseException) -> int:
@@ -72,8 +73,18 @@ class Operations(pyfuse3.Operations):
     def __init__(self, vfs: Vfs) -> None:
         super().__init__()
         self.vfs = vfs
+        self._entries: dict[Attr, pyfuse3.EntryAttributes] = {}
 
     def entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
+        """EntryAttributes of *attr*, built once per distinct Attr (walks repeat them)."""
+        e = self._entries.get(attr)
+        if e is None:
+            if len(self._entries) >= ENTRY_CACHE:
+                self._entries.clear()
+            e = self._entries[attr] = self._build_entry(attr)
+        return e
+
+    def _build_entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
         e.st_ino = attr.ino
         e.generation = 0

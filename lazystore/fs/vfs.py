@@ -15,11 +15,13 @@ authoritative one. Only ``open``/``read``/``readlink`` need a path's data.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import itertools
 import logging
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -229,29 +231,29 @@ class Vfs:
             raise NoEntry(name)
         return await self.getattr(self.store_inode(name))
 
-    async def listdir(self, ino: int, start: int) -> list[tuple[int, str, Attr]]:
-        """Entries of directory *ino* whose readdir key is above *start*, in key order."""
+    async def listdir(self, ino: int, start: int) -> Iterator[tuple[int, str, Attr]]:
+        """Entries of directory *ino* whose readdir key is above *start*, in key
+        order; lazy, since FUSE takes a page of entries at a time."""
         inode = self._get(ino)
+        if inode.kind == "store":
+            node = await self.node(inode)
+            if node.kind != DIRECTORY:
+                raise NotADir(inode.base)
+            return self._list_store_dir(inode, node, start)
         if inode.kind == "root":
             names = [VIEWS_NAME] + [b for b, r in self.store.records.items() if r.tree]
         elif inode.kind == "views":
             names = list(self.views)
-        elif inode.kind == "viewdir":
-            names = self._viewdir_names(inode)
         else:
-            node = await self.node(inode)
-            if node.kind != DIRECTORY:
-                raise NotADir(inode.base)
-            return await self._list_store_dir(inode, node, start)
-        keyed = sorted((name_key(n), n) for n in names)
+            names = self._viewdir_names(inode)
         out = []
-        for key, name in keyed:
+        for key, name in sorted((name_key(n), n) for n in names):
             if key > start:
                 try:
                     out.append((key, name, await self._lookup(inode, name)))
                 except NoEntry:
                     continue
-        return out
+        return iter(out)
 
     def _viewdir_names(self, inode: Inode) -> list[str]:
         assert inode.view is not None
@@ -259,16 +261,15 @@ class Vfs:
             return [self.store_dir_parts[inode.level]]
         return list(inode.view.bases)
 
-    async def _list_store_dir(
+    def _list_store_dir(
         self, inode: Inode, node: Node, start: int
-    ) -> list[tuple[int, str, Attr]]:
-        out = []
-        for key, name in node.sorted_keys():
-            if key > start:
-                child = node.entries[name]  # type: ignore[index]
-                ino = self.store_inode(inode.base, (*inode.rel, name))
-                out.append((key, name, Attr(ino, child.kind, child.size, child.executable)))
-        return out
+    ) -> Iterator[tuple[int, str, Attr]]:
+        keys = node.sorted_keys()
+        assert node.entries is not None
+        for key, name in keys[bisect.bisect_right(keys, (start, "\U0010ffff")):]:
+            child = node.entries[name]
+            ino = self.store_inode(inode.base, (*inode.rel, name))
+            yield key, name, Attr(ino, child.kind, child.size, child.executable)
 
     # -- data -------------------------------------------------------------
 
