@@ -1,9 +1,11 @@
 """Overlay layout on disk and the mounts containerd gets, as its overlayfs snapshotter.
 
 ``<root>/snapshots/<id>/fs`` is a snapshot's content (its upperdir while
-active), ``<root>/snapshots/<id>/work`` its overlay workdir. Directory names
-are numeric ids so that long lowerdir chains stay within the one page (4096
-bytes) the kernel accepts for mount options.
+active), ``<root>/snapshots/<id>/work`` its overlay workdir and, for a nix
+layer, ``<root>/snapshots/<id>/view`` a symlink to its daemon view. Directory
+names are numeric ids and every lowerdir lies under ``<root>/snapshots/``:
+containerd shortens a lowerdir option longer than the one page (4096 bytes)
+the kernel accepts to paths relative to that common directory.
 """
 
 from __future__ import annotations
@@ -39,6 +41,25 @@ class Layout:
 
     def work(self, id_: int) -> str:
         return str(self.dir(id_) / "work")
+
+    def view_link(self, id_: int, target: str) -> str:
+        """``<root>/snapshots/<id>/view``, a symlink to the daemon's view *target* (blocking).
+
+        Overlay follows it when mounting; it keeps every lowerdir under one
+        directory, so that containerd can shorten long lowerdir options (it
+        chdirs to their common parent) below the page-size limit.
+        """
+        link = self.dir(id_) / "view"
+        try:
+            if os.readlink(link) == target:
+                return str(link)
+        except OSError:
+            pass
+        tmp = self.dir(id_) / "view.tmp"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(target)
+        tmp.rename(link)
+        return str(link)
 
     def create(self, id_: int, active: bool) -> None:
         """Make the snapshot's directories (blocking); a leftover of a crash is replaced."""

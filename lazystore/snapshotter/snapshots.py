@@ -46,7 +46,7 @@ class Snapshotter:
         mount_point: str,
         store_dir: str = DEFAULT_STORE_DIR,
     ) -> None:
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.root = root
         self.store_dir = store_dir
         self.meta = MetaStore(root / "metadata.db")
@@ -81,7 +81,8 @@ class Snapshotter:
         lowers: list[str] = []
         for snap in chain:
             if snap.is_nix:
-                lowers.append(await self._view(snap))
+                view = await self._view(snap)
+                lowers.append(await asyncio.to_thread(self.layout.view_link, snap.id, view))
             if not snap.remote:
                 lowers.append(self.layout.fs(snap.id))
         return lowers
