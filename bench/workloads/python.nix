@@ -2,10 +2,12 @@
 # paths and patched with patchelf so that they load only from the store, plus
 # paths the program references but does not read at start (documentation,
 # extra libraries, site packages, data).
-#   python-app -> python3 -> glibc, zlib, expat, python3-stdlib -> python3-dynload
+#   python-app -> python3 -> glibc, zlib, expat, app-site, python3-stdlib -> python3-dynload
 #                                                  -> sqlite, python3-dynload-libs
 #              -> python3-doc, python3-site-packages, extra-libs, app-data
 # Program: <python3>/bin/python3 -c 'import json, sqlite3; print("ready")'
+# At start site.py runs app-site's sitecustomize, which reads the app's 4 MB
+# model; a variant (the delta image) changes app-site, hence python3 and the top.
 { variant ? "", python ? "/usr/bin/python3.11", stdlib ? "/usr/lib/python3.11"
 , libdir ? "/lib/x86_64-linux-gnu", dataMB ? "40" }:
 let
@@ -50,11 +52,21 @@ let
     cd ${stdlib}
     for e in *; do
       case "$e" in
-        lib-dynload|__pycache__|test) ;;
+        lib-dynload|__pycache__|test|sitecustomize.py) ;;  # Debian links it to /etc
         *) cp -r "$e" $out/lib/python3.11/ ;;
       esac
     done
     ln -s ${dynload}/lib-dynload $out/lib/python3.11/lib-dynload
+  '';
+  appSite = mk "app-site${suffix}" ''
+    mkdir -p $out/lib/python3/dist-packages
+    cd $out/lib/python3/dist-packages
+    ${randomFile "model.bin" 4 "app-site${suffix}"}
+    cat > sitecustomize.py <<EOS
+    import os.path
+    with open(os.path.join(os.path.dirname(__file__), "model.bin"), "rb") as f:
+        MODEL = f.read()
+    EOS
   '';
   python3 = mk "python3-3.11" ''
     mkdir -p $out/bin $out/lib
@@ -65,6 +77,9 @@ let
     ln -s python3.11 $out/bin/python3
     # CPython finds its prefix from the landmark lib/python3.11/os.py next to bin/.
     ln -s ${stdlibPath}/lib/python3.11 $out/lib/python3.11
+    # Debian's site.py adds <prefix>/lib/python3/dist-packages when it exists.
+    mkdir -p $out/lib/python3
+    ln -s ${appSite}/lib/python3/dist-packages $out/lib/python3/dist-packages
   '';
   doc = mk "python3-doc" ''
     mkdir -p $out/share
@@ -79,10 +94,6 @@ let
     mkdir -p $out/share
     ${randomFile "$out/share/model.bin" (builtins.fromJSON dataMB) "app-data"}
   '';
-  newData = mk "app-data${suffix}" ''
-    mkdir -p $out/share
-    ${randomFile "$out/share/update.bin" 4 "app-data${suffix}"}
-  '';
 in mk "python-app${suffix}" ''
   mkdir -p $out/bin $out/nix-support
   cat > $out/nix-support/runtime-paths <<EOS
@@ -91,7 +102,6 @@ in mk "python-app${suffix}" ''
   ${sitePackages}
   ${extraLibs}
   ${data}
-  ${if variant == "" then "" else newData}
   EOS
   ln -s ${python3}/bin/python3 $out/bin/python3
 ''
