@@ -383,3 +383,25 @@ def test_second_daemon_refuses_and_sigterm_unmounts(
         assert d.stop() == 0
         assert not is_mounted(d.mnt)
         assert not d.sock.exists()
+
+
+def test_prefetch_closure_and_evict_from_the_cli(
+    tmp_path: Path, binary_cache: nixcache.BinaryCache, http_cache: str
+) -> None:
+    with lazystore_mount(tmp_path, http_cache, binary_cache.key.public_key) as d:
+        ctl = ["--control-socket", str(d.sock)]
+        out = subprocess.run([LAZYSTORE, "prefetch", binary_cache.top, "--closure", *ctl],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        everything = sorted(os.path.basename(p) for p in binary_cache.paths)
+        assert d.status()["paths_materialized"] == everything
+        assert all((d.cache / "store" / b).is_dir() for b in everything)
+        out = subprocess.run([LAZYSTORE, "evict", *ctl], capture_output=True, text=True,
+                             timeout=60, check=True)
+        assert sorted(out.stdout.split()) == everything
+        assert d.status()["paths_materialized"] == [] and d.status()["cache_bytes"] == 0
+        liba = by_name(binary_cache.paths, "liba")
+        assert (d.mnt / liba / "lib/data").read_bytes() == b"hello from liba\n"
+        bad = subprocess.run([LAZYSTORE, "prefetch", "/nix/store/not-a-path", *ctl],
+                             capture_output=True, text=True, timeout=60)
+        assert bad.returncode == 1 and bad.stderr.count("\n") == 1
