@@ -387,26 +387,32 @@ def test_hostile_labels_through_containerd_are_refused_and_nothing_mounted(
 
 
 def test_labelled_prepare_through_containerd_makes_a_remote_snapshot(stack: Stack) -> None:
-    md = (("containerd-namespace", stack.ctd.namespace),)
+    # A lease keeps containerd's garbage collector off the snapshots made here.
+    lease = f"lz-remote-{time.monotonic_ns()}"
+    stack.ctd.ctr("leases", "create", "--id", lease)
+    md = (("containerd-namespace", stack.ctd.namespace), ("containerd-lease", lease))
     chain = REMOTE_CHAIN
     labels = {"containerd.io/snapshot.ref": chain, "containerd.io/snapshot/nix-layer": "true"}
     labels.update({f"containerd.io/snapshot/nix-store-path.{i}": p
                    for i, p in enumerate(nixcache.closure(stack.one))})
     channel, snaps = _containerd_snapshots(stack)
-    with channel:
+    try:
         with pytest.raises(grpc.RpcError) as info:
             snaps.Prepare(pb.PrepareSnapshotRequest(
                 snapshotter=SN, key=f"extract-1 {chain}", labels=labels), metadata=md)
         assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS, info.value.details()
         got = snaps.Stat(pb.StatSnapshotRequest(snapshotter=SN, key=chain), metadata=md).info
         assert got.kind == pb.COMMITTED
-    # (ctr's lease ends with the command, so containerd collects the view afterwards.)
-    out = stack.ctd.ctr("snapshots", "--snapshotter", SN, "view", "--mounts", "rv", chain).stdout
-    mounts = json.loads(out)
-    # The view is the layer's whole content: a read-only bind mount of the daemon's view.
-    assert [m["Type"] for m in mounts] == ["bind"]
-    assert mounts[0]["Source"].startswith(f"{stack.daemon.mnt}/.views/")
-    stack.ctd.ctr("snapshots", "--snapshotter", SN, "rm", chain, check=False)
+        mounts = snaps.View(pb.ViewSnapshotRequest(snapshotter=SN, key="rv", parent=chain),
+                            metadata=md).mounts
+        # The view is the layer's whole content: a read-only bind mount of the daemon's view.
+        assert [(m.type, list(m.options)) for m in mounts] == [("bind", ["ro", "rbind"])]
+        assert os.path.realpath(mounts[0].source).startswith(f"{stack.daemon.mnt}/.views/")
+        prog = Path(mounts[0].source) / stack.one.lstrip("/") / "bin/prog"
+        assert prog.read_text().startswith("#!")
+    finally:
+        channel.close()
+        stack.ctd.ctr("leases", "delete", lease, check=False)
 
 
 def test_restart_of_snapshotter_and_daemon_keeps_snapshots_mountable(stack: Stack) -> None:
