@@ -52,7 +52,7 @@ def parse_labels(labels: dict[str, str], store_dir: str) -> NixLabels | None:
 
     Every nix label is validated; InvalidLabel names the first bad one.
     """
-    paths: list[str] = []
+    indexed: list[tuple[int, str]] = []
     closure: str | None = None
     seen = False
     for label in sorted(labels):
@@ -60,11 +60,13 @@ def parse_labels(labels: dict[str, str], store_dir: str) -> NixLabels | None:
         if label == NIX_LAYER:
             seen = True
         elif label.startswith(NIX_STORE_PATH):
-            if not _INDEX.fullmatch(label[len(NIX_STORE_PATH) :]):
+            index = label[len(NIX_STORE_PATH) :]
+            if not _INDEX.fullmatch(index):
                 raise InvalidLabel(f"label {label}: the index is not a decimal number")
-            paths.append(_store_path(label, value, store_dir))
+            indexed.append((int(index), _store_path(label, value, store_dir)))
         elif label == NIX_CLOSURE:
             closure = _store_path(label, value, store_dir)
+    paths = [path for _, path in sorted(indexed)]
     if not (seen or paths or closure):
         return None
     if not paths and closure is None:

@@ -1,0 +1,137 @@
+"""Pure parts of the snapshotter: containerd filters, nix labels, placeholders, mounts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+
+from lazystore.errors import ControlError, LazystoreError
+from lazystore.snapshotter import errors, filters, nixlayer, overlay
+from lazystore.snapshotter.service import status_code
+
+H = "0" * 31 + "1"
+P = f"/nix/store/{H}-liba"
+
+
+def adaptor(name: str = "n", parent: str = "p", kind: str = "active",
+            **labels: str) -> filters.Adaptor:
+    return filters.snapshot_adaptor(name, parent, kind, labels)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("name==n", True),
+        ("name==x", False),
+        ('name=="n"', True),
+        ("parent==p,kind==active", True),
+        ("parent==p,kind==view", False),
+        ("name!=x", True),
+        ("name~=^n$", True),
+        ("name~=^x", False),
+        ('labels."containerd.io/snapshot.ref"==sha256:abc', True),
+        ("labels.containerd.io/snapshot.ref==sha256:abc", True),
+        ('labels."containerd.io/snapshot.ref"==sha256:abd', False),
+        ("labels.a", True),
+        ("labels.missing", False),
+        ("labels.missing!=x", True),
+        ('labels."with,comma"=="a,b"', True),
+        ("  name == n , parent == p ", True),
+        ("unknown==x", False),
+    ],
+)
+def test_filter_matches(text: str, expected: bool) -> None:
+    ad = adaptor(**{"containerd.io/snapshot.ref": "sha256:abc", "a": "1", "with,comma": "a,b"})
+    assert filters.parse(text).matches(ad) is expected
+
+
+@pytest.mark.parametrize("text", ['name=="open', "==x", "name==", "name==x,,", 'name=="\\q"'])
+def test_malformed_filters_are_refused(text: str) -> None:
+    with pytest.raises(filters.FilterError):
+        filters.parse(text)
+
+
+def test_several_filters_are_ored_and_none_matches_all() -> None:
+    parsed = filters.parse_any(["name==x", "name==n"])
+    assert filters.match_any(parsed, adaptor())
+    assert filters.match_any(filters.parse_any([]), adaptor())
+    assert not filters.match_any(filters.parse_any(["name==x"]), adaptor())
+
+
+def test_regex_errors_are_filter_errors() -> None:
+    with pytest.raises(filters.FilterError):
+        filters.parse("name~=(").matches(adaptor())
+
+
+def test_nix_labels_give_paths_or_closure() -> None:
+    labels = {nixlayer.NIX_LAYER: "true", nixlayer.NIX_STORE_PATH + "10": P,
+              nixlayer.NIX_STORE_PATH + "2": P + "x", nixlayer.NIX_STORE_PATH + "11": P,
+              "other": "ignored"}
+    got = nixlayer.parse_labels(labels, "/nix/store")
+    assert got == nixlayer.NixLabels((P + "x", P))  # index order, duplicates once
+    closure = nixlayer.parse_labels({nixlayer.NIX_CLOSURE: P}, "/nix/store")
+    assert closure == nixlayer.NixLabels((), P)
+    assert nixlayer.parse_labels({"containerd.io/snapshot.ref": "x"}, "/nix/store") is None
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        {nixlayer.NIX_STORE_PATH + "0": "/etc/passwd"},
+        {nixlayer.NIX_STORE_PATH + "0": f"/nix/store/{H}-x/../../etc"},
+        {nixlayer.NIX_STORE_PATH + "0": "/nix/store/.."},
+        {nixlayer.NIX_STORE_PATH + "0": "/nix/store/hello"},
+        {nixlayer.NIX_STORE_PATH + "0": f"nix/store/{H}-x"},
+        {nixlayer.NIX_STORE_PATH + "0": f"/nix/store/{H}-x\n"},
+        {nixlayer.NIX_STORE_PATH + "01": P},
+        {nixlayer.NIX_STORE_PATH + "-1": P},
+        {nixlayer.NIX_CLOSURE: "/tmp/closure"},
+        {nixlayer.NIX_LAYER: "true"},
+    ],
+)
+def test_hostile_nix_labels_are_invalid_arguments(labels: dict[str, str]) -> None:
+    with pytest.raises(errors.InvalidArgument) as info:
+        nixlayer.parse_labels(labels, "/nix/store")
+    assert "\n" not in str(info.value)
+
+
+def test_placeholders_are_empty_entries_with_store_path_names(tmp_path: Path) -> None:
+    store = tmp_path / "nix/store"
+    (store / f"{H}-dir").mkdir(parents=True)
+    (store / f"{'0' * 31}2-file").write_bytes(b"")
+    (store / f"{'0' * 31}3-full").mkdir()
+    (store / f"{'0' * 31}3-full/x").write_bytes(b"x")
+    (store / f"{'0' * 31}4-nonempty").write_bytes(b"x")
+    (store / f"{'0' * 31}5-link").symlink_to("/")
+    (store / "not-a-store-path").mkdir()
+    assert nixlayer.scan_placeholders(tmp_path, "/nix/store") == [
+        f"/nix/store/{H}-dir", f"/nix/store/{'0' * 31}2-file",
+    ]
+    assert nixlayer.scan_placeholders(tmp_path / "nothing", "/nix/store") == []
+
+
+def test_mount_rules_follow_containerds_overlayfs_snapshotter() -> None:
+    assert overlay.mounts(active=True, upper="/u", work="/w", lowers=[], index_off=False) == [
+        overlay.Mount("bind", "/u", ["rw", "rbind"])]
+    assert overlay.mounts(active=False, upper="/u", work="/w", lowers=["/a"],
+                          index_off=False) == [overlay.Mount("bind", "/a", ["ro", "rbind"])]
+    assert overlay.mounts(active=True, upper="/u", work="/w", lowers=["/a", "/b"],
+                          index_off=True) == [overlay.Mount(
+                              "overlay", "overlay",
+                              ["index=off", "workdir=/w", "upperdir=/u", "lowerdir=/a:/b"])]
+    assert overlay.mounts(active=False, upper="/u", work="/w", lowers=["/a", "/b"],
+                          index_off=False) == [overlay.Mount("overlay", "overlay",
+                                                             ["lowerdir=/a:/b"])]
+
+
+def test_every_snapshotter_error_has_its_grpc_code() -> None:
+    assert status_code(errors.NotFound("x")) == grpc.StatusCode.NOT_FOUND
+    assert status_code(errors.AlreadyExists("x")) == grpc.StatusCode.ALREADY_EXISTS
+    assert status_code(errors.FailedPrecondition("x")) == grpc.StatusCode.FAILED_PRECONDITION
+    assert status_code(errors.InvalidArgument("x")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert status_code(nixlayer.InvalidLabel("x")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert status_code(errors.Unavailable("x")) == grpc.StatusCode.UNAVAILABLE
+    assert status_code(ControlError("x")) == grpc.StatusCode.UNKNOWN
+    assert status_code(LazystoreError("x")) == grpc.StatusCode.UNKNOWN
