@@ -193,8 +193,10 @@ class LocalStore:
     async def _fly(
         self, kind: str, key: str, fn: Callable[[], Awaitable[Any]], flight: _Flight
     ) -> None:
+        flight.error = f"{kind} of {key} was cancelled"  # unless it ends otherwise
         try:
             flight.result = await fn()
+            flight.error = None
         except PathNotFound as exc:
             flight.error, flight.not_found = str(exc), True
         except LazystoreError as exc:
