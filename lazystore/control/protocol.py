@@ -14,10 +14,10 @@ Operations (arguments -> result):
     ``misses`` (int), ``views`` (list of view ids).
 ``prefetch`` (``paths``: list of store paths, ``closure``: bool) -> ``{"fetched": [basenames]}``
     once every path is materialised.
-``view_create`` (``id``: str, ``paths``: list of store paths, or
+``view_create`` (``id``: str, ``paths``: list of store paths, and/or
     ``closure_info``: a store path whose ``store-paths`` file lists them)
     -> ``{"path": "<mount>/.views/<id>", "paths": [basenames]}``.
-``view_remove`` (``id``) -> ``{}``.
+``view_remove`` (``id``) -> ``{}`` (also when no such view exists).
 ``evict`` (``paths``: list of store paths; empty = everything evictable)
     -> ``{"evicted": [basenames]}``.
 ``closure`` (``paths``: list of store paths) -> ``{"paths": [basenames]}``, the

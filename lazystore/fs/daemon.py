@@ -159,12 +159,11 @@ class Daemon:
     ) -> dict[str, Any]:
         if not isinstance(id, str):
             raise InvalidRequest("view id must be a string")
-        if closure_info is not None:
-            bases = await self._closure_info(str(closure_info))
-        elif paths is not None:
-            bases = [self.store.parse(p).basename for p in _strs(paths)]
-        else:
+        if closure_info is None and paths is None:
             raise InvalidRequest("view_create needs paths or closure_info")
+        bases = [self.store.parse(p).basename for p in _strs(paths or [])]
+        if closure_info is not None:
+            bases += await self._closure_info(str(closure_info))
         rel = await self.vfs.create_view(id, bases)
         return {"path": f"{self.mountpoint}/{rel}", "paths": list(self.vfs.views[id].bases)}
 

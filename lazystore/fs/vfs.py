@@ -367,8 +367,9 @@ class Vfs:
 
     def remove_view(self, view_id: str) -> None:
         view = self.views.pop(view_id, None)
-        if view is None:
-            raise NoEntry(f"no view {view_id!r}")
+        if view is None:  # idempotent: the snapshotter may remove after a restart
+            log.info("view %s does not exist: nothing to remove", view_id)
+            return
         for base in view.bases:
             self.store.unpin(base)
         for ino in view.dirs:
