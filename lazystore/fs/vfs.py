@@ -223,6 +223,8 @@ class Vfs:
     async def _lookup_in_view(self, parent: Inode, name: str) -> Attr:
         view = parent.view
         assert view is not None
+        if self.views.get(view.id) is not view:
+            raise NoEntry(f"view {view.id} was removed")
         if parent.level < len(self.store_dir_parts):
             if name != self.store_dir_parts[parent.level]:
                 raise NoEntry(name)
