@@ -3,10 +3,13 @@ as file:// and by a real HTTP server on 127.0.0.1."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 
 from lazystore.nix.storepath import StorePath
 from lazystore.substituter.client import Substituters
@@ -147,3 +150,27 @@ async def test_unsupported_scheme_is_rejected() -> None:
         async with Substituters(test_config(["s3://bucket"], nixcache.KEY_NAME + ":" + "A" * 43
                                             + "=")):
             pass
+
+
+async def test_narinfo_answers_expire_after_their_ttls(
+        binary_cache: nixcache.BinaryCache, tmp_path: Path,
+        autojump_clock: trio.testing.MockClock) -> None:
+    root = tmp_path / "cache"
+    shutil.copytree(binary_cache.root, root)
+    liba = StorePath.parse(next(p for p in binary_cache.paths if p.endswith("-liba")))
+    narinfo = root / f"{liba.hash_part}.narinfo"
+    text = narinfo.read_text()
+    narinfo.unlink()
+    config = test_config([f"file://{root}"], binary_cache.key.public_key,
+                         positive_ttl=100.0, negative_ttl=10.0)
+    async with Substituters(config) as subs:
+        assert await subs.query(liba) is None
+        narinfo.write_text(text)
+        assert await subs.query(liba) is None  # the negative answer is cached
+        await trio.sleep(11)
+        assert await subs.query(liba) is not None
+        narinfo.unlink()
+        await trio.sleep(50)
+        assert await subs.query(liba) is not None  # the positive answer is cached
+        await trio.sleep(51)
+        assert await subs.query(liba) is None

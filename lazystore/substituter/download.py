@@ -37,7 +37,10 @@ class _Pipeline:
         self.size = 0
         self._hash = hashlib.new(info.nar_hash.algo)
         self._decompressor = decompress.make(info.compression, self._consume)
-        self._unpacker = NarUnpacker(tmp)
+        try:
+            self._unpacker = NarUnpacker(tmp)
+        except (UnpackError, OSError) as exc:
+            raise LocalError(f"cannot unpack {info.store_path}: {exc}") from None
 
     def feed(self, data: bytes) -> None:
         self._guard(self._decompressor.feed, data)
@@ -124,8 +127,9 @@ async def download(
     on any error or cancellation nothing is left at *dest* or in *tmp_dir*.
     """
     tmp = tmp_dir / f".{dest.name}.{secrets.token_hex(6)}.tmp"
-    pipeline = await trio.to_thread.run_sync(_Pipeline, info, tmp, transport.url,
-                                             limiter=limiter)
+    # Created here, not in a thread: a cancelled thread call would leak it.
+    # It only opens the parent directory.
+    pipeline = _Pipeline(info, tmp, transport.url)
     try:
         async with transport.stream(info.url) as reader:
             send, receive = trio.open_memory_channel[bytes](READ_AHEAD)
