@@ -380,6 +380,12 @@ def test_second_daemon_refuses_and_sigterm_unmounts(
         assert out.returncode == 1
         assert "another lazystore daemon is serving" in out.stderr
         assert is_mounted(d.mnt)
+        # another mountpoint, but the live daemon's control socket: refused, no mount left
+        argv = [a if a != str(d.mnt) else str(tmp_path / "mnt2") for a in d.argv]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1
+        assert "another lazystore daemon is listening" in out.stderr
+        assert not is_mounted(tmp_path / "mnt2")
         assert d.stop() == 0
         assert not is_mounted(d.mnt)
         assert not d.sock.exists()

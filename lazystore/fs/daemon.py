@@ -103,21 +103,29 @@ class Daemon:
 
     async def run(self) -> None:
         prepare_mountpoint(self.mountpoint)
-        pyfuse3.init(Operations(self.vfs), self.mountpoint, self.mount_options())
-        clean = False
+        server.claim_socket_path(self.control_socket)
+        try:
+            pyfuse3.init(Operations(self.vfs), self.mountpoint, self.mount_options())
+        except RuntimeError as exc:
+            raise StoreError(f"cannot mount {self.mountpoint}: {exc}") from None
+        serving = clean = False
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_signals, nursery)
                 await nursery.start(server.serve, self.control_socket, self.handle)
                 log.info("serving %s (control socket %s)", self.mountpoint, self.control_socket)
                 sdnotify.notify("READY=1")
+                serving = True
                 await pyfuse3.main()
                 clean = True
                 nursery.cancel_scope.cancel()
         finally:
             self.vfs.close_all()
-            pyfuse3.close(unmount=clean)
-            log.info("%s %s", "unmounted" if clean else "left the mount at", self.mountpoint)
+            # A crash while serving leaves the mount for the next start to clear
+            # (processes may be using it); a failure before serving does not.
+            unmount = clean or not serving
+            pyfuse3.close(unmount=unmount)
+            log.info("%s %s", "unmounted" if unmount else "left the mount at", self.mountpoint)
 
     async def _watch_signals(self, nursery: trio.Nursery) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
