@@ -8,10 +8,11 @@ import datetime
 import logging
 import os
 import shlex
-import shutil
 import socket
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=600, help="per program run, seconds")
     p.add_argument("--out", type=Path, default=BENCH / "results", help="results directory")
     p.add_argument("--workdir", type=Path, help="scratch parent directory (default: $TMPDIR)")
+    p.add_argument("--name", help="file name stem of the results (default: DATE-HOST[-quick])")
     return p.parse_args(argv)
 
 
@@ -111,29 +113,39 @@ def main(argv: list[str] | None = None) -> int:
         "profiles": {n: {"latency_s": PROFILES[n].latency, "rate_bit_s": PROFILES[n].rate}
                      for n in plan.profiles},
     }
+    stem = args.name or (now.strftime("%Y-%m-%d") + f"-{host}" + ("-quick" if plan.quick else ""))
+
+    def save() -> None:  # after every (workload, link, compression): partial runs survive
+        result["summary"] = report.summarize(result["runs"])
+        result["ratios"] = report.ratios(result["runs"])
+        result["targets"] = report.targets(result["summary"], result["ratios"])
+        result["wall_seconds"] = round(time.monotonic() - started, 1)
+        report.write(result, args.out, stem)
+
+    started = time.monotonic()
+    result.update({"workloads": {}, "runs": [], "skipped": []})
     with tempfile.TemporaryDirectory(prefix="lazystore-bench-", dir=plan.workdir) as tmp:
-        result.update(run_plan(plan, Path(tmp)))
-    result["summary"] = report.summarize(result["runs"])
-    result["ratios"] = report.ratios(result["runs"])
-    result["targets"] = report.targets(result["summary"], result["ratios"])
-    stem = now.strftime("%Y-%m-%d") + f"-{host}" + ("-quick" if plan.quick else "")
-    report.write(result, args.out, stem)
+        run_plan(plan, Path(tmp), result, save)
+    save()
     sys.stdout.write(report.markdown(result))
     return 0
 
 
-def run_plan(plan: Plan, workdir: Path) -> dict[str, Any]:
+def run_plan(plan: Plan, workdir: Path, result: dict[str, Any], save: Callable[[], None]) -> None:
+    """Run every (workload, compression, link, repetition, mode) into *result*."""
     key = bench_key()
-    runs: list[dict[str, Any]] = []
-    skipped: list[dict[str, str]] = []
-    workloads: dict[str, Any] = {}
     for name in plan.workloads:
         first = build(name, quick=plan.quick)
         second = build(name, variant="v2", quick=plan.quick)
         caches = write_caches([first, second], plan.compressions)
-        workloads[name] = {"first": first.summary(), "delta": second.summary(),
-                           "new_paths": sorted(set(second.paths) - set(first.paths)),
-                           "cache_bytes": {c: _tree_size(p) for c, p in caches.items()}}
+        new = set(second.paths) - set(first.paths)
+        new_bytes = sum(second.nar_sizes[p] for p in new)
+        result["workloads"][name] = {
+            "first": first.summary(), "delta": second.summary(), "new_paths": sorted(new),
+            "delta_shared_bytes_fraction": 1 - new_bytes / second.nar_bytes,
+            "delta_shared_paths_fraction": 1 - len(new) / len(second.paths),
+            "cache_bytes": {c: _tree_size(p) for c, p in caches.items()},
+        }
         for compression in plan.compressions:
             with serve_directory(caches[compression]) as server:
                 for profile in plan.profiles:
@@ -141,9 +153,8 @@ def run_plan(plan: Plan, workdir: Path) -> dict[str, Any]:
                         ctx = Context(first, PROFILES[profile], compression, proxy,
                                       key.public_key, workdir, plan.timeout,
                                       {"delta": second})
-                        _run_modes(plan, ctx, runs, skipped)
-    shutil.rmtree(workdir, ignore_errors=True)
-    return {"workloads": workloads, "runs": runs, "skipped": skipped}
+                        _run_modes(plan, ctx, result["runs"], result["skipped"])
+                    save()
 
 
 def _run_modes(plan: Plan, ctx: Context, runs: list[dict[str, Any]],
