@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import logging
 import os
 import shlex
@@ -58,6 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=BENCH / "results", help="results directory")
     p.add_argument("--workdir", type=Path, help="scratch parent directory (default: $TMPDIR)")
     p.add_argument("--name", help="file name stem of the results (default: DATE-HOST[-quick])")
+    p.add_argument("--report", type=Path, metavar="JSON",
+                   help="only rewrite the Markdown table and plot of an earlier result")
     return p.parse_args(argv)
 
 
@@ -98,6 +101,8 @@ def machine() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="bench: %(message)s")
+    if args.report:
+        return rewrite_report(args.report)
     if os.geteuid() != 0:
         sys.stderr.write("bench/run: needs root (mount namespaces, FUSE, containerd)\n")
         return 1
@@ -127,6 +132,17 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="lazystore-bench-", dir=plan.workdir) as tmp:
         run_plan(plan, Path(tmp), result, save)
     save()
+    sys.stdout.write(report.markdown(result))
+    return 0
+
+
+def rewrite_report(path: Path) -> int:
+    """Recompute figures from the runs of *path* and rewrite its .json/.md/.png."""
+    result = json.loads(path.read_text())
+    result["summary"] = report.summarize(result["runs"])
+    result["ratios"] = report.ratios(result["runs"])
+    result["targets"] = report.targets(result["summary"], result["ratios"])
+    report.write(result, path.parent, path.stem)
     sys.stdout.write(report.markdown(result))
     return 0
 

@@ -224,6 +224,7 @@ def plot(result: Record, dest: Path) -> None:
             ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=mode)
         ax.set_xticks([j + width * (len(modes) - 1) / 2 for j in range(len(workloads))],
                       workloads)
+        ax.set_yscale("log")  # workloads span 0.5 s to a minute
         ax.set_title(f"link: {profile}")
         ax.set_ylabel("time to first output, s (median, min–max)")
         ax.legend(fontsize="small")
