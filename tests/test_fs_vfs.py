@@ -205,3 +205,28 @@ async def test_view_from_closure_info_and_paths(tmp_path: Path) -> None:
         assert not any(store.pinned(b) for b in (A, B, C))
         with pytest.raises(FsError):
             await daemon.handle("view_create", {"id": "x", "bogus": 1})
+
+
+@pytest.mark.allow_log
+async def test_listing_is_a_hint_until_the_nar_verified(
+    tmp_path: Path, subs: FakeSubstituters, caplog: pytest.LogCaptureFixture
+) -> None:
+    real_listing = subs.listing
+
+    async def lying_listing(path: object) -> object:
+        doc = await real_listing(path)  # type: ignore[arg-type]
+        doc["root"]["entries"]["big"]["size"] = 5  # type: ignore[index]
+        return doc
+
+    subs.listing = lying_listing  # type: ignore[method-assign]
+    async with LocalStore(subs, tmp_path) as store:
+        vfs = Vfs(store)
+        big = await _walk(vfs, B, "big")
+        assert (await vfs.getattr(big)).size == 5
+        assert vfs.timeouts(big) == (1.0, 1.0)  # short: the kernel asks again soon
+        fh = await vfs.open(big)
+        assert (await vfs.getattr(big)).size == 10_000  # the verified tree wins
+        assert vfs.timeouts(big)[0] > 3600
+        assert len(await vfs.read(fh, 0, 20_000)) == 10_000
+        vfs.release(fh)
+    assert any("disagrees" in r.getMessage() for r in caplog.records)

@@ -73,22 +73,23 @@ class Operations(pyfuse3.Operations):
     def __init__(self, vfs: Vfs) -> None:
         super().__init__()
         self.vfs = vfs
-        self._entries: dict[Attr, pyfuse3.EntryAttributes] = {}
+        self._entries: dict[tuple[Attr, tuple[float, float]], pyfuse3.EntryAttributes] = {}
 
     def entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
         """EntryAttributes of *attr*, built once per distinct Attr (walks repeat them)."""
-        e = self._entries.get(attr)
+        key = (attr, self.vfs.timeouts(attr.ino))
+        e = self._entries.get(key)
         if e is None:
             if len(self._entries) >= ENTRY_CACHE:
                 self._entries.clear()
-            e = self._entries[attr] = self._build_entry(attr)
+            e = self._entries[key] = self._build_entry(attr, *key[1])
         return e
 
-    def _build_entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
+    def _build_entry(self, attr: Attr, entry: float, attrs: float) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
         e.st_ino = attr.ino
         e.generation = 0
-        e.entry_timeout, e.attr_timeout = self.vfs.timeouts(attr.ino)
+        e.entry_timeout, e.attr_timeout = entry, attrs
         e.st_mode = attr.mode
         e.st_nlink = 1
         e.st_uid = e.st_gid = 0

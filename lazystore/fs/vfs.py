@@ -38,6 +38,7 @@ VIEWS_INODE = 2
 VIEWS_NAME = ".views"
 LONG_TIMEOUT = 86400.0
 ROOT_ATTR_TIMEOUT = 1.0
+HINT_TIMEOUT = 1.0
 
 
 class FsError(LazystoreError):
@@ -164,11 +165,15 @@ class Vfs:
             del self.inodes[ino]
 
     def timeouts(self, ino: int) -> tuple[float, float]:
-        """(entry, attribute) timeouts: store contents never change; views do."""
-        kind = self.inodes[ino].kind if ino in self.inodes else "store"
-        if kind == "store":
+        """(entry, attribute) timeouts: a verified store path never changes; a
+        listing is only a hint until its NAR verified; views come and go."""
+        inode = self.inodes.get(ino)
+        if inode is None or inode.kind != "store":
+            return 0.0, ROOT_ATTR_TIMEOUT
+        rec = self.store.records.get(inode.base)
+        if rec is not None and rec.tree_verified:
             return LONG_TIMEOUT, LONG_TIMEOUT
-        return 0.0, ROOT_ATTR_TIMEOUT
+        return HINT_TIMEOUT, HINT_TIMEOUT
 
     # -- metadata ---------------------------------------------------------
 

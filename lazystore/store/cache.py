@@ -307,7 +307,10 @@ class LocalStore:
                 await self.subs.fetch(StorePath.from_basename(base), dest, self.tmp_dir)
             except LazystoreError as exc:
                 raise StoreError(f"{base}: {exc}") from None
+        hint = rec.tree if not rec.tree_verified else None
         self._fill_from_disk(rec, *await trio.to_thread.run_sync(_scan, dest))
+        if hint is not None and hint != rec.tree:
+            log.warning("the listing of %s disagrees with its verified NAR; using the NAR", base)
         self.cache_bytes += rec.disk_bytes
         log.info("materialised %s (%d bytes on disk)", base, rec.disk_bytes)
         self._changed()
