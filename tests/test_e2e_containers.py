@@ -37,6 +37,7 @@ from tests.support.httpserver import serve_directory
 
 LAZYSTORE = str(Path(sys.executable).with_name("lazystore"))
 SN = "lazystore"
+WIDE_NIX = Path(__file__).resolve().parents[1] / "bench/workloads/wide.nix"
 # A made-up chain id for the remote snapshot test (no image references it, so
 # containerd's garbage collector may remove it at any time afterwards).
 REMOTE_CHAIN = "sha256:" + hashlib.sha256(b"lazystore remote test").hexdigest()
@@ -118,6 +119,7 @@ class Stack:
     sn_address: Path
     one: str  # sample closure top (prog)
     two: str  # overlapping closure top (prog-two)
+    wide: str  # bench's "wide" closure: over 300 store paths
     sn_cm: Any = None
     sn_proc: subprocess.Popen | None = None
 
@@ -157,15 +159,19 @@ def stack(
     _need_tools()
     two = nixcache.build(tag="two")
     cache_two = nixcache.make_cache(two, tmp_path_factory.mktemp("cache-two"), test_key)
+    wide = nixcache.build(WIDE_NIX)
+    cache_wide = nixcache.make_cache(wide, tmp_path_factory.mktemp("cache-wide"), test_key)
     base = Path(tempfile.mkdtemp(prefix="lze-", dir="/tmp"))  # short unix socket paths
     os.chmod(base, 0o755)
     try:
         with serve_directory(cache_two.root) as server_two, \
+                serve_directory(cache_wide.root) as server_wide, \
                 registry.running(base / "registry") as reg:
-            daemon = Daemon(base, [http_cache, server_two.url], test_key.public_key)  # type: ignore[attr-defined]
+            urls = [http_cache, server_two.url, server_wide.url]  # type: ignore[attr-defined]
+            daemon = Daemon(base, urls, test_key.public_key)
             daemon.start()
             st = Stack(base, daemon, Containerd(base / "ctd", {SN: str(base / "sn.sock")}),
-                       reg, base / "sn", base / "sn.sock", binary_cache.top, two)
+                       reg, base / "sn", base / "sn.sock", binary_cache.top, two, wide)
             try:
                 st.start_snapshotter()
                 st.ctd.start()
@@ -318,6 +324,34 @@ def test_second_image_fetches_only_new_paths(stack: Stack) -> None:
     assert out == "extra two\nhello from liba\n"
     new = closure_bases(stack.two) - closure_bases(stack.one)
     assert stack.materialized() - before == new
+
+
+def test_layered_image_runs_from_its_own_layers(stack: Stack) -> None:
+    # `--layered`: real contents in ordinary layers, no placeholders, so no view and
+    # nothing asked of the daemon.
+    archive = stack.base / "layered.tar"
+    lazystore("image", "build", stack.one, "-o", str(archive), "--name", "lazy/layered:1",
+              "--layered", "3")
+    stack.ctd.ctr("image", "import", "--snapshotter", SN, str(archive))
+    before = stack.daemon.status()
+    out = run(stack, "docker.io/lazy/layered:1", f"{stack.one}/bin/prog")
+    assert out == "hello from liba\n"
+    after = stack.daemon.status()
+    assert after["views"] == before["views"]
+    assert after["bytes_downloaded"] == before["bytes_downloaded"]
+
+
+def test_closure_of_hundreds_of_paths_has_no_128_limit(stack: Stack) -> None:
+    bases = closure_bases(stack.wide)
+    assert len(bases) > 300
+    archive = stack.base / "wide.tar"
+    lazystore("image", "build", stack.wide, "-o", str(archive), "--name", "lazy/wide:1")
+    stack.ctd.ctr("image", "import", "--snapshotter", SN, str(archive))
+    before = stack.materialized()
+    assert run(stack, "docker.io/lazy/wide:1", f"{stack.wide}/bin/wide") == "wide ready\n"
+    wanted = {base(stack.wide), named(bases, "bench-busybox"), named(bases, "wide-part-000"),
+              named(bases, "wide-part-007"), named(bases, "wide-blob-003")}
+    assert stack.materialized() - before == wanted - before
 
 
 def test_imported_archive_runs_without_labels(stack: Stack) -> None:
