@@ -482,6 +482,19 @@ def test_hostile_labels_are_refused_and_nothing_is_created(
     assert list((env.root / "snapshots").iterdir()) == []
 
 
+def test_labels_without_ref_describe_the_layer_committed_later(
+    env: Env, sn: pb_grpc.SnapshotsStub
+) -> None:
+    # No snapshot.ref: an ordinary Prepare; the labelled paths make the layer a nix
+    # layer at Commit even though the layer itself holds no placeholders.
+    prepare(sn, "k", **{NIX_LAYER: "true", NIX_PATH + "0": P1})
+    commit(sn, "c", "k")
+    creates = [a for op, a in env.daemon.calls if op == "view_create"]
+    assert [a["paths"] for a in creates] == [[P1]]
+    lowers = lowers_of(prepare(sn, "ctr", "c"))
+    assert os.path.realpath(lowers[0]) == str(env.mount_point / ".views" / creates[0]["id"])
+
+
 def test_daemon_unavailable_fails_commit_and_loses_nothing(
     env: Env, sn: pb_grpc.SnapshotsStub
 ) -> None:

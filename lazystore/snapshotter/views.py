@@ -33,8 +33,12 @@ class Views:
 
     def _ensure(self, snapshot_id: int, paths: list[str] | None, closure: str | None) -> str:
         path = self.path(snapshot_id)
-        if Path(path).is_dir():
-            return path
+        try:
+            if Path(path).is_dir():
+                return path
+        except OSError:
+            pass  # e.g. ENOTCONN: the daemon died; asking it below says so clearly
+
         args: dict[str, object] = {"id": self.view_id(snapshot_id)}
         if paths:
             args["paths"] = list(paths)
