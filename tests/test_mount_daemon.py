@@ -55,9 +55,9 @@ class Daemon:
         ]
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = 30.0, env: dict[str, str] | None = None) -> None:
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=log)
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=log, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -411,3 +411,23 @@ def test_prefetch_closure_and_evict_from_the_cli(
         bad = subprocess.run([LAZYSTORE, "prefetch", "/nix/store/not-a-path", *ctl],
                              capture_output=True, text=True, timeout=60)
         assert bad.returncode == 1 and bad.stderr.count("\n") == 1
+
+
+def test_ready_is_notified_once_mounted_and_listening(
+    tmp_path: Path, binary_cache: nixcache.BinaryCache, http_cache: str
+) -> None:
+    _need_fuse()
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(30)
+    d = Daemon(tmp_path, http_cache, binary_cache.key.public_key)
+    try:
+        env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
+        with open(d.log, "ab") as log:
+            d.proc = subprocess.Popen(d.argv, stdout=log, stderr=log, env=env)
+        assert notify.recv(4096) == b"READY=1"
+        # no waiting: by READY=1 the mount is up and the control socket answers
+        assert is_mounted(d.mnt) and d.status()["mount_point"] == str(d.mnt)
+    finally:
+        d.stop()
+        notify.close()
