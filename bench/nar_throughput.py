@@ -65,16 +65,22 @@ def unpack_nix(nar_file: Path, dest: Path) -> None:
         subprocess.run(["nix-store", "--restore", str(dest)], stdin=f, check=True)
 
 
-def best_time(unpack: Callable[[Path, Path], None], nar_file: Path, work: Path, runs: int) -> float:
-    times = []
+def timed(unpack: Callable[[Path, Path], None], nar_file: Path, dest: Path) -> float:
+    os.sync()  # start each run without the previous one's dirty pages
+    start = time.perf_counter()
+    unpack(nar_file, dest)
+    elapsed = time.perf_counter() - start
+    fsio.remove_tree(dest)
+    return elapsed
+
+
+def best_times(nar_file: Path, work: Path, runs: int) -> tuple[float, float]:
+    """Best of *runs* for Nix and for lazystore, alternating so both see the same load."""
+    nix, ours = [], []
     for i in range(runs):
-        dest = work / f"out-{i}"
-        os.sync()
-        start = time.perf_counter()
-        unpack(nar_file, dest)
-        times.append(time.perf_counter() - start)
-        fsio.remove_tree(dest)
-    return min(times)
+        nix.append(timed(unpack_nix, nar_file, work / f"nix-{i}"))
+        ours.append(timed(unpack_lazystore, nar_file, work / f"ours-{i}"))
+    return min(nix), min(ours)
 
 
 def main() -> int:
@@ -98,8 +104,7 @@ def main() -> int:
         for label, events, target in cases:
             nar_file = work / "case.nar"
             size = write_nar(nar_file, events)
-            t_nix = best_time(unpack_nix, nar_file, work, args.runs)
-            t_ours = best_time(unpack_lazystore, nar_file, work, args.runs)
+            t_nix, t_ours = best_times(nar_file, work, args.runs)
             mb = size / 1e6
             print(f"{label:<22} {mb:8.1f} {t_nix:8.3f} {t_ours:12.3f} {mb / t_nix:9.0f} "
                   f"{mb / t_ours:10.0f} {t_nix / t_ours:6.2f} {target:7.1f}")

@@ -150,13 +150,15 @@ _AFTER = {
 # Frequent token sequences, checked first in one comparison each:
 # state -> ((encoded tokens, state after them, executable flag to set or None), ...)
 _SHORTCUTS = {
-    _DIR_FIELD: ((_ENTRY_START, _NAME, None),),
     _NODE_KEY: (
         (_NODE + _TYPE_REGULAR + _CONTENTS, _CONTENTS_SIZE, False),
         (_NODE + _TYPE_REGULAR + _EXECUTABLE + _CONTENTS, _CONTENTS_SIZE, True),
     ),
-    _NODE_CLOSE: ((_CLOSE + _CLOSE + _ENTRY_START, _NAME, None),),  # only inside a directory
+    _NODE_CLOSE: ((_CLOSE + _CLOSE, _DIR_FIELD, None),),  # only inside a directory
 }
+_REGULAR_HEADERS = (
+    (_TYPE_REGULAR + _CONTENTS, False), (_TYPE_REGULAR + _EXECUTABLE + _CONTENTS, True),
+)
 _MAGIC_STRING = _S(MAGIC)
 _LIMITS = {_NAME: NAME_MAX, _TARGET: TARGET_MAX}
 _TYPES = {b"regular": _REGULAR_FIELD, b"symlink": _TARGET_KEY, b"directory": _DIR_FIELD}
@@ -239,7 +241,7 @@ class NarParser:
                 events.append(FileEnd())
                 self._state = _NODE_CLOSE
             else:
-                new = self._shortcut(state, buf, pos)
+                new = self._shortcut(state, buf, pos, events)
                 if new < 0:
                     new = self._step(state, buf, pos, events)
                     if new < 0:
@@ -247,8 +249,11 @@ class NarParser:
                 pos = new
         return pos
 
-    def _shortcut(self, state: int, buf: bytes, pos: int) -> int:
-        """Skip a frequent token sequence in one comparison (for speed only)."""
+    def _shortcut(self, state: int, buf: bytes, pos: int, events: list[Event]) -> int:
+        """Skip a frequent token sequence in a few comparisons (for speed only);
+        -1 to leave it to the token-by-token path, which also reports errors."""
+        if state == _DIR_FIELD:
+            return self._entry_shortcut(buf, pos, events)
         if state in _SHORTCUTS and (state != _NODE_CLOSE or self._previous):
             for encoded, after, executable in _SHORTCUTS[state]:
                 if buf.startswith(encoded, pos):
@@ -257,6 +262,36 @@ class NarParser:
                         self._executable = executable
                     return pos + len(encoded)
         return -1
+
+    def _entry_shortcut(self, buf: bytes, pos: int, events: list[Event]) -> int:
+        """A directory entry's head: 'entry' '(' 'name' <name> 'node' and, for a
+        regular file, its header up to the size, when all of it is in buf."""
+        if not buf.startswith(_ENTRY_START, pos):
+            return -1
+        at = pos + len(_ENTRY_START)
+        length = int.from_bytes(buf[at:at + 8], "little")
+        start, end = at + 8, at + 8 + length + (-length % 8)
+        if len(buf) - at < 8 or length > NAME_MAX or not buf.startswith(_NODE, end):
+            return -1
+        name = buf[start:start + length]
+        if (
+            buf[start + length:end] != _ZEROS[:end - start - length]
+            or not name or name in (b".", b"..") or b"/" in name or b"\0" in name
+            or name <= self._previous[-1]
+        ):
+            return -1
+        self._previous[-1] = self._name = name
+        at = end + len(_NODE)
+        for header, executable in _REGULAR_HEADERS:
+            if buf.startswith(header, at) and len(buf) - at >= len(header) + 8:
+                at += len(header)
+                size = int.from_bytes(buf[at:at + 8], "little")
+                events.append(FileStart(name, executable, size, self._base + at + 8))
+                self._executable, self._left, self._padding = executable, size, -size % 8
+                self._state = _DATA
+                return at + 8
+        self._state = _NODE_OPEN
+        return at
 
     def _step(self, state: int, buf: bytes, pos: int, events: list[Event]) -> int:
         """Consume one token; the new position, or -1 if buf has only part of it."""
