@@ -7,6 +7,7 @@ the units' CapabilityBoundingSet (applied with setpriv)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -21,6 +22,7 @@ import pytest
 from lazystore import deploy
 from lazystore.control.client import ControlClient
 from lazystore.nix.signing import SecretKey
+from tests.support import nixcache
 
 LAZYSTORE = str(Path(sys.executable).with_name("lazystore"))
 # A guard against hanging forever, not a speed requirement.
@@ -135,3 +137,73 @@ def test_daemon_and_snapshotter_notify_ready_once_serving_with_unit_privileges(
     finally:
         if is_mounted(mnt):
             subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def allowed_syscalls(groups: list[str]) -> set[str]:
+    """The system calls systemd's SystemCallFilter= *groups* allow (nested groups expanded)."""
+    calls: set[str] = set()
+    seen: set[str] = set()
+    pending = list(groups)
+    while pending:
+        group = pending.pop()
+        if group in seen:
+            continue
+        seen.add(group)
+        out = subprocess.run(["systemd-analyze", "syscall-filter", group], capture_output=True,
+                             text=True, check=True).stdout
+        for line in out.splitlines()[1:]:
+            word = line.strip()
+            if word.startswith("@"):
+                pending.append(word)
+            elif word and not word.startswith("#"):
+                calls.add(word)
+    return calls
+
+
+def test_daemon_stays_within_the_units_system_call_filter(
+    tmp_path: Path, binary_cache: nixcache.BinaryCache, http_cache: str
+) -> None:
+    """Fetching, reading, evicting and unmounting use only system calls that
+    the unit's SystemCallFilter= allows (traced with strace)."""
+    for tool in ("strace", "systemd-analyze", "setpriv", "fusermount3"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        pytest.skip("needs root and /dev/fuse for a FUSE mount")
+    mnt, trace = tmp_path / "mnt", tmp_path / "daemon.strace"
+    (tmp_path / "nix.conf").touch()
+    argv = ["strace", "-f", "-qq", "-o", str(trace), *as_unit([
+        LAZYSTORE, "mount", str(mnt), "--substituter", http_cache,
+        "--trusted-public-key", binary_cache.key.public_key,
+        "--nix-conf", str(tmp_path / "nix.conf"), "--cache-dir", str(tmp_path / "cache"),
+        "--control-socket", str(tmp_path / "ctl.sock"), "--cache-size", "1M", "--allow-other",
+    ], deploy.DAEMON_CAPABILITIES)]
+    try:
+        with (
+            notify_socket(tmp_path / "notify") as notify,
+            started(argv, tmp_path / "notify", tmp_path / "daemon.log") as daemon,
+        ):
+            wait_ready(notify, daemon, tmp_path / "daemon.log")
+            read = 0
+            for path in binary_cache.paths:  # fetch everything; the 1M quota evicts
+                for dirpath, _, files in os.walk(mnt / os.path.basename(path)):
+                    for name in files:
+                        file = Path(dirpath) / name
+                        if file.is_file() and not file.is_symlink():
+                            read += len(file.read_bytes())
+            assert read > 0
+            with ControlClient(str(tmp_path / "ctl.sock"), timeout=30) as client:
+                status = client.call("status")
+            assert len(status["paths_materialized"]) < len(binary_cache.paths), "evicted"
+            # SIGTERM the daemon itself (strace's child), then strace ends with it.
+            children = Path(f"/proc/{daemon.pid}/task/{daemon.pid}/children").read_text()
+            os.kill(int(children.split()[0]), signal.SIGTERM)
+            assert daemon.wait(timeout=60) == 0
+    finally:
+        if is_mounted(mnt):
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+    used = set(re.findall(r"^\d+ +([a-z0-9_]+)\(", trace.read_text(), re.MULTILINE))
+    assert "mount" in used or "fsmount" in used
+    filter_groups = deploy.HARDENING["SystemCallFilter"]
+    assert isinstance(filter_groups, list)
+    assert used - allowed_syscalls(filter_groups) == set()
