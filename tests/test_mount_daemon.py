@@ -305,9 +305,12 @@ def test_quota_evicts_oldest_keeps_open_refetches(
 ) -> None:
     paths = binary_cache.paths
     liba, docs, busybox = (by_name(paths, n) for n in ("liba", "docs", "busybox"))
-    sizes = {b: _du(Path("/nix/store") / b) for b in (liba, docs, busybox)}
-    limit = sizes[docs] + sizes[busybox] - 1  # docs and busybox never fit together
     key = binary_cache.key.public_key
+    with lazystore_mount(tmp_path, http_cache, key) as d:  # sizes on the cache's filesystem
+        d.call("prefetch", paths=[liba, docs, busybox])
+        sizes = {b: _du(d.cache / "store" / b) for b in (liba, docs, busybox)}
+        d.call("evict", paths=[])
+    limit = sizes[docs] + sizes[busybox] - 1  # docs and busybox never fit together
     with lazystore_mount(tmp_path, http_cache, key, "--cache-size", str(limit)) as d:
         files = {liba: "lib/data", docs: "share/doc/manual.txt", busybox: "bin/busybox"}
         expected = {b: (Path("/nix/store") / b / f).read_bytes() for b, f in files.items()}
@@ -331,7 +334,7 @@ def test_quota_evicts_oldest_keeps_open_refetches(
         read(liba)  # busybox is closed now and the oldest: it goes
         assert busybox not in d.status()["paths_materialized"]
         read(busybox)  # evicted, read again: fetched again, right bytes
-        # liba, docs, busybox, docs again, liba again, busybox again
+        # liba, docs, busybox, docs again, liba again, busybox again (this daemon)
         assert d.status()["nars_fetched"] == 6
 
 
