@@ -20,8 +20,9 @@ into bytes; :func:`listing` builds the ``.ls`` document of a binary cache.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from lazystore.errors import NarError
 
@@ -411,13 +412,13 @@ class NarParser:
             self._fail(start + length, "non-zero padding after a string")
         return buf[start:start + length], start + length + pad
 
-    def _check(self, check: object, value: bytes, pos: int) -> None:
+    def _check(self, check: Callable[[bytes], None], value: bytes, pos: int) -> None:
         try:
-            check(value)  # type: ignore[operator]
+            check(value)
         except NarError as exc:
             self._fail(pos, str(exc))
 
-    def _fail(self, pos: int, message: str) -> None:
+    def _fail(self, pos: int, message: str) -> NoReturn:
         raise NarError(f"bad NAR at byte {self._base + pos}: {message}")
 
 
