@@ -135,6 +135,8 @@ def exec_quote(arg: str) -> str:
     """
     if "\n" in arg or "\0" in arg:
         raise DeployError(f"an argument cannot contain a newline or NUL: {arg!r}")
+    if arg == ";":  # a lone semicolon would separate commands, quoted or not
+        return "\\;"
     escaped = arg.replace("%", "%%").replace("$", "$$")
     if escaped and re.fullmatch(r"[A-Za-z0-9_@%+=:,./$-]+", escaped):
         return escaped

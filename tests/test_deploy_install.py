@@ -355,7 +355,9 @@ def test_toml_writer_round_trips(data: dict[str, Any]) -> None:
     assert tomllib.loads(deploy.toml_dumps(data)) == data
 
 
-@pytest.mark.parametrize("arg", ["plain", "a b", 'q"uote', "back\\slash", "100%", "$HOME", ""])
+@pytest.mark.parametrize(
+    "arg", ["plain", "a b", 'q"uote', "back\\slash", "100%", "$HOME", "", "it's", ";"]
+)
 def test_exec_quote_round_trips(arg: str) -> None:
     [word] = shlex.split(deploy.exec_quote(arg))
     assert word.replace("%%", "%").replace("$$", "$") == arg
