@@ -297,9 +297,9 @@ def test_nix_image_pull_fetches_nothing_and_run_fetches_only_touched_paths(
     lazystore("image", "build", stack.one, "-o", str(archive), "--name", "lazy/one:1")
     ref = f"{stack.registry.host}/lazy/one:1"
     lazystore("image", "push", str(archive), ref, "--plain-http")
-    before = stack.daemon.status()
+    before = cli_status(stack)
     stack.ctd.ctr("image", "pull", "--snapshotter", SN, "--plain-http", ref, timeout=300)
-    after_pull = stack.daemon.status()
+    after_pull = cli_status(stack)
     assert after_pull["bytes_downloaded"] == before["bytes_downloaded"]
     assert after_pull["paths_materialized"] == before["paths_materialized"]
     bases = closure_bases(stack.one)
@@ -309,7 +309,12 @@ def test_nix_image_pull_fetches_nothing_and_run_fetches_only_touched_paths(
     fetched = stack.materialized() - set(before["paths_materialized"])
     assert fetched == {prog, named(bases, "busybox"), named(bases, "liba")}
     assert named(bases, "docs") not in stack.materialized()
-    assert stack.daemon.status()["bytes_downloaded"] > after_pull["bytes_downloaded"]
+    assert cli_status(stack)["bytes_downloaded"] > after_pull["bytes_downloaded"]
+
+
+def cli_status(st: Stack) -> dict[str, Any]:
+    """``lazystore status --json``, as a user would check what was fetched."""
+    return json.loads(lazystore("status", "--json", "--control-socket", str(st.daemon.sock)))
 
 
 def test_second_image_fetches_only_new_paths(stack: Stack) -> None:
