@@ -284,3 +284,19 @@ def test_readdir_keys_are_stable_and_distinct() -> None:
     keys = {tree.name_key(n) for n in names}
     assert len(keys) == len(names) and all(0 < k < 2**63 for k in keys)
     assert tree.name_key("same") == tree.name_key("same")
+
+
+@pytest.mark.allow_log
+async def test_data_removed_behind_the_daemon_is_fetched_again(
+    tmp_path: Path, subs: FakeSubstituters
+) -> None:
+    from lazystore.store.cache import _remove
+
+    async with LocalStore(subs, tmp_path) as store:
+        await store.materialize(B)
+        _remove(tmp_path / "store" / B)
+        assert (await store.materialize(B) / "big").read_bytes() == b"b" * 10_000
+        assert subs.fetches == [B, B]
+        _remove(tmp_path / "store" / B)
+        assert await store.evict([]) == [B]
+        assert store.cache_bytes == 0

@@ -292,6 +292,11 @@ class LocalStore:
     async def materialize(self, base: str) -> Path:
         """Make *base*'s verified data present in ``store/``; return its path."""
         rec = await self.require(base)
+        if rec.materialized and not os.path.lexists(self.data_path(base)):
+            log.warning("%s vanished from the cache directory; fetching it again", base)
+            rec.materialized = False
+            self.cache_bytes -= rec.disk_bytes
+            rec.disk_bytes = 0
         if rec.materialized:
             self.hits += 1
             rec.last_used = time.time()
@@ -357,14 +362,19 @@ class LocalStore:
 
     async def _evict_one(self, base: str) -> None:
         rec = self.records[base]
-        grave = self.tmp_dir / f"evict-{uuid.uuid4().hex}"
-        os.rename(self.data_path(base), grave)  # atomic: never half a path in store/
+        grave: Path | None = self.tmp_dir / f"evict-{uuid.uuid4().hex}"
+        try:
+            os.rename(self.data_path(base), grave)  # atomic: never half a path in store/
+        except FileNotFoundError:
+            log.warning("%s vanished from the cache directory", base)
+            grave = None
         rec.materialized = False
         self.cache_bytes -= rec.disk_bytes
         rec.disk_bytes = 0
         self._changed()
         log.info("evicted %s", base)
-        await trio.to_thread.run_sync(_remove, grave)
+        if grave is not None:
+            await trio.to_thread.run_sync(_remove, grave)
 
     async def evict(self, paths: list[str]) -> list[str]:
         """Evict the data of *paths* (all evictable when empty); pinned ones stay."""
