@@ -368,3 +368,23 @@ async def test_netrc_credentials_are_sent_and_never_logged(
     assert all(h.get("Authorization") == f"Basic {token}" for h in server.request_headers)
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert logged and secret not in logged and token not in logged
+
+
+@pytest.mark.allow_log
+async def test_unreachable_cache_is_asked_again_later(
+        binary_cache: nixcache.BinaryCache, server: FaultServer,
+        caplog: pytest.LogCaptureFixture) -> None:
+    liba = path_named(binary_cache, "liba")
+    server.program("/nix-cache-info", *[Fault.error(502)] * 3)  # every attempt of one read
+    cfg = config([server.url], binary_cache.key.public_key, cache_info_retry=0.3)
+    async with Substituters(cfg) as subs:
+        with pytest.raises(NotAvailableError, match="unreachable"):
+            await subs.query(liba)
+        assert server.count(f"/{liba.hash_part}.narinfo") == 0
+        with pytest.raises(NotAvailableError, match="unreachable"):
+            await subs.query(liba)  # not asked again yet
+        assert server.count("/nix-cache-info") == 3
+        await trio.sleep(0.4)
+        assert await subs.query(liba) is not None
+    assert server.count("/nix-cache-info") == 4
+    assert any("unreachable" in w and server.url in w for w in warnings(caplog))

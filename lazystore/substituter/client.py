@@ -33,6 +33,7 @@ from lazystore.substituter.errors import (
     LocalError,
     NotAvailableError,
     SubstituterError,
+    TransportError,
     VerificationError,
 )
 from lazystore.substituter.flight import SingleFlight
@@ -64,6 +65,8 @@ class _Cache:
         self.url = transport.url
         self.info = CacheInfo()
         self.error: SubstituterError | None = None
+        self.loaded = False
+        self.retry_at: float | None = None  # when to read nix-cache-info again
         size = config.narinfo_cache_size
         self.positive: cachetools.TTLCache[str, NarInfo] = cachetools.TTLCache(
             size, config.positive_ttl, timer=trio_time)
@@ -119,23 +122,36 @@ class Substituters:
     # -- substituters and their nix-cache-info ---------------------------------
 
     async def substituters(self) -> list[_Cache]:
-        """Usable substituters by priority (stable), each nix-cache-info read once."""
-        if self._ordered is None:
+        """Usable substituters by priority (stable). nix-cache-info is read once
+        per substituter; one that could not be reached is tried again after
+        ``cache_info_retry`` seconds, one that is wrong (StoreDir) never."""
+        if self._ordered is None or any(self._due(c) for c in self._caches):
             async with self._init_lock:
-                if self._ordered is None:
+                pending = [c for c in self._caches if self._due(c)]
+                if pending:
                     async with trio.open_nursery() as nursery:
-                        for cache in self._caches:
+                        for cache in pending:
                             nursery.start_soon(self._load_cache_info, cache)
                     usable = [c for c in self._caches if c.error is None]
                     self._ordered = sorted(usable, key=lambda c: (c.info.priority, c.index))
+        assert self._ordered is not None
         return self._ordered
 
+    @staticmethod
+    def _due(cache: _Cache) -> bool:
+        return not cache.loaded or (cache.retry_at is not None
+                                    and trio.current_time() >= cache.retry_at)
+
     async def _load_cache_info(self, cache: _Cache) -> None:
+        cache.loaded, cache.error, cache.retry_at = True, None, None
         try:
             text = await self._retry(lambda: cache.transport.get("nix-cache-info"),
                                      f"{cache.url}/nix-cache-info")
             if text is not None:
                 cache.info = CacheInfo.parse(text.decode("utf-8", "replace"))
+        except TransportError as exc:
+            cache.error = CacheInfoError(f"substituter {cache.url} is unreachable: {exc}")
+            cache.retry_at = trio.current_time() + self.config.cache_info_retry
         except LazystoreError as exc:
             cache.error = CacheInfoError(f"substituter {cache.url} is unusable: {exc}")
         else:

@@ -37,6 +37,7 @@ class SubstituterConfig:
     backoff_base: float = 0.25  # first retry waits up to this (full jitter), doubling
     backoff_max: float = 30.0
     retry_after_max: float = 60.0  # never wait longer than this for a Retry-After
+    cache_info_retry: float = 60.0  # re-read an unreachable cache's nix-cache-info after
     max_parallel_queries: int = 25  # narinfo lookups in flight during a closure walk
     max_parallel_fetches: int = 8  # NAR downloads in flight in `lazystore fetch`
     worker_threads: int = 4  # threads decompressing/hashing/unpacking at once
