@@ -359,6 +359,24 @@ def test_closure_of_hundreds_of_paths_has_no_128_limit(stack: Stack) -> None:
     assert stack.materialized() - before == wanted - before
 
 
+def test_deep_image_needs_lowerdir_options_longer_than_a_page(stack: Stack) -> None:
+    # 130 small layers over a nix layer: the absolute lowerdir option is longer than
+    # the one page the kernel accepts, so this only runs if containerd can shorten it
+    # (all lowerdirs, the view included, under <root>/snapshots/).
+    n = 130
+    assert n * len(f"{stack.sn_root}/snapshots/123/fs:") > 4096
+    layers = [placeholder_layer(stack.one)]
+    layers += [(_tar([("l", None, 0o755), (f"l/{i}", f"{i}\n".encode(), 0o644)]), {})
+               for i in range(n)]
+    busybox = f"/nix/store/{named(closure_bases(stack.one), 'busybox')}/bin/busybox"
+    archive = oci_archive(
+        stack.base / "deep.tar", "example.test/deep:1", layers,
+        [busybox, "sh", "-c", f"{busybox} cat /l/0 /l/{n - 1}; {stack.one}/bin/prog"],
+    )
+    stack.ctd.ctr("image", "import", "--snapshotter", SN, str(archive), timeout=600)
+    assert run(stack, "example.test/deep:1") == f"0\n{n - 1}\nhello from liba\n"
+
+
 def test_imported_archive_runs_without_labels(stack: Stack) -> None:
     archive = stack.base / "one.tar"  # built by the pull test; rebuild if run alone
     if not archive.exists():
