@@ -223,7 +223,13 @@ class Vfs:
     async def _lookup_store_path(self, name: str) -> Attr:
         if name.startswith(".") or await self.store.lookup(name) is None:
             raise NoEntry(name)
-        return await self.getattr(self.store_inode(name))
+        return await self._store_root(name)
+
+    async def _store_root(self, base: str) -> Attr:
+        root = await self.store.tree(base)
+        # The inode is taken only after the last await, so that no forget can
+        # drop it between here and the caller counting the kernel's reference.
+        return Attr(self.store_inode(base), root.kind, root.size, root.executable)
 
     async def _lookup_in_view(self, parent: Inode, name: str) -> Attr:
         view = parent.view
@@ -236,7 +242,7 @@ class Vfs:
             return Attr(view.dirs[parent.level + 1], DIRECTORY)
         if name not in view.bases:
             raise NoEntry(name)
-        return await self.getattr(self.store_inode(name))
+        return await self._store_root(name)
 
     async def listdir(self, ino: int, start: int) -> Iterator[tuple[int, str, Attr]]:
         """Entries of directory *ino* whose readdir key is above *start*, in key
@@ -253,13 +259,18 @@ class Vfs:
             names = list(self.views)
         else:
             names = self._viewdir_names(inode)
+        wanted = [(k, n) for k, n in sorted((name_key(n), n) for n in names) if k > start]
+        for _, name in wanted:  # first learn every tree (this may wait) ...
+            try:
+                await self._lookup(inode, name)
+            except NoEntry:
+                pass
         out = []
-        for key, name in sorted((name_key(n), n) for n in names):
-            if key > start:
-                try:
-                    out.append((key, name, await self._lookup(inode, name)))
-                except NoEntry:
-                    continue
+        for key, name in wanted:  # ... then take the inodes without waiting in between
+            try:
+                out.append((key, name, await self._lookup(inode, name)))
+            except NoEntry:
+                continue
         return iter(out)
 
     def _viewdir_names(self, inode: Inode) -> list[str]:
