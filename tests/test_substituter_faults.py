@@ -98,6 +98,23 @@ async def test_500_then_success_is_retried(binary_cache: nixcache.BinaryCache,
     assert_fetched(dest, tmp, info)
 
 
+@pytest.mark.allow_log
+@pytest.mark.parametrize("status", [501, 505, 511, 400])
+async def test_permanent_http_errors_are_not_retried(
+        binary_cache: nixcache.BinaryCache, server: FaultServer, dirs: tuple[Path, Path],
+        status: int) -> None:
+    dest, tmp = dirs
+    busybox = path_named(binary_cache, "busybox")
+    url = nar_url(binary_cache, busybox)
+    server.always(url, Fault.error(status))
+    async with Substituters(config([server.url], binary_cache.key.public_key)) as subs:
+        with pytest.raises(NotAvailableError, match=f"HTTP {status}"):
+            await subs.fetch(busybox, dest / busybox.basename, tmp)
+        assert subs.stats.retries == 0
+    assert server.count(url) == 1
+    assert_nothing_left(dest, tmp)
+
+
 async def test_503_with_retry_after_waits_as_asked(
         binary_cache: nixcache.BinaryCache, server: FaultServer, dirs: tuple[Path, Path],
         caplog: pytest.LogCaptureFixture) -> None:
@@ -245,11 +262,13 @@ async def test_narinfo_naming_another_path_is_not_used(
     assert any(docs.path() in w and liba.hash_part in w for w in warnings(caplog))
 
 
+@pytest.mark.parametrize("status", [404, 403, 410])
 async def test_404_narinfo_is_absent_and_not_retried(
-        binary_cache: nixcache.BinaryCache, server: FaultServer, dirs: tuple[Path, Path]) -> None:
+        binary_cache: nixcache.BinaryCache, server: FaultServer, dirs: tuple[Path, Path],
+        status: int) -> None:
     dest, tmp = dirs
     liba = path_named(binary_cache, "liba")
-    server.always(f"/{liba.hash_part}.narinfo", Fault.error(404))
+    server.always(f"/{liba.hash_part}.narinfo", Fault.error(status))
     async with Substituters(config([server.url], binary_cache.key.public_key)) as subs:
         assert await subs.query(liba) is None
         with pytest.raises(NotAvailableError, match="no substituter has it"):
