@@ -243,3 +243,37 @@ def write(result: Record, out_dir: Path, stem: str) -> dict[str, Path]:
     plot(result, paths["png"])
     log.info("results written to %s", ", ".join(str(p) for p in paths.values()))
     return paths
+
+
+def rst_table(result: Record, profiles: tuple[str, ...] = ("100mbit",)) -> str:
+    """The summary as a reStructuredText list-table (for README.rst)."""
+    rat = {(r["workload"], r["profile"], r["compression"], r["mode"], r["baseline"]): r
+           for r in result["ratios"]}
+    lines = [
+        ".. list-table::",
+        "   :header-rows: 1",
+        "",
+        "   * - workload, link",
+        "     - mode",
+        "     - time to first output, s: median (min-max)",
+        "     - x nix-eager",
+        "     - x oci-overlayfs",
+        "     - MB transferred",
+        "     - paths fetched",
+    ]
+    for s in result["summary"]:
+        if s["profile"] not in profiles:
+            continue
+        t = s["time_to_first_output"]
+        key = (s["workload"], s["profile"], s["compression"], s["mode"])
+        cells = [_ratio_cell(rat.get((*key, base))).replace("–", "-") for base in BASELINES]
+        lines += [
+            f"   * - {s['workload']}, {s['profile']}",
+            f"     - {s['mode']}",
+            f"     - {t['median']:.2f} ({t['min']:.2f}-{t['max']:.2f})",
+            f"     - {cells[0]}",
+            f"     - {cells[1]}",
+            f"     - {_mb(s['bytes']['median'])}",
+            f"     - {s['store_paths_fetched']['median']:g}",
+        ]
+    return "\n".join(lines) + "\n"
