@@ -434,3 +434,17 @@ def test_ready_is_notified_once_mounted_and_listening(
     finally:
         d.stop()
         notify.close()
+
+
+def test_bad_cache_dir_is_one_line_and_mounts_nothing(
+    tmp_path: Path, binary_cache: nixcache.BinaryCache, http_cache: str
+) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    d = Daemon(tmp_path, http_cache, binary_cache.key.public_key)
+    argv = [a if a != str(d.cache) else str(tmp_path / "file" / "cache") for a in d.argv]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    errors = [ln for ln in out.stderr.splitlines() if "error" in ln.lower()]
+    assert errors == [errors[0]] and "cannot use the cache directory" in errors[0]
+    assert "Traceback" not in out.stderr
+    assert not is_mounted(d.mnt)

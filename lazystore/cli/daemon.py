@@ -77,17 +77,28 @@ def cmd_mount(args: argparse.Namespace) -> int:
     config = fetch_cli.config_from_args(args)
     if args.store_dir:
         config = dataclasses.replace(config, store_dir=args.store_dir)
-    trio.run(lambda: daemon.run(
-        Substituters(config),
-        mountpoint=args.mountpoint,
-        cache_dir=args.cache_dir,
-        cache_size=args.cache_size,
-        control_socket=args.control_socket,
-        store_dir=config.store_dir,
-        allow_other=args.allow_other,
-        substituter_urls=list(config.urls),
-    ))
+    try:
+        trio.run(lambda: daemon.run(
+            Substituters(config),
+            mountpoint=args.mountpoint,
+            cache_dir=args.cache_dir,
+            cache_size=args.cache_size,
+            control_socket=args.control_socket,
+            store_dir=config.store_dir,
+            allow_other=args.allow_other,
+            substituter_urls=list(config.urls),
+        ))
+    except BaseExceptionGroup as group:
+        raise _first_error(group) from None
     return 0
+
+
+def _first_error(group: BaseExceptionGroup) -> BaseException:
+    """The LazystoreError inside a nursery's exception group, else the group."""
+    match, _ = group.split(LazystoreError)
+    while isinstance(match, BaseExceptionGroup):
+        match = match.exceptions[0]
+    return match if match is not None else group
 
 
 def _human(n: float) -> str:

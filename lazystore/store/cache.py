@@ -106,7 +106,11 @@ class LocalStore:
     # -- lifetime ---------------------------------------------------------
 
     async def __aenter__(self) -> LocalStore:
-        await trio.to_thread.run_sync(self._prepare)
+        try:
+            await trio.to_thread.run_sync(self._prepare)
+        except OSError as exc:
+            raise StoreError(f"cannot use the cache directory {self.cache_dir}: "
+                             f"{exc.strerror or exc}") from None
         self._nursery = await self._stack.enter_async_context(trio.open_nursery())
         self._stack.push_async_callback(self._final_save)
         self._nursery.start_soon(self._saver)
