@@ -53,6 +53,9 @@ def add_substituter_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"nix.conf to take defaults from (default {NIX_CONF})")
     group.add_argument("--netrc-file", type=Path, metavar="FILE",
                        help="credentials for HTTP caches (default: nix.conf's netrc-file)")
+    group.add_argument("--ssl-cert-file", type=Path, metavar="FILE",
+                       help="CA certificates for https caches (default: nix.conf's "
+                       "ssl-cert-file, else the system's)")
     group.add_argument("--max-connections", type=_positive_int, metavar="N",
                        help="HTTP connections at most (default 25)")
     group.add_argument("--attempts", type=_positive_int, metavar="N",
@@ -70,6 +73,7 @@ def config_from_args(args: argparse.Namespace) -> SubstituterConfig:
         trusted_public_keys=args.trusted_public_keys,
         require_sigs=args.require_sigs,
         netrc_file=args.netrc_file,
+        ssl_cert_file=args.ssl_cert_file,
         max_connections=args.max_connections,
         attempts=args.attempts,
         connect_timeout=args.connect_timeout,

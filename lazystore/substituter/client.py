@@ -104,7 +104,7 @@ class Substituters:
     async def __aenter__(self) -> Substituters:
         c = self.config
         self._client = make_client(c.max_connections, c.connect_timeout, c.stall_timeout,
-                                   c.netrc_file)
+                                   c.netrc_file, c.ssl_cert_file)
         try:
             self._caches = [_Cache(i, make_transport(url, self._client, c.stall_timeout), c)
                             for i, url in enumerate(dict.fromkeys(c.urls))]

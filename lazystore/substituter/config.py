@@ -32,6 +32,7 @@ class SubstituterConfig:
     connect_timeout: float = 30.0
     stall_timeout: float = 300.0  # Nix's stalled-download-timeout
     netrc_file: Path | None = Path("/etc/nix/netrc")  # Nix's netrc-file; absent is fine
+    ssl_cert_file: Path | None = None  # Nix's ssl-cert-file; None: the default CAs
     positive_ttl: float = 30 * 24 * 3600.0  # narinfo-cache-positive-ttl
     negative_ttl: float = 3600.0  # narinfo-cache-negative-ttl
     backoff_base: float = 0.25  # first retry waits up to this (full jitter), doubling
@@ -105,6 +106,8 @@ def _from_settings(settings: dict[str, str]) -> dict[str, Any]:
         values["require_sigs"] = _bool(settings["require-sigs"], "require-sigs")
     if "netrc-file" in settings:
         values["netrc_file"] = Path(settings["netrc-file"]) if settings["netrc-file"] else None
+    if settings.get("ssl-cert-file"):
+        values["ssl_cert_file"] = Path(settings["ssl-cert-file"])
     if "store" in settings and settings["store"].startswith("/"):
         values["store_dir"] = settings["store"].rstrip("/")
     numbers = {

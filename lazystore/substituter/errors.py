@@ -142,6 +142,19 @@ def map_httpx_error(exc: Exception, url: str) -> TransportError:
     """The SubstituterError for an httpx exception raised while fetching *url*."""
     for cls, mapped, what in _HTTPX_MAP:
         if isinstance(exc, cls):
-            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            return mapped(f"{url}: {what} ({detail})")
+            return mapped(f"{url}: {what} ({_detail(exc)})")
     raise TypeError(f"not an httpx exception: {exc!r}")
+
+
+def _detail(exc: BaseException) -> str:
+    """The first line of the first non-empty message along the exception chain
+    (httpx's own message is sometimes empty, e.g. for TLS failures under trio)."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            break
+        text = str(seen).strip()
+        if text:
+            return text.splitlines()[0][:300]
+        seen = seen.__cause__ or seen.__context__
+    return type(exc).__name__

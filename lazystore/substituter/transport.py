@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import netrc
+import ssl
 import urllib.parse
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -55,16 +56,29 @@ class Transport(Protocol):
 
 
 def make_client(
-    max_connections: int, connect_timeout: float, stall_timeout: float, netrc_file: Path | None
+    max_connections: int, connect_timeout: float, stall_timeout: float,
+    netrc_file: Path | None, ssl_cert_file: Path | None = None,
 ) -> httpx.AsyncClient:
-    """The one HTTP client shared by every HTTP substituter."""
+    """The one HTTP client shared by every HTTP substituter (HTTP/2 when offered)."""
     timeout = httpx.Timeout(connect=connect_timeout, read=stall_timeout,
                             write=stall_timeout, pool=None)
     limits = httpx.Limits(max_connections=max_connections,
                           max_keepalive_connections=max_connections)
     return httpx.AsyncClient(http2=True, timeout=timeout, limits=limits,
-                             auth=_netrc_auth(netrc_file), follow_redirects=True,
-                             trust_env=False, headers={"User-Agent": "lazystore"})
+                             auth=_netrc_auth(netrc_file), verify=_tls(ssl_cert_file),
+                             follow_redirects=True, trust_env=False,
+                             headers={"User-Agent": "lazystore"})
+
+
+def _tls(ssl_cert_file: Path | None) -> ssl.SSLContext | bool:
+    """Certificate authorities: *ssl_cert_file* (Nix's ``ssl-cert-file``) or the defaults."""
+    if ssl_cert_file is None:
+        return True
+    try:
+        return ssl.create_default_context(cafile=str(ssl_cert_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise SubstituterError(f"cannot load CA certificates from {ssl_cert_file}: {exc}"
+                               ) from None
 
 
 def _netrc_auth(path: Path | None) -> httpx.Auth | None:
