@@ -561,3 +561,28 @@ def test_long_chains_stay_under_one_directory_for_containerds_option_compaction(
         assert (target / f"nix/store/{H1}-liba/content").exists()
     finally:
         subprocess.run(["umount", str(target)], check=True)
+
+
+def test_a_second_snapshotter_does_not_steal_a_live_socket(
+    env: Env, sn: pb_grpc.SnapshotsStub
+) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "lazystore", "snapshotter", "--address", str(env.address),
+         "--root", str(env.base / "other"), "--control-socket", str(env.base / "ctl.sock")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"lazystore: error: another process already serves {env.address}"
+    assert listing(sn) == []  # the first one still serves
+
+
+def test_unreadable_metadata_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "metadata.db").write_bytes(b"not a database at all" * 100)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lazystore", "snapshotter", "--address", str(tmp_path / "s.sock"),
+         "--root", str(tmp_path)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("lazystore: error: snapshot metadata ")
+    assert len(proc.stderr.strip().splitlines()) == 1

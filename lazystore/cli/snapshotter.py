@@ -10,6 +10,7 @@ from pathlib import Path
 
 from lazystore import sdnotify
 from lazystore.control.client import DEFAULT_SOCKET
+from lazystore.errors import SnapshotterError
 
 DEFAULT_ADDRESS = "/run/lazystore-snapshotter.sock"
 DEFAULT_ROOT = "/var/lib/lazystore/snapshotter"
@@ -55,7 +56,10 @@ async def _serve(args: argparse.Namespace) -> None:
     from lazystore.snapshotter.service import start_server
     from lazystore.snapshotter.snapshots import Snapshotter
 
-    sn = Snapshotter(Path(args.root), args.control_socket, args.mount_point)
+    try:
+        sn = Snapshotter(Path(args.root), args.control_socket, args.mount_point)
+    except OSError as exc:
+        raise SnapshotterError(f"snapshotter root {args.root}: {exc.strerror or exc}") from None
     try:
         await sn.restore_views()
         server = await start_server(sn, args.address)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
 
+from lazystore.errors import SnapshotterError
+
 
 class Kind(IntEnum):
     """Values of containerd's ``Kind`` enum."""
@@ -88,11 +90,14 @@ def _row(row: tuple) -> Snapshot:
 class MetaStore:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise SnapshotterError(f"snapshot metadata {path}: {exc}") from None
 
     def close(self) -> None:
         self._db.close()

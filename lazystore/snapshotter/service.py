@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -146,10 +147,22 @@ class SnapshotsService(snapshots_pb2_grpc.SnapshotsServicer):
         return empty_pb2.Empty()
 
 
+def _claim(address: str) -> None:
+    """Remove a stale socket at *address*; refuse one that a live process serves."""
+    if not os.path.exists(address):
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(address)
+        except OSError:
+            os.unlink(address)
+            return
+    raise errors.Unavailable(f"another process already serves {address}")
+
+
 async def start_server(snapshotter: Snapshotter, address: str) -> grpc.aio.Server:
     """Serve on the unix socket *address* (mode 0600, replacing a stale socket)."""
-    if os.path.exists(address):
-        os.unlink(address)
+    _claim(address)
     server = grpc.aio.server()
     snapshots_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsService(snapshotter), server)
     old = os.umask(0o177)
