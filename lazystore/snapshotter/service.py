@@ -162,6 +162,8 @@ def _claim(address: str) -> None:
 
 async def start_server(snapshotter: Snapshotter, address: str) -> grpc.aio.Server:
     """Serve on the unix socket *address* (mode 0600, replacing a stale socket)."""
+    if len(os.fsencode(address)) > 107:
+        raise errors.InvalidArgument(f"socket path {address} is too long for a unix socket")
     _claim(address)
     server = grpc.aio.server()
     snapshots_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsService(snapshotter), server)
