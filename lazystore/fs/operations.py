@@ -73,16 +73,21 @@ class Operations(pyfuse3.Operations):
     def __init__(self, vfs: Vfs) -> None:
         super().__init__()
         self.vfs = vfs
-        self._entries: dict[tuple[Attr, tuple[float, float]], pyfuse3.EntryAttributes] = {}
+        self._entries: dict[
+            int, tuple[Attr, tuple[float, float], pyfuse3.EntryAttributes]
+        ] = {}
 
     def entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
-        """EntryAttributes of *attr*, built once per distinct Attr (walks repeat them)."""
-        key = (attr, self.vfs.timeouts(attr.ino))
-        e = self._entries.get(key)
-        if e is None:
-            if len(self._entries) >= ENTRY_CACHE:
-                self._entries.clear()
-            e = self._entries[key] = self._build_entry(attr, *key[1])
+        """EntryAttributes of *attr*, built once per Attr object (the Vfs keeps the
+        rows of directories it lists, so warm walks hand back the same ones)."""
+        timeouts = self.vfs.timeouts(attr.ino)
+        cached = self._entries.get(id(attr))
+        if cached is not None and cached[0] is attr and cached[1] == timeouts:
+            return cached[2]
+        if len(self._entries) >= ENTRY_CACHE:
+            self._entries.clear()
+        e = self._build_entry(attr, *timeouts)
+        self._entries[id(attr)] = (attr, timeouts, e)  # holds attr: its id stays its own
         return e
 
     def _build_entry(self, attr: Attr, entry: float, attrs: float) -> pyfuse3.EntryAttributes:
@@ -125,10 +130,11 @@ class Operations(pyfuse3.Operations):
 
     @mapped
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        reply, entry, remember = pyfuse3.readdir_reply, self.entry, self.vfs.remember
         for key, name, attr in await self.vfs.listdir(fh, start_id):
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), self.entry(attr), key):
+            if not reply(token, name.encode("utf-8", "surrogateescape"), entry(attr), key):
                 break
-            self.vfs.remember(attr.ino)
+            remember(attr.ino)
 
     async def releasedir(self, fh: int) -> None:
         pass

@@ -39,6 +39,7 @@ VIEWS_NAME = ".views"
 LONG_TIMEOUT = 86400.0
 ROOT_ATTR_TIMEOUT = 1.0
 HINT_TIMEOUT = 1.0
+DIR_ROWS_CACHE = 1024  # directories whose readdir rows are kept
 
 
 class FsError(LazystoreError):
@@ -132,6 +133,7 @@ class Vfs:
         self._store_inodes: dict[tuple[str, tuple[str, ...]], int] = {}
         self.views: dict[str, View] = {}
         self.handles: dict[int, Handle] = {}
+        self._dir_rows: dict[int, tuple[Node, list[tuple[int, str, Attr]]]] = {}
 
     # -- inode table ------------------------------------------------------
 
@@ -161,6 +163,7 @@ class Vfs:
         if node.lookups <= 0 and node.kind == "store":
             del self.inodes[ino]
             del self._store_inodes[(node.base, node.rel)]
+            self._dir_rows.pop(ino, None)
         elif node.lookups <= 0 and node.kind == "viewdir" and node.view not in self.views.values():
             del self.inodes[ino]
 
@@ -282,12 +285,34 @@ class Vfs:
     def _list_store_dir(
         self, inode: Inode, node: Node, start: int
     ) -> Iterator[tuple[int, str, Attr]]:
+        rows = self._rows(inode, node)
         keys = node.sorted_keys()
+        for i in range(bisect.bisect_right(keys, (start, "\U0010ffff")), len(rows)):
+            row = rows[i]
+            if row[2].ino not in self.inodes:  # forgotten since: a new inode
+                attr = row[2]
+                ino = self.store_inode(inode.base, (*inode.rel, row[1]))
+                row = rows[i] = (row[0], row[1], Attr(ino, attr.kind, attr.size, attr.executable))
+            yield row
+
+    def _rows(self, inode: Inode, node: Node) -> list[tuple[int, str, Attr]]:
+        """(key, name, attr) of every entry of a store directory, kept while the
+        tree is the verified one: warm walks list the same directories again."""
+        cached = self._dir_rows.get(inode.ino)
+        if cached is not None and cached[0] is node:
+            return cached[1]
         assert node.entries is not None
-        for key, name in keys[bisect.bisect_right(keys, (start, "\U0010ffff")):]:
+        rows = []
+        for key, name in node.sorted_keys():
             child = node.entries[name]
             ino = self.store_inode(inode.base, (*inode.rel, name))
-            yield key, name, Attr(ino, child.kind, child.size, child.executable)
+            rows.append((key, name, Attr(ino, child.kind, child.size, child.executable)))
+        rec = self.store.records.get(inode.base)
+        if rec is not None and rec.tree_verified:
+            if len(self._dir_rows) >= DIR_ROWS_CACHE:
+                self._dir_rows.clear()
+            self._dir_rows[inode.ino] = (node, rows)
+        return rows
 
     # -- data -------------------------------------------------------------
 
