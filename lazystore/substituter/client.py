@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import cachetools
 import httpx
@@ -40,6 +40,8 @@ from lazystore.substituter.flight import SingleFlight
 from lazystore.substituter.transport import Transport, make_client, make_transport
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -358,7 +360,7 @@ class Substituters:
 
     # -- retries -----------------------------------------------------------------
 
-    async def _retry(self, operation, what: str):  # type: ignore[no-untyped-def]
+    async def _retry(self, operation: Callable[[], Awaitable[T]], what: str) -> T:
         def count() -> None:
             self.stats.retries += 1
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import bz2
 import lzma
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import zstandard
 
@@ -72,7 +72,8 @@ class _Chunked:
     """lzma/bz2 style decompressors (``max_length``, ``needs_input``, ``eof``);
     concatenated streams are accepted, as by xz(1)."""
 
-    def __init__(self, sink: Sink, factory, error: type[Exception], name: str) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, sink: Sink, factory: Callable[[], Any], error: type[Exception],
+                 name: str) -> None:
         self._sink, self._factory, self._error, self._name = sink, factory, error, name
         self._dec = factory()
         self._started = False

@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -21,7 +22,7 @@ from lazystore.nix.fsio import NarUnpacker
 from lazystore.nix.narinfo import NarInfo
 from lazystore.substituter import decompress
 from lazystore.substituter.errors import LocalError, VerificationError
-from lazystore.substituter.transport import Transport
+from lazystore.substituter.transport import Reader, Transport
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class _Pipeline:
                 f"NAR of {self.info.store_path} from {self.origin} does not match its NarHash")
         self._guard(self._unpacker.finish)
 
-    def _guard(self, fn, *args) -> None:  # type: ignore[no-untyped-def]
+    def _guard(self, fn: Callable[..., None], *args: bytes) -> None:
         """Map the unpacker's errors once: bad NAR data vs. local trouble."""
         try:
             fn(*args)
@@ -119,7 +120,7 @@ async def download(
     dest: Path,
     tmp_dir: Path,
     limiter: trio.CapacityLimiter,
-    count_bytes,  # type: ignore[no-untyped-def]
+    count_bytes: Callable[[int], None],
 ) -> None:
     """Download, verify and unpack the NAR of *info* from *transport* into *dest*.
 
@@ -147,7 +148,8 @@ async def download(
         raise
 
 
-async def _read_into(reader, send: trio.MemorySendChannel[bytes], count_bytes) -> None:  # type: ignore[no-untyped-def]
+async def _read_into(reader: Reader, send: trio.MemorySendChannel[bytes],
+                     count_bytes: Callable[[int], None]) -> None:
     async with send:
         while chunk := await reader.read():
             count_bytes(len(chunk))
