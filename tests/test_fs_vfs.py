@@ -230,3 +230,20 @@ async def test_listing_is_a_hint_until_the_nar_verified(
         assert len(await vfs.read(fh, 0, 20_000)) == 10_000
         vfs.release(fh)
     assert any("disagrees" in r.getMessage() for r in caplog.records)
+
+
+async def test_cached_readdir_rows_never_hand_out_forgotten_inodes(
+    tmp_path: Path, subs: FakeSubstituters
+) -> None:
+    async with LocalStore(subs, tmp_path) as store:
+        vfs = Vfs(store)
+        await store.materialize(A)  # verified tree: its rows are kept
+        lib = await _walk(vfs, A, "lib")
+        first = {name: attr.ino for _, name, attr in await vfs.listdir(lib, 0)}
+        vfs.remember(first["data"])
+        vfs.forget(first["data"], 1)
+        assert first["data"] not in vfs.inodes
+        again = {name: attr.ino for _, name, attr in await vfs.listdir(lib, 0)}
+        assert again["link"] == first["link"]
+        assert again["data"] != first["data"] and again["data"] in vfs.inodes
+        assert vfs.inodes[again["data"]].rel == ("lib", "data")
