@@ -138,7 +138,10 @@ class _Job:
     subs: Substituters | None = None
 
     async def run(self) -> None:
-        tmp_dir = Path(tempfile.mkdtemp(prefix=".lazystore-tmp-", dir=self.dest))
+        try:
+            tmp_dir = Path(tempfile.mkdtemp(prefix=".lazystore-tmp-", dir=self.dest))
+        except OSError as exc:
+            raise LazystoreError(f"cannot write in {self.dest}: {exc.strerror}") from None
         try:
             async with Substituters(self.config) as subs:
                 self.subs = subs
