@@ -2,8 +2,9 @@
 
 Plain module, no pytest: ``with Containerd(workdir, proxy_plugins={"lazystore":
 sock}) as ctd: ctd.ctr("images", "ls")``. containerd gets its own root, state,
-gRPC address and config.toml under *workdir*; it is stopped (and its
-containers' shims with it) when the context exits. ``snapshotter_process``
+gRPC address and config.toml under *workdir* and ``ctr()`` its own namespace
+(``ctd.namespace``); it is stopped (its tasks killed first) when the context
+exits. ``snapshotter_process``
 starts ``lazystore snapshotter`` as a child process and waits for READY=1.
 """
 
@@ -16,11 +17,16 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-NAMESPACE = "lazystore-test"
+NAMESPACE_PREFIX = "lazystore-test"
+# runc v2 keeps container state in /run/containerd/runc/<namespace>/ whatever
+# containerd's own root and state are: each instance gets its own namespace so
+# that runs (and their leftovers) never collide.
+RUNC_ROOT = Path("/run/containerd/runc")
 
 
 def have_containerd() -> bool:
@@ -73,7 +79,7 @@ class Containerd:
         self,
         workdir: Path,
         proxy_plugins: Mapping[str, str] | None = None,
-        namespace: str = NAMESPACE,
+        namespace: str | None = None,
     ) -> None:
         self.workdir = workdir
         self.root = workdir / "root"
@@ -81,7 +87,7 @@ class Containerd:
         self.address = workdir / "containerd.sock"
         self.config = workdir / "config.toml"
         self.log_file = workdir / "containerd.log"
-        self.namespace = namespace
+        self.namespace = namespace or f"{NAMESPACE_PREFIX}-{uuid.uuid4().hex[:12]}"
         self.proxy_plugins = dict(proxy_plugins or {})
         self.proc: subprocess.Popen | None = None
 
@@ -123,6 +129,7 @@ class Containerd:
         self.proc = None
         self._unmount_below(self.state)
         self._unmount_below(self.root)
+        shutil.rmtree(RUNC_ROOT / self.namespace, ignore_errors=True)
 
     def _task_ids(self) -> list[str]:
         out = self.ctr("tasks", "ls", "-q", check=False)
