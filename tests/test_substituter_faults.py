@@ -407,3 +407,19 @@ async def test_unreachable_cache_is_asked_again_later(
         assert await subs.query(liba) is not None
     assert server.count("/nix-cache-info") == 4
     assert any("unreachable" in w and server.url in w for w in warnings(caplog))
+
+
+async def test_absolute_nar_url_is_followed(
+        binary_cache: nixcache.BinaryCache, dirs: tuple[Path, Path]) -> None:
+    dest, tmp = dirs
+    liba = path_named(binary_cache, "liba")
+    text = (binary_cache.root / f"{liba.hash_part}.narinfo").read_text()
+    relative = narinfo(binary_cache, liba).url
+    with FaultServer(binary_cache.root) as front, FaultServer(binary_cache.root) as mirror:
+        absolute = text.replace(f"URL: {relative}\n", f"URL: {mirror.url}/{relative}\n")
+        front.always(f"/{liba.hash_part}.narinfo", Fault.replace(absolute.encode()))
+        async with Substituters(config([front.url], binary_cache.key.public_key)) as subs:
+            info = await subs.fetch(liba, dest / liba.basename, tmp)
+        assert mirror.requests == [f"/{relative}"]
+        assert f"/{relative}" not in front.requests
+    assert_fetched(dest, tmp, info)

@@ -108,8 +108,14 @@ class HttpTransport:
         self._client = client
         self._stall = stall_timeout
 
+    def _url(self, name: str) -> str:
+        """*name* relative to the cache, or as is when absolute (as Nix allows for NARs)."""
+        if name.startswith(("http://", "https://")):
+            return name
+        return f"{self.url}/{name.lstrip('/')}"
+
     async def get(self, name: str) -> bytes | None:
-        url = f"{self.url}/{name}"
+        url = self._url(name)
         async with self._open(url) as response:
             if response.status_code in NOT_FOUND_STATUSES:
                 return None
@@ -124,7 +130,7 @@ class HttpTransport:
 
     @asynccontextmanager
     async def stream(self, name: str) -> AsyncIterator[Reader]:
-        url = f"{self.url}/{name}"
+        url = self._url(name)
         async with self._open(url) as response:
             if response.status_code in NOT_FOUND_STATUSES:
                 raise NotFoundError(f"{url}: not found (HTTP {response.status_code})")
