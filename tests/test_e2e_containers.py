@@ -496,3 +496,34 @@ def committed(st: Stack) -> set[str]:
     out = st.ctd.ctr("snapshots", "--snapshotter", SN, "ls").stdout
     names = {line.split()[0] for line in out.splitlines()[1:] if "Committed" in line}
     return names - {REMOTE_CHAIN}
+
+
+def test_containerd_helper_leaves_no_shim_behind(tmp_path: Path) -> None:
+    # tests.support.containerd without a proxy plugin (as bench uses it for overlayfs):
+    # a container still running at stop must not outlive the helper.
+    _need_tools()
+    work = Path(tempfile.mkdtemp(prefix="lzc-", dir="/tmp"))
+    try:
+        busybox = Path("/bin/busybox").read_bytes()
+        archive = oci_archive(tmp_path / "bb.tar", "example.test/bb:1",
+                              [(_tar([("bin", None, 0o755), ("bin/busybox", busybox, 0o755)]),
+                                {})], ["/bin/busybox"])
+        with Containerd(work) as ctd:
+            ctd.ctr("image", "import", str(archive))
+            ctd.ctr("run", "-d", "example.test/bb:1", "sleeper", "/bin/busybox", "sleep", "600")
+            assert ctd.ctr("tasks", "ls", "-q").stdout.split() == ["sleeper"]
+            address = str(ctd.address)
+        shims = [p for p in Path("/proc").iterdir() if p.name.isdigit()
+                 and address.encode() in _cmdline(p)]
+        assert shims == []
+        assert not (Path("/run/containerd/runc") / ctd.namespace).exists()
+    finally:
+        _unmount_below(work)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""

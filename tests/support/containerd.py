@@ -119,7 +119,8 @@ class Containerd:
         if self.proc is None:
             return
         for task in self._task_ids():
-            self.ctr("tasks", "kill", "-s", "SIGKILL", task, check=False)
+            self.ctr("tasks", "kill", "--all", "-s", "SIGKILL", task, check=False, timeout=30)
+            self.ctr("tasks", "delete", "--force", task, check=False, timeout=30)
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(20)
@@ -127,6 +128,7 @@ class Containerd:
             self.proc.kill()
             self.proc.wait()
         self.proc = None
+        self._kill_own_shims()
         self._unmount_below(self.state)
         self._unmount_below(self.root)
         shutil.rmtree(RUNC_ROOT / self.namespace, ignore_errors=True)
@@ -134,6 +136,22 @@ class Containerd:
     def _task_ids(self) -> list[str]:
         out = self.ctr("tasks", "ls", "-q", check=False)
         return out.stdout.split() if out.returncode == 0 else []
+
+    def _kill_own_shims(self) -> None:
+        """Shims outlive containerd by design; end those serving this instance only."""
+        needle = f"-address\0{self.address}\0".encode()
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"containerd-shim" in cmdline and needle in cmdline:
+                try:
+                    os.kill(int(proc.name), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     @staticmethod
     def _unmount_below(path: Path) -> None:
