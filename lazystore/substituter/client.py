@@ -145,24 +145,27 @@ class Substituters:
                                     and trio.current_time() >= cache.retry_at)
 
     async def _load_cache_info(self, cache: _Cache) -> None:
-        cache.loaded, cache.error, cache.retry_at = True, None, None
+        # The cache's state changes only at the end: callers arriving meanwhile
+        # wait on the lock instead of seeing a half-known substituter.
+        info, error, retry_at = cache.info, None, None
         try:
             text = await self._retry(lambda: cache.transport.get("nix-cache-info"),
                                      f"{cache.url}/nix-cache-info")
             if text is not None:
-                cache.info = CacheInfo.parse(text.decode("utf-8", "replace"))
+                info = CacheInfo.parse(text.decode("utf-8", "replace"))
         except TransportError as exc:
-            cache.error = CacheInfoError(f"substituter {cache.url} is unreachable: {exc}")
-            cache.retry_at = trio.current_time() + self.config.cache_info_retry
+            error = CacheInfoError(f"substituter {cache.url} is unreachable: {exc}")
+            retry_at = trio.current_time() + self.config.cache_info_retry
         except LazystoreError as exc:
-            cache.error = CacheInfoError(f"substituter {cache.url} is unusable: {exc}")
+            error = CacheInfoError(f"substituter {cache.url} is unusable: {exc}")
         else:
-            if cache.info.store_dir != self.config.store_dir:
-                cache.error = CacheInfoError(
+            if info.store_dir != self.config.store_dir:
+                error = CacheInfoError(
                     f"substituter {cache.url} is a binary cache for store "
-                    f"{cache.info.store_dir}, not {self.config.store_dir}")
-        if cache.error is not None:
-            log.warning("%s", cache.error)
+                    f"{info.store_dir}, not {self.config.store_dir}")
+        if error is not None:
+            log.warning("%s", error)
+        cache.info, cache.error, cache.retry_at, cache.loaded = info, error, retry_at, True
 
     def _disabled_reasons(self) -> list[str]:
         return [str(c.error) for c in self._caches if c.error is not None]
