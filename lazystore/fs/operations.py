@@ -80,10 +80,12 @@ class Operations(pyfuse3.Operations):
     def entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
         """EntryAttributes of *attr*, built once per Attr object (the Vfs keeps the
         rows of directories it lists, so warm walks hand back the same ones)."""
-        timeouts = self.vfs.timeouts(attr.ino)
         cached = self._entries.get(id(attr))
-        if cached is not None and cached[0] is attr and cached[1] == timeouts:
+        if cached is not None and cached[0] is attr:
+            # Only the Vfs's kept rows reuse Attr objects, and it keeps rows of
+            # verified trees only, whose timeouts never change.
             return cached[2]
+        timeouts = self.vfs.timeouts(attr.ino)
         if len(self._entries) >= ENTRY_CACHE:
             self._entries.clear()
         e = self._build_entry(attr, *timeouts)
