@@ -318,6 +318,8 @@ def cli_status(st: Stack) -> dict[str, Any]:
 
 
 def test_second_image_fetches_only_new_paths(stack: Stack) -> None:
+    if named(closure_bases(stack.one), "liba") not in stack.materialized():
+        run(stack, imported_one(stack), f"{stack.one}/bin/prog")  # when run alone
     archive = stack.base / "two.tar"
     lazystore("image", "build", stack.two, "-o", str(archive), "--name", "lazy/two:1")
     ref = f"{stack.registry.host}/lazy/two:1"
@@ -377,13 +379,18 @@ def test_deep_image_needs_lowerdir_options_longer_than_a_page(stack: Stack) -> N
     assert run(stack, "example.test/deep:1") == f"0\n{n - 1}\nhello from liba\n"
 
 
-def test_imported_archive_runs_without_labels(stack: Stack) -> None:
-    archive = stack.base / "one.tar"  # built by the pull test; rebuild if run alone
+def imported_one(st: Stack) -> str:
+    """Import the first image's archive (``ctr image import``); returns its name."""
+    archive = st.base / "one.tar"  # built by the pull test; rebuilt when run alone
     if not archive.exists():
-        lazystore("image", "build", stack.one, "-o", str(archive), "--name", "lazy/one:1")
-    stack.ctd.ctr("image", "import", "--snapshotter", SN, str(archive))
-    names = stack.ctd.ctr("image", "ls", "-q").stdout.split()
-    image = next(n for n in names if "lazy/one:1" in n and "127.0.0.1" not in n)
+        lazystore("image", "build", st.one, "-o", str(archive), "--name", "lazy/one:1")
+    st.ctd.ctr("image", "import", "--snapshotter", SN, str(archive))
+    names = st.ctd.ctr("image", "ls", "-q").stdout.split()
+    return next(n for n in names if "lazy/one:1" in n and "127.0.0.1" not in n)
+
+
+def test_imported_archive_runs_without_labels(stack: Stack) -> None:
+    image = imported_one(stack)
     assert run(stack, image, f"{stack.one}/bin/prog") == "hello from liba\n"
 
 
@@ -473,8 +480,7 @@ def test_labelled_prepare_through_containerd_makes_a_remote_snapshot(stack: Stac
 
 
 def test_restart_of_snapshotter_and_daemon_keeps_snapshots_mountable(stack: Stack) -> None:
-    images = stack.ctd.ctr("image", "ls", "-q").stdout.split()
-    image = next(n for n in images if "lazy/one:1" in n)
+    image = imported_one(stack)
     listed = committed(stack)
     assert listed
     stack.stop_snapshotter(kill=True)
@@ -490,6 +496,12 @@ def test_restart_of_snapshotter_and_daemon_keeps_snapshots_mountable(stack: Stac
         time.sleep(0.5)
     assert committed(stack) == listed
     assert run(stack, image, f"{stack.one}/bin/prog") == "hello from liba\n"
+    # The daemon alone restarts: the next container's mounts re-create its views.
+    stack.daemon.stop(kill=True)
+    stack.daemon.start()
+    assert stack.daemon.status()["views"] == []
+    assert run(stack, image, f"{stack.one}/bin/prog") == "hello from liba\n"
+    assert stack.daemon.status()["views"] != []
 
 
 def committed(st: Stack) -> set[str]:
