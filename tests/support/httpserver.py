@@ -22,12 +22,16 @@ class _QuietHandler(SimpleHTTPRequestHandler):
         super().do_GET()
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # many parallel clients; the default 5 stalls them
+
+
 @contextmanager
 def serve_directory(root: Path) -> Iterator[ThreadingHTTPServer]:
     """Serve *root*; yields the server (``server.url``, ``server.requests``)."""
     handler = functools.partial(_QuietHandler, directory=str(root))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
+    server = _Server(("127.0.0.1", 0), handler)
     server.requests = []  # type: ignore[attr-defined]
     server.url = f"http://127.0.0.1:{server.server_address[1]}"  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, daemon=True)

@@ -61,8 +61,12 @@ def references(path: str) -> list[str]:
 
 
 def nar_hash(path: str) -> str:
-    """``sha256:<nix32>`` of the NAR serialisation of *path*, by Nix."""
-    return run_nix("nix", "hash", "path", "--type", "sha256", "--base32", path).decode().strip()
+    """``sha256:<nix32>`` of the NAR serialisation of *path*, by Nix.
+
+    Nix 2.8 prints the bare nix32 digest; newer Nix prefixes the algorithm.
+    """
+    out = run_nix("nix", "hash", "path", "--type", "sha256", "--base32", path).decode().strip()
+    return out if out.startswith("sha256:") else f"sha256:{out}"
 
 
 @dataclass
