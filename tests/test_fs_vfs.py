@@ -247,3 +247,19 @@ async def test_cached_readdir_rows_never_hand_out_forgotten_inodes(
         assert again["link"] == first["link"]
         assert again["data"] != first["data"] and again["data"] in vfs.inodes
         assert vfs.inodes[again["data"]].rel == ("lib", "data")
+
+
+async def test_only_view_ids_are_looked_up_again(tmp_path: Path, subs: FakeSubstituters) -> None:
+    async with LocalStore(subs, tmp_path) as store:
+        vfs = Vfs(store)
+        await vfs.create_view("v", [A])
+        view, nix, store_dir = (
+            await _walk(vfs, ".views", "v"), await _walk(vfs, ".views", "v", "nix"),
+            await _walk(vfs, ".views", "v", "nix", "store"),
+        )
+        assert vfs.timeouts(view)[0] == 0  # the id may be removed and made again
+        assert vfs.timeouts(nix)[0] > 3600 and vfs.timeouts(store_dir)[0] > 3600
+        vfs.remove_view("v")
+        await vfs.create_view("v", [B])
+        assert await _walk(vfs, ".views", "v") != view  # new inodes for the new view
+        assert await _walk(vfs, ".views", "v", "nix", "store", B)

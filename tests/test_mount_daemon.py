@@ -369,6 +369,10 @@ def test_view_as_overlay_lowerdir(
             subprocess.run(["umount", str(merged)], check=False)
         d.call("view_remove", id="ctr1")
         assert d.status()["views"] == []
+        assert not (d.mnt / ".views/ctr1").exists()
+        liba = by_name(paths, "liba")
+        d.call("view_create", id="ctr1", paths=[liba])  # same id, other paths
+        assert os.listdir(d.mnt / ".views/ctr1/nix/store") == [liba]
 
 
 def test_second_daemon_refuses_and_sigterm_unmounts(

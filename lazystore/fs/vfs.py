@@ -171,7 +171,13 @@ class Vfs:
         """(entry, attribute) timeouts: a verified store path never changes; a
         listing is only a hint until its NAR verified; views come and go."""
         inode = self.inodes.get(ino)
-        if inode is None or inode.kind != "store":
+        if inode is None:
+            return 0.0, ROOT_ATTR_TIMEOUT
+        if inode.kind == "views" or (inode.kind == "viewdir" and inode.level > 0):
+            # fixed for the life of the daemon / of the view (a view made again
+            # under the same id gets new inodes, found through .views/<id>)
+            return LONG_TIMEOUT, ROOT_ATTR_TIMEOUT
+        if inode.kind != "store":
             return 0.0, ROOT_ATTR_TIMEOUT
         rec = self.store.records.get(inode.base)
         if rec is not None and rec.tree_verified:
