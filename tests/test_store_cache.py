@@ -300,3 +300,16 @@ async def test_data_removed_behind_the_daemon_is_fetched_again(
         _remove(tmp_path / "store" / B)
         assert await store.evict([]) == [B]
         assert store.cache_bytes == 0
+
+
+@pytest.mark.allow_log
+async def test_unwritable_index_is_a_warning_not_a_crash(
+    tmp_path: Path, subs: FakeSubstituters, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with LocalStore(subs, tmp_path) as store:
+        (tmp_path / "index").mkdir()  # os.replace onto a directory fails
+        await store.materialize(A)
+        await store._save()
+        assert (await store.materialize(A) / "lib/data").read_bytes() == b"hello from liba\n"
+        assert not list(tmp_path.glob(".index.*"))  # no temporary left behind
+    assert any("cannot write the cache index" in r.getMessage() for r in caplog.records)

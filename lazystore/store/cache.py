@@ -170,7 +170,11 @@ class LocalStore:
 
     async def _save(self) -> None:
         snapshot = dict(self.records)
-        await trio.to_thread.run_sync(index.save, self.index_file, snapshot)
+        try:
+            await trio.to_thread.run_sync(index.save, self.index_file, snapshot)
+        except OSError as exc:  # the index can be rebuilt from store/: keep serving
+            log.warning("cannot write the cache index %s: %s", self.index_file,
+                        exc.strerror or exc)
 
     async def _final_save(self) -> None:
         with trio.CancelScope(shield=True):
