@@ -10,6 +10,7 @@ import logging
 import os
 import shlex
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -88,6 +89,19 @@ def make_plan(args: argparse.Namespace) -> Plan:
     )
 
 
+def source_state() -> dict[str, Any]:
+    """The commit measured, and whether lazystore/ had uncommitted edits (the
+    working tree is shared: results can only name what was checked out)."""
+    repo = BENCH.parent
+
+    def git(*argv: str) -> str:
+        proc = subprocess.run(["git", "-C", str(repo), *argv], capture_output=True, text=True)
+        return proc.stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD"),
+            "lazystore_dirty": bool(git("status", "--porcelain", "--", "lazystore"))}
+
+
 def machine() -> dict[str, Any]:
     mem = Path("/proc/meminfo").read_text().split("\n", 1)[0].split()[1]
     return {
@@ -115,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join(["bench/run", *(sys.argv[1:] if argv is None else argv)]),
         "quick": plan.quick,
         "machine": machine(),
+        "source": source_state(),
         "profiles": {n: {"latency_s": PROFILES[n].latency, "rate_bit_s": PROFILES[n].rate}
                      for n in plan.profiles},
     }
