@@ -52,7 +52,6 @@ class Snapshotter:
         self.meta = MetaStore(root / "metadata.db")
         self.layout = overlay.Layout(root)
         self.views = Views(control_socket, mount_point, view_prefix(root))
-        self._view_dirs: dict[int, str] = {}
         self._lock = asyncio.Lock()
 
     def close(self) -> None:
@@ -65,7 +64,6 @@ class Snapshotter:
             path = await self.views.ensure(snap.id, snap.nix_paths, snap.nix_closure)
         except ControlError as exc:
             raise Unavailable(f"no view for nix layer {snap.key!r}: {exc}") from None
-        self._view_dirs[snap.id] = path
         return path
 
     async def restore_views(self) -> None:
@@ -228,7 +226,6 @@ class Snapshotter:
         log.info("removed %s (id %d)", key, snap.id)
 
     async def _drop_view(self, snap: Snapshot) -> None:
-        self._view_dirs.pop(snap.id, None)
         try:
             await self.views.remove(snap.id)
         except ControlError as exc:
