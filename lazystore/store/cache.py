@@ -207,8 +207,8 @@ class LocalStore:
             flight.error = None
         except PathNotFound as exc:
             flight.error, flight.not_found = str(exc), True
-        except LazystoreError as exc:
-            log.warning("%s of %s failed: %s", kind, key, exc)
+        except LazystoreError as exc:  # reported by whoever waits on it (EIO, control)
+            log.info("%s of %s failed: %s", kind, key, exc)
             flight.error = str(exc)
         except OSError as exc:
             log.warning("%s of %s failed: %s", kind, key, exc)
@@ -246,8 +246,8 @@ class LocalStore:
     async def _query(self, sp: StorePath) -> Record:
         try:
             info = await self.subs.query(sp)
-        except LazystoreError as exc:
-            raise StoreError(f"{sp.basename}: {exc}") from None
+        except LazystoreError as exc:  # its message names the path already
+            raise StoreError(str(exc)) from None
         if info is None:
             self._negative[sp.basename] = time.monotonic() + self.negative_ttl
             raise PathNotFound(f"{sp.basename} is in none of the substituters")
@@ -318,8 +318,8 @@ class LocalStore:
         if not dest.exists():
             try:
                 await self.subs.fetch(StorePath.from_basename(base), dest, self.tmp_dir)
-            except LazystoreError as exc:
-                raise StoreError(f"{base}: {exc}") from None
+            except LazystoreError as exc:  # its message names the path already
+                raise StoreError(str(exc)) from None
         hint = rec.tree if not rec.tree_verified else None
         self._fill_from_disk(rec, *await trio.to_thread.run_sync(_scan, dest))
         if hint is not None and hint != rec.tree:
