@@ -171,6 +171,13 @@ def test_listing_and_stat_download_no_nar_reading_does(
         with pytest.raises(OSError) as info:
             (docs / "new").write_bytes(b"x")
         assert info.value.errno == errno.EROFS
+        before = len(server.requests)  # type: ignore[attr-defined]
+        for name in ("not-a-store-path", ".hidden", "e" * 32 + "-bad-hash", "x" * 300):
+            with pytest.raises(OSError) as info:
+                os.stat(d.mnt / name)
+            assert info.value.errno in (errno.ENOENT, errno.ENAMETOOLONG)
+        assert len(server.requests) == before  # type: ignore[attr-defined]  # no network
+        assert docs.name in os.listdir(d.mnt)  # the root lists the paths known
 
 
 def test_hundred_concurrent_readers_one_download(
