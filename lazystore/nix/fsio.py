@@ -321,9 +321,11 @@ class NarUnpacker:
 def unpack(fileobj: BinaryIO, dest: str | os.PathLike[str], chunk_size: int = CHUNK) -> None:
     """Unpack the NAR read from *fileobj* into *dest* (see NarUnpacker)."""
     unpacker = NarUnpacker(dest)
+    buffer = bytearray(chunk_size)  # reused: the unpacker is done with it after feed
+    view = memoryview(buffer)
     try:
-        while chunk := fileobj.read(chunk_size):
-            unpacker.feed(chunk)
+        while size := fileobj.readinto(buffer):
+            unpacker.feed(view[:size])
     except OSError as exc:
         unpacker.abort()
         raise UnpackError(f"cannot read the NAR for {dest}: {exc.strerror or exc}") from exc

@@ -195,11 +195,24 @@ class NarParser:
             if data:
                 raise NarError(f"trailing data after the end of the NAR at byte {self._base}")
             return []
+        events: list[Event] = []
+        if self._state == _DATA and not self._pending:
+            # File contents straight from the caller's buffer, without a copy.
+            view = memoryview(data).cast("B")
+            n = min(self._left, len(view))
+            if n:
+                events.append(FileData(view[:n]))
+                self._left -= n
+                self._base += n
+            if n == len(view):
+                if not self._left:
+                    self._state = _PADDING
+                return events
+            data = view[n:]
         if self._pending:
             buf = self._pending + bytes(data)
         else:
             buf = data if type(data) is bytes else bytes(data)
-        events: list[Event] = []
         pos = self._parse(buf, events)
         self._pending = buf[pos:]
         self._base += pos
