@@ -83,6 +83,27 @@ async def test_same_inode_through_root_and_view(tmp_path: Path, subs: FakeSubsti
             await vfs.lookup(VIEWS_INODE, "v1")
 
 
+async def test_view_queries_its_paths_in_parallel(tmp_path: Path, subs: FakeSubstituters) -> None:
+    # Each query waits until all three are in flight: one at a time would never finish.
+    in_flight, all_asked = 0, trio.Event()
+    plain_query = subs.query
+
+    async def gathered_query(path):  # type: ignore[no-untyped-def]
+        nonlocal in_flight
+        in_flight += 1
+        if in_flight == 3:
+            all_asked.set()
+        await all_asked.wait()
+        return await plain_query(path)
+
+    subs.query = gathered_query  # type: ignore[method-assign]
+    async with LocalStore(subs, tmp_path) as store:
+        vfs = Vfs(store)
+        with trio.fail_after(10):
+            await vfs.create_view("v", [A, B, C])
+        assert sorted(vfs.views["v"].bases) == sorted([A, B, C])
+
+
 async def test_view_of_unknown_path_fails(tmp_path: Path, subs: FakeSubstituters) -> None:
     async with LocalStore(subs, tmp_path) as store:
         vfs = Vfs(store)

@@ -398,11 +398,10 @@ class Vfs:
             if old.bases == wanted:
                 return f"{VIEWS_NAME}/{view_id}"
             raise InvalidRequest(f"view {view_id} exists with other store paths")
-        for base in wanted:
-            try:
-                await self.store.require(base)
-            except StoreError as exc:
-                raise StoreError(f"cannot create view {view_id}: {exc}") from None
+        try:
+            await self.store.require_all(list(wanted))
+        except StoreError as exc:
+            raise StoreError(f"cannot create view {view_id}: {exc}") from None
         view = View(view_id, wanted)
         for level in range(len(self.store_dir_parts) + 1):
             ino = next(self._next_ino)

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 NEGATIVE_TTL = 30.0
 SAVE_DELAY = 1.0
+QUERY_PARALLEL = 25  # as many narinfo queries as the substituter has connections
 PREFETCH_PARALLEL = 8
 
 
@@ -419,22 +420,12 @@ class LocalStore:
 
     async def prefetch(self, paths: list[str], closure: bool = False) -> list[str]:
         bases = await self.closure(paths) if closure else [self.parse(p).basename for p in paths]
-        limiter = trio.CapacityLimiter(PREFETCH_PARALLEL)
-        errors: list[str] = []
-
-        async def one(base: str) -> None:
-            async with limiter:
-                try:
-                    await self.materialize(base)
-                except StoreError as exc:
-                    errors.append(str(exc))
-
-        async with trio.open_nursery() as nursery:
-            for base in bases:
-                nursery.start_soon(one, base)
-        if errors:
-            raise StoreError(errors[0] + (f" (and {len(errors) - 1} more)" if errors[1:] else ""))
+        await _each(bases, self.materialize, PREFETCH_PARALLEL)
         return bases
+
+    async def require_all(self, bases: list[str]) -> None:
+        """:meth:`require` every one of *bases*, their narinfo queries in parallel."""
+        await _each(bases, self.require, QUERY_PARALLEL)
 
     async def read_small_file(self, base: str, rel: str, limit: int = 64 << 20) -> bytes:
         """Contents of file *rel* inside store path *base* (fetched if needed)."""
@@ -482,3 +473,22 @@ def _remove(path: Path) -> None:
                 os.chmod(full, 0o755)
     os.chmod(path, 0o755)
     shutil.rmtree(path)
+
+
+async def _each(bases: list[str], fn: Callable[[str], Awaitable[Any]], parallel: int) -> None:
+    """Run *fn* on every base, at most *parallel* at once; report every failure."""
+    limiter = trio.CapacityLimiter(parallel)
+    errors: list[str] = []
+
+    async def one(base: str) -> None:
+        async with limiter:
+            try:
+                await fn(base)
+            except StoreError as exc:
+                errors.append(str(exc))
+
+    async with trio.open_nursery() as nursery:
+        for base in bases:
+            nursery.start_soon(one, base)
+    if errors:
+        raise StoreError(errors[0] + (f" (and {len(errors) - 1} more)" if errors[1:] else ""))
