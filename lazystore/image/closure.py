@@ -9,15 +9,14 @@ function.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lazystore.errors import ImageError
+from lazystore.nix.storepath import is_valid_basename
 
 STORE_DIR = "/nix/store"
-_BASENAME = re.compile(r"[0123456789abcdfghijklmnpqrsvwxyz]{32}-[A-Za-z0-9+\-._?=]+")
 
 
 @dataclass(frozen=True)
@@ -29,7 +28,7 @@ class PathInfo:
 
 def is_store_path(path: str, store_dir: str = STORE_DIR) -> bool:
     parent, _, base = path.rpartition("/")
-    return parent == store_dir and bool(_BASENAME.fullmatch(base)) and not base[33:].startswith(".")
+    return parent == store_dir and is_valid_basename(base)
 
 
 def parse_dump_db(text: str, store_dir: str = STORE_DIR) -> list[PathInfo]:
