@@ -23,18 +23,13 @@ from lazystore import deploy
 from lazystore.control.client import ControlClient
 from lazystore.nix.signing import SecretKey
 from tests.support import nixcache
+from tests.support.daemon import is_mounted
 
 LAZYSTORE = str(Path(sys.executable).with_name("lazystore"))
 # A guard against hanging forever, not a speed requirement.
 READY_TIMEOUT = 90.0
 
 pytestmark = pytest.mark.root
-
-
-def is_mounted(path: Path) -> bool:
-    real = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == real for line in f)
 
 
 @contextmanager

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 import time
@@ -27,15 +26,13 @@ from typing import Any
 import grpc
 import pytest
 
-from lazystore.control.client import ControlClient
-from lazystore.errors import ControlError
 from lazystore.snapshotter.proto import snapshots_pb2 as pb
 from lazystore.snapshotter.proto import snapshots_pb2_grpc as pb_grpc
 from tests.support import nixcache, registry
 from tests.support.containerd import Containerd, have_containerd, snapshotter_process
+from tests.support.daemon import LAZYSTORE, Daemon
 from tests.support.httpserver import serve_directory
 
-LAZYSTORE = str(Path(sys.executable).with_name("lazystore"))
 SN = "lazystore"
 WIDE_NIX = Path(__file__).resolve().parents[1] / "bench/workloads/wide.nix"
 # A made-up chain id for the remote snapshot test (no image references it, so
@@ -54,59 +51,6 @@ def _need_tools() -> None:
         pytest.skip("docker-registry/skopeo is not installed")
     if not nixcache.have_nix():
         pytest.skip("real Nix (nix-bin) is not installed")
-
-
-def _mounted(path: Path) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == str(path) for line in f)
-
-
-class Daemon:
-    def __init__(self, base: Path, urls: list[str], key: str) -> None:
-        self.mnt, self.sock, self.log = base / "mnt", base / "ctl.sock", base / "daemon.log"
-        self.mnt.mkdir(exist_ok=True)
-        (base / "nix.conf").touch()
-        self.argv = [LAZYSTORE, "-v", "mount", str(self.mnt), "--trusted-public-key", key,
-                     "--nix-conf", str(base / "nix.conf"), "--cache-dir", str(base / "cache"),
-                     "--control-socket", str(self.sock), "--allow-other"]
-        for url in urls:
-            self.argv += ["--substituter", url]
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 30) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=log)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited: {self.log.read_text()[-3000:]}")
-            if self.sock.exists() and _mounted(self.mnt):
-                try:
-                    self.status()
-                    return
-                except ControlError:
-                    pass
-            time.sleep(0.05)
-        raise AssertionError(f"daemon did not come up: {self.log.read_text()[-3000:]}")
-
-    def status(self) -> dict[str, Any]:
-        with ControlClient(str(self.sock), timeout=60) as client:
-            return client.call("status")  # type: ignore[no-any-return]
-
-    def stop(self, kill: bool = False) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            if kill:
-                self.proc.kill()
-            else:
-                self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-        if _mounted(self.mnt):
-            subprocess.run(["umount", "-l", str(self.mnt)], capture_output=True)
 
 
 @dataclass
@@ -168,7 +112,7 @@ def stack(
                 serve_directory(cache_wide.root) as server_wide, \
                 registry.running(base / "registry") as reg:
             urls = [http_cache, server_two.url, server_wide.url]  # type: ignore[attr-defined]
-            daemon = Daemon(base, urls, test_key.public_key)
+            daemon = Daemon(base, urls, test_key.public_key, "--allow-other")
             daemon.start()
             st = Stack(base, daemon, Containerd(base / "ctd", {SN: str(base / "sn.sock")}),
                        reg, base / "sn", base / "sn.sock", binary_cache.top, two, wide)

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.support import nixcache
-from tests.test_mount_daemon import Daemon, _need_fuse, by_name, is_mounted
+from tests.support.daemon import Daemon, is_mounted
+from tests.test_mount_daemon import _need_fuse, by_name
 
 BIG_MB = 200
 

@@ -6,10 +6,8 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,97 +16,25 @@ from pathlib import Path
 
 import pytest
 
-from lazystore.control.client import ControlClient
-from lazystore.errors import ControlError
 from tests.support import nixcache
+from tests.support.daemon import LAZYSTORE, Daemon, fuse_missing, is_mounted
+from tests.support.daemon import lazystore_mount as support_mount
 from tests.support.httpserver import serve_directory
-
-LAZYSTORE = str(Path(sys.executable).with_name("lazystore"))
 
 pytestmark = pytest.mark.root
 
 
 def _need_fuse() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root for FUSE mounts and mount namespaces")
-    if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
-        pytest.skip("FUSE (/dev/fuse, fusermount3) is not available")
-
-
-def is_mounted(path: Path) -> bool:
-    real = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == real for line in f)
-
-
-class Daemon:
-    """One `lazystore mount` process; see :func:`lazystore_mount`."""
-
-    def __init__(self, root: Path, url: str, key: str, *extra: str) -> None:
-        self.mnt, self.cache, self.sock = root / "mnt", root / "cache", root / "ctl.sock"
-        (root / "nix.conf").touch()
-        self.log = root / "daemon.log"
-        self.argv = [
-            LAZYSTORE, "-v", "mount", str(self.mnt), "--substituter", url,
-            "--trusted-public-key", key, "--nix-conf", str(root / "nix.conf"),
-            "--cache-dir", str(self.cache), "--control-socket", str(self.sock), *extra,
-        ]
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 30.0, env: dict[str, str] | None = None) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=log, env=env)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"daemon exited: {self.log.read_text()[-3000:]}")
-            if self.sock.exists() and is_mounted(self.mnt):
-                try:
-                    self.status()
-                    return
-                except ControlError:
-                    pass
-            time.sleep(0.05)
-        raise AssertionError(f"daemon did not come up: {self.log.read_text()[-3000:]}")
-
-    def call(self, op: str, **args: object) -> object:
-        with ControlClient(str(self.sock), timeout=120) as client:
-            return client.call(op, **args)
-
-    def status(self) -> dict:
-        return self.call("status")  # type: ignore[return-value]
-
-    def stop(self) -> int | None:
-        """SIGTERM, then SIGKILL if it hangs; always leaves no mount behind."""
-        code = None
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                code = self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        elif self.proc is not None:
-            code = self.proc.returncode
-        if is_mounted(self.mnt):
-            subprocess.run(["umount", "-l", str(self.mnt)], check=False)
-        return code
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
+    reason = fuse_missing()
+    if reason:
+        pytest.skip(reason)
 
 
 @contextmanager
 def lazystore_mount(root: Path, url: str, key: str, *extra: str) -> Iterator[Daemon]:
     _need_fuse()
-    daemon = Daemon(root, url, key, *extra)
-    try:
-        daemon.start()
+    with support_mount(root, url, key, *extra) as daemon:
         yield daemon
-    finally:
-        daemon.stop()
 
 
 @contextmanager

@@ -1,0 +1,108 @@
+"""`lazystore mount` as a subprocess for tests and benchmarks: start it, wait
+until it serves (mounted and answering on its control socket), stop it, and
+never leave a mount behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from lazystore.control.client import ControlClient
+from lazystore.errors import ControlError
+
+LAZYSTORE = str(Path(sys.executable).with_name("lazystore"))
+
+
+def fuse_missing() -> str | None:
+    """Why real FUSE mounts cannot be tested here, or None when they can."""
+    if os.geteuid() != 0:
+        return "needs root for FUSE mounts and mount namespaces"
+    if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
+        return "FUSE (/dev/fuse, fusermount3) is not available"
+    return None
+
+
+def is_mounted(path: Path) -> bool:
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == real for line in f)
+
+
+class Daemon:
+    """One `lazystore mount` process under *root* (mnt, cache, ctl.sock, daemon.log)."""
+
+    def __init__(self, root: Path, urls: str | list[str], key: str, *extra: str) -> None:
+        self.mnt, self.cache, self.sock = root / "mnt", root / "cache", root / "ctl.sock"
+        (root / "nix.conf").touch()  # no host nix.conf leaks into the test
+        self.log = root / "daemon.log"
+        self.argv = [
+            LAZYSTORE, "-v", "mount", str(self.mnt), "--trusted-public-key", key,
+            "--nix-conf", str(root / "nix.conf"), "--cache-dir", str(self.cache),
+            "--control-socket", str(self.sock), *extra,
+        ]
+        for url in [urls] if isinstance(urls, str) else urls:
+            self.argv += ["--substituter", url]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0, env: dict[str, str] | None = None) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=log, env=env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited: {self.log.read_text()[-3000:]}")
+            if self.sock.exists() and is_mounted(self.mnt):
+                try:
+                    self.status()
+                    return
+                except ControlError:
+                    pass
+            time.sleep(0.05)
+        raise AssertionError(f"daemon did not come up: {self.log.read_text()[-3000:]}")
+
+    def call(self, op: str, **args: object) -> Any:
+        with ControlClient(str(self.sock), timeout=120) as client:
+            return client.call(op, **args)
+
+    def status(self) -> dict[str, Any]:
+        return self.call("status")  # type: ignore[no-any-return]
+
+    def stop(self, kill: bool = False) -> int | None:
+        """SIGTERM (SIGKILL with *kill*, or when it hangs); never leaves a mount."""
+        code = None
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+            try:
+                code = self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        elif self.proc is not None:
+            code = self.proc.returncode
+        if is_mounted(self.mnt):
+            subprocess.run(["umount", "-l", str(self.mnt)], check=False)
+        return code
+
+    def kill9(self) -> None:
+        """SIGKILL and leave the (now stale) mount for the next start to clear."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+
+@contextmanager
+def lazystore_mount(root: Path, urls: str | list[str], key: str, *extra: str) -> Iterator[Daemon]:
+    daemon = Daemon(root, urls, key, *extra)
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        daemon.stop()
