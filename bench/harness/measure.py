@@ -7,7 +7,7 @@ import os
 import select
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,7 +117,8 @@ def peak_rss_kib(pid: int) -> int | None:
     return None
 
 
-def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:  # type: ignore[no-untyped-def]
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str,
+             proc: subprocess.Popen[bytes] | None = None) -> None:
     """Poll *predicate* until true; fail early if *proc* exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
