@@ -105,8 +105,9 @@ def dump(path: str | os.PathLike[str]) -> Iterator[bytes | memoryview]:
     path = Path(path)
     writer = NarWriter()
     try:
-        for event in _dump_events(path):
-            yield writer.write(event)
+        with contextlib.closing(_dump_events(path)) as events:  # closes fds if abandoned
+            for event in events:
+                yield writer.write(event)
     except OSError as exc:
         raise DumpError(f"cannot dump {path}: {exc.strerror or exc}") from exc
     writer.close()
