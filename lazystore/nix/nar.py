@@ -585,34 +585,29 @@ def pack(tree: Tree) -> bytes:
 
 def read_tree(chunks: Iterable[bytes]) -> Tree:
     """Parse a whole NAR into memory (for small NARs only)."""
-    root: Tree | None = None
-    dirs: list[TreeDir] = []
+    top = TreeDir()  # holds the root under the name b""
+    dirs: list[TreeDir] = [top]
     parts: list[bytes] = []
-    current: TreeFile | None = None
+    current = TreeFile()
     for event in parse(chunks):
-        node: Tree | None = None
         if isinstance(event, FileData):
             parts.append(bytes(event.data))
         elif isinstance(event, FileEnd):
-            assert current is not None
             current.contents, parts = b"".join(parts), []
         elif isinstance(event, DirEnd):
             dirs.pop()
-        elif isinstance(event, FileStart):
-            node = current = TreeFile(b"", event.executable)
-        elif isinstance(event, Symlink):
-            node = TreeSymlink(event.target)
         else:
-            node = TreeDir()
-        if node is not None:
-            if event.name is None:  # type: ignore[union-attr]
-                root = node
+            node: Tree
+            if isinstance(event, FileStart):
+                node = current = TreeFile(b"", event.executable)
+            elif isinstance(event, Symlink):
+                node = TreeSymlink(event.target)
             else:
-                dirs[-1].entries[event.name] = node  # type: ignore[union-attr]
+                node = TreeDir()
+            dirs[-1].entries[event.name or b""] = node
             if isinstance(node, TreeDir):
                 dirs.append(node)
-    assert root is not None
-    return root
+    return top.entries[b""]
 
 
 # --- listing ----------------------------------------------------------------
