@@ -8,6 +8,7 @@ Tests that mount overlays need root and skip without it.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socketserver
@@ -531,6 +532,25 @@ def test_print_containerd_config() -> None:
         capture_output=True, text=True, check=True,
     ).stdout
     assert out == '[proxy_plugins.lazystore]\n  type = "snapshot"\n  address = "/run/x.sock"\n'
+
+
+@pytest.mark.skipif(shutil.which("containerd") is None, reason="needs containerd")
+def test_printed_containerd_config_is_read_by_containerd(tmp_path: Path) -> None:
+    address = '/run/odd "name" \\ \t\x7f é.sock'
+    config = tmp_path / "config.toml"
+    config.write_text(subprocess.run(
+        [sys.executable, "-m", "lazystore", "snapshotter",
+         "--address", address, "--print-containerd-config"],
+        capture_output=True, text=True, check=True,
+    ).stdout)
+    dump = subprocess.run(["containerd", "--config", str(config), "config", "dump"],
+                          capture_output=True, text=True, timeout=60)
+    assert dump.returncode == 0, dump.stderr
+    # containerd re-encodes what it parsed: the same stanza, the same address.
+    stanza = dump.stdout.split("[proxy_plugins.lazystore]", 1)[1].split("\n\n", 1)[0]
+    fields = dict(line.strip().split(" = ", 1) for line in stanza.strip().splitlines())
+    assert fields["type"] == '"snapshot"'
+    assert json.loads(fields["address"]) == address
 
 
 def test_long_chains_stay_under_one_directory_for_containerds_option_compaction(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 from pathlib import Path
@@ -20,8 +21,21 @@ log = logging.getLogger(__name__)
 
 
 def containerd_config(address: str, name: str = "lazystore") -> str:
-    """The containerd config.toml stanza that makes *address* the proxy plugin *name*."""
-    return f'[proxy_plugins.{name}]\n  type = "snapshot"\n  address = "{address}"\n'
+    """The containerd config.toml stanza that makes *address* the proxy plugin *name*.
+
+    *name* is a bare key; *address* is written as a TOML basic string.
+    """
+    return (
+        f"[proxy_plugins.{name}]\n"
+        f'  type = "snapshot"\n'
+        f"  address = {_toml_string(address)}\n"
+    )
+
+
+def _toml_string(text: str) -> str:
+    # JSON's escapes are valid in TOML (not its surrogate pairs: no ensure_ascii);
+    # TOML also wants DEL escaped.
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
