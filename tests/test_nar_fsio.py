@@ -204,3 +204,11 @@ def test_dump_refuses_special_files(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "fifo")
     with pytest.raises(fsio.DumpError, match="not a regular file"):
         dumped(tmp_path)
+
+
+def test_max_depth_is_a_clean_rejection(tmp_path: Path) -> None:
+    data = nar.pack(deep_tree(40))
+    unpacker = fsio.NarUnpacker(tmp_path / "deep", max_depth=30)
+    with pytest.raises(NarError, match="deeper than 30 levels"):
+        unpacker.feed(data)
+    assert os.listdir(tmp_path) == []

@@ -22,6 +22,7 @@ from typing import BinaryIO
 
 from lazystore.errors import LazystoreError, NarError, UnpackError
 from lazystore.nix.nar import (
+    MAX_DEPTH,
     DirEnd,
     DirStart,
     Event,
@@ -182,6 +183,9 @@ def _leaf_events(
 class NarUnpacker:
     """Unpacks a NAR fed chunk by chunk into *dest* (which must not exist).
 
+    *max_depth* limits directory nesting (NarError beyond it); the default
+    accepts far more than any real store path has.
+
     ``feed(chunk)`` as the bytes arrive, then ``finish()``; ``abort()`` gives up.
     On any error (NarError for a bad NAR, UnpackError for the filesystem)
     everything written is removed and *dest* is left absent. Not thread-safe:
@@ -189,9 +193,9 @@ class NarUnpacker:
     on an exception and finishes otherwise.
     """
 
-    def __init__(self, dest: str | os.PathLike[str]) -> None:
+    def __init__(self, dest: str | os.PathLike[str], max_depth: int = MAX_DEPTH) -> None:
         self.dest = Path(dest)
-        self._parser = NarParser()
+        self._parser = NarParser(max_depth)
         self._dirs = _DirFds()
         self._file = -1
         self._created = False
