@@ -9,6 +9,8 @@ from collections.abc import Mapping
 
 log = logging.getLogger(__name__)
 
+SEND_TIMEOUT = 2.0
+
 
 def notify(state: str, environ: Mapping[str, str] | None = None) -> bool:
     """Send *state* (e.g. ``"READY=1"``) to the service manager.
@@ -16,6 +18,8 @@ def notify(state: str, environ: Mapping[str, str] | None = None) -> bool:
     Returns False when not run under a manager that asked for notifications
     (no ``NOTIFY_SOCKET``) or when the message could not be sent (logged).
     Abstract sockets (a leading ``@``) are supported, as systemd uses them.
+    A manager whose queue is full holds the sender up for at most
+    :data:`SEND_TIMEOUT` seconds; then the message is dropped (logged).
     """
     env = os.environ if environ is None else environ
     address = env.get("NOTIFY_SOCKET")
@@ -28,6 +32,7 @@ def notify(state: str, environ: Mapping[str, str] | None = None) -> bool:
         return False
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.settimeout(SEND_TIMEOUT)
             sock.connect(address)
             sock.sendall(state.encode())
     except OSError as exc:

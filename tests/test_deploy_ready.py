@@ -66,13 +66,20 @@ def started(argv: list[str], notify: Path, log: Path) -> Iterator[subprocess.Pop
                 proc.wait()
 
 
-def wait_ready(sock: socket.socket, proc: subprocess.Popen[bytes], log: Path) -> None:
+def receive(sock: socket.socket, log: Path, what: str) -> list[str]:
+    """The lines of the next notification (e.g. ``READY=1``, ``STATUS=...``)."""
     try:
         message = sock.recv(4096)
     except TimeoutError:
-        raise AssertionError(f"no READY=1: {log.read_text(errors='replace')[-3000:]}") from None
+        raise AssertionError(f"no {what}: {log.read_text(errors='replace')[-3000:]}") from None
+    return message.decode().split("\n")
+
+
+def wait_ready(sock: socket.socket, proc: subprocess.Popen[bytes], log: Path) -> list[str]:
+    lines = receive(sock, log, "READY=1")
     assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
-    assert "READY=1" in message.decode().split("\n")
+    assert "READY=1" in lines
+    return lines
 
 
 @pytest.fixture
@@ -105,8 +112,9 @@ def test_daemon_and_snapshotter_notify_ready_once_serving_with_unit_privileges(
             notify_socket(tmp_path / "notify-daemon") as daemon_notify,
             started(daemon_argv, tmp_path / "notify-daemon", tmp_path / "daemon.log") as daemon,
         ):
-            wait_ready(daemon_notify, daemon, tmp_path / "daemon.log")
+            ready = wait_ready(daemon_notify, daemon, tmp_path / "daemon.log")
             assert is_mounted(mnt), "READY=1 before the FUSE mount was up"
+            assert f"STATUS=serving {mnt}" in ready
             with ControlClient(str(control), timeout=30) as client:
                 assert isinstance(client.call("status"), dict)
 
@@ -127,6 +135,8 @@ def test_daemon_and_snapshotter_notify_ready_once_serving_with_unit_privileges(
                 assert sn.wait(timeout=30) == 0
 
             daemon.send_signal(signal.SIGTERM)
+            stopping = receive(daemon_notify, tmp_path / "daemon.log", "STOPPING=1")
+            assert "STOPPING=1" in stopping and f"STATUS=unmounting {mnt}" in stopping
             assert daemon.wait(timeout=30) == 0
             assert not is_mounted(mnt), "SIGTERM unmounts"
     finally:

@@ -77,3 +77,24 @@ def test_nobody_listening_is_logged_not_raised(
 def test_unsupported_address_is_refused(caplog: pytest.LogCaptureFixture) -> None:
     assert sdnotify.notify("READY=1", environ={"NOTIFY_SOCKET": "vsock:2:1234"}) is False
     assert any("unsupported" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.allow_log
+def test_a_full_queue_drops_the_message_instead_of_hanging(
+    listener: tuple[socket.socket, str], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A manager that reads nothing cannot hold the daemon up for ever."""
+    sock, address = listener
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as filler:
+        filler.connect(address)
+        filler.setblocking(False)
+        queued = 0
+        with pytest.raises(BlockingIOError):
+            while True:  # the receive queue holds a bounded number of datagrams
+                filler.send(b"x" * 64)
+                queued += 1
+        monkeypatch.setattr(sdnotify, "SEND_TIMEOUT", 0.2)
+        assert sdnotify.notify("READY=1", environ={"NOTIFY_SOCKET": address}) is False
+    assert any("failed" in r.getMessage() for r in caplog.records)
+    assert all(sock.recv(4096) == b"x" * 64 for _ in range(queued)), "nothing else was queued"

@@ -114,7 +114,7 @@ class Daemon:
                 nursery.start_soon(self._watch_signals, nursery)
                 await nursery.start(server.serve, self.control_socket, self.handle)
                 log.info("serving %s (control socket %s)", self.mountpoint, self.control_socket)
-                sdnotify.notify("READY=1")
+                sdnotify.notify(f"READY=1\nSTATUS=serving {self.mountpoint}")
                 serving = True
                 await pyfuse3.main()
                 clean = True
@@ -131,6 +131,7 @@ class Daemon:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("signal %d: unmounting %s", signum, self.mountpoint)
+                sdnotify.notify(f"STOPPING=1\nSTATUS=unmounting {self.mountpoint}")
                 pyfuse3.terminate()
                 return
 
