@@ -183,14 +183,13 @@ def _leaf_events(
 class NarUnpacker:
     """Unpacks a NAR fed chunk by chunk into *dest* (which must not exist).
 
-    *max_depth* limits directory nesting (NarError beyond it); the default
-    accepts far more than any real store path has.
-
     ``feed(chunk)`` as the bytes arrive, then ``finish()``; ``abort()`` gives up.
     On any error (NarError for a bad NAR, UnpackError for the filesystem)
     everything written is removed and *dest* is left absent. Not thread-safe:
     one thread at a time, but any thread. Also a context manager that aborts
-    on an exception and finishes otherwise.
+    on an exception and finishes otherwise. *max_depth* limits directory
+    nesting (NarError beyond it); the default accepts far more than any real
+    store path has.
     """
 
     def __init__(self, dest: str | os.PathLike[str], max_depth: int = MAX_DEPTH) -> None:
