@@ -483,6 +483,31 @@ def test_hostile_labels_are_refused_and_nothing_is_created(
     assert list((env.root / "snapshots").iterdir()) == []
 
 
+def test_oversized_labels_are_refused_as_containerd_refuses_them(
+    env: Env, sn: pb_grpc.SnapshotsStub
+) -> None:
+    # containerd's limit: key and value together at most 4096 bytes.
+    fits = {"k": "v" * 4095}
+    big = {"k": "v" * 4096}
+    assert code_of(lambda: prepare(sn, "a", **big)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert listing(sn) == [] and list((env.root / "snapshots").iterdir()) == []
+    prepare(sn, "a", **fits)
+    assert code_of(
+        lambda: sn.Commit(pb.CommitSnapshotRequest(name="c", key="a", labels=big))
+    ) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(lambda: sn.Update(pb.UpdateSnapshotRequest(
+        info=pb.Info(name="a", labels=big)))) == grpc.StatusCode.INVALID_ARGUMENT
+    info = sn.Stat(pb.StatSnapshotRequest(key="a")).info
+    assert info.kind == pb.ACTIVE and dict(info.labels) == fits
+    # A large nix label set (1000 store paths) is fine: no 128-path limit.
+    many = {NIX_LAYER: "true"}
+    many.update({f"{NIX_PATH}{i}": f"/nix/store/{i:032d}-p" for i in range(1000)})
+    prepare(sn, "n", **many)
+    commit(sn, "nc", "n")
+    creates = [a for op, a in env.daemon.calls if op == "view_create"]
+    assert len(creates[-1]["paths"]) == 1000
+
+
 def test_labels_without_ref_describe_the_layer_committed_later(
     env: Env, sn: pb_grpc.SnapshotsStub
 ) -> None:

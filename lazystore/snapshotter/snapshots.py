@@ -32,6 +32,18 @@ from lazystore.snapshotter.views import Views
 
 log = logging.getLogger(__name__)
 
+# containerd's own limit (labels.Validate): a label's key and value together.
+LABEL_MAX_BYTES = 4096
+
+
+def check_labels(labels: Mapping[str, str]) -> None:
+    """InvalidArgument for a label containerd itself would refuse (too big)."""
+    for key, value in labels.items():
+        if len(key.encode()) + len(value.encode()) > LABEL_MAX_BYTES:
+            raise InvalidArgument(
+                f"label {key[:80]!r} is longer than {LABEL_MAX_BYTES} bytes (key and value)"
+            )
+
 
 def view_prefix(root: Path) -> str:
     """Short prefix of this snapshotter's view ids (several may share one daemon)."""
@@ -117,6 +129,7 @@ class Snapshotter:
         labels = dict(labels)
         if not key:
             raise InvalidArgument("snapshot key is empty")
+        check_labels(labels)
         nix = nixlayer.parse_labels(labels, self.store_dir)
         async with self._lock:
             if self.meta.get(key) is not None:
@@ -194,6 +207,7 @@ class Snapshotter:
             return await self._mounts(snap)
 
     async def commit(self, name: str, key: str, labels: Mapping[str, str]) -> None:
+        check_labels(labels)
         async with self._lock:
             snap = self._get(key)
             if snap.kind != Kind.ACTIVE:
@@ -235,6 +249,7 @@ class Snapshotter:
     async def update(
         self, key: str, labels: Mapping[str, str], paths: list[str]
     ) -> Snapshot:
+        check_labels(labels)
         async with self._lock:
             snap = self._get(key)
             new = dict(snap.labels)
