@@ -17,12 +17,14 @@ import os
 import re
 import shutil
 import tomllib
+import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lazystore.errors import LazystoreError
+from lazystore.nix.signing import PublicKey
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,17 @@ class DeployConfig:
                               "and the containerd wiring")
         if self.containerd and not self.snapshotter:
             raise DeployError("the containerd wiring needs the snapshotter")
+        # What the daemon would refuse at every start is refused now.
+        for url in self.substituters:
+            parts = urllib.parse.urlsplit(url)
+            if parts.scheme not in ("http", "https", "file") or (
+                    parts.scheme != "file" and not parts.netloc):
+                raise DeployError(f"substituter {url!r} is not an http, https or file URL")
+        for key in self.trusted_public_keys:
+            try:
+                PublicKey.parse(key)
+            except LazystoreError as exc:
+                raise DeployError(f"trusted public key {key!r}: {exc}") from None
 
 
 # ---------------------------------------------------------------- unit files
@@ -465,18 +478,36 @@ def _write(path: Path, content: str, dry_run: bool) -> Change:
 
 @dataclass
 class Targets:
-    """Where the files go; ``Targets.under(root)`` for a staging root."""
+    """Where the files go; ``Targets.under(root)`` for a staging root, below
+    which every file written must stay (symlinks included)."""
 
     unit_dir: Path
     containerd_config: Path
+    root: Path = Path("/")
 
     @classmethod
-    def under(cls, root: Path) -> Targets:
-        return cls(root / "etc/systemd/system", root / "etc/containerd/config.toml")
+    def under(cls, root: Path, unit_dir: str = "/etc/systemd/system",
+              containerd_config: str = "/etc/containerd/config.toml") -> Targets:
+        """The targets below *root*; absolute paths are taken relative to it."""
+        return cls(root / unit_dir.lstrip("/"), root / containerd_config.lstrip("/"), root)
+
+    def check(self, paths: Iterable[Path]) -> None:
+        """Refuse *paths* that are, or lead through a symlink, outside the root."""
+        root = self.root.resolve()
+        for path in paths:
+            real = path.resolve()
+            if not real.is_relative_to(root):
+                raise DeployError(f"{path} leads to {real}, outside {self.root}; nothing changed")
 
 
 def install(cfg: DeployConfig, targets: Targets, dry_run: bool = False) -> list[Change]:
     """Write the units (and wire containerd); the list of what was done."""
+    paths = [targets.unit_dir / DAEMON_UNIT]
+    if cfg.snapshotter:
+        paths.append(targets.unit_dir / SNAPSHOTTER_UNIT)
+    if cfg.containerd:
+        paths += [targets.unit_dir / CONTAINERD_DROPIN, targets.containerd_config]
+    targets.check(paths)
     config_text = ""
     if cfg.containerd and targets.containerd_config.exists():
         try:

@@ -361,3 +361,67 @@ def test_toml_writer_round_trips(data: dict[str, Any]) -> None:
 def test_exec_quote_round_trips(arg: str) -> None:
     [word] = shlex.split(deploy.exec_quote(arg))
     assert word.replace("%%", "%").replace("$$", "$") == arg
+
+
+# ------------------------------------------------------- staying in --root
+
+
+def test_paths_given_with_root_are_below_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "root"
+    status, out, _ = cli(capsys, "--root", root, "--exec", LAZYSTORE,
+                         "--unit-dir", "/usr/lib/systemd/system",
+                         "--containerd-config", "/opt/containerd.toml")
+    assert status == 0
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert written == [
+        "root/opt/containerd.toml",
+        "root/usr/lib/systemd/system/containerd.service.d/lazystore.conf",
+        "root/usr/lib/systemd/system/lazystore-snapshotter.service",
+        "root/usr/lib/systemd/system/lazystore.service",
+    ]
+    assert all(line.startswith(f"created {root}/") for line in out.splitlines())
+
+
+@pytest.mark.parametrize("link", ["etc/containerd/config.toml", "etc/systemd"])
+def test_symlink_out_of_root_is_refused_and_nothing_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], link: str
+) -> None:
+    """An absolute link in a staged image means the image's file, not the host's."""
+    root, host = tmp_path / "root", tmp_path / "host"
+    (host / "etc/containerd").mkdir(parents=True)
+    (host / "etc/containerd/config.toml").write_text(EXISTING)
+    (host / "etc/systemd").mkdir()
+    (root / link).parent.mkdir(parents=True)
+    (root / link).symlink_to(host / link)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    status, out, err = cli(capsys, "--root", root, "--exec", LAZYSTORE)
+    assert status == 1 and out == ""
+    assert "outside" in err and len(err.strip().splitlines()) == 1
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert not any((host / "etc/systemd").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--trusted-public-key", "garbage"], "trusted public key 'garbage'"),
+        (["--trusted-public-key", "k-1:c2hvcnQ="], "trusted public key 'k-1:c2hvcnQ='"),
+        (["--substituter", "cache.example.org"], "is not an http, https or file URL"),
+        (["--substituter", "ftp://cache.example.org"], "is not an http, https or file URL"),
+        (["--cache-size", "lots"], "invalid size 'lots'"),
+    ],
+)
+def test_what_the_daemon_would_refuse_is_refused_now(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    try:
+        status = main(["install-systemd", "--root", str(tmp_path), "--exec", str(LAZYSTORE),
+                       *args])
+    except SystemExit as exc:  # argparse: usage and one error line, status 2
+        status = exc.code
+    out, err = capsys.readouterr()
+    assert status in (1, 2) and out == ""
+    assert message in err.strip().splitlines()[-1]
+    assert not any(tmp_path.iterdir()), "nothing written"

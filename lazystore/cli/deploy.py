@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from lazystore import deploy
+from lazystore.cli.daemon import parse_size
 from lazystore.errors import LazystoreError
 
 
@@ -22,10 +23,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Files whose content is already right are left alone.",
     )
     p.add_argument("--root", type=Path, default=Path("/"),
-                   help="write below this directory instead of / (for staging)")
-    p.add_argument("--unit-dir", type=Path, help="default: ROOT/etc/systemd/system")
-    p.add_argument("--containerd-config", type=Path,
-                   help="default: ROOT/etc/containerd/config.toml")
+                   help="write below this directory instead of / (for staging); "
+                   "nothing is written outside it")
+    p.add_argument("--unit-dir", default="/etc/systemd/system",
+                   help="below ROOT (default: %(default)s)")
+    p.add_argument("--containerd-config", default="/etc/containerd/config.toml",
+                   help="below ROOT (default: %(default)s)")
     p.add_argument("--exec", dest="executable",
                    help="the lazystore program the units run (default: this one)")
     p.add_argument("--mount-point", default="/run/lazystore")
@@ -34,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trusted-public-key", action="append", default=[], metavar="KEY",
                    help="name:base64 (repeatable; default: the daemon reads nix.conf)")
     p.add_argument("--cache-dir", default="/var/cache/lazystore")
-    p.add_argument("--cache-size", help="e.g. 20G (default: no limit)")
+    p.add_argument("--cache-size", type=_size, help="e.g. 20G (default: no limit)")
     p.add_argument("--control-socket", default="/run/lazystore.sock")
     p.add_argument("--no-allow-other", dest="allow_other", action="store_false",
                    help="only root may read the mount")
@@ -50,6 +53,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also make lazystore the snapshotter of containerd's CRI plugin")
     p.add_argument("--dry-run", action="store_true", help="show what would change, write nothing")
     p.set_defaults(func=_install)
+
+
+def _size(text: str) -> str:
+    """*text* as given, once `lazystore mount --cache-size` would accept it."""
+    parse_size(text)
+    return text
 
 
 def _default_executable() -> str:
@@ -80,11 +89,7 @@ def _install(args: argparse.Namespace) -> int:
         containerd=args.containerd and args.snapshotter,
         cri_default_snapshotter=args.cri_default_snapshotter,
     )
-    targets = deploy.Targets.under(args.root)
-    if args.unit_dir:
-        targets.unit_dir = args.unit_dir
-    if args.containerd_config:
-        targets.containerd_config = args.containerd_config
+    targets = deploy.Targets.under(args.root, args.unit_dir, args.containerd_config)
     changes = deploy.install(cfg, targets, dry_run=args.dry_run)
     for change in changes:
         print(change)
