@@ -128,10 +128,12 @@ def test_daemon_and_snapshotter_notify_ready_once_serving_with_unit_privileges(
                 notify_socket(tmp_path / "notify-sn") as sn_notify,
                 started(snapshotter_argv, tmp_path / "notify-sn", tmp_path / "sn.log") as sn,
             ):
-                wait_ready(sn_notify, sn, tmp_path / "sn.log")
+                ready = wait_ready(sn_notify, sn, tmp_path / "sn.log")
                 with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
                     probe.connect(str(address))  # listening when READY=1 arrived
+                assert any(line.startswith("STATUS=serving") for line in ready)
                 sn.send_signal(signal.SIGTERM)
+                assert "STOPPING=1" in receive(sn_notify, tmp_path / "sn.log", "STOPPING=1")
                 assert sn.wait(timeout=30) == 0
 
             daemon.send_signal(signal.SIGTERM)

@@ -82,8 +82,9 @@ async def _serve(args: argparse.Namespace) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         log.info("serving containerd snapshots on %s (root %s)", args.address, args.root)
-        sdnotify.notify("READY=1")
+        sdnotify.notify(f"READY=1\nSTATUS=serving containerd snapshots on {args.address}")
         await stop.wait()
+        sdnotify.notify("STOPPING=1\nSTATUS=stopping")
         await server.stop(grace=2)
     finally:
         sn.close()
