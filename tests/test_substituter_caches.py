@@ -36,7 +36,7 @@ def nix_hash_path(path: Path) -> str:
     return digest if digest.startswith("sha256:") else f"sha256:{digest}"
 
 
-@pytest.fixture(scope="module", params=["xz", "zstd", "none", "bzip2"])
+@pytest.fixture(scope="module", params=["xz", "zstd", "none", "bzip2", "br"])
 def nix_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
               sample_closure: str, test_key: nixcache.KeyPair) -> nixcache.BinaryCache:
     root = tmp_path_factory.mktemp(f"cache-{request.param}")

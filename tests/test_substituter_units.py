@@ -8,8 +8,10 @@ import inspect
 import lzma
 import os
 import random
+import tracemalloc
 from pathlib import Path
 
+import brotli
 import httpx
 import pytest
 import trio
@@ -165,6 +167,7 @@ COMPRESSORS = {
     "xz": lzma.compress,
     "bzip2": bz2.compress,
     "zstd": lambda d: zstandard.ZstdCompressor().compress(d),
+    "br": lambda d: brotli.compress(d, quality=5),
 }
 
 
@@ -184,19 +187,43 @@ def test_decompression_round_trip_in_bounded_pieces(compression: str) -> None:
     assert max(len(p) for p in pieces) <= decompress.PIECE
 
 
+@pytest.mark.parametrize("compression", sorted(set(COMPRESSORS) - {"none"}))
+def test_decompression_bomb_is_decompressed_in_bounded_memory(compression: str) -> None:
+    size = 32 << 20
+    packed = COMPRESSORS[compression](bytes(size))
+    assert len(packed) < size // 100
+    seen = 0
+
+    def sink(piece: bytes) -> None:
+        nonlocal seen
+        assert len(piece) <= decompress.PIECE
+        seen += len(piece)
+
+    tracemalloc.start()
+    try:
+        dec = decompress.make(compression, sink)
+        dec.feed(packed)
+        dec.finish()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert seen == size
+    assert peak < size // 2  # decoder state (xz: its 8 MiB dictionary) and a few pieces
+
+
 def test_concatenated_xz_streams_are_read_whole() -> None:
     data = lzma.compress(b"a" * 1000) + lzma.compress(b"b" * 1000)
     assert b"".join(_run("xz", data, chunk=7)) == b"a" * 1000 + b"b" * 1000
 
 
-@pytest.mark.parametrize("compression", ["xz", "bzip2"])
+@pytest.mark.parametrize("compression", ["xz", "bzip2", "br"])
 def test_truncated_stream_is_an_error(compression: str) -> None:
     packed = COMPRESSORS[compression](DATA)
     with pytest.raises(errors.VerificationError, match="ends before"):
         _run(compression, packed[: len(packed) // 2])
 
 
-@pytest.mark.parametrize("compression", ["xz", "bzip2", "zstd"])
+@pytest.mark.parametrize("compression", ["xz", "bzip2", "zstd", "br"])
 def test_garbage_is_a_verification_error(compression: str) -> None:
     with pytest.raises(errors.VerificationError, match="corrupt"):
         _run(compression, b"this is not compressed at all" * 100)

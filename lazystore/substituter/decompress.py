@@ -17,10 +17,12 @@ import zstandard
 
 from lazystore.substituter.errors import VerificationError
 
-try:  # optional: Nix can write br-compressed caches
-    import brotli  # type: ignore[import-not-found]
+try:  # Nix can write br-compressed caches; bounded output needs brotli >= 1.2
+    import brotli  # type: ignore[import-not-found, import-untyped, unused-ignore]
 except ImportError:  # pragma: no cover - depends on the environment
     brotli = None
+if brotli is not None and not hasattr(brotli.Decompressor, "can_accept_more_data"):
+    brotli = None  # pragma: no cover - an older brotli could not bound its output
 
 PIECE = 1 << 20
 
@@ -135,20 +137,38 @@ class _SinkFile:
         return len(data)
 
 
-class _Brotli:  # pragma: no cover - only with the optional module
+class _Brotli:
+    """brotli ≥ 1.2: ``output_buffer_limit`` keeps each piece bounded (a few
+    hundred bytes of br can stand for gigabytes)."""
+
     def __init__(self, sink: Sink) -> None:
         self._sink = sink
         self._dec = brotli.Decompressor()
 
     def feed(self, data: bytes) -> None:
-        for start in range(0, len(data), 16384):
-            try:
-                out = self._dec.process(data[start : start + 16384])
-            except brotli.error as exc:
-                raise VerificationError(f"corrupt br data: {exc}") from None
-            for piece in range(0, len(out), PIECE):
-                self._sink(out[piece : piece + PIECE])
+        try:
+            out = self._dec.process(data, output_buffer_limit=PIECE)
+            while True:
+                self._emit(out)
+                if self._dec.can_accept_more_data() or self._dec.is_finished():
+                    return
+                out = self._dec.process(b"", output_buffer_limit=PIECE)
+        except brotli.error as exc:
+            raise VerificationError(f"corrupt br data: {exc}") from None
+
+    def _emit(self, out: bytes) -> None:
+        # The limit stops the buffer growing, not at exactly PIECE bytes.
+        for start in range(0, len(out), PIECE):
+            self._sink(out[start : start + PIECE])
 
     def finish(self) -> None:
+        try:
+            while not self._dec.is_finished():
+                out = self._dec.process(b"", output_buffer_limit=PIECE)
+                if not out:
+                    break
+                self._emit(out)
+        except brotli.error as exc:
+            raise VerificationError(f"corrupt br data: {exc}") from None
         if not self._dec.is_finished():
             raise VerificationError("br data ends before the end of its stream")
