@@ -423,3 +423,67 @@ async def test_absolute_nar_url_is_followed(
         assert mirror.requests == [f"/{relative}"]
         assert f"/{relative}" not in front.requests
     assert_fetched(dest, tmp, info)
+
+
+def _edited_narinfo(cache: nixcache.BinaryCache, path: StorePath, field: str,
+                    value: str | None) -> bytes:
+    """The narinfo of *path* with *field* set to *value* (None: removed); the
+    signature stays valid (FileHash/FileSize are not in the fingerprint)."""
+    lines = []
+    for line in (cache.root / f"{path.hash_part}.narinfo").read_text().splitlines():
+        if line.startswith(f"{field}: "):
+            if value is None:
+                continue
+            line = f"{field}: {value}"
+        lines.append(line)
+    return ("\n".join(lines) + "\n").encode()
+
+
+@pytest.mark.allow_log
+async def test_file_hash_mismatch_is_refused(
+        binary_cache: nixcache.BinaryCache, server: FaultServer, dirs: tuple[Path, Path]) -> None:
+    dest, tmp = dirs
+    liba = path_named(binary_cache, "liba")
+    wrong = "sha256:" + "0" * 52
+    server.always(f"/{liba.hash_part}.narinfo",
+                  Fault.replace(_edited_narinfo(binary_cache, liba, "FileHash", wrong)))
+    async with Substituters(config([server.url], binary_cache.key.public_key)) as subs:
+        with pytest.raises(NotAvailableError, match="does not match its FileHash"):
+            await subs.fetch(liba, dest / liba.basename, tmp)
+    assert_nothing_left(dest, tmp)
+
+
+@pytest.mark.allow_log
+async def test_nar_file_longer_than_file_size_is_refused(
+        binary_cache: nixcache.BinaryCache, server: FaultServer, dirs: tuple[Path, Path]) -> None:
+    dest, tmp = dirs
+    liba = path_named(binary_cache, "liba")
+    size = str(nar_len(binary_cache, liba) - 1)
+    server.always(f"/{liba.hash_part}.narinfo",
+                  Fault.replace(_edited_narinfo(binary_cache, liba, "FileSize", size)))
+    async with Substituters(config([server.url], binary_cache.key.public_key)) as subs:
+        with pytest.raises(NotAvailableError, match="larger than its FileSize"):
+            await subs.fetch(liba, dest / liba.basename, tmp)
+    assert_nothing_left(dest, tmp)
+
+
+@pytest.mark.allow_log
+async def test_endless_padding_without_file_size_is_cut_off(
+        binary_cache: nixcache.BinaryCache, server: FaultServer, dirs: tuple[Path, Path]) -> None:
+    """zstd skippable frames decompress to nothing, so the NAR still matches its
+    NarHash: without a bound a server could make us download without end."""
+    dest, tmp = dirs
+    busybox = path_named(binary_cache, "busybox")
+    info = narinfo(binary_cache, busybox)
+    assert info.compression == "zstd"
+    text = _edited_narinfo(binary_cache, busybox, "FileSize", None)
+    text = text.replace(b"FileHash: ", b"X-FileHash: ")  # unknown fields are ignored
+    padding = (4 << 20) + info.nar_size // 16
+    skippable = (0x184D2A50).to_bytes(4, "little") + padding.to_bytes(4, "little")
+    body = (binary_cache.root / info.url).read_bytes() + skippable + bytes(padding)
+    server.always(f"/{busybox.hash_part}.narinfo", Fault.replace(text))
+    server.always("/" + info.url, Fault.replace(body))
+    async with Substituters(config([server.url], binary_cache.key.public_key)) as subs:
+        with pytest.raises(NotAvailableError, match="larger than its NarSize allows"):
+            await subs.fetch(busybox, dest / busybox.basename, tmp)
+    assert_nothing_left(dest, tmp)

@@ -37,6 +37,13 @@ class _Pipeline:
         self.info, self.tmp, self.origin = info, tmp, origin
         self.size = 0
         self._hash = hashlib.new(info.nar_hash.algo)
+        # The file as sent: FileSize/FileHash when the narinfo has them (they are
+        # not signed, so only a bound and a consistency check, never trust).
+        self.file_size = 0
+        self._file_limit = (info.file_size if info.file_size is not None
+                            else info.nar_size + info.nar_size // 16 + (1 << 20))
+        self._file_hash = (hashlib.new(info.file_hash.algo) if info.file_hash is not None
+                           else None)
         self._decompressor = decompress.make(info.compression, self._consume)
         try:
             self._unpacker = NarUnpacker(tmp)
@@ -44,6 +51,14 @@ class _Pipeline:
             raise LocalError(f"cannot unpack {info.store_path}: {exc}") from None
 
     def feed(self, data: bytes) -> None:
+        self.file_size += len(data)
+        if self.file_size > self._file_limit:
+            what = "FileSize" if self.info.file_size is not None else "NarSize allows"
+            raise VerificationError(
+                f"NAR file of {self.info.store_path} from {self.origin} is larger than "
+                f"its {what} ({self._file_limit} bytes)")
+        if self._file_hash is not None:
+            self._file_hash.update(data)
         self._guard(self._decompressor.feed, data)
 
     def _consume(self, piece: bytes) -> None:
@@ -64,7 +79,19 @@ class _Pipeline:
         if self._hash.digest() != self.info.nar_hash.digest:
             raise VerificationError(
                 f"NAR of {self.info.store_path} from {self.origin} does not match its NarHash")
+        self._check_file()
         self._guard(self._unpacker.finish)
+
+    def _check_file(self) -> None:
+        info = self.info
+        if info.file_size is not None and self.file_size != info.file_size:
+            raise VerificationError(
+                f"NAR file of {info.store_path} from {self.origin} has {self.file_size} "
+                f"bytes, FileSize says {info.file_size}")
+        if (self._file_hash is not None and info.file_hash is not None
+                and self._file_hash.digest() != info.file_hash.digest):
+            raise VerificationError(
+                f"NAR file of {info.store_path} from {self.origin} does not match its FileHash")
 
     def _guard(self, fn: Callable[..., None], *args: bytes) -> None:
         """Map the unpacker's errors once: bad NAR data vs. local trouble."""
