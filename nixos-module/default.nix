@@ -118,7 +118,8 @@ in
     };
 
     cacheSize = mkOption {
-      type = types.nullOr types.str;
+      # As `lazystore mount --cache-size` reads it (powers of 1024).
+      type = types.nullOr (types.strMatching "[0-9]+(\\.[0-9]+)?[KMGTkmgt]?([iI]?[bB])?");
       default = null;
       example = "20G";
       description = ''
@@ -258,6 +259,7 @@ in
     })
 
     (mkIf (cfg.enable && cfg.snapshotter.enable && cfg.containerd.enable) {
+      virtualisation.containerd.enable = true;
       virtualisation.containerd.settings.proxy_plugins.lazystore = {
         type = "snapshot";
         address = cfg.snapshotter.address;

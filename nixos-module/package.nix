@@ -1,5 +1,5 @@
 # lazystore as a Nix package: `pkgs.callPackage ./package.nix { }`.
-{ lib, python3Packages }:
+{ lib, python3Packages, fuse3 }:
 
 let
   root = ../.;
@@ -31,6 +31,7 @@ python3Packages.buildPythonApplication {
     httpx
     h2
     zstandard
+    brotli
     lz4
     cachetools
     msgpack
@@ -38,6 +39,10 @@ python3Packages.buildPythonApplication {
     grpcio
     protobuf
   ];
+
+  # fusermount3 for clearing a stale mount when the host has none on PATH
+  # (NixOS' setuid wrapper in /run/wrappers/bin, if on PATH, comes first).
+  makeWrapperArgs = [ "--suffix" "PATH" ":" (lib.makeBinPath [ fuse3 ]) ];
 
   # The test suite needs root, FUSE, containerd and a working Nix: run it with
   # scripts/test on a machine, not in the build sandbox.

@@ -3,6 +3,7 @@ tests/support/nixos-stub (options, units, containerd settings, package)."""
 
 from __future__ import annotations
 
+import argparse
 import configparser
 import functools
 import json
@@ -19,6 +20,7 @@ import pytest
 
 import lazystore
 from lazystore import deploy
+from lazystore.cli.daemon import parse_size
 from tests.support import nixcache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +46,9 @@ NAMESPACING = {
     "ProtectKernelLogs", "ProtectControlGroups", "ProtectProc", "ProcSubset",
     "PrivateUsers", "DynamicUser", "MountFlags", "RootDirectory",
 }
+
+# cacheSize's type: what `lazystore mount --cache-size` accepts.
+SIZE_PATTERN = "[0-9]+(\\.[0-9]+)?[KMGTkmgt]?([iI]?[bB])?"
 
 pytestmark = pytest.mark.skipif(
     shutil.which("nix-instantiate") is None, reason="nix-instantiate (nix-bin) is not installed"
@@ -113,7 +118,7 @@ def test_options_declared_with_types_and_defaults() -> None:
         "substituters": ("list of string", ["https://cache.nixos.org/"]),
         "trustedPublicKeys": ("list of string", [CACHE_NIXOS_KEY]),
         "cacheDir": ("path", "/var/cache/lazystore"),
-        "cacheSize": ("null or string", None),
+        "cacheSize": ("null or string matching the pattern " + SIZE_PATTERN, None),
         "controlSocket": ("path", "/run/lazystore.sock"),
         "allowOther": ("boolean", True),
         "extraArgs": ("list of string", []),
@@ -135,7 +140,7 @@ def test_disabled_module_defines_nothing() -> None:
     result = evaluate("{ services.lazystore.allowOther = false; }")
     assert result["values"]["allowOther"] is False and result["values"]["enable"] is False
     assert result["systemd"]["services"] == {}
-    assert result["virtualisation"]["containerd"]["settings"] == {}
+    assert result["virtualisation"]["containerd"] == {"enable": False, "settings": {}}
     assert result["environment"]["systemPackages"] == []
     assert result["assertions"] == []
 
@@ -247,7 +252,9 @@ def test_snapshotter_root_outside_var_lib_is_made_writable() -> None:
 
 
 def test_containerd_settings() -> None:
-    settings = evaluate(ENABLED_ALL)["virtualisation"]["containerd"]["settings"]
+    containerd = evaluate(ENABLED_ALL)["virtualisation"]["containerd"]
+    assert containerd["enable"] is True, "the wiring is for a containerd that runs"
+    settings = containerd["settings"]
     assert settings == {
         "proxy_plugins": {
             "lazystore": {"type": "snapshot", "address": "/run/lazystore-snapshotter.sock"}
@@ -296,7 +303,9 @@ def test_inconsistent_settings_fail_assertions(config: str, message: str) -> Non
     ("config", "expected"),
     [
         ('{ services.lazystore.cacheSize = 20; }',
-         "option `services.lazystore.cacheSize' is not of type `null or string'"),
+         "option `services.lazystore.cacheSize' is not of type `null or string matching"),
+        ('{ services.lazystore.cacheSize = "20 gigs"; }',
+         "option `services.lazystore.cacheSize' is not of type `null or string matching"),
         ('{ services.lazystore.mountPoint = "run/lazystore"; }',
          "option `services.lazystore.mountPoint' is not of type `path'"),
         ("{ services.lazystore.extraArgs = [ 1 ]; }",
@@ -329,6 +338,25 @@ def test_package_dependencies_match_setup_cfg() -> None:
     assert package["name"] == f"lazystore-{lazystore.__version__}"
     assert package["mainProgram"] == "lazystore"
     assert "setuptools" in package["buildSystem"]
+    fuse3 = evaluate()["fuse3"]
+    assert package["makeWrapperArgs"] == ["--suffix", "PATH", ":", f"{fuse3}/bin"]
+
+
+@pytest.mark.parametrize("size", ["20G", "512M", "1.5T", "4096", "20GiB", "20gb"])
+def test_cache_size_type_accepts_what_the_daemon_reads(size: str) -> None:
+    parse_size(size)  # the daemon's parser: raises if it would refuse the size
+    words = argv(services(f"""{{
+      services.lazystore = {{ enable = true; cacheSize = "{size}"; }};
+    }}""")["lazystore"]["serviceConfig"]["ExecStart"])
+    assert words[words.index("--cache-size") + 1] == size
+
+
+@pytest.mark.parametrize("size", ["20 gigs", "G", "-1G", "1.G", ""])
+def test_cache_size_type_refuses_what_the_daemon_refuses(size: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_size(size)
+    assert "is not of type `null or string matching" in evaluation_error(
+        f'{{ services.lazystore.cacheSize = "{size}"; }}')
 
 
 def render_unit(unit: dict[str, Any]) -> str:

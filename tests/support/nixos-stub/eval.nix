@@ -22,7 +22,7 @@ let
   } // extra;
 
   python3Packages = builtins.listToAttrs (map (name: { inherit name; value = fakeDerivation name "1.0" { }; }) [
-    "pyfuse3" "trio" "httpx" "h2" "zstandard" "lz4" "cachetools" "msgpack"
+    "pyfuse3" "trio" "httpx" "h2" "zstandard" "brotli" "lz4" "cachetools" "msgpack"
     "cryptography" "grpcio" "protobuf" "setuptools" "wheel"
   ]) // {
     # Records its arguments so the tests can check the package's dependencies.
@@ -33,6 +33,7 @@ let
         buildSystem = map (d: d.pname) args.build-system;
         pythonImportsCheck = args.pythonImportsCheck or [ ];
         doCheck = args.doCheck or true;
+        makeWrapperArgs = args.makeWrapperArgs or [ ];
       };
   };
 
@@ -43,7 +44,7 @@ let
     coreutils = fakeDerivation "coreutils" "9.4" { };
     callPackage = fn: overrides:
       let f = import fn; in
-      f (builtins.intersectAttrs (builtins.functionArgs f) { inherit lib pkgs python3Packages; } // overrides);
+      f (builtins.intersectAttrs (builtins.functionArgs f) (pkgs // { inherit lib pkgs; }) // overrides);
   };
 
   # NixOS' utils.escapeSystemdExecArg(s): a JSON string is a systemd
@@ -85,14 +86,16 @@ in
   values = cfg.services.lazystore;
   assertions = map (a: a.message) (builtins.filter (a: !a.assertion) cfg.assertions);
   systemd.services = cfg.systemd.services;
-  virtualisation.containerd.settings = cfg.virtualisation.containerd.settings;
+  virtualisation.containerd = { inherit (cfg.virtualisation.containerd) enable settings; };
   environment.systemPackages = map (p: p.outPath) cfg.environment.systemPackages;
+  fuse3 = pkgs.fuse3.outPath;
   package = {
     inherit (cfg.services.lazystore.package) name;
     path = cfg.services.lazystore.package.outPath;
     dependencies = cfg.services.lazystore.package.dependencies or null;
     buildSystem = cfg.services.lazystore.package.buildSystem or null;
     doCheck = cfg.services.lazystore.package.doCheck or null;
+    makeWrapperArgs = cfg.services.lazystore.package.makeWrapperArgs or null;
     mainProgram = cfg.services.lazystore.package.meta.mainProgram;
   };
 }

@@ -46,6 +46,11 @@ let
   types = {
     bool = mkOptionType { name = "bool"; description = "boolean"; check = isBool; };
     str = mkOptionType { name = "str"; description = "string"; check = isString; };
+    strMatching = pattern: mkOptionType {
+      name = "strMatching ${builtins.toJSON pattern}";
+      description = "string matching the pattern ${pattern}";
+      check = x: isString x && builtins.match pattern x != null;
+    };
     path = mkOptionType {
       name = "path";
       description = "path";
@@ -120,6 +125,7 @@ in
   optionalAttrs = cond: attrs: if cond then attrs else { };
   inherit concatStringsSep concatMap;
   getExe = x: "${x}/bin/${x.meta.mainProgram}";
+  makeBinPath = paths: concatStringsSep ":" (map (p: "${p}/bin") paths);
 
   licenses.mit = { spdxId = "MIT"; };
   platforms.linux = [ "x86_64-linux" "aarch64-linux" ];
