@@ -212,10 +212,11 @@ def snapshotter_process(
     proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         try:
-            message = notify.recv(256)
+            message = notify.recv(4096)
         except TimeoutError:
             raise RuntimeError("lazystore snapshotter sent no READY=1") from None
-        if message != b"READY=1":
+        # sd_notify: newline-separated assignments (READY=1 with a STATUS= line).
+        if b"READY=1" not in message.split(b"\n"):
             raise RuntimeError(f"unexpected sd_notify message {message!r}")
         yield proc
     finally:
