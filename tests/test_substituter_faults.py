@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import base64
 import gzip
+import http.client
 import logging
+import threading
+import urllib.parse
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -487,3 +491,94 @@ async def test_endless_padding_without_file_size_is_cut_off(
         with pytest.raises(NotAvailableError, match="larger than its NarSize allows"):
             await subs.fetch(busybox, dest / busybox.basename, tmp)
     assert_nothing_left(dest, tmp)
+
+
+class _ForwardProxy(ThreadingHTTPServer):
+    """A minimal HTTP forward proxy on 127.0.0.1: every request, whatever host
+    it names, is answered by *upstream*; the absolute URLs asked are recorded."""
+
+    daemon_threads = True
+
+    def __init__(self, upstream: str) -> None:
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+        self.upstream = urllib.parse.urlsplit(upstream)
+        self.seen: list[str] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class _ProxyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _ForwardProxy
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.server.seen.append(self.path)
+        up = self.server.upstream
+        conn = http.client.HTTPConnection(up.hostname or "", up.port, timeout=10)
+        try:
+            conn.request("GET", urllib.parse.urlsplit(self.path).path)
+            response = conn.getresponse()
+            body = response.read()
+        finally:
+            conn.close()
+        self.send_response(response.status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def proxy(server: FaultServer) -> Iterator[_ForwardProxy]:
+    srv = _ForwardProxy(server.url)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join()
+
+
+async def test_http_proxy_from_the_environment_is_used(
+        binary_cache: nixcache.BinaryCache, proxy: _ForwardProxy, dirs: tuple[Path, Path],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    dest, tmp = dirs
+    for name in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY", "HTTP_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("http_proxy", proxy.url)
+    liba = path_named(binary_cache, "liba")
+    url = "http://binary-cache.invalid"  # reachable only through the proxy
+    async with Substituters(config([url], binary_cache.key.public_key)) as subs:
+        info = await subs.fetch(liba, dest / liba.basename, tmp)
+    assert_fetched(dest, tmp, info)
+    assert f"{url}/{liba.hash_part}.narinfo" in proxy.seen
+    assert f"{url}/{info.url}" in proxy.seen
+
+
+async def test_no_proxy_bypasses_the_proxy(
+        binary_cache: nixcache.BinaryCache, server: FaultServer, proxy: _ForwardProxy,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("NO_PROXY", "all_proxy", "ALL_PROXY", "HTTP_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("http_proxy", proxy.url)
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    liba = path_named(binary_cache, "liba")
+    async with Substituters(config([server.url], binary_cache.key.public_key)) as subs:
+        assert await subs.query(liba) is not None
+    assert proxy.seen == []
+    assert server.count(f"/{liba.hash_part}.narinfo") == 1
+
+
+async def test_unusable_proxy_setting_is_one_clear_error(
+        binary_cache: nixcache.BinaryCache, server: FaultServer,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("http_proxy", "ftp://proxy.invalid")
+    with pytest.raises(SubstituterError, match="proxy"):
+        async with Substituters(config([server.url], binary_cache.key.public_key)):
+            pass

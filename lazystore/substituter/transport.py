@@ -64,10 +64,16 @@ def make_client(
                             write=stall_timeout, pool=None)
     limits = httpx.Limits(max_connections=max_connections,
                           max_keepalive_connections=max_connections)
-    return httpx.AsyncClient(http2=True, timeout=timeout, limits=limits,
-                             auth=_netrc_auth(netrc_file), verify=_tls(ssl_cert_file),
-                             follow_redirects=True, trust_env=False,
-                             headers={"User-Agent": "lazystore"})
+    auth, verify = _netrc_auth(netrc_file), _tls(ssl_cert_file)
+    try:
+        # trust_env: http_proxy/https_proxy/all_proxy/no_proxy and SSL_CERT_FILE,
+        # as Nix (through curl) honours them.
+        return httpx.AsyncClient(http2=True, timeout=timeout, limits=limits, auth=auth,
+                                 verify=verify, follow_redirects=True, trust_env=True,
+                                 headers={"User-Agent": "lazystore"})
+    except (ValueError, ImportError, OSError, ssl.SSLError) as exc:
+        raise SubstituterError(f"cannot set up HTTP from the environment (proxy or "
+                               f"SSL_CERT_FILE): {exc}") from None
 
 
 def _tls(ssl_cert_file: Path | None) -> ssl.SSLContext | bool:
