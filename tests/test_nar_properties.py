@@ -126,7 +126,7 @@ def snapshot(root: Path) -> dict[str, tuple[int, bytes]]:
             path = Path(dirpath, name)
             st_ = os.lstat(path)
             if path.is_symlink():
-                body = os.readlink(path).encode()
+                body = os.fsencode(os.readlink(path))
             elif path.is_file():
                 body = path.read_bytes()
             else:

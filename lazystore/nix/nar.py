@@ -193,7 +193,7 @@ class NarParser:
     def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
         if self._state == _DONE:
             if data:
-                raise NarError(f"trailing data after the end of the NAR at byte {self._base}")
+                self._fail(0, "trailing data after the end of the NAR")
             return []
         events: list[Event] = []
         if self._state == _DATA and not self._pending:
