@@ -48,10 +48,16 @@ class FakeDaemon(socketserver.ThreadingUnixStreamServer):
         self.mount_point = mount_point
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.refuse = False
+        # When set: each call is announced on `asked`, then answered once `gate` is set.
+        self.gate: threading.Event | None = None
+        self.asked = threading.Event()
         super().__init__(socket_path, _Handler)
 
     def handle_op(self, op: str, args: dict[str, Any]) -> Any:
         self.calls.append((op, args))
+        if self.gate is not None:
+            self.asked.set()
+            assert self.gate.wait(60)
         if self.refuse:
             raise ValueError("daemon refuses (test)")
         view = self.mount_point / ".views" / args["id"]
@@ -532,6 +538,46 @@ def test_daemon_unavailable_fails_commit_and_loses_nothing(
     env.daemon.refuse = False
     commit(sn, "c", "k")
     assert sn.Stat(pb.StatSnapshotRequest(key="c")).info.kind == pb.COMMITTED
+
+
+def test_no_uncommitted_state_is_visible_while_the_daemon_is_asked(
+    env: Env, sn: pb_grpc.SnapshotsStub
+) -> None:
+    # Stat and List do not wait for the snapshotter's lock: while a daemon call is
+    # pending (a slow view), they must show only what is committed.
+    nix_layer(sn)
+    prepare(sn, "k")
+    env.daemon.reset_views()  # as a restarted daemon: the next mounts ask for the view
+
+    def pending(call: Any) -> grpc.StatusCode:
+        env.daemon.gate, env.daemon.refuse = threading.Event(), True
+        env.daemon.asked.clear()
+        result: list[grpc.StatusCode] = []
+        worker = threading.Thread(target=lambda: result.append(code_of(call)))
+        worker.start()
+        try:
+            assert env.daemon.asked.wait(60)
+            # while the daemon thinks:
+            names = {i.name: i.kind for i in listing(sn)}
+            assert names == {"nix": pb.COMMITTED, "k": pb.ACTIVE}
+            assert code_of(lambda: sn.Stat(pb.StatSnapshotRequest(key="ctr"))) == \
+                grpc.StatusCode.NOT_FOUND
+            assert code_of(lambda: sn.Stat(pb.StatSnapshotRequest(key="c"))) == \
+                grpc.StatusCode.NOT_FOUND
+        finally:
+            env.daemon.gate.set()
+            worker.join(60)
+            env.daemon.gate, env.daemon.refuse = None, False
+        return result[0]
+
+    # Prepare over a nix layer whose view the daemon then refuses: nothing is created.
+    assert pending(lambda: prepare(sn, "ctr", "nix")) == grpc.StatusCode.UNAVAILABLE
+    # Commit of a layer with placeholders, view refused: it stays active.
+    (Path(upper_of(list(sn.Mounts(pb.MountsRequest(key="k")).mounts)))
+     / f"nix/store/{H1}-liba").mkdir(parents=True)
+    assert pending(lambda: commit(sn, "c", "k")) == grpc.StatusCode.UNAVAILABLE
+    assert {i.name: i.kind for i in listing(sn)} == {"nix": pb.COMMITTED, "k": pb.ACTIVE}
+    assert sorted(p.name for p in (env.root / "snapshots").iterdir()) == ["1", "2"]
 
 
 def test_restart_keeps_snapshots_and_recreates_views(env: Env, sn: pb_grpc.SnapshotsStub) -> None:

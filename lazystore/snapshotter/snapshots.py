@@ -11,6 +11,7 @@ work runs in threads.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import shutil
@@ -159,6 +160,10 @@ class Snapshotter:
         kind: Kind,
         nix: nixlayer.NixLabels | None,
     ) -> list[overlay.Mount]:
+        # The parents' views first: no daemon call while a transaction is open
+        # (Stat and List, which do not wait for the lock, must never see a row
+        # that may still be rolled back).
+        lowers = await self._lowers([parent, *self.meta.chain(parent)] if parent else [])
         with self.meta.transaction():
             snap = self.meta.insert(
                 key, parent.id if parent else None, kind, labels,
@@ -166,11 +171,13 @@ class Snapshotter:
                 nix_closure=nix.closure if nix else None,
             )
             await asyncio.to_thread(self.layout.create, snap.id, kind == Kind.ACTIVE)
-            try:
-                mounts = await self._mounts(snap)
-            except BaseException:
-                await asyncio.to_thread(self.layout.remove, snap.id)
-                raise
+        mounts = overlay.mounts(
+            active=kind == Kind.ACTIVE,
+            upper=self.layout.fs(snap.id),
+            work=self.layout.work(snap.id),
+            lowers=lowers,
+            index_off=self.layout.index_off,
+        )
         log.info("%s %s (id %d, parent %r)", kind.filter_name, key, snap.id,
                  parent.key if parent else "")
         return mounts
@@ -191,11 +198,16 @@ class Snapshotter:
                 nix_paths=list(nix.paths) or None, nix_closure=nix.closure, remote=True,
             )
             await asyncio.to_thread(self.layout.create, snap.id, False)
-            try:
-                await self._view(snap)
-            except BaseException:
-                await asyncio.to_thread(self.layout.remove, snap.id)
-                raise
+        # The view once the row is committed (no daemon call inside a transaction);
+        # if the daemon refuses, the snapshot is taken back. (After a crash in
+        # between, the start-up restores its view like any other's.)
+        try:
+            await self._view(snap)
+        except BaseException:
+            with self.meta.transaction():
+                self.meta.delete(snap)
+            await asyncio.to_thread(self.layout.remove, snap.id)
+            raise
         log.info("remote nix snapshot %s (id %d, %d store paths)", target, snap.id,
                  len(nix.paths))
 
@@ -220,10 +232,12 @@ class Snapshotter:
             size, inodes = await asyncio.to_thread(overlay.usage, fs)
             found = await asyncio.to_thread(nixlayer.scan_placeholders, Path(fs), self.store_dir)
             paths = found or snap.nix_paths
+            if paths or snap.nix_closure:
+                # The view before the row changes: a refusal leaves the snapshot
+                # active, and no transaction is open during the daemon call.
+                await self._view(dataclasses.replace(snap, nix_paths=paths))
             with self.meta.transaction():
-                done = self.meta.commit(snap, name, dict(labels), size, inodes, paths)
-                if done.is_nix:
-                    await self._view(done)
+                self.meta.commit(snap, name, dict(labels), size, inodes, paths)
         log.info("committed %s as %s (id %d%s)", key, name, snap.id,
                  f", nix layer of {len(paths)} store paths" if paths else "")
 

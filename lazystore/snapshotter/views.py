@@ -12,14 +12,21 @@ from lazystore.errors import ControlError
 
 log = logging.getLogger(__name__)
 
+# A view of hundreds of paths waits for their narinfos; a daemon that answers
+# nothing in this long is treated as unavailable (the snapshotter's lock is held).
+CALL_TIMEOUT = 300.0
+
 
 class Views:
     """Creates and removes the daemon's views; never fetches anything itself."""
 
-    def __init__(self, control_socket: str, mount_point: str, prefix: str) -> None:
+    def __init__(
+        self, control_socket: str, mount_point: str, prefix: str, timeout: float = CALL_TIMEOUT
+    ) -> None:
         self.control_socket = control_socket
         self.mount_point = mount_point
         self.prefix = prefix
+        self.timeout = timeout
 
     def view_id(self, snapshot_id: int) -> str:
         return f"{self.prefix}-{snapshot_id}"
@@ -28,7 +35,7 @@ class Views:
         return os.path.join(self.mount_point, ".views", self.view_id(snapshot_id))
 
     def _call(self, op: str, **args: object) -> object:
-        with ControlClient(self.control_socket) as client:
+        with ControlClient(self.control_socket, timeout=self.timeout) as client:
             return client.call(op, **args)
 
     def _ensure(self, snapshot_id: int, paths: list[str] | None, closure: str | None) -> str:
