@@ -8,6 +8,7 @@ import base64
 import gzip
 import http.client
 import logging
+import socket
 import threading
 import urllib.parse
 from collections.abc import Iterator
@@ -582,3 +583,42 @@ async def test_unusable_proxy_setting_is_one_clear_error(
     with pytest.raises(SubstituterError, match="proxy"):
         async with Substituters(config([server.url], binary_cache.key.public_key)):
             pass
+
+
+@pytest.fixture
+def unanswered_port() -> Iterator[int]:
+    """A port on 127.0.0.1 whose accept queue is full: Linux drops further
+    SYNs, so a connect() neither succeeds nor fails, it hangs."""
+    listener = socket.socket()
+    fillers: list[socket.socket] = []
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        for _ in range(3):
+            filler = socket.socket()
+            fillers.append(filler)
+            filler.setblocking(False)
+            try:
+                filler.connect(listener.getsockname())
+            except BlockingIOError:
+                pass
+        yield listener.getsockname()[1]
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
+
+
+@pytest.mark.allow_log
+async def test_connect_timeout_turns_a_hanging_connect_into_an_error(
+        binary_cache: nixcache.BinaryCache, unanswered_port: int) -> None:
+    liba = path_named(binary_cache, "liba")
+    url = f"http://127.0.0.1:{unanswered_port}"
+    # The stall timeout is far beyond the bound below: only the connect timeout can end it.
+    cfg = config([url], binary_cache.key.public_key, connect_timeout=0.5,
+                 stall_timeout=300.0, attempts=2)
+    with trio.fail_after(60):
+        async with Substituters(cfg) as subs:
+            with pytest.raises(NotAvailableError, match="connection timed out"):
+                await subs.query(liba)
+            assert subs.stats.retries == 1  # a timeout is transient: retried once
