@@ -13,17 +13,32 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import grpc
 import pytest
 
 from lazystore import deploy
 from lazystore.control.client import ControlClient
 from lazystore.nix.signing import SecretKey
+from lazystore.snapshotter.proto import snapshots_pb2 as pb
+from lazystore.snapshotter.proto import snapshots_pb2_grpc as pb_grpc
 from tests.support import nixcache
 from tests.support.daemon import is_mounted
+from tests.test_snapshotter_service import (
+    NIX_LAYER,
+    NIX_PATH,
+    P1,
+    REF,
+    FakeDaemon,
+    layer,
+    nix_layer,
+    prepare,
+)
 
 LAZYSTORE = str(Path(sys.executable).with_name("lazystore"))
 # A guard against hanging forever, not a speed requirement.
@@ -211,6 +226,65 @@ def test_daemon_stays_within_the_units_system_call_filter(
             subprocess.run(["umount", "-l", str(mnt)], check=False)
     used = set(re.findall(r"^\d+ +([a-z0-9_]+)\(", trace.read_text(), re.MULTILINE))
     assert "mount" in used or "fsmount" in used
+    filter_groups = deploy.HARDENING["SystemCallFilter"]
+    assert isinstance(filter_groups, list)
+    assert used - allowed_syscalls(filter_groups) == set()
+
+
+def test_snapshotter_stays_within_the_units_system_call_filter(tmp_path: Path) -> None:
+    """Serving containerd's calls (plain and nix layers, overlay and bind
+    mounts, views, commit, usage, remove, cleanup) uses only system calls
+    that the unit's SystemCallFilter= allows (traced with strace). The daemon
+    behind the control socket is the snapshotter tests' fake (no FUSE)."""
+    for tool in ("strace", "systemd-analyze", "setpriv"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+    if os.geteuid() != 0:
+        pytest.skip("needs root for the units' capabilities")
+    base = Path(tempfile.mkdtemp(prefix="lzsc-", dir="/tmp"))  # short unix socket paths
+    mnt, control, address = base / "mnt", base / "ctl.sock", base / "sn.sock"
+    mnt.mkdir()
+    fake = FakeDaemon(str(control), mnt)
+    threading.Thread(target=fake.serve_forever, daemon=True).start()
+    trace, log = tmp_path / "sn.strace", tmp_path / "sn.log"
+    argv = ["strace", "-f", "-qq", "-o", str(trace), *as_unit([
+        LAZYSTORE, "snapshotter", "--address", str(address), "--root", str(base / "root"),
+        "--control-socket", str(control), "--mount-point", str(mnt),
+    ], deploy.SNAPSHOTTER_CAPABILITIES)]
+    try:
+        with (
+            notify_socket(tmp_path / "notify") as notify,
+            started(argv, tmp_path / "notify", log) as proc,
+        ):
+            wait_ready(notify, proc, log)
+            with grpc.insecure_channel(f"unix:{address}") as channel:
+                sn = pb_grpc.SnapshotsStub(channel)
+                layer(sn, "l1", files={"etc/a": b"1"}, dirs=("tmp",))
+                layer(sn, "l2", "l1", files={"b": b"2"})
+                nix_layer(sn, "nix")  # placeholders: a view made at Commit
+                with pytest.raises(grpc.RpcError) as remote:  # labels: a remote snapshot
+                    prepare(sn, "extract sha256:c", "l2",
+                            **{REF: "sha256:c", NIX_LAYER: "true", NIX_PATH + "0": P1})
+                assert remote.value.code() == grpc.StatusCode.ALREADY_EXISTS
+                prepare(sn, "ctr", "sha256:c")
+                sn.View(pb.ViewSnapshotRequest(key="v", parent="l2"))
+                sn.Mounts(pb.MountsRequest(key="ctr"))
+                sn.Usage(pb.UsageRequest(key="l1"))
+                list(sn.List(pb.ListSnapshotsRequest()))
+                for key in ("v", "ctr", "sha256:c", "nix", "l2", "l1"):
+                    sn.Remove(pb.RemoveSnapshotRequest(key=key))
+                sn.Cleanup(pb.CleanupRequest())
+            # SIGTERM the snapshotter itself (strace's child), then strace ends with it.
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text()
+            os.kill(int(children.split()[0]), signal.SIGTERM)
+            assert proc.wait(timeout=60) == 0, log.read_text(errors="replace")[-3000:]
+    finally:
+        fake.shutdown()
+        fake.server_close()
+        shutil.rmtree(base, ignore_errors=True)
+    assert [op for op, _ in fake.calls].count("view_create") == 2, "nix layers were served"
+    used = set(re.findall(r"^\d+ +([a-z0-9_]+)\(", trace.read_text(), re.MULTILINE))
+    assert {"openat", "connect", "accept4"} <= used, "the whole process was traced"
     filter_groups = deploy.HARDENING["SystemCallFilter"]
     assert isinstance(filter_groups, list)
     assert used - allowed_syscalls(filter_groups) == set()
