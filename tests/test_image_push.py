@@ -4,6 +4,7 @@ authentication or the archive is corrupt."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import subprocess
@@ -223,3 +224,91 @@ def test_relative_upload_location_and_registry_errors(images: dict[str, BuildRes
     assert put.startswith(
         "PUT https://reg.test:5000/v2/r/blobs/uploads/u1?state=s&digest=sha256%3A"
     )
+
+
+def test_absolute_location_bodies_and_media_types(images: dict[str, BuildResult]) -> None:
+    """An absolute Location without a query (another host, as behind a proxy) gets
+    ``?digest=``; each blob PUT carries the blob's exact bytes and length; the
+    manifest goes last with the OCI manifest media type."""
+    archive = images["layered"].path
+    with oci.OciArchive(archive) as image:
+        blobs = {d.digest: image.read_blob(d) for d in image.blobs()}
+        manifest = image.read_blob(image.manifest_descriptor)
+    puts: list[tuple[str, dict[str, str], bytes]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "HEAD":
+            return httpx.Response(404)
+        if request.method == "POST":
+            assert str(request.url) == "http://reg.test/v2/r/s/blobs/uploads/"
+            return httpx.Response(202, headers={"Location": "http://up.test/u/1"})
+        puts.append((str(request.url), dict(request.headers), request.read()))
+        return httpx.Response(201)
+
+    result = push_image(archive, "reg.test/r/s:t", plain_http=True,
+                        transport=httpx.MockTransport(handler))
+    assert result.uploaded == len(blobs) and result.skipped == 0
+    for url, headers, body in puts[:-1]:
+        digest = httpx.URL(url).params["digest"]
+        assert url == f"http://up.test/u/1?digest={digest.replace(':', '%3A')}"
+        assert body == blobs[digest] and headers["content-length"] == str(len(body))
+    assert sorted(httpx.URL(u).params["digest"] for u, _, _ in puts[:-1]) == sorted(blobs)
+    url, headers, body = puts[-1]
+    assert url == "http://reg.test/v2/r/s/manifests/t"
+    assert headers["content-type"] == oci.MEDIA_MANIFEST and body == manifest
+
+
+class _RedirectingRegistry(BaseHTTPRequestHandler):
+    """Upload PUTs are redirected (307) to a storage URL, which checks the bytes."""
+
+    protocol_version = "HTTP/1.1"
+    stored: dict[str, bytes] = {}
+
+    def _answer(self, code: int, headers: dict[str, str] | None = None) -> None:
+        self.send_response(code)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self._answer(404)
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._answer(202, {"Location": "/v2/r/blobs/uploads/u1"})
+
+    def do_PUT(self) -> None:  # noqa: N802
+        body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        url = httpx.URL(self.path)
+        if url.path == "/v2/r/blobs/uploads/u1":
+            self._answer(307, {"Location": f"/storage?digest={url.params['digest']}"})
+        elif url.path == "/storage":
+            digest = url.params["digest"]
+            ok = "sha256:" + hashlib.sha256(body).hexdigest() == digest
+            if ok:
+                self.stored[digest] = body
+            self._answer(201 if ok else 400)
+        else:
+            self._answer(201)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+def test_redirected_blob_upload_resends_the_whole_blob(images: dict[str, BuildResult]) -> None:
+    # A real HTTP server: a streamed body must be streamed again after a 307.
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _RedirectingRegistry)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        result = push_image(images["layered"].path, f"127.0.0.1:{server.server_address[1]}/r:t",
+                            plain_http=True)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    with oci.OciArchive(images["layered"].path) as image:
+        blobs = {d.digest: image.read_blob(d) for d in image.blobs()}
+    assert result.uploaded == len(blobs)
+    assert _RedirectingRegistry.stored == blobs

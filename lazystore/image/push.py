@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin
@@ -115,7 +116,7 @@ class _Pusher:
             "PUT",
             str(url),
             (201,),
-            content=self.image.stream_blob(desc),
+            content=_BlobBody(self.image, desc),
             headers={"Content-Type": "application/octet-stream", "Content-Length": str(desc.size)},
         )
         log.debug("uploaded %s (%d bytes)", desc.digest, desc.size)
@@ -127,6 +128,9 @@ class _Pusher:
             resp = self.client.request(method, url, **kwargs)  # type: ignore[arg-type]
         except httpx.HTTPError as exc:
             raise ImageError(f"cannot reach registry {self.dest.host}: {_reason(exc)}") from None
+        except httpx.StreamError as exc:
+            raise ImageError(f"registry {self.dest.host}: {method} {httpx.URL(url).path}: "
+                             f"{_reason(exc)}") from None
         if resp.status_code in expect:
             return resp
         if resp.status_code == 401:
@@ -140,7 +144,18 @@ class _Pusher:
         )
 
 
-def _reason(exc: httpx.HTTPError) -> str:
+class _BlobBody:
+    """A blob as request content that can be sent again (after a 307/308 redirect,
+    httpx iterates the body anew; a generator could only be sent once)."""
+
+    def __init__(self, image: OciArchive, desc: Descriptor) -> None:
+        self.image, self.desc = image, desc
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self.image.stream_blob(self.desc))
+
+
+def _reason(exc: Exception) -> str:
     text = str(exc) or type(exc).__name__
     return " ".join(text.split())
 
