@@ -262,8 +262,14 @@ def containerd_dropin() -> str:
 
 
 def _cri_path(data: dict[str, Any]) -> tuple[str, ...]:
+    """The table holding the CRI plugin's ``snapshotter`` in this config version."""
     # containerd reads a config without `version` as version 1 ("cri" plugin id).
-    if int(data.get("version", 1)) >= 2:
+    version = data.get("version", 1)
+    if isinstance(version, bool) or version not in (1, 2, 3):
+        raise DeployError(f"containerd config: unknown version {version!r} (1, 2 or 3)")
+    if version == 3:  # containerd 2: the images half of the split CRI plugin
+        return ("plugins", "io.containerd.cri.v1.images")
+    if version == 2:
         return ("plugins", "io.containerd.grpc.v1.cri", "containerd")
     return ("plugins", "cri", "containerd")
 
@@ -277,10 +283,10 @@ def _get(data: dict[str, Any], path: tuple[str, ...]) -> Any:
 
 
 def _set(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
-    for key in path[:-1]:
+    for i, key in enumerate(path[:-1]):
         child = data.setdefault(key, {})
         if not isinstance(child, dict):
-            raise DeployError(f"containerd config: {'.'.join(path[:-1])} is not a table")
+            raise DeployError(f"containerd config: {_dotted(path[:i + 1])} is not a table")
         data = child
     data[path[-1]] = value
 
@@ -288,8 +294,10 @@ def _set(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
 def _wanted(data: dict[str, Any], address: str, cri_default: bool) -> dict[str, Any]:
     """*data* with the lazystore proxy plugin (and CRI snapshotter) set."""
     want = copy.deepcopy(data)
-    plugin = dict(_get(data, ("proxy_plugins", PLUGIN_NAME)) or {})
-    plugin |= {"type": "snapshot", "address": address}
+    plugin = _get(data, ("proxy_plugins", PLUGIN_NAME))
+    if plugin is not None and not isinstance(plugin, dict):
+        raise DeployError(f"containerd config: proxy_plugins.{PLUGIN_NAME} is not a table")
+    plugin = dict(plugin or {}) | {"type": "snapshot", "address": address}
     _set(want, ("proxy_plugins", PLUGIN_NAME), plugin)
     if cri_default:
         _set(want, (*_cri_path(data), "snapshotter"), PLUGIN_NAME)
@@ -325,6 +333,7 @@ def merge_containerd_config(text: str, address: str, cri_default: bool = False) 
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise DeployError(f"not valid TOML ({exc}); nothing changed") from None
+    _cri_path(data)  # a version containerd knows
     want = _wanted(data, address, cri_default)
     if want == data:
         return None

@@ -4,6 +4,7 @@ containerd's config.toml that keeps everything else, clear failures."""
 from __future__ import annotations
 
 import datetime
+import re
 import shlex
 import shutil
 import subprocess
@@ -221,6 +222,35 @@ def test_real_containerd_reads_the_merged_config(
     assert dumped["proxy_plugins"]["lazystore"] == PROXY
     cri = dumped["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]
     assert (cri["snapshotter"] == "lazystore") == cri_default
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('version = "two"\n', "unknown version 'two'"),
+        ("version = [2]\n", "unknown version [2]"),
+        ("version = true\n", "unknown version True"),
+        ('proxy_plugins = "lazystore"\n', "proxy_plugins is not a table"),
+        ('proxy_plugins.lazystore = "x"\n', "proxy_plugins.lazystore is not a table"),
+        ('version = 2\nplugins."io.containerd.grpc.v1.cri" = 5\n',
+         'plugins."io.containerd.grpc.v1.cri" is not a table'),
+    ],
+)
+def test_config_of_the_wrong_shape_is_refused(text: str, message: str) -> None:
+    with pytest.raises(DeployError, match=re.escape(message)):
+        deploy.merge_containerd_config(text, ADDRESS, cri_default=True)
+
+
+def test_cri_default_in_a_version_3_config() -> None:
+    """containerd 2 (config version 3) splits the CRI plugin: the snapshotter
+    belongs to its images part."""
+    text = 'version = 3\n[plugins."io.containerd.cri.v1.images"]\n  max_concurrent_downloads = 3\n'
+    merged = deploy.merge_containerd_config(text, ADDRESS, cri_default=True)
+    assert merged is not None
+    data = tomllib.loads(merged)
+    assert data["plugins"] == {"io.containerd.cri.v1.images": {
+        "max_concurrent_downloads": 3, "snapshotter": "lazystore"}}
+    assert data["proxy_plugins"]["lazystore"] == PROXY
 
 
 def test_invalid_toml_is_refused() -> None:
