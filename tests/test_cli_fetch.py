@@ -146,3 +146,14 @@ def test_progress_bar_on_a_terminal(binary_cache: nixcache.BinaryCache,
     assert "\r[" in text and f"{total}/{total} paths" in text and "MiB/s" in text
     assert StorePath.from_basename(Path(binary_cache.top).name).basename in {
         p.name for p in dest.iterdir()}
+
+
+def test_fetch_start_up_imports_no_other_command() -> None:
+    """Start-up counts in the fetch's time: only the fetch command is loaded."""
+    code = ("import sys\n"
+            "from lazystore.cli import main\n"
+            "try:\n    main(['fetch', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith('lazystore.cli.')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip().splitlines()[-1] == "['lazystore.cli.fetch']"

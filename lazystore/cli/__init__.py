@@ -28,21 +28,31 @@ COMMAND_MODULES = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; with *only* (a module of COMMAND_MODULES that
+    registers a command of its own name), of that one alone: a command's start-up
+    then does not pay for importing the others' dependencies."""
     parser = argparse.ArgumentParser(
         prog="lazystore", description="A lazily fetched Nix store for machines and containers."
     )
     parser.add_argument("--version", action="version", version=f"lazystore {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
+    for name in (only,) if only in COMMAND_MODULES else COMMAND_MODULES:
         module = importlib.import_module(f"lazystore.cli.{name}")
         module.register(sub)
+    if only is not None and only not in sub.choices:
+        return build_parser()
     return parser
 
 
+def _command_word(argv: Sequence[str]) -> str | None:
+    """The first word that is not an option (the top-level options take no value)."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(_command_word(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="lazystore: %(levelname)s: %(name)s: %(message)s")
