@@ -456,10 +456,10 @@ def _write(path: Path, content: str, dry_run: bool) -> Change:
     if path.is_symlink():
         path = path.resolve()
     try:
-        old = path.read_text() if path.exists() else None
+        old = path.read_bytes() if path.exists() else None
     except OSError as exc:
         raise DeployError(f"cannot read {path}: {exc.strerror}") from None
-    if old == content:
+    if old == content.encode():
         return Change(path, "unchanged")
     action = "created" if old is None else "updated"
     backup = _backup_name(path) if old is not None else None
@@ -470,7 +470,7 @@ def _write(path: Path, content: str, dry_run: bool) -> Change:
         path.parent.mkdir(parents=True, exist_ok=True)
         mode = path.stat().st_mode & 0o7777 if old is not None else 0o644
         if backup is not None:
-            backup.write_text(old or "")
+            backup.write_bytes(old or b"")
             os.chmod(backup, mode)
         with open(tmp, "w") as f:
             f.write(content)
@@ -520,9 +520,12 @@ def install(cfg: DeployConfig, targets: Targets, dry_run: bool = False) -> list[
     config_text = ""
     if cfg.containerd and targets.containerd_config.exists():
         try:
-            config_text = targets.containerd_config.read_text()
+            config_text = targets.containerd_config.read_bytes().decode()
         except OSError as exc:
             raise DeployError(f"cannot read {targets.containerd_config}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise DeployError(f"{targets.containerd_config}: not UTF-8 text, as TOML must be; "
+                              "nothing changed") from None
     # Check the containerd config before writing anything.
     merged = None
     if cfg.containerd:

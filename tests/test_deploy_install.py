@@ -309,6 +309,25 @@ def test_bad_containerd_config_writes_nothing(tmp_path: Path) -> None:
     assert targets.containerd_config.read_text() == "version = [\n"
 
 
+def test_config_that_is_not_utf8_writes_nothing(tmp_path: Path) -> None:
+    targets = Targets.under(tmp_path)
+    targets.containerd_config.parent.mkdir(parents=True)
+    targets.containerd_config.write_bytes(b"version = 2\n# \xff\n")
+    with pytest.raises(DeployError, match="not UTF-8"):
+        deploy.install(config(), targets)
+    assert not targets.unit_dir.exists()
+
+
+def test_unit_that_is_not_utf8_is_replaced_and_backed_up_byte_for_byte(tmp_path: Path) -> None:
+    targets = Targets.under(tmp_path)
+    unit = targets.unit_dir / deploy.DAEMON_UNIT
+    unit.parent.mkdir(parents=True)
+    unit.write_bytes(b"[Unit]\nDescription=\xff\n")
+    assert deploy.install(config(containerd=False), targets)[0].action == "updated"
+    assert unit.read_text() == deploy.daemon_unit(config())
+    assert [b.read_bytes() for b in backups(unit)] == [b"[Unit]\nDescription=\xff\n"]
+
+
 def test_relative_paths_are_refused() -> None:
     with pytest.raises(DeployError, match="cache dir must be an absolute path"):
         config(cache_dir="var/cache")
