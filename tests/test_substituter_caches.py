@@ -152,6 +152,25 @@ async def test_unsupported_scheme_is_rejected() -> None:
             pass
 
 
+@pytest.mark.parametrize(("url", "message"), [
+    ("http://[::1", "invalid URL"), ("http://", "no host name"),
+    ("https://cache.example:99999", "invalid URL")])
+async def test_malformed_url_is_one_clear_error(url: str, message: str) -> None:
+    with pytest.raises(SubstituterError, match=f"substituter .*: {message}"):
+        async with Substituters(test_config([url], nixcache.KEY_NAME + ":" + "A" * 43 + "=")):
+            pass
+
+
+@pytest.mark.allow_log
+async def test_missing_cache_folder_is_an_error_not_an_empty_cache(
+        binary_cache: nixcache.BinaryCache, tmp_path: Path) -> None:
+    top = StorePath.parse(binary_cache.top)
+    config = test_config([(tmp_path / "absent").as_uri()], binary_cache.key.public_key)
+    async with Substituters(config) as subs:
+        with pytest.raises(NotAvailableError, match="absent: no such directory"):
+            await subs.query(top)
+
+
 async def test_narinfo_answers_expire_after_their_ttls(
         binary_cache: nixcache.BinaryCache, tmp_path: Path,
         autojump_clock: trio.testing.MockClock) -> None:

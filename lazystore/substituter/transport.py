@@ -100,8 +100,15 @@ def _netrc_auth(path: Path | None) -> httpx.Auth | None:
 
 
 def make_transport(url: str, client: httpx.AsyncClient, stall_timeout: float) -> Transport:
-    scheme = urllib.parse.urlsplit(url).scheme
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        raise RequestError(f"substituter {url}: invalid URL ({exc})") from None
+    scheme = parts.scheme
     if scheme in ("http", "https"):
+        if not parts.hostname:
+            raise RequestError(f"substituter {url}: no host name")
         return HttpTransport(url, client, stall_timeout)
     if scheme == "file":
         return FileTransport(url)
@@ -213,6 +220,8 @@ class FileTransport:
             async with await trio.open_file(path, "rb") as f:
                 data = await f.read(MAX_DOCUMENT + 1)
         except (FileNotFoundError, NotADirectoryError):
+            if not await trio.Path(self.root).is_dir():
+                raise TransportError(f"{self.root}: no such directory") from None
             return None
         except OSError as exc:
             raise _os_error(path, exc) from None
