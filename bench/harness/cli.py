@@ -209,11 +209,14 @@ def _run_modes(plan: Plan, ctx: Context, runs: list[dict[str, Any]],
                     skipped.append({**where, "mode": mode, "reason": str(exc)})
                     dead.add(mode)
                     continue
-                except RunFailed as exc:
-                    log.info("  FAILED: %s", exc)
+                except Exception as exc:  # one failing run must not end the others
+                    reason = str(exc)
+                    if not isinstance(exc, RunFailed):
+                        reason = f"{type(exc).__name__}: {reason}"
+                    log.info("  FAILED: %s", reason)
                     runs.append({**where, "mode": mode, "rep": rep, "status": "failed",
-                                 "reason": str(exc)})
-                    skipped.append({**where, "mode": mode, "reason": f"failed: {exc}"})
+                                 "reason": reason})
+                    skipped.append({**where, "mode": mode, "reason": f"failed: {reason}"})
                     continue
                 log.info("  first output after %.2f s, %.1f MB, %s paths",
                          record["time_to_first_output"], record["bytes"] / 1e6,
