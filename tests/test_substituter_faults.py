@@ -5,9 +5,12 @@ leaves a partial store path behind."""
 from __future__ import annotations
 
 import base64
+import bz2
 import gzip
 import http.client
+import json
 import logging
+import lzma
 import socket
 import threading
 import urllib.parse
@@ -15,8 +18,10 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import brotli
 import pytest
 import trio
+import zstandard
 
 from lazystore.nix.narinfo import NarInfo
 from lazystore.nix.signing import SecretKey
@@ -622,3 +627,40 @@ async def test_connect_timeout_turns_a_hanging_connect_into_an_error(
             with pytest.raises(NotAvailableError, match="connection timed out"):
                 await subs.query(liba)
             assert subs.stats.retries == 1  # a timeout is transient: retried once
+
+
+_ENCODERS = {
+    "gzip": gzip.compress,
+    "br": brotli.compress,
+    "zstd": lambda d: zstandard.ZstdCompressor().compress(d),
+    "xz": lzma.compress,
+    "bzip2": bz2.compress,
+}
+
+
+@pytest.mark.parametrize("encoding", sorted(_ENCODERS))
+async def test_compressed_listing_and_narinfo_are_decoded(
+        binary_cache: nixcache.BinaryCache, server: FaultServer, encoding: str) -> None:
+    """As Nix's ls-compression/narinfo-compression upload them (Content-Encoding)."""
+    liba = path_named(binary_cache, "liba")
+    ls = (binary_cache.root / f"{liba.hash_part}.ls").read_bytes()
+    text = (binary_cache.root / f"{liba.hash_part}.narinfo").read_bytes()
+    headers = {"Content-Encoding": encoding}
+    server.always(f"/{liba.hash_part}.ls", Fault.replace(_ENCODERS[encoding](ls), headers))
+    server.always(f"/{liba.hash_part}.narinfo",
+                  Fault.replace(_ENCODERS[encoding](text), headers))
+    async with Substituters(config([server.url], binary_cache.key.public_key)) as subs:
+        info = await subs.query(liba)
+        assert info is not None and info.store_path == liba.path()
+        assert await subs.listing(liba) == json.loads(ls)
+
+
+@pytest.mark.allow_log
+async def test_undecodable_content_encoding_is_a_clear_error(
+        binary_cache: nixcache.BinaryCache, server: FaultServer) -> None:
+    liba = path_named(binary_cache, "liba")
+    server.always(f"/{liba.hash_part}.narinfo",
+                  Fault.replace(b"not xz at all", {"Content-Encoding": "xz"}))
+    async with Substituters(config([server.url], binary_cache.key.public_key)) as subs:
+        with pytest.raises(NotAvailableError, match="cannot undo Content-Encoding xz"):
+            await subs.query(liba)

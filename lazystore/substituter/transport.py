@@ -20,7 +20,7 @@ from typing import Protocol
 import httpx
 import trio
 
-from lazystore.substituter import retry
+from lazystore.substituter import decompress, retry
 from lazystore.substituter.errors import (
     HTTPX_ERRORS,
     HTTPStatusError,
@@ -29,6 +29,7 @@ from lazystore.substituter.errors import (
     StalledError,
     SubstituterError,
     TransportError,
+    VerificationError,
     map_httpx_error,
 )
 
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 NOT_FOUND_STATUSES = frozenset({403, 404, 410})
 FILE_CHUNK = 256 * 1024
 MAX_DOCUMENT = 16 << 20  # narinfo, nix-cache-info, .ls
+# Content-Encodings of documents decoded here; httpx does gzip, deflate, br, zstd.
+OWN_ENCODINGS = frozenset({"xz", "bzip2"})
 
 
 class Reader(Protocol):
@@ -139,6 +142,9 @@ class HttpTransport:
                 body += chunk
                 if len(body) > MAX_DOCUMENT:
                     raise RequestError(f"{url}: larger than {MAX_DOCUMENT} bytes")
+            encoding = response.headers.get("Content-Encoding", "").strip().lower()
+            if encoding in OWN_ENCODINGS:
+                return await trio.to_thread.run_sync(_decode, bytes(body), encoding, url)
             return bytes(body)
 
     @asynccontextmanager
@@ -169,6 +175,25 @@ class HttpTransport:
                     await response.aclose()
                 except HTTPX_ERRORS:
                     pass  # a broken connection leaves the pool either way
+
+
+def _decode(body: bytes, encoding: str, url: str) -> bytes:
+    """Undo a Content-Encoding httpx does not know (Nix's ``narinfo-compression``
+    and ``ls-compression`` upload xz or bzip2 files with that header)."""
+    out = bytearray()
+
+    def sink(piece: bytes) -> None:
+        out.extend(piece)
+        if len(out) > MAX_DOCUMENT:
+            raise RequestError(f"{url}: larger than {MAX_DOCUMENT} bytes once decoded")
+
+    try:
+        decoder = decompress.make(encoding, sink)
+        decoder.feed(body)
+        decoder.finish()
+    except VerificationError as exc:
+        raise RequestError(f"{url}: cannot undo Content-Encoding {encoding} ({exc})") from None
+    return bytes(out)
 
 
 def _check_status(response: httpx.Response, url: str) -> None:
