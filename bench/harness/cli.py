@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--name", help="file name stem of the results (default: DATE-HOST[-quick])")
     p.add_argument("--report", type=Path, metavar="JSON",
                    help="only rewrite the Markdown table and plot of an earlier result")
+    p.add_argument("--merge", type=Path, nargs="+", default=[], metavar="JSON",
+                   help="with --report: add these results' workloads and runs to it first")
     return p.parse_args(argv)
 
 
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="bench: %(message)s")
     if args.report:
-        return rewrite_report(args.report)
+        return rewrite_report(args.report, args.merge)
     if os.geteuid() != 0:
         sys.stderr.write("bench/run: needs root (mount namespaces, FUSE, containerd)\n")
         return 1
@@ -151,9 +153,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def rewrite_report(path: Path) -> int:
-    """Recompute figures from the runs of *path* and rewrite its .json/.md/.png."""
+def rewrite_report(path: Path, merge: list[Path]) -> int:
+    """Recompute figures from the runs of *path* (plus those of *merge*: runs of
+    other workloads, by other commands) and rewrite its .json/.md/.png."""
     result = json.loads(path.read_text())
+    for other_path in merge:
+        other = json.loads(other_path.read_text())
+        result["command"] += f"; {other['command']}"
+        for key in ("workloads", "profiles"):
+            result[key].update(other[key])
+        for key in ("runs", "skipped"):
+            result[key] += other[key]
+        result["wall_seconds"] = result.get("wall_seconds", 0) + other.get("wall_seconds", 0)
     result["summary"] = report.summarize(result["runs"])
     result["ratios"] = report.ratios(result["runs"])
     result["targets"] = report.targets(result["summary"], result["ratios"])
