@@ -385,3 +385,30 @@ def test_bad_cache_dir_is_one_line_and_mounts_nothing(
     assert errors == [errors[0]] and "cannot use the cache directory" in errors[0]
     assert "Traceback" not in out.stderr
     assert not is_mounted(d.mnt)
+
+
+def test_more_open_files_than_the_inherited_soft_limit(
+    tmp_path: Path, binary_cache: nixcache.BinaryCache, http_cache: str
+) -> None:
+    """Every file open through the mount holds a daemon descriptor; a daemon
+    started with systemd's soft limit (1024, here 64) must not answer EIO
+    (its EMFILE) once that many files are open: it lifts the limit."""
+    _need_fuse()
+    if shutil.which("prlimit") is None:
+        pytest.skip("prlimit is not installed")
+    d = Daemon(tmp_path, http_cache, binary_cache.key.public_key)
+    d.argv = ["prlimit", "--nofile=64:4096", "--", *d.argv]
+    try:
+        d.start()
+        data = d.mnt / by_name(binary_cache.paths, "liba") / "lib/data"
+        files = []
+        try:
+            for _ in range(200):
+                files.append(open(data, "rb"))  # noqa: SIM115
+            assert all(f.read() == b"hello from liba\n" for f in files)
+            assert d.status()["open_files"] == 200
+        finally:
+            for f in files:
+                f.close()
+    finally:
+        d.stop()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import resource
 import signal
 import subprocess
 from contextlib import AsyncExitStack
@@ -55,6 +56,28 @@ def _lazy_unmount(path: str) -> None:
         except FileNotFoundError:
             continue
     raise StoreError(f"cannot clear the stale mount at {path}")
+
+
+def raise_fd_limit() -> None:
+    """Lift the soft limit on open files to the hard one: every file open through
+    the mount holds a descriptor of the daemon (for as long as a process maps or
+    reads it), and systemd's default soft limit of 1024 would turn the next open
+    into EMFILE, which the mount can only answer with EIO."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return
+    want = hard
+    if hard == resource.RLIM_INFINITY:  # above fs.nr_open setrlimit fails
+        with open("/proc/sys/fs/nr_open") as f:
+            want = int(f.read())
+    if soft >= want:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("cannot raise the open files limit from %d: %s", soft, exc)
+        return
+    log.info("open files limit raised from %d to %d", soft, want)
 
 
 def prepare_mountpoint(path: str) -> None:
@@ -102,6 +125,7 @@ class Daemon:
         return opts
 
     async def run(self) -> None:
+        raise_fd_limit()
         prepare_mountpoint(self.mountpoint)
         server.claim_socket_path(self.control_socket)
         try:
