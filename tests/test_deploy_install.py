@@ -368,6 +368,19 @@ def test_cli_dry_run_and_no_snapshotter(tmp_path: Path, capsys: pytest.CaptureFi
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["lazystore.service"]
 
 
+def test_cli_refuses_a_missing_program_on_this_host(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --dry-run: were the check missing, nothing would be written to this host's /etc.
+    status, out, err = cli(capsys, "--dry-run", "--exec", tmp_path / "no-lazystore")
+    assert status == 1 and out == ""
+    missing = tmp_path / "no-lazystore"
+    assert err.strip() == f"lazystore: error: --exec {missing}: not an executable file"
+    # Below a staging root the program may come later.
+    status, out, _ = cli(capsys, "--root", tmp_path, "--dry-run", "--exec", missing)
+    assert status == 0 and out.startswith("would be created ")
+
+
 def test_cli_error_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "etc/containerd").mkdir(parents=True)
     (tmp_path / "etc/containerd/config.toml").write_text("[[broken\n")

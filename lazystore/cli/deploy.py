@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -73,8 +74,13 @@ def _default_executable() -> str:
 
 
 def _install(args: argparse.Namespace) -> int:
+    executable = args.executable or _default_executable()
+    # Below a staging root the program may be installed later; on this host it must be here.
+    if args.root.resolve() == Path("/") and not (
+            os.path.isfile(executable) and os.access(executable, os.X_OK)):
+        raise LazystoreError(f"--exec {executable}: not an executable file")
     cfg = deploy.DeployConfig(
-        executable=args.executable or _default_executable(),
+        executable=executable,
         mount_point=args.mount_point,
         substituters=args.substituter,
         trusted_public_keys=args.trusted_public_key,
