@@ -10,6 +10,7 @@ from pathlib import Path
 import pyfuse3
 import pytest
 import trio
+import trio.testing
 
 from lazystore.errors import StoreError
 from lazystore.fs.operations import Operations, to_errno
@@ -102,6 +103,38 @@ async def test_view_queries_its_paths_in_parallel(tmp_path: Path, subs: FakeSubs
         with trio.fail_after(10):
             await vfs.create_view("v", [A, B, C])
         assert sorted(vfs.views["v"].bases) == sorted([A, B, C])
+
+
+async def test_view_asked_twice_at_once_is_one_view(
+    tmp_path: Path, subs: FakeSubstituters
+) -> None:
+    # Both requests wait on the same narinfo queries; the second to finish must
+    # neither replace the first's view (whose inodes a mount may already use)
+    # nor pin its paths a second time.
+    gate = trio.Event()
+    plain_query = subs.query
+
+    async def slow_query(path):  # type: ignore[no-untyped-def]
+        await gate.wait()
+        return await plain_query(path)
+
+    subs.query = slow_query  # type: ignore[method-assign]
+    async with LocalStore(subs, tmp_path) as store:
+        vfs = Vfs(store)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(vfs.create_view, "v", [A, B])
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(vfs.create_view, "v", [A, B])
+            await trio.testing.wait_all_tasks_blocked()
+            gate.set()
+        view = vfs.views["v"]
+        assert len(vfs.views) == 1
+        view_ino = (await vfs.lookup(VIEWS_INODE, "v")).ino
+        assert view_ino == view.dirs[0]
+        store_dir = await vfs.lookup(await _walk(vfs, ".views", "v", "nix"), "store")
+        assert (await vfs.lookup(store_dir.ino, A)).kind == "d"
+        vfs.remove_view("v")
+        assert not store.pinned(A) and not store.pinned(B)
 
 
 async def test_view_of_unknown_path_fails(tmp_path: Path, subs: FakeSubstituters) -> None:

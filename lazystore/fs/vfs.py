@@ -393,15 +393,16 @@ class Vfs:
         """Create view *view_id* of store paths *bases*; returns ``.views/<id>``."""
         check_view_id(view_id)
         wanted = tuple(dict.fromkeys(bases))
-        old = self.views.get(view_id)
-        if old is not None:
-            if old.bases == wanted:
-                return f"{VIEWS_NAME}/{view_id}"
-            raise InvalidRequest(f"view {view_id} exists with other store paths")
+        if self._existing_view(view_id, wanted):
+            return f"{VIEWS_NAME}/{view_id}"
         try:
             await self.store.require_all(list(wanted))
         except StoreError as exc:
             raise StoreError(f"cannot create view {view_id}: {exc}") from None
+        # Asked twice at once, the second must not replace the view the first
+        # caller may already have mounted (its lookups would all be ENOENT).
+        if self._existing_view(view_id, wanted):
+            return f"{VIEWS_NAME}/{view_id}"
         view = View(view_id, wanted)
         for level in range(len(self.store_dir_parts) + 1):
             ino = next(self._next_ino)
@@ -412,6 +413,15 @@ class Vfs:
         self.views[view_id] = view
         log.info("view %s created with %d store paths", view_id, len(wanted))
         return f"{VIEWS_NAME}/{view_id}"
+
+    def _existing_view(self, view_id: str, wanted: tuple[str, ...]) -> bool:
+        """True if *view_id* exists with exactly *wanted*; an error if with others."""
+        old = self.views.get(view_id)
+        if old is None:
+            return False
+        if old.bases != wanted:
+            raise InvalidRequest(f"view {view_id} exists with other store paths")
+        return True
 
     def remove_view(self, view_id: str) -> None:
         view = self.views.pop(view_id, None)
