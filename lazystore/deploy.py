@@ -65,6 +65,10 @@ SNAPSHOTTER_SANDBOX: dict[str, str | bool | list[str]] = {
     "ProtectKernelLogs": True,
     "ProtectControlGroups": True,
 }
+# What ProtectHome= and PrivateTmp= hide from the snapshotter (or give it a
+# private copy of): the paths it shares with the daemon and containerd cannot
+# be below them.
+SNAPSHOTTER_HIDDEN = ("/home", "/root", "/run/user", "/tmp", "/var/tmp")
 DAEMON_CAPABILITIES = ["CAP_SYS_ADMIN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER"]
 SNAPSHOTTER_CAPABILITIES = [*DAEMON_CAPABILITIES, "CAP_CHOWN"]
 
@@ -104,6 +108,15 @@ class DeployConfig:
                               "and the containerd wiring")
         if self.containerd and not self.snapshotter:
             raise DeployError("the containerd wiring needs the snapshotter")
+        if self.snapshotter:
+            for name in ("snapshotter_address", "snapshotter_root", "control_socket",
+                         "mount_point"):
+                path = os.path.normpath(getattr(self, name))
+                hidden = [d for d in SNAPSHOTTER_HIDDEN if path == d or path.startswith(d + "/")]
+                if hidden:
+                    raise DeployError(
+                        f"{name.replace('_', ' ')} {path} is below {hidden[0]}, which the "
+                        "snapshotter's sandbox (ProtectHome, PrivateTmp) hides from it")
         # What the daemon would refuse at every start is refused now.
         for url in self.substituters:
             parts = urllib.parse.urlsplit(url)

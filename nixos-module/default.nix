@@ -72,6 +72,19 @@ let
       ++ optional (!(stateDirectory ? dir)) cfg.snapshotter.root;
   };
 
+  # What ProtectHome= and PrivateTmp= hide from the snapshotter (kept equal to
+  # SNAPSHOTTER_HIDDEN in lazystore/deploy.py): the paths it shares with the
+  # daemon and containerd cannot be below them.
+  snapshotterHidden = [ "/home" "/root" "/run/user" "/tmp" "/var/tmp" ];
+  hiddenFromSnapshotter = path:
+    lib.any (dir: path == dir || lib.hasPrefix "${dir}/" path) snapshotterHidden;
+  sharedWithSnapshotter = {
+    "snapshotter.address" = cfg.snapshotter.address;
+    "snapshotter.root" = cfg.snapshotter.root;
+    controlSocket = cfg.controlSocket;
+    mountPoint = cfg.mountPoint;
+  };
+
   # StateDirectory=/CacheDirectory= take paths relative to /var/lib, /var/cache.
   managedDir = base: path:
     lib.optionalAttrs (lib.hasPrefix "${base}/" path) {
@@ -197,6 +210,11 @@ in
           assertion = cfg.containerd.enable -> cfg.snapshotter.enable;
           message = "services.lazystore.containerd.enable needs services.lazystore.snapshotter.enable.";
         }
+      ] ++ lib.mapAttrsToList (name: path: {
+        assertion = cfg.snapshotter.enable -> !(hiddenFromSnapshotter (toString path));
+        message = "services.lazystore.${name} (${toString path}) is below a directory "
+          + "the snapshotter's sandbox (ProtectHome, PrivateTmp) hides from it.";
+      }) sharedWithSnapshotter ++ [
         {
           assertion = cfg.containerd.makeDefaultCriSnapshotter -> cfg.containerd.enable;
           message = "services.lazystore.containerd.makeDefaultCriSnapshotter needs services.lazystore.containerd.enable.";

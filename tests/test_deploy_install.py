@@ -328,6 +328,19 @@ def test_unit_that_is_not_utf8_is_replaced_and_backed_up_byte_for_byte(tmp_path:
     assert [b.read_bytes() for b in backups(unit)] == [b"[Unit]\nDescription=\xff\n"]
 
 
+@pytest.mark.parametrize(
+    ("option", "path"),
+    [("snapshotter_root", "/tmp/snapshots"), ("snapshotter_address", "/var/tmp/sn.sock"),
+     ("control_socket", "/root/ctl.sock"), ("mount_point", "/home/lazystore"),
+     ("snapshotter_root", "/run/user/0/x")],
+)
+def test_paths_the_snapshotters_sandbox_hides_are_refused(option: str, path: str) -> None:
+    """ProtectHome= and PrivateTmp= would hide them from the snapshotter."""
+    with pytest.raises(DeployError, match="below .* which the snapshotter's sandbox"):
+        config(**{option: path})
+    config(**{option: path}, snapshotter=False, containerd=False)  # the daemon alone may
+
+
 def test_relative_paths_are_refused() -> None:
     with pytest.raises(DeployError, match="cache dir must be an absolute path"):
         config(cache_dir="var/cache")

@@ -300,6 +300,29 @@ def test_inconsistent_settings_fail_assertions(config: str, message: str) -> Non
 
 
 @pytest.mark.parametrize(
+    ("option", "path"),
+    [("snapshotter.root", "/tmp/snapshots"), ("snapshotter.address", "/var/tmp/sn.sock"),
+     ("controlSocket", "/root/ctl.sock"), ("mountPoint", "/home/lazystore")],
+)
+def test_paths_the_snapshotters_sandbox_hides_fail_assertions(option: str, path: str) -> None:
+    config = f"""{{ services.lazystore = {{
+      enable = true; snapshotter.enable = true; {option} = "{path}"; }}; }}"""
+    assert evaluate(config)["assertions"] == [
+        f"services.lazystore.{option} ({path}) is below a directory the snapshotter's "
+        "sandbox (ProtectHome, PrivateTmp) hides from it."]
+    # Without the snapshotter the daemon alone may use them.
+    assert evaluate(config.replace("snapshotter.enable = true;", ""))["assertions"] == []
+
+
+@pytest.mark.parametrize("hidden", deploy.SNAPSHOTTER_HIDDEN)
+def test_module_and_installer_hide_the_same_directories(hidden: str) -> None:
+    for root, refused in [(hidden, True), (f"{hidden}/x", True), (f"{hidden}x", False)]:
+        failed = evaluate(f"""{{ services.lazystore = {{
+          enable = true; snapshotter.enable = true; snapshotter.root = "{root}"; }}; }}""")
+        assert bool(failed["assertions"]) == refused, root
+
+
+@pytest.mark.parametrize(
     ("config", "expected"),
     [
         ('{ services.lazystore.cacheSize = 20; }',

@@ -124,6 +124,8 @@ in
   optionals = cond: xs: if cond then xs else [ ];
   optionalAttrs = cond: attrs: if cond then attrs else { };
   inherit concatStringsSep concatMap;
+  any = builtins.any;
+  mapAttrsToList = f: attrs: map (name: f name attrs.${name}) (attrNames attrs);
   getExe = x: "${x}/bin/${x.meta.mainProgram}";
   makeBinPath = paths: concatStringsSep ":" (map (p: "${p}/bin") paths);
 
