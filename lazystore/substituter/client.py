@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -167,7 +167,9 @@ class Substituters:
             log.warning("%s", error)
         cache.info, cache.error, cache.retry_at, cache.loaded = info, error, retry_at, True
 
-    def _disabled_reasons(self) -> list[str]:
+    async def _disabled_reasons(self) -> list[str]:
+        """Why substituters are not in use (after reading their nix-cache-info)."""
+        await self.substituters()
         return [str(c.error) for c in self._caches if c.error is not None]
 
     # -- narinfo -----------------------------------------------------------------
@@ -177,17 +179,30 @@ class Substituters:
 
         None when no substituter has it; SubstituterError when one could not
         be asked (so "absent" is never confused with "unreachable")."""
-        found = await self._find(path)
+        found = await self._find_or_raise(path)
         if found is None:
             self.stats.narinfo_misses += 1
             return None
         self.stats.narinfo_hits += 1
         return found[1]
 
-    async def _find(self, path: StorePath) -> tuple[_Cache, NarInfo] | None:
-        caches = await self.substituters()
-        errors = self._disabled_reasons()
-        for cache in caches:
+    async def _find_or_raise(self, path: StorePath) -> tuple[_Cache, NarInfo] | None:
+        errors = await self._disabled_reasons()
+        found = await self._find(path, errors)
+        if found is None and errors:
+            raise NotAvailableError(f"cannot look up {path.path(self.config.store_dir)}: "
+                                    + "; ".join(errors))
+        return found
+
+    async def _find(self, path: StorePath, errors: list[str],
+                    tried: Collection[_Cache] = ()) -> tuple[_Cache, NarInfo] | None:
+        """The first substituter (by priority) not in *tried* with a trusted
+        narinfo of *path*. Substituters that could not be asked are skipped,
+        their errors appended to *errors*. The one loop over substituters:
+        lookups and fetches both go through it."""
+        for cache in await self.substituters():
+            if cache in tried:
+                continue
             try:
                 info = await self._query_one(cache, path)
             except SubstituterError as exc:
@@ -195,9 +210,6 @@ class Substituters:
                 continue
             if info is not None:
                 return cache, info
-        if errors:
-            raise NotAvailableError(f"cannot look up {path.path(self.config.store_dir)}: "
-                                    + "; ".join(errors))
         return None
 
     async def _query_one(self, cache: _Cache, path: StorePath) -> NarInfo | None:
@@ -249,7 +261,7 @@ class Substituters:
 
     async def listing(self, path: StorePath) -> dict[str, Any] | None:
         """The ``.ls`` document of the substituter serving *path*, if it has one."""
-        found = await self._find(path)
+        found = await self._find_or_raise(path)
         if found is None:
             return None
         cache = found[0]
@@ -277,16 +289,11 @@ class Substituters:
         if dest.exists() or dest.is_symlink():
             raise LocalError(f"{dest} already exists")
         full = path.path(self.config.store_dir)
-        caches = await self.substituters()
-        errors = self._disabled_reasons()
-        for cache in caches:
-            try:
-                info = await self._query_one(cache, path)
-            except SubstituterError as exc:
-                errors.append(str(exc))
-                continue
-            if info is None:
-                continue
+        errors = await self._disabled_reasons()
+        tried: list[_Cache] = []
+        while (found := await self._find(path, errors, tried)) is not None:
+            cache, info = found
+            tried.append(cache)
             try:
                 await self._download(cache, info, dest, tmp_dir)
             except LocalError:

@@ -180,7 +180,10 @@ async def _read_into(reader: Reader, send: trio.MemorySendChannel[bytes],
     async with send:
         while chunk := await reader.read():
             count_bytes(len(chunk))
-            await send.send(chunk)
+            try:
+                await send.send(chunk)
+            except trio.BrokenResourceError:
+                return  # the unpacker failed and closed its end: its error is the one
 
 
 async def _drain(receive: trio.MemoryReceiveChannel[bytes], pipeline: _Pipeline,
