@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import base64
 import bz2
+import email.utils
 import gzip
 import http.client
 import json
 import logging
 import lzma
+import re
 import socket
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -138,6 +141,27 @@ async def test_503_with_retry_after_waits_as_asked(
     assert waited >= 0.95  # Retry-After: 1, not the 0.01 s backoff of this config
     assert server.count(f"/{liba.hash_part}.narinfo") == 2
     assert any("retrying in 1.00s" in r.getMessage() for r in caplog.records)
+    assert_fetched(dest, tmp, info)
+
+
+async def test_429_with_retry_after_as_http_date_waits_until_then(
+        binary_cache: nixcache.BinaryCache, server: FaultServer, dirs: tuple[Path, Path],
+        caplog: pytest.LogCaptureFixture) -> None:
+    dest, tmp = dirs
+    liba = path_named(binary_cache, "liba")
+    url = nar_url(binary_cache, liba)
+    when = email.utils.formatdate(time.time() + 2, usegmt=True)  # whole seconds
+    server.program(url, Fault.error(429, {"Retry-After": when}))
+    async with Substituters(config([server.url], binary_cache.key.public_key)) as subs:
+        start = trio.current_time()
+        info = await subs.fetch(liba, dest / liba.basename, tmp)
+        waited = trio.current_time() - start
+        assert subs.stats.retries == 1
+    assert waited >= 0.95  # until the date (1-2 s away), not the 0.01 s backoff
+    assert server.count(url) == 2
+    [delay] = [float(m.group(1)) for r in caplog.records
+               if (m := re.search(r"HTTP 429.*retrying in ([0-9.]+)s", r.getMessage()))]
+    assert 0.95 <= delay <= 2.05
     assert_fetched(dest, tmp, info)
 
 
