@@ -245,14 +245,19 @@ def snapshotter_unit(cfg: DeployConfig) -> str:
         **HARDENING,
         **SNAPSHOTTER_SANDBOX,
     }
-    writable = [os.path.dirname(cfg.snapshotter_address)]
+    socket_dir = os.path.dirname(cfg.snapshotter_address)
+    writable = [socket_dir]
+    # ReadWritePaths= needs its directories before the namespace is set up: an
+    # ExecStartPre= outside the sandbox (`+`) makes those systemd does not.
+    made = [socket_dir] if socket_dir != "/run" else []
     if (state := _managed_dir("/var/lib", cfg.snapshotter_root)) is not None:
         service |= {"StateDirectory": state, "StateDirectoryMode": "0700"}
     else:
-        # ReadWritePaths= needs the directory before the namespace is set up.
         writable.append(cfg.snapshotter_root)
+        made.append(cfg.snapshotter_root)
+    if made:
         mkdir = shutil.which("mkdir") or "/bin/mkdir"
-        service["ExecStartPre"] = "+" + exec_line([mkdir, "-p", cfg.snapshotter_root])
+        service["ExecStartPre"] = "+" + exec_line([mkdir, "-p", *made])
     service["ReadWritePaths"] = " ".join(path_quote(p) for p in writable)
     unit = {
         "Description": "lazystore: containerd snapshotter for lazily fetched Nix store paths",

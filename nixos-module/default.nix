@@ -68,9 +68,13 @@ let
     ProtectKernelModules = true;
     ProtectKernelLogs = true;
     ProtectControlGroups = true;
-    ReadWritePaths = [ (dirOf cfg.snapshotter.address) ]
-      ++ optional (!(stateDirectory ? dir)) cfg.snapshotter.root;
+    ReadWritePaths = [ socketDir ] ++ optional (!(stateDirectory ? dir)) cfg.snapshotter.root;
   };
+  socketDir = dirOf cfg.snapshotter.address;
+  # ReadWritePaths= needs its directories before the namespace is set up: an
+  # ExecStartPre= outside the sandbox (`+`) makes those systemd does not.
+  snapshotterDirs = optional (socketDir != "/run") socketDir
+    ++ optional (!(stateDirectory ? dir)) cfg.snapshotter.root;
 
   # What ProtectHome= and PrivateTmp= hide from the snapshotter (kept equal to
   # SNAPSHOTTER_HIDDEN in lazystore/deploy.py): the paths it shares with the
@@ -266,13 +270,13 @@ in
           TimeoutStopSec = 30;
           # Overlay mounts; creating and removing snapshot trees of any owner and mode.
           CapabilityBoundingSet = [ "CAP_SYS_ADMIN" "CAP_DAC_OVERRIDE" "CAP_DAC_READ_SEARCH" "CAP_FOWNER" "CAP_CHOWN" ];
-        } // (if stateDirectory ? dir then {
+        } // lib.optionalAttrs (stateDirectory ? dir) {
           StateDirectory = stateDirectory.dir;
           StateDirectoryMode = "0700";
-        } else {
-          # ReadWritePaths= needs the directory before the namespace is set up.
-          ExecStartPre = "+" + utils.escapeSystemdExecArgs [ "${pkgs.coreutils}/bin/mkdir" "-p" cfg.snapshotter.root ];
-        });
+        } // lib.optionalAttrs (snapshotterDirs != [ ]) {
+          ExecStartPre = "+" + utils.escapeSystemdExecArgs
+            ([ "${pkgs.coreutils}/bin/mkdir" "-p" ] ++ snapshotterDirs);
+        };
       };
     })
 

@@ -102,6 +102,7 @@ def test_units_with_unusual_paths_pass_verify(tmp_path: Path) -> None:
     targets = Targets.under(tmp_path)
     cfg = config(mount_point="/mnt/lazy store", cache_dir="/srv/cache 100%",
                  snapshotter_root="/srv/snap $x", substituters=["http://127.0.0.1:1/a b"],
+                 snapshotter_address="/run/lazy sn/sn.sock",
                  extra_args=['--store-dir', '/nix/"store"'])
     deploy.install(cfg, targets)
     systemd_verify(targets.unit_dir / deploy.DAEMON_UNIT,

@@ -251,6 +251,24 @@ def test_snapshotter_root_outside_var_lib_is_made_writable() -> None:
     assert argv(sc["ExecStartPre"][1:])[1:] == ["-p", "/srv/snapshots"]
 
 
+def test_socket_directory_of_its_own_is_made_before_the_sandbox() -> None:
+    sc = services("""{
+      services.lazystore = { enable = true; snapshotter.enable = true;
+                             snapshotter.address = "/run/lazystore-sn/sn.sock";
+                             snapshotter.root = "/srv/snapshots"; };
+    }""")["lazystore-snapshotter"]["serviceConfig"]
+    assert sc["ReadWritePaths"] == ["/run/lazystore-sn", "/srv/snapshots"]
+    assert argv(sc["ExecStartPre"][1:])[1:] == ["-p", "/run/lazystore-sn", "/srv/snapshots"]
+    cfg = deploy.DeployConfig(executable="/usr/bin/lazystore",
+                              snapshotter_address="/run/lazystore-sn/sn.sock",
+                              snapshotter_root="/srv/snapshots")
+    installed = configparser.ConfigParser(strict=False, interpolation=None)
+    installed.optionxform = str  # type: ignore[assignment,method-assign]
+    installed.read_string(deploy.snapshotter_unit(cfg))
+    assert argv(installed["Service"]["ExecStartPre"][1:])[1:] == argv(sc["ExecStartPre"][1:])[1:]
+    assert installed["Service"]["ReadWritePaths"] == " ".join(sc["ReadWritePaths"])
+
+
 def test_containerd_settings() -> None:
     containerd = evaluate(ENABLED_ALL)["virtualisation"]["containerd"]
     assert containerd["enable"] is True, "the wiring is for a containerd that runs"
