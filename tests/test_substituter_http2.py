@@ -3,8 +3,10 @@ speaks only h2 (ALPN), with a self-signed certificate given as ssl-cert-file."""
 
 from __future__ import annotations
 
+import base64
 import datetime
 import ipaddress
+import logging
 import socket
 import ssl
 import threading
@@ -180,3 +182,25 @@ async def test_untrusted_certificate_is_a_clear_error(
     async with Substituters(config) as subs:
         with pytest.raises(NotAvailableError, match="CERTIFICATE_VERIFY_FAILED"):
             await subs.query(StorePath.parse(binary_cache.top))
+
+
+async def test_netrc_credentials_over_http2_are_never_logged(
+        binary_cache: nixcache.BinaryCache, h2_cache: tuple[H2Server, Path],
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """At DEBUG, hpack logs header blocks (Huffman coding hides nothing)."""
+    caplog.set_level(logging.DEBUG)
+    server, cert = h2_cache
+    secret = "s3cret-h2-do-not-log"
+    netrc = tmp_path / "netrc"
+    netrc.write_text(f"machine 127.0.0.1 login alice password {secret}\n")
+    config = SubstituterConfig(urls=[server.url],
+                               trusted_public_keys=[binary_cache.key.public_key],
+                               netrc_file=netrc, ssl_cert_file=cert, stall_timeout=30.0)
+    async with Substituters(config) as subs:
+        assert await subs.query(StorePath.parse(binary_cache.top)) is not None
+    token = base64.b64encode(f"alice:{secret}".encode()).decode()
+    assert caplog.records
+    for record in caplog.records:
+        text = record.getMessage()
+        assert secret not in text and token not in text
+        assert not record.name.startswith("hpack"), text

@@ -68,6 +68,9 @@ def make_client(
     limits = httpx.Limits(max_connections=max_connections,
                           max_keepalive_connections=max_connections)
     auth, verify = _netrc_auth(netrc_file), _tls(ssl_cert_file)
+    # hpack logs every HTTP/2 header block at DEBUG (Huffman coding hides
+    # nothing): with -vv that would be the netrc credentials.
+    logging.getLogger("hpack").setLevel(logging.INFO)
     try:
         # trust_env: http_proxy/https_proxy/all_proxy/no_proxy and SSL_CERT_FILE,
         # as Nix (through curl) honours them.
