@@ -126,7 +126,12 @@ class Substituters:
     async def substituters(self) -> list[_Cache]:
         """Usable substituters by priority (stable). nix-cache-info is read once
         per substituter; one that could not be reached is tried again after
-        ``cache_info_retry`` seconds, one that is wrong (StoreDir) never."""
+        ``cache_info_retry`` seconds, one that is wrong (StoreDir) never.
+
+        WantMassQuery is kept in ``info`` but, as in Nix, only a mass "which of
+        these paths exist" query would skip caches without it (Nix's
+        querySubstitutablePaths); lookups for substitution and closure walks
+        (Nix's querySubstitutablePathInfos) ask every cache, as here."""
         if self._ordered is None or any(self._due(c) for c in self._caches):
             async with self._init_lock:
                 pending = [c for c in self._caches if self._due(c)]
