@@ -212,6 +212,17 @@ async def test_evict_skips_pinned(tmp_path: Path, subs: FakeSubstituters) -> Non
         assert store.cache_bytes == 0
 
 
+async def test_evict_of_a_non_store_path_is_an_error(
+    tmp_path: Path, subs: FakeSubstituters
+) -> None:
+    async with LocalStore(subs, tmp_path) as store:
+        await store.materialize(A)
+        for bad in ("bogus", "/etc/passwd", "../" + A):
+            with pytest.raises(StoreError):
+                await store.evict([bad])
+        assert store.status()["paths_materialized"] == [A]
+
+
 async def test_index_survives_restart(tmp_path: Path, subs: FakeSubstituters) -> None:
     async with LocalStore(subs, tmp_path) as store:
         await store.materialize(A)

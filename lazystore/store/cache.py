@@ -387,7 +387,7 @@ class LocalStore:
 
     async def evict(self, paths: list[str]) -> list[str]:
         """Evict the data of *paths* (all evictable when empty); pinned ones stay."""
-        bases = [_basename(p) for p in paths] if paths else self._evictable()
+        bases = [self.parse(p).basename for p in paths] if paths else self._evictable()
         evicted = []
         for base in bases:
             rec = self.records.get(base)
