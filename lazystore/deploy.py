@@ -519,12 +519,15 @@ class Targets:
         return cls(root / unit_dir.lstrip("/"), root / containerd_config.lstrip("/"), root)
 
     def check(self, paths: Iterable[Path]) -> None:
-        """Refuse *paths* that are, or lead through a symlink, outside the root."""
+        """Refuse *paths* that are, or lead through a symlink, outside the root,
+        and existing ones that are not regular files (a FIFO would block)."""
         root = self.root.resolve()
         for path in paths:
             real = path.resolve()
             if not real.is_relative_to(root):
                 raise DeployError(f"{path} leads to {real}, outside {self.root}; nothing changed")
+            if real.exists() and not real.is_file():
+                raise DeployError(f"{path} is not a regular file; nothing changed")
 
 
 def install(cfg: DeployConfig, targets: Targets, dry_run: bool = False) -> list[Change]:

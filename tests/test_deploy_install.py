@@ -4,6 +4,7 @@ containerd's config.toml that keeps everything else, clear failures."""
 from __future__ import annotations
 
 import datetime
+import os
 import re
 import shlex
 import shutil
@@ -340,6 +341,17 @@ def test_paths_the_snapshotters_sandbox_hides_are_refused(option: str, path: str
     with pytest.raises(DeployError, match="below .* which the snapshotter's sandbox"):
         config(**{option: path})
     config(**{option: path}, snapshotter=False, containerd=False)  # the daemon alone may
+
+
+@pytest.mark.parametrize("target", ["etc/containerd/config.toml",
+                                    "etc/systemd/system/lazystore-snapshotter.service"])
+def test_fifo_in_place_of_a_file_is_refused_not_read(tmp_path: Path, target: str) -> None:
+    targets = Targets.under(tmp_path)
+    (tmp_path / target).parent.mkdir(parents=True)
+    os.mkfifo(tmp_path / target)  # reading it would wait for a writer for ever
+    with pytest.raises(DeployError, match="is not a regular file"):
+        deploy.install(config(), targets)
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
 def test_relative_paths_are_refused() -> None:
