@@ -182,6 +182,22 @@ def allowed_syscalls(groups: list[str]) -> set[str]:
     return calls
 
 
+def within_the_units_sandbox(trace: str) -> set[str]:
+    """The system calls in an ``strace -f`` *trace*, once checked against the
+    units' SystemCallFilter=, and against what ProtectClock=,
+    RestrictAddressFamilies= and RestrictNamespaces= take away."""
+    used = set(re.findall(r"^\d+ +([a-z0-9_]+)\(", trace, re.MULTILINE))
+    filter_groups = deploy.HARDENING["SystemCallFilter"]
+    families = deploy.HARDENING["RestrictAddressFamilies"]
+    assert isinstance(filter_groups, list) and isinstance(families, list)
+    assert used - allowed_syscalls(filter_groups) == set()
+    assert used & allowed_syscalls(["@clock"]) == set(), "ProtectClock= denies @clock"
+    opened = set(re.findall(r"^\d+ +socket\((AF_[A-Z0-9]+)", trace, re.MULTILINE))
+    assert "AF_UNIX" in opened and opened <= set(families)
+    assert not {"unshare", "setns"} & used and "CLONE_NEW" not in trace
+    return used
+
+
 def test_daemon_stays_within_the_units_system_call_filter(
     tmp_path: Path, binary_cache: nixcache.BinaryCache, http_cache: str
 ) -> None:
@@ -224,11 +240,8 @@ def test_daemon_stays_within_the_units_system_call_filter(
     finally:
         if is_mounted(mnt):
             subprocess.run(["umount", "-l", str(mnt)], check=False)
-    used = set(re.findall(r"^\d+ +([a-z0-9_]+)\(", trace.read_text(), re.MULTILINE))
+    used = within_the_units_sandbox(trace.read_text())
     assert "mount" in used or "fsmount" in used
-    filter_groups = deploy.HARDENING["SystemCallFilter"]
-    assert isinstance(filter_groups, list)
-    assert used - allowed_syscalls(filter_groups) == set()
 
 
 def test_snapshotter_stays_within_the_units_system_call_filter(tmp_path: Path) -> None:
@@ -283,8 +296,5 @@ def test_snapshotter_stays_within_the_units_system_call_filter(tmp_path: Path) -
         fake.server_close()
         shutil.rmtree(base, ignore_errors=True)
     assert [op for op, _ in fake.calls].count("view_create") == 2, "nix layers were served"
-    used = set(re.findall(r"^\d+ +([a-z0-9_]+)\(", trace.read_text(), re.MULTILINE))
+    used = within_the_units_sandbox(trace.read_text())
     assert {"openat", "connect", "accept4"} <= used, "the whole process was traced"
-    filter_groups = deploy.HARDENING["SystemCallFilter"]
-    assert isinstance(filter_groups, list)
-    assert used - allowed_syscalls(filter_groups) == set()
