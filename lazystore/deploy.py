@@ -490,7 +490,7 @@ def _write(path: Path, content: str, dry_run: bool) -> Change:
         if backup is not None:
             backup.write_bytes(old or b"")
             os.chmod(backup, mode)
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(content)
             f.flush()
             os.fchmod(f.fileno(), mode)
