@@ -161,6 +161,14 @@ async def test_malformed_url_is_one_clear_error(url: str, message: str) -> None:
             pass
 
 
+async def test_credentials_in_a_url_are_refused_without_echoing_them() -> None:
+    with pytest.raises(SubstituterError, match="use a netrc file") as caught:
+        async with Substituters(test_config(["https://alice:s3cret@cache.example"],
+                                            nixcache.KEY_NAME + ":" + "A" * 43 + "=")):
+            pass
+    assert "s3cret" not in str(caught.value) and "alice" not in str(caught.value)
+
+
 @pytest.mark.allow_log
 async def test_missing_cache_folder_is_an_error_not_an_empty_cache(
         binary_cache: nixcache.BinaryCache, tmp_path: Path) -> None:

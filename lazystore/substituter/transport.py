@@ -115,6 +115,11 @@ def make_transport(url: str, client: httpx.AsyncClient, stall_timeout: float) ->
     if scheme in ("http", "https"):
         if not parts.hostname:
             raise RequestError(f"substituter {url}: no host name")
+        if parts.username is not None or parts.password is not None:
+            # URLs appear in every log line; credentials belong in the netrc file.
+            shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+            raise RequestError(f"substituter {shown}: credentials in the URL are not "
+                               "supported (they would be logged); use a netrc file")
         return HttpTransport(url, client, stall_timeout)
     if scheme == "file":
         return FileTransport(url)
