@@ -677,3 +677,16 @@ def test_unreadable_metadata_is_one_clear_error(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert proc.stderr.startswith("lazystore: error: snapshot metadata ")
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_unusable_socket_address_is_one_clear_error(tmp_path: Path) -> None:
+    address = tmp_path / "no-such-dir" / "s.sock"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lazystore", "snapshotter", "--address", str(address),
+         "--root", str(tmp_path / "root")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr == (
+        f"lazystore: error: cannot listen on {address}: no directory {address.parent}\n"
+    )

@@ -164,12 +164,19 @@ async def start_server(snapshotter: Snapshotter, address: str) -> grpc.aio.Serve
     """Serve on the unix socket *address* (mode 0600, replacing a stale socket)."""
     if len(os.fsencode(address)) > 107:
         raise errors.InvalidArgument(f"socket path {address} is too long for a unix socket")
+    parent = os.path.dirname(os.path.abspath(address))
+    if not os.path.isdir(parent):
+        raise errors.Unavailable(f"cannot listen on {address}: no directory {parent}")
     _claim(address)
     server = grpc.aio.server()
     snapshots_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsService(snapshotter), server)
     old = os.umask(0o177)
     try:
-        if server.add_insecure_port(f"unix:{address}") == 0:
+        try:
+            port = server.add_insecure_port(f"unix:{address}")
+        except RuntimeError:  # grpcio >= 1.50 raises instead of returning 0
+            port = 0
+        if port == 0:
             raise errors.Unavailable(f"cannot listen on {address}")
         await server.start()
     finally:
