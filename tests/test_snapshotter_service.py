@@ -690,3 +690,18 @@ def test_unusable_socket_address_is_one_clear_error(tmp_path: Path) -> None:
     assert proc.stderr == (
         f"lazystore: error: cannot listen on {address}: no directory {address.parent}\n"
     )
+
+
+def test_a_second_snapshotter_on_the_same_root_is_refused(
+    env: Env, sn: pb_grpc.SnapshotsStub
+) -> None:
+    prepare(sn, "a")
+    proc = subprocess.run(
+        [sys.executable, "-m", "lazystore", "snapshotter", "--address", str(env.base / "2.sock"),
+         "--root", str(env.root), "--control-socket", str(env.base / "ctl.sock")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr == f"lazystore: error: another snapshotter already uses {env.root}\n"
+    assert not (env.base / "2.sock").exists()
+    assert [i.name for i in listing(sn)] == ["a"]  # the first one still serves, unharmed

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import fcntl
 import hashlib
 import logging
+import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -46,6 +48,18 @@ def check_labels(labels: Mapping[str, str]) -> None:
             )
 
 
+def _lock_root(root: Path) -> int:
+    """An exclusive lock on *root* for this process's lifetime (a second
+    snapshotter on the same directory would corrupt it); its descriptor."""
+    fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise Unavailable(f"another snapshotter already uses {root}") from None
+    return fd
+
+
 def view_prefix(root: Path) -> str:
     """Short prefix of this snapshotter's view ids (several may share one daemon)."""
     return "sn" + hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
@@ -62,13 +76,19 @@ class Snapshotter:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.root = root
         self.store_dir = store_dir
-        self.meta = MetaStore(root / "metadata.db")
+        self._root_lock = _lock_root(root)
+        try:
+            self.meta = MetaStore(root / "metadata.db")
+        except BaseException:
+            os.close(self._root_lock)
+            raise
         self.layout = overlay.Layout(root)
         self.views = Views(control_socket, mount_point, view_prefix(root))
         self._lock = asyncio.Lock()
 
     def close(self) -> None:
         self.meta.close()
+        os.close(self._root_lock)
 
     # -- views --------------------------------------------------------------
 
