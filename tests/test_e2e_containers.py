@@ -378,6 +378,7 @@ def test_hostile_labels_through_containerd_are_refused_and_nothing_mounted(
 ) -> None:
     md = (("containerd-namespace", stack.ctd.namespace),)
     before = {p.name for p in (stack.sn_root / "snapshots").iterdir()}
+    views_before = stack.daemon.status()["views"]
     channel, snaps = _containerd_snapshots(stack)
     with channel:
         for bad in ("/etc/passwd", "/nix/store/../../etc", "/nix/store/not-a-store-path"):
@@ -392,6 +393,7 @@ def test_hostile_labels_through_containerd_are_refused_and_nothing_mounted(
     assert {p.name for p in (stack.sn_root / "snapshots").iterdir()} <= before
     listed = stack.ctd.ctr("snapshots", "--snapshotter", SN, "ls").stdout
     assert "evil" not in listed and "e" * 64 not in listed
+    assert stack.daemon.status()["views"] == views_before  # the daemon was never asked
 
 
 def test_labelled_prepare_through_containerd_makes_a_remote_snapshot(stack: Stack) -> None:
