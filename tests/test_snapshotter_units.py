@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 from pathlib import Path
 
 import grpc
@@ -135,3 +137,48 @@ def test_every_snapshotter_error_has_its_grpc_code() -> None:
     assert status_code(errors.Unavailable("x")) == grpc.StatusCode.UNAVAILABLE
     assert status_code(ControlError("x")) == grpc.StatusCode.UNKNOWN
     assert status_code(LazystoreError("x")) == grpc.StatusCode.UNKNOWN
+
+
+class _FailingCommit:
+    """A sqlite connection whose COMMIT fails, as on a full disk."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+        if sql == "COMMIT":
+            raise sqlite3.OperationalError("database or disk is full")
+        return self.db.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.db, name)
+
+
+def test_failed_commit_of_a_remove_loses_nothing_and_unblocks(tmp_path: Path) -> None:
+    from lazystore.snapshotter.metadata import Kind
+    from lazystore.snapshotter.snapshots import Snapshotter
+
+    async def scenario() -> None:
+        sn = Snapshotter(tmp_path / "root", str(tmp_path / "ctl.sock"), str(tmp_path / "mnt"))
+        try:
+            await sn.prepare("a", "", {}, Kind.ACTIVE)
+            fs = Path(sn.layout.fs(sn.stat("a").id))
+            (fs / "data").write_bytes(b"kept")
+            real = sn.meta._db
+            sn.meta._db = _FailingCommit(real)  # type: ignore[assignment]
+            with pytest.raises(LazystoreError, match="disk is full") as info:
+                await sn.remove("a")
+            assert "\n" not in str(info.value)
+            sn.meta._db = real
+            # The row was rolled back and its directory is untouched...
+            assert sn.stat("a").kind == Kind.ACTIVE
+            assert (fs / "data").read_bytes() == b"kept"
+            # ...and the connection is not left inside a transaction.
+            assert not real.in_transaction
+            await sn.prepare("b", "", {}, Kind.ACTIVE)
+            await sn.remove("a")
+            assert not fs.exists() and [s.key for s in sn.list([])] == ["b"]
+        finally:
+            sn.close()
+
+    asyncio.run(scenario())

@@ -104,14 +104,23 @@ class MetaStore:
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        """All statements inside commit together or not at all."""
-        self._db.execute("BEGIN IMMEDIATE")
+        """All statements inside commit together or not at all.
+
+        A failing COMMIT (disk full, I/O error) rolls back too, so that the
+        connection never stays inside a transaction; sqlite errors become one
+        SnapshotterError line.
+        """
         try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise SnapshotterError(f"snapshot metadata {self.path}: {exc}") from None
 
     def get(self, key: str) -> Snapshot | None:
         cur = self._db.execute(f"SELECT {_COLUMNS} FROM snapshots WHERE key = ?", (key,))

@@ -268,7 +268,9 @@ class Snapshotter:
                 raise FailedPrecondition(f"cannot remove snapshot {key!r} with children")
             with self.meta.transaction():
                 self.meta.delete(snap)
-                await asyncio.to_thread(self.layout.remove, snap.id)
+            # Directories after the row: a crash in between leaves an orphan for
+            # Cleanup, never a listed snapshot without its directory.
+            await asyncio.to_thread(self.layout.remove, snap.id)
             if snap.is_nix and snap.kind == Kind.COMMITTED:
                 await self._drop_view(snap)
         log.info("removed %s (id %d)", key, snap.id)
