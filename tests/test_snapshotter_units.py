@@ -182,3 +182,25 @@ def test_failed_commit_of_a_remove_loses_nothing_and_unblocks(tmp_path: Path) ->
             sn.close()
 
     asyncio.run(scenario())
+
+
+def test_view_ids_differ_for_a_recreated_root(tmp_path: Path) -> None:
+    # Snapshot ids restart at 1 in a new database: a daemon still holding the old
+    # database's views must not have them reused for the new snapshots.
+    import shutil
+
+    from lazystore.snapshotter.snapshots import Snapshotter
+
+    def view_id(root: Path) -> str:
+        sn = Snapshotter(root, str(tmp_path / "ctl.sock"), str(tmp_path / "mnt"))
+        try:
+            return sn.views.view_id(1)
+        finally:
+            sn.close()
+
+    root = tmp_path / "root"
+    first = view_id(root)
+    assert view_id(root) == first  # a restart keeps its views' names
+    shutil.rmtree(root)
+    assert view_id(root) != first
+    assert view_id(tmp_path / "other") != first

@@ -8,6 +8,7 @@ database leaves at most an orphan directory, which Cleanup removes.
 from __future__ import annotations
 
 import json
+import secrets
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -70,6 +71,10 @@ CREATE TABLE IF NOT EXISTS snapshots (
     remote      INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots(parent_id);
+CREATE TABLE IF NOT EXISTS settings (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
 """
 
 _COLUMNS = (
@@ -96,6 +101,16 @@ class MetaStore:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
+            # Random, once per database: snapshot ids start again at 1 in a new
+            # database, and views named after them must not meet a previous
+            # database's views still in a running daemon.
+            self._db.execute(
+                "INSERT OR IGNORE INTO settings (name, value) VALUES ('instance', ?)",
+                (secrets.token_hex(8),),
+            )
+            self.instance: str = self._db.execute(
+                "SELECT value FROM settings WHERE name = 'instance'"
+            ).fetchone()[0]
         except sqlite3.Error as exc:
             raise SnapshotterError(f"snapshot metadata {path}: {exc}") from None
 

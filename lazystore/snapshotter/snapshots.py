@@ -60,9 +60,11 @@ def _lock_root(root: Path) -> int:
     return fd
 
 
-def view_prefix(root: Path) -> str:
-    """Short prefix of this snapshotter's view ids (several may share one daemon)."""
-    return "sn" + hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]
+def view_prefix(root: Path, instance: str) -> str:
+    """Short prefix of this snapshotter's view ids (several may share one daemon,
+    and a re-created root must not reuse an old database's views)."""
+    ident = f"{root.resolve()}\0{instance}"
+    return "sn" + hashlib.sha256(ident.encode()).hexdigest()[:8]
 
 
 class Snapshotter:
@@ -83,7 +85,7 @@ class Snapshotter:
             os.close(self._root_lock)
             raise
         self.layout = overlay.Layout(root)
-        self.views = Views(control_socket, mount_point, view_prefix(root))
+        self.views = Views(control_socket, mount_point, view_prefix(root, self.meta.instance))
         self._lock = asyncio.Lock()
 
     def close(self) -> None:
