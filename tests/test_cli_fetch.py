@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import pty
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ import pytest
 from lazystore.cli import main
 from lazystore.nix.storepath import StorePath
 from tests.support import nixcache
+from tests.support.faultserver import Fault, FaultServer
 from tests.support.httpserver import serve_directory
 
 
@@ -157,3 +160,33 @@ def test_fetch_start_up_imports_no_other_command() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip().splitlines()[-1] == "['lazystore.cli.fetch']"
+
+
+def test_sigterm_mid_download_leaves_nothing_partial(binary_cache: nixcache.BinaryCache,
+                                                     tmp_path: Path) -> None:
+    busybox = named(binary_cache, "busybox")
+    nar = "/" + next(line.split(": ", 1)[1] for line in
+                     binary_cache.narinfo_path(busybox).read_text().splitlines()
+                     if line.startswith("URL: "))
+    dest = tmp_path / "out"
+    with FaultServer(binary_cache.root) as server:
+        server.always(nar, Fault.stall(after=4096))
+        argv = [sys.executable, "-m", "lazystore", *base_args(binary_cache, server.url,
+                                                                  dest, tmp_path),
+                "--no-closure", busybox]
+        proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while server.count(nar) == 0 and proc.poll() is None:
+                assert time.monotonic() < deadline, "the NAR was never requested"
+                time.sleep(0.05)
+            time.sleep(0.3)  # the first bytes are being unpacked
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "terminated" in err
+    assert list(dest.iterdir()) == []  # no partial path, no temporary folder

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
         trio.run(job.run)
     except BaseExceptionGroup as group:
         raise single_error(group) from None
+    if job.terminated:
+        print(f"lazystore: error: terminated (SIGTERM); {job.summary()}", file=sys.stderr)
+        return 128 + signal.SIGTERM
     for message in job.failures.values():
         print(f"lazystore: error: {message}", file=sys.stderr)
     print(job.summary(), file=sys.stderr)
@@ -136,6 +141,7 @@ class _Job:
     done: int = 0
     started: float = field(default_factory=time.monotonic)
     subs: Substituters | None = None
+    terminated: bool = False
 
     async def run(self) -> None:
         try:
@@ -143,14 +149,28 @@ class _Job:
         except OSError as exc:
             raise LazystoreError(f"cannot write in {self.dest}: {exc.strerror}") from None
         try:
-            async with Substituters(self.config) as subs:
-                self.subs = subs
+            # SIGTERM cancels the work like Ctrl-C does, so nothing partial stays.
+            with trio.open_signal_receiver(signal.SIGTERM) as signals:
                 async with trio.open_nursery() as nursery:
-                    for root in self.roots:
-                        nursery.start_soon(self._resolve, root)
-                await self._fetch_all(tmp_dir)
+                    nursery.start_soon(self._stop_on, signals, nursery.cancel_scope)
+                    await self._work(tmp_dir)
+                    nursery.cancel_scope.cancel()
         finally:
             shutil.rmtree(tmp_dir, ignore_errors=True)
+
+    async def _work(self, tmp_dir: Path) -> None:
+        async with Substituters(self.config) as subs:
+            self.subs = subs
+            async with trio.open_nursery() as nursery:
+                for root in self.roots:
+                    nursery.start_soon(self._resolve, root)
+            await self._fetch_all(tmp_dir)
+
+    async def _stop_on(self, signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+        async for _ in signals:
+            self.terminated = True
+            scope.cancel()
+            return
 
     async def _resolve(self, root: StorePath) -> None:
         assert self.subs is not None
