@@ -172,3 +172,40 @@ def test_bad_input_gives_one_line_errors(tmp_path: Path, cli: Cli) -> None:
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     assert_one_line_error(cli("nar", "pack", tmp_path), "not a regular file, directory")
+
+
+HEAVY_MODULES = ("trio", "httpx", "grpc", "pyfuse3", "lazystore.substituter", "lazystore.fs")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [("nar", "hash", "{nar}"), ("nar", "ls", "{nar}"), ("key", "--help"), ("narinfo", "--help")],
+    ids=lambda a: " ".join(a),
+)
+def test_format_commands_do_not_import_the_daemon_stack(
+    nar_file: Path, argv: tuple[str, ...]
+) -> None:
+    """`lazystore nar ...`, `key ...` and `narinfo ...` start without importing the
+    event loop, HTTP, gRPC or FUSE modules the other commands need."""
+    script = (
+        "import sys\n"
+        "from lazystore.cli import main\n"
+        "try:\n"
+        "    code = main(sys.argv[1:])\n"
+        "except SystemExit as exc:\n"
+        "    code = exc.code\n"
+        f"heavy = sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY_MODULES!r}"
+        f" or any(m.startswith(h + '.') or m == h for h in {HEAVY_MODULES!r}))\n"
+        "sys.stderr.write(repr(heavy))\n"
+        "sys.exit(code)\n"
+    )
+    args = [a.format(nar=nar_file) for a in argv]
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        errors="replace",
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.endswith("[]"), proc.stderr

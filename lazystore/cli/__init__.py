@@ -27,18 +27,23 @@ COMMAND_MODULES = (
     "deploy",
 )
 
+# Command words registered by a module of another name (see build_parser).
+COMMAND_MODULE_OF = {"key": "keys", "narinfo": "keys"}
+
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The parser of every command; with *only* (a module of COMMAND_MODULES that
-    registers a command of its own name), of that one alone: a command's start-up
-    then does not pay for importing the others' dependencies."""
+    """The parser of every command; with *only* (a command word), of the module
+    that registers it alone when that module is known (its own name, or
+    COMMAND_MODULE_OF): a command's start-up then does not pay for importing the
+    others' dependencies. An unknown word falls back to the full parser."""
     parser = argparse.ArgumentParser(
         prog="lazystore", description="A lazily fetched Nix store for machines and containers."
     )
     parser.add_argument("--version", action="version", version=f"lazystore {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in (only,) if only in COMMAND_MODULES else COMMAND_MODULES:
+    module_name = COMMAND_MODULE_OF.get(only, only) if only is not None else None
+    for name in (module_name,) if module_name in COMMAND_MODULES else COMMAND_MODULES:
         module = importlib.import_module(f"lazystore.cli.{name}")
         module.register(sub)
     if only is not None and only not in sub.choices:
