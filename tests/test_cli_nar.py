@@ -43,8 +43,8 @@ def cli(
     return run
 
 
-def nix(*args: str | Path) -> bytes:
-    return nixcache.run_nix(*args)
+def nix(*args: str | Path, input: bytes | None = None) -> bytes:
+    return nixcache.run_nix(*args, input=input)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, text: str) -> None:
@@ -94,6 +94,32 @@ def test_unpack_of_a_truncated_nar_leaves_nothing(nar_file: Path, tmp_path: Path
     proc = lazystore("nar", "unpack", "-", tmp_path / "dest", input=data[: len(data) // 2])
     assert_one_line_error(proc, "truncated")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_trailing_bytes_after_the_nar_are_ignored_as_nix_does(
+    tree: Path, nar_file: Path, tmp_path: Path
+) -> None:
+    """nix-store --restore and nix nar ls/cat stop at the end of the NAR; so do
+    unpack, ls and cat. hash refuses: the NAR's hash or the file's would be a guess."""
+    data = nar_file.read_bytes()
+    padded = tmp_path / "padded.nar"
+    padded.write_bytes(data + b"\0" * 64 + b"not a NAR\n")
+    restored = tmp_path / "by-nix"
+    nix("nix-store", "--restore", restored, input=padded.read_bytes())
+    assert nix("nix-store", "--dump", restored) == data
+    proc = lazystore("nar", "unpack", "-", tmp_path / "a", input=padded.read_bytes())
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == b""
+    assert lazystore("nar", "unpack", padded, tmp_path / "b").returncode == 0
+    for out in ("a", "b"):
+        assert nix("nix-store", "--dump", tmp_path / out) == data
+    ls = lazystore("nar", "ls", "-lR", padded, "/")
+    assert ls.returncode == 0, ls.stderr
+    assert ls.stdout == nix("nix", "nar", "ls", "-lR", padded, "/")
+    cat = lazystore("nar", "cat", padded, "/bin/prog")
+    assert cat.returncode == 0, cat.stderr
+    assert cat.stdout == (tree / "bin" / "prog").read_bytes()
+    assert_one_line_error(lazystore("nar", "hash", padded), "trailing data")
 
 
 LS_CASES = [

@@ -336,3 +336,30 @@ def test_nar_hash_validates_and_hashes() -> None:
     assert nar.nar_hash([data[:10], data[10:]]) == (hashlib.sha256(data).digest(), len(data))
     with pytest.raises(NarError):
         nar.nar_hash([data[:-8]])
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 20])
+def test_trailing_bytes_allowed_only_when_asked(chunk: int) -> None:
+    """Strict by default (the substituter); with allow_trailing, as nix-store
+    --restore: the NAR's events and size exactly, whatever follows ignored."""
+    data = BYTE_TABLE[-1][2]
+    junk = b"\x01not a NAR" * 5
+    with pytest.raises(NarError, match="trailing data"):
+        _parse_all(data + junk, chunk)
+    parser = nar.NarParser(allow_trailing=True)
+    events = []
+    whole = data + junk
+    for i in range(0, len(whole), chunk):
+        events.extend(parser.feed(whole[i:i + chunk]))
+    parser.close()
+    assert b"".join(nar.serialize(events)) == data
+    assert parser.done and parser.offset == len(data)
+    assert nar.listing([whole], allow_trailing=True) == nar.listing([data])
+    with pytest.raises(NarError, match="trailing data"):
+        nar.listing([whole])
+
+
+def test_allow_trailing_still_rejects_a_truncated_nar() -> None:
+    data = BYTE_TABLE[-1][2]
+    with pytest.raises(NarError, match="truncated"):
+        list(nar.parse([data[:-1]], allow_trailing=True))

@@ -1,5 +1,7 @@
 """CLI: ``nar pack|unpack|ls|cat|hash``, as ``nix-store --dump/--restore`` and
-``nix nar ls/cat`` do."""
+``nix nar ls/cat`` do. Like those, ``unpack``, ``ls`` and ``cat`` stop at the end
+of the NAR and ignore what follows; ``hash`` refuses trailing bytes (its answer
+would be ambiguous: the NAR's hash or the file's)."""
 
 from __future__ import annotations
 
@@ -81,7 +83,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 def cmd_unpack(args: argparse.Namespace) -> int:
     with _open(args.file) as f:
-        fsio.unpack(f, args.dest)
+        fsio.unpack(f, args.dest, allow_trailing=True)
     return 0
 
 
@@ -115,7 +117,7 @@ def _find(root: dict, path: str) -> dict:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     with _open(args.file) as f:
-        root = nar.listing(_chunks(f))["root"]
+        root = nar.listing(_chunks(f), allow_trailing=True)["root"]
     node = _find(root, args.path)
     out = sys.stdout.buffer
     if args.json:
@@ -180,7 +182,7 @@ def cmd_cat(args: argparse.Namespace) -> int:
     found: str | None = None  # the type found at the path
     writing = False
     with _open(args.file) as f:
-        for event in nar.parse(_chunks(f)):
+        for event in nar.parse(_chunks(f), allow_trailing=True):
             if isinstance(event, nar.FileData):
                 if writing:
                     out.write(event.data)

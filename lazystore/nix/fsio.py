@@ -189,12 +189,18 @@ class NarUnpacker:
     one thread at a time, but any thread. Also a context manager that aborts
     on an exception and finishes otherwise. *max_depth* limits directory
     nesting (NarError beyond it); the default accepts far more than any real
-    store path has.
+    store path has. *allow_trailing*: bytes fed after the end of the NAR are
+    ignored (as ``nix-store --restore``) instead of being an error.
     """
 
-    def __init__(self, dest: str | os.PathLike[str], max_depth: int = MAX_DEPTH) -> None:
+    def __init__(
+        self,
+        dest: str | os.PathLike[str],
+        max_depth: int = MAX_DEPTH,
+        allow_trailing: bool = False,
+    ) -> None:
         self.dest = Path(dest)
-        self._parser = NarParser(max_depth)
+        self._parser = NarParser(max_depth, allow_trailing)
         self._dirs = _DirFds()
         self._file = -1
         self._created = False
@@ -226,6 +232,11 @@ class NarUnpacker:
             self.finish()
         else:
             self.abort()
+
+    @property
+    def done(self) -> bool:
+        """True once the whole NAR has been fed (``finish()`` still to call)."""
+        return self._parser.done
 
     def feed(self, chunk: bytes | bytearray | memoryview) -> None:
         self._guard(lambda: self._apply(self._parser.feed(chunk)))
@@ -322,13 +333,19 @@ class NarUnpacker:
             os.close(self._parent)
 
 
-def unpack(fileobj: BinaryIO, dest: str | os.PathLike[str], chunk_size: int = CHUNK) -> None:
-    """Unpack the NAR read from *fileobj* into *dest* (see NarUnpacker)."""
-    unpacker = NarUnpacker(dest)
+def unpack(
+    fileobj: BinaryIO,
+    dest: str | os.PathLike[str],
+    chunk_size: int = CHUNK,
+    allow_trailing: bool = False,
+) -> None:
+    """Unpack the NAR read from *fileobj* into *dest* (see NarUnpacker). With
+    *allow_trailing*, reading stops at the end of the NAR, the rest is left."""
+    unpacker = NarUnpacker(dest, allow_trailing=allow_trailing)
     buffer = bytearray(chunk_size)  # reused: the unpacker is done with it after feed
     view = memoryview(buffer)
     try:
-        while size := fileobj.readinto(buffer):
+        while not unpacker.done and (size := fileobj.readinto(buffer)):
             unpacker.feed(view[:size])
     except OSError as exc:
         unpacker.abort()

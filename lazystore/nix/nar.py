@@ -167,9 +167,12 @@ _TYPES = {b"regular": _REGULAR_FIELD, b"symlink": _TARGET_KEY, b"directory": _DI
 
 class NarParser:
     """Streaming NAR parser: ``feed(chunk) -> [events]`` any number of times, then
-    ``close()``. Raises NarError at the first byte Nix would reject."""
+    ``close()``. Raises NarError at the first byte Nix would reject. Bytes after
+    the end of the NAR are an error too, unless *allow_trailing* (as
+    ``nix-store --restore`` and ``nix nar ls/cat``, which never look past the
+    end): then they are ignored and ``offset`` stays the NAR's size."""
 
-    def __init__(self, max_depth: int = MAX_DEPTH) -> None:
+    def __init__(self, max_depth: int = MAX_DEPTH, allow_trailing: bool = False) -> None:
         self._state = _MAGIC
         self._pending = b""  # an incomplete token carried over to the next feed
         self._base = 0  # NAR offset of the current buffer's first byte
@@ -179,6 +182,7 @@ class NarParser:
         self._name: bytes | None = None  # name of the node being parsed
         self._previous: list[bytes] = []  # per open directory: its last entry name
         self._max_depth = max_depth
+        self._allow_trailing = allow_trailing
 
     @property
     def done(self) -> bool:
@@ -192,7 +196,7 @@ class NarParser:
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
         if self._state == _DONE:
-            if data:
+            if data and not self._allow_trailing:
                 self._fail(0, "trailing data after the end of the NAR")
             return []
         events: list[Event] = []
@@ -214,7 +218,7 @@ class NarParser:
         else:
             buf = data if type(data) is bytes else bytes(data)
         pos = self._parse(buf, events)
-        self._pending = buf[pos:]
+        self._pending = buf[pos:] if self._state != _DONE else b""  # trailing bytes dropped
         self._base += pos
         return events
 
@@ -235,6 +239,8 @@ class NarParser:
         while pos < end or self._state in (_DATA, _PADDING):
             state = self._state
             if state == _DONE:
+                if self._allow_trailing:
+                    return pos
                 self._fail(pos, "trailing data after the end of the NAR")
             if state == _DATA:
                 n = min(self._left, end - pos)
@@ -435,11 +441,14 @@ class NarParser:
         raise NarError(f"bad NAR at byte {self._base + pos}: {message}")
 
 
-def parse(chunks: Iterable[bytes]) -> Iterator[Event]:
-    """All events of a NAR given as chunks; raises NarError (also if incomplete)."""
-    parser = NarParser()
+def parse(chunks: Iterable[bytes], allow_trailing: bool = False) -> Iterator[Event]:
+    """All events of a NAR given as chunks; raises NarError (also if incomplete).
+    With *allow_trailing*, stops taking chunks at the end of the NAR (see NarParser)."""
+    parser = NarParser(allow_trailing=allow_trailing)
     for chunk in chunks:
         yield from parser.feed(chunk)
+        if allow_trailing and parser.done:
+            break
     parser.close()
 
 
@@ -618,13 +627,14 @@ def decode_name(name: bytes) -> str:
     return name.decode("utf-8", "surrogateescape")
 
 
-def listing(chunks: Iterable[bytes]) -> dict:
+def listing(chunks: Iterable[bytes], allow_trailing: bool = False) -> dict:
     """The `.ls` document of a NAR, as Nix writes it with ``write-nar-listing``:
     ``{"version": 1, "root": node}``; a regular node has ``size``, ``executable``
-    (only when true) and ``narOffset``; a symlink ``target``; a directory ``entries``."""
+    (only when true) and ``narOffset``; a symlink ``target``; a directory ``entries``.
+    *allow_trailing* as for parse."""
     root: dict | None = None
     stack: list[dict] = []
-    for event in parse(chunks):
+    for event in parse(chunks, allow_trailing):
         if isinstance(event, (FileData, FileEnd)):
             continue
         if isinstance(event, DirEnd):
