@@ -227,9 +227,10 @@ def plot(result: Record, dest: Path) -> None:
         ax.set_yscale("log")  # workloads span 0.5 s to a minute
         ax.set_title(f"link: {profile}")
         ax.set_ylabel("time to first output, s (median, min–max)")
-        ax.legend(fontsize="small")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=max(len(labels), 1), fontsize="small")
     fig.suptitle(f"lazystore cold starts, {result['date']}, {result['host']}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))  # room for the legend below the panels
     fig.savefig(dest, dpi=110)
     plt.close(fig)
 
