@@ -235,3 +235,23 @@ def test_format_commands_do_not_import_the_daemon_stack(
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.endswith("[]"), proc.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [("pack", "{tree}"), ("cat", "{nar}", "/bin/prog"), ("ls", "-R", "{nar}"),
+     ("ls", "--json", "-R", "{nar}"), ("hash", "{nar}")],
+    ids=lambda a: " ".join(a),
+)
+def test_a_stdout_that_cannot_be_written_is_a_one_line_error(
+    tree: Path, nar_file: Path, argv: tuple[str, ...]
+) -> None:
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    args = [a.format(tree=tree, nar=nar_file) for a in argv]
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "lazystore", "nar", *args], stdout=full, stderr=subprocess.PIPE
+        )
+    proc.stdout = b""
+    assert_one_line_error(proc, "cannot write to stdout: No space left on device")
