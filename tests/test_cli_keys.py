@@ -221,3 +221,16 @@ def test_nix_verifies_cli_signatures(binary_cache: nixcache.BinaryCache, tmp_pat
 
     assert nix_verify(keys.public_key).returncode == 0
     assert nix_verify(TEST1_PUBLIC).returncode != 0
+
+
+def test_verify_to_a_stdout_that_cannot_be_written(conformance: Path) -> None:
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full")
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.run(
+            [LAZYSTORE, "narinfo", "verify", "--trusted-public-key", CACHE_NIXOS,
+             conformance / GOOD[0]],
+            stdout=full, stderr=subprocess.PIPE, text=True,
+        )
+    assert proc.returncode == 1
+    assert proc.stderr == "lazystore: error: cannot write to stdout: No space left on device\n"

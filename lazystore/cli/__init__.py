@@ -12,7 +12,7 @@ import argparse
 import importlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from lazystore import __version__
 from lazystore.errors import LazystoreError
@@ -29,6 +29,34 @@ COMMAND_MODULES = (
 
 # Command words registered by a module of another name (see build_parser).
 COMMAND_MODULE_OF = {"key": "keys", "narinfo": "keys"}
+
+
+class Stdout:
+    """``sys.stdout.buffer`` whose write errors (a full disk...) are one-line
+    errors for the commands; a closed pipe (BrokenPipeError) is left to ``main``."""
+
+    def __init__(self) -> None:
+        self._out = sys.stdout.buffer
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._guard(self._out.write, data)
+
+    def line(self, text: str) -> None:
+        """*text* and a newline, flushed (names keep their bytes: surrogateescape)."""
+        self.write(text.encode("utf-8", "surrogateescape") + b"\n")
+        self.flush()
+
+    def flush(self) -> None:
+        self._guard(self._out.flush)
+
+    @staticmethod
+    def _guard(step: Callable[..., object], *args: object) -> None:
+        try:
+            step(*args)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise LazystoreError(f"cannot write to stdout: {exc.strerror or exc}") from exc
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

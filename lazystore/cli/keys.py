@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from lazystore.cli import Stdout
 from lazystore.errors import LazystoreError, SignatureError
 from lazystore.nix.narinfo import NarInfo
 from lazystore.nix.signing import PublicKey, SecretKey, sign_narinfo, verify_narinfo
@@ -93,7 +94,7 @@ def _for_each(names: list[str], action: Callable[[str], str]) -> int:
             print(f"{name}: {exc}", file=sys.stderr)
             failed += 1
         else:
-            print(f"{name}: {outcome}")
+            Stdout().line(f"{name}: {outcome}")
     return 1 if failed else 0
 
 

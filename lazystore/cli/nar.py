@@ -8,10 +8,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from lazystore.cli import Stdout
 from lazystore.errors import LazystoreError
 from lazystore.nix import fsio, nar
 from lazystore.nix.hashes import Hash
@@ -65,29 +66,6 @@ def _open(name: str) -> Iterator[BinaryIO]:
         yield f
 
 
-class _Stdout:
-    """``sys.stdout.buffer`` whose write errors (a full disk...) are one-line
-    errors; a closed pipe (BrokenPipeError) is left to ``main``."""
-
-    def __init__(self) -> None:
-        self._out = sys.stdout.buffer
-
-    def write(self, data: bytes | memoryview) -> None:
-        self._guard(self._out.write, data)
-
-    def flush(self) -> None:
-        self._guard(self._out.flush)
-
-    @staticmethod
-    def _guard(step: Callable[..., object], *args: object) -> None:
-        try:
-            step(*args)
-        except BrokenPipeError:
-            raise
-        except OSError as exc:
-            raise LazystoreError(f"cannot write to stdout: {exc.strerror or exc}") from exc
-
-
 def _chunks(f: BinaryIO) -> Iterator[bytes]:
     try:
         while chunk := f.read(CHUNK):
@@ -97,7 +75,7 @@ def _chunks(f: BinaryIO) -> Iterator[bytes]:
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    out = _Stdout()
+    out = Stdout()
     for piece in fsio.dump(args.path):
         out.write(piece)
     out.flush()
@@ -113,7 +91,7 @@ def cmd_unpack(args: argparse.Namespace) -> int:
 def cmd_hash(args: argparse.Namespace) -> int:
     with _open(args.file) as f:
         digest, _ = nar.nar_hash(_chunks(f))
-    out = _Stdout()
+    out = Stdout()
     out.write(f"{Hash('sha256', digest)}\n".encode())
     out.flush()
     return 0
@@ -144,7 +122,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     with _open(args.file) as f:
         root = nar.listing(_chunks(f), allow_trailing=True)["root"]
     node = _find(root, args.path)
-    out = _Stdout()
+    out = Stdout()
     if args.json:
         if args.recursive:
             out.write(nar.to_json({"version": 1, "root": node}))
@@ -204,7 +182,7 @@ def _line(node: dict, rel: str, long: bool) -> str:
 
 def cmd_cat(args: argparse.Namespace) -> int:
     target = [p.encode("utf-8", "surrogateescape") for p in _components(args.path)]
-    out = _Stdout()
+    out = Stdout()
     stack: list[bytes] = []
     found: str | None = None  # the type found at the path
     writing = False
