@@ -3,6 +3,7 @@ would (subprocess of the installed console script), checked with real Nix."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import stat
 import subprocess
@@ -157,6 +158,40 @@ def test_sign_errors_lose_nothing(conformance: Path, tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["a.narinfo", "bad.sec", "test1.sec", "broken.narinfo"]
     )
+
+
+def test_sign_never_writes_through_a_planted_file(conformance: Path, tmp_path: Path) -> None:
+    """Another user of a shared directory cannot make signing write elsewhere:
+    the temporary file has a fresh name; mode and the other entries are kept."""
+    secret_file = tmp_path / "test1.sec"
+    secret_file.write_text(TEST1_SECRET)
+    target = tmp_path / "a.narinfo"
+    target.write_text((conformance / EDITED).read_text())
+    target.chmod(0o640)
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    for planted in (".a.narinfo.lazystore-tmp", ".a.narinfo.tmp"):
+        os.symlink(victim, tmp_path / planted)
+    res = run("narinfo", "sign", "--secret-key-file", secret_file, target)
+    assert (res.returncode, res.stderr) == (0, "")
+    assert victim.read_text() == "keep me"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    assert "Sig: test1:" in target.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["test1.sec", "a.narinfo", "victim", ".a.narinfo.lazystore-tmp", ".a.narinfo.tmp"]
+    )
+
+
+def test_sign_refuses_stdin(conformance: Path, tmp_path: Path) -> None:
+    secret_file = tmp_path / "test1.sec"
+    secret_file.write_text(TEST1_SECRET)
+    res = subprocess.run(
+        [LAZYSTORE, "narinfo", "sign", "--secret-key-file", secret_file, "-"],
+        input=(conformance / EDITED).read_text(), capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert res.returncode == 1
+    assert res.stderr == "-: signs files in place: '-' (stdin) cannot be signed, use ./-\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["test1.sec"]
 
 
 def test_key_generate(tmp_path: Path) -> None:

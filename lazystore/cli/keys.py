@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -61,6 +63,8 @@ def cmd_sign(args: argparse.Namespace) -> int:
     secret = SecretKey.parse(_read_text(str(args.secret_key_file), "secret key file"))
 
     def sign_one(name: str) -> str:
+        if name == "-":
+            raise LazystoreError("signs files in place: '-' (stdin) cannot be signed, use ./-")
         text = _read_text(name)
         info = NarInfo.parse(text, args.store_dir)
         before = list(info.sigs)
@@ -127,14 +131,20 @@ def _read_text(name: str, what: str = "file") -> str:
 
 
 def _replace(path: Path, text: str) -> None:
-    """Write *text* to *path* atomically (temporary file, then rename)."""
-    tmp = path.with_name(f".{path.name}.lazystore-tmp")
+    """Write *text* to *path* atomically: a new temporary file of a fresh name
+    (never one planted in the directory) beside it, then a rename."""
+    tmp: str | None = None
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.chmod(tmp, path.stat().st_mode & 0o7777)
-        tmp.replace(path)
+        mode = path.stat().st_mode & 0o7777
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            os.fchmod(f.fileno(), mode)
+        os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise LazystoreError(f"cannot write {path}: {_reason(exc)}") from None
 
 
@@ -143,8 +153,13 @@ def _create(path: Path, text: str, mode: int) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     except OSError as exc:
         raise LazystoreError(f"cannot create {path}: {_reason(exc)}") from None
-    with os.fdopen(fd, "w", encoding="ascii") as f:
-        f.write(text)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as f:
+            f.write(text)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise LazystoreError(f"cannot write {path}: {_reason(exc)}") from None
 
 
 def _reason(exc: Exception) -> str:
