@@ -689,3 +689,21 @@ async def test_undecodable_content_encoding_is_a_clear_error(
     async with Substituters(config([server.url], binary_cache.key.public_key)) as subs:
         with pytest.raises(NotAvailableError, match="cannot undo Content-Encoding xz"):
             await subs.query(liba)
+
+
+@pytest.mark.parametrize("cap", [1, 3])
+async def test_connections_are_capped_globally(
+        binary_cache: nixcache.BinaryCache, server: FaultServer, dirs: tuple[Path, Path],
+        cap: int) -> None:
+    dest, tmp = dirs
+    paths = [StorePath.parse(p) for p in binary_cache.paths]
+    assert len(paths) > cap
+    for path in paths:  # slow answers, so parallel requests overlap
+        server.always(nar_url(binary_cache, path), Fault.delay(0.3))
+    cfg = config([server.url], binary_cache.key.public_key, max_connections=cap)
+    async with Substituters(cfg) as subs:
+        async with trio.open_nursery() as nursery:
+            for path in paths:
+                nursery.start_soon(subs.fetch, path, dest / path.basename, tmp)
+    assert len(list(dest.iterdir())) == len(paths)
+    assert min(cap, 2) <= server.peak_connections <= cap  # parallel, never above the cap

@@ -12,11 +12,13 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,11 @@ class Fault:
     def replace(cls, body: bytes, headers: dict[str, str] | None = None) -> Fault:
         return cls("replace", body=body, headers=headers or {})
 
+    @classmethod
+    def delay(cls, seconds: float) -> Fault:
+        """The normal answer, *seconds* late."""
+        return cls("delay", after=int(seconds * 1000))
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -72,6 +79,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.stopping.wait()
             self.close_connection = True
             return None
+        if fault is not None and fault.kind == "delay":
+            time.sleep(fault.after / 1000)
+            fault = None
         body = fault.body if fault is not None and fault.kind == "replace" else self._file(path)
         if body is None:
             return self._send(404, b"not found\n")
@@ -126,6 +136,18 @@ class _Server(ThreadingHTTPServer):
         self.headers: list[dict[str, str]] = []
         self.queued: dict[str, deque[Fault]] = defaultdict(deque)
         self.permanent: dict[str, Fault] = {}
+        self.active = 0  # connections open now
+        self.peak = 0  # most connections open at once
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        with self.lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.lock:
+                self.active -= 1
 
     def handle_error(self, request: object, client_address: object) -> None:
         pass  # clients that hang up (timeouts, cancelled downloads) are expected here
@@ -157,6 +179,11 @@ class FaultServer:
     def count(self, path: str) -> int:
         with self._server.lock:
             return self._server.requests.count(path)
+
+    @property
+    def peak_connections(self) -> int:
+        with self._server.lock:
+            return self._server.peak
 
     @property
     def requests(self) -> list[str]:
