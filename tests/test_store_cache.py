@@ -324,3 +324,26 @@ async def test_unwritable_index_is_a_warning_not_a_crash(
         assert (await store.materialize(A) / "lib/data").read_bytes() == b"hello from liba\n"
         assert not list(tmp_path.glob(".index.*"))  # no temporary left behind
     assert any("cannot write the cache index" in r.getMessage() for r in caplog.records)
+
+
+DEEP = "/".join(["d"] * 600) + "/f"  # deeper than the index (msgpack) could hold
+
+
+async def test_too_deep_a_tree_is_refused_and_removed(tmp_path: Path) -> None:
+    subs = FakeSubstituters({A: {DEEP: b"x"}, B: {"/".join(["d"] * 150) + "/f": b"y"}},
+                            listings=False)
+    async with LocalStore(subs, tmp_path) as store:
+        with pytest.raises(StoreError, match="deeper than"):
+            await store.materialize(A)
+        assert not store.data_path(A).exists()
+        assert store.cache_bytes == 0
+        assert (await store.materialize(B)).is_dir()  # a deep but reasonable tree is kept
+
+
+async def test_too_deep_a_tree_found_at_start_is_removed(tmp_path: Path) -> None:
+    deep = tmp_path / "store" / A / DEEP
+    deep.parent.mkdir(parents=True)
+    deep.write_bytes(b"x")
+    async with LocalStore(FakeSubstituters(sample_paths()), tmp_path) as store:
+        assert not (tmp_path / "store" / A).exists()
+        assert not store.records.get(A) or not store.records[A].materialized

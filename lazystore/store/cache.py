@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 import uuid
 from collections import Counter
@@ -33,6 +32,7 @@ from typing import Any, Protocol
 import trio
 
 from lazystore.errors import FormatError, LazystoreError, StoreError
+from lazystore.nix import fsio
 from lazystore.nix.storepath import StorePath
 from lazystore.store import index, tree
 from lazystore.store.index import Record
@@ -154,8 +154,15 @@ class LocalStore:
             log.info("removing %s from the cache: not a store path", base)
             _remove(self.data_dir / base)
             return
+        try:
+            scanned = _scan(self.data_dir / base)
+        except StoreError as exc:
+            log.info("removing %s from the cache: %s", base, exc)
+            _remove(self.data_dir / base)
+            self.records.pop(base, None)
+            return
         rec = rec or self.records.setdefault(base, Record())
-        self._fill_from_disk(rec, *_scan(self.data_dir / base))
+        self._fill_from_disk(rec, *scanned)
 
     def _fill_from_disk(self, rec: Record, node: Node, usage: int) -> None:
         rec.tree, rec.tree_verified = node, True
@@ -322,7 +329,12 @@ class LocalStore:
             except LazystoreError as exc:  # its message names the path already
                 raise StoreError(str(exc)) from None
         hint = rec.tree if not rec.tree_verified else None
-        self._fill_from_disk(rec, *await trio.to_thread.run_sync(_scan, dest))
+        try:
+            scanned = await trio.to_thread.run_sync(_scan, dest)
+        except StoreError:
+            await trio.to_thread.run_sync(_remove, dest)
+            raise
+        self._fill_from_disk(rec, *scanned)
         if hint is not None and hint != rec.tree:
             log.warning("the listing of %s disagrees with its verified NAR; using the NAR", base)
         self.cache_bytes += rec.disk_bytes
@@ -462,17 +474,8 @@ def _scan(path: Path) -> tuple[Node, int]:
 
 
 def _remove(path: Path) -> None:
-    """Remove *path* whatever it is; store trees are read-only, so allow writes first."""
-    if path.is_symlink() or not path.is_dir():
-        path.unlink(missing_ok=True)
-        return
-    for dirpath, dirnames, _ in os.walk(path):
-        for d in dirnames:
-            full = os.path.join(dirpath, d)
-            if not os.path.islink(full):
-                os.chmod(full, 0o755)
-    os.chmod(path, 0o755)
-    shutil.rmtree(path)
+    """Remove *path* whatever it is: read-only store trees of any depth included."""
+    fsio.remove_tree(path)
 
 
 async def _each(bases: list[str], fn: Callable[[str], Awaitable[Any]], parallel: int) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,10 @@ from lazystore.errors import StoreError
 
 DIRECTORY, REGULAR, SYMLINK = "d", "r", "l"
 MAX_NAME = 255
+# Deepest directory nesting the store keeps. Real store paths stay far below it;
+# the index is msgpack (nesting limit 511, two levels per directory) and tree
+# comparison recurses, so a deeper verified NAR is refused rather than kept.
+MAX_DEPTH = 200
 
 
 class Node:
@@ -89,7 +92,7 @@ def from_listing(document: dict[str, Any]) -> Node:
 
 
 def _node_from_listing(obj: Any, depth: int) -> Node:
-    if not isinstance(obj, dict) or depth > 256:
+    if not isinstance(obj, dict) or depth > MAX_DEPTH:
         raise StoreError("malformed listing: bad node")
     kind = obj.get("type")
     if kind == "directory":
@@ -111,33 +114,50 @@ def _node_from_listing(obj: Any, depth: int) -> Node:
     raise StoreError(f"malformed listing: unknown node type {kind!r}")
 
 
-def from_disk(path: Path) -> Node:
-    """The authoritative tree of an unpacked store path (never follows symlinks)."""
+def from_disk(path: Path, max_depth: int = MAX_DEPTH) -> Node:
+    """The authoritative tree of an unpacked store path (never follows symlinks).
+
+    Iterative, so no NAR depth can exhaust the stack; deeper than *max_depth*
+    is a StoreError (the index and the FUSE layer keep trees of bounded depth).
+    """
+    root = _disk_node(path)
+    stack = [(path, root, 0)]
+    while stack:
+        dir_path, node, depth = stack.pop()
+        if depth >= max_depth:
+            raise StoreError(f"{path.name} nests directories deeper than {max_depth} levels")
+        with os.scandir(dir_path) as it:
+            names = [e.name for e in it]
+        for name in names:
+            child = _disk_node(dir_path / name)
+            node.entries[name] = child  # type: ignore[index]
+            if child.kind == DIRECTORY:
+                stack.append((dir_path / name, child, depth + 1))
+    return root
+
+
+def _disk_node(path: Path) -> Node:
     st = os.lstat(path)
     if stat.S_ISLNK(st.st_mode):
         return Node(SYMLINK, target=os.readlink(path))
     if stat.S_ISREG(st.st_mode):
         return Node(REGULAR, size=st.st_size, executable=bool(st.st_mode & 0o100))
     if stat.S_ISDIR(st.st_mode):
-        with os.scandir(path) as it:
-            names = [e.name for e in it]
-        return Node(DIRECTORY, entries={n: from_disk(path / n) for n in names})
+        return Node(DIRECTORY, entries={})
     raise StoreError(f"{path}: unexpected file type in a store path")
 
 
 def disk_usage(path: Path) -> int:
     """Bytes *path* occupies on disk (allocated blocks), symlinks not followed."""
-    total = 0
-    for node in _walk(path):
-        total += os.lstat(node).st_blocks * 512
+    total, stack = 0, [path]
+    while stack:
+        current = stack.pop()
+        st = os.lstat(current)
+        total += st.st_blocks * 512
+        if stat.S_ISDIR(st.st_mode):
+            with os.scandir(current) as it:
+                stack.extend(current / e.name for e in it)
     return total
-
-
-def _walk(path: Path) -> Iterator[Path]:
-    yield path
-    if path.is_dir() and not path.is_symlink():
-        for child in path.iterdir():
-            yield from _walk(child)
 
 
 def encode(node: Node) -> list[Any]:
