@@ -5,7 +5,6 @@ daemon's CLI shares (``add_substituter_arguments``, ``config_from_args``)."""
 from __future__ import annotations
 
 import argparse
-import shutil
 import signal
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from lazystore.nix.narinfo import NarInfo
 from lazystore.nix.storepath import StorePath
 from lazystore.substituter.client import Substituters
 from lazystore.substituter.config import NIX_CONF, SubstituterConfig
-from lazystore.substituter.download import single_error
+from lazystore.substituter.download import remove_tree, single_error
 from lazystore.substituter.errors import SubstituterError
 
 
@@ -156,7 +155,7 @@ class _Job:
                     await self._work(tmp_dir)
                     nursery.cancel_scope.cancel()
         finally:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
+            remove_tree(tmp_dir)
 
     async def _work(self, tmp_dir: Path) -> None:
         async with Substituters(self.config) as subs:

@@ -11,13 +11,13 @@ import hashlib
 import logging
 import os
 import secrets
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import trio
 
 from lazystore.errors import LazystoreError, NarError, UnpackError
+from lazystore.nix import fsio
 from lazystore.nix.fsio import NarUnpacker
 from lazystore.nix.narinfo import NarInfo
 from lazystore.substituter import decompress
@@ -133,10 +133,7 @@ def single_error(group: BaseExceptionGroup) -> BaseException:
 def remove_tree(path: Path) -> None:
     """Remove *path* (a tree, file or symlink) if it exists; best effort."""
     try:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        fsio.remove_tree(path)  # any depth, read-only directories included
     except OSError as exc:
         log.debug("cannot remove %s: %s", path, exc)
 
