@@ -119,7 +119,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"mount:           {st.get('mount_point')}")
     print(f"substituters:    {' '.join(st.get('substituters', [])) or '-'}")
     print(f"cache:           {st.get('cache_dir')}: {_human(st['cache_bytes'])}"
-          f" of {_human(limit) if limit else 'no limit'}")
+          f" {f'of {_human(limit)}' if limit is not None else '(no limit)'}")
     print(f"paths known:     {st.get('paths_known')}")
     print(f"materialised:    {len(st['paths_materialized'])}")
     for base in st["paths_materialized"]:
