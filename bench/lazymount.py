@@ -4,21 +4,16 @@ on 127.0.0.1, and a `lazystore mount` subprocess that always cleans up."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from lazystore.control.client import ControlClient
-from lazystore.errors import ControlError
 from tests.support import nixcache
+from tests.support.daemon import Daemon
+from tests.support.daemon import lazystore_mount as support_mount
 from tests.support.httpserver import serve_directory
 
-LAZYSTORE = str(Path(sys.executable).with_name("lazystore"))
 WORKLOADS = Path(__file__).with_name("workloads")
 
 
@@ -55,62 +50,11 @@ def signed_cache(top: str, root: Path, compression: str = "zstd") -> Iterator[tu
         yield server.url, key.public_key  # type: ignore[attr-defined]
 
 
-def is_mounted(path: Path) -> bool:
-    real = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == real for line in f)
-
-
-class Mount:
-    def __init__(self, proc: subprocess.Popen[bytes], mnt: Path, sock: Path, cache: Path) -> None:
-        self.proc, self.mnt, self.sock, self.cache = proc, mnt, sock, cache
-
-    def call(self, op: str, **args: object) -> object:
-        with ControlClient(str(self.sock), timeout=600) as client:
-            return client.call(op, **args)
-
-    def rss_bytes(self) -> int:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmRSS")
-
-
 @contextmanager
-def lazystore_mount(root: Path, url: str, key: str, *extra: str) -> Iterator[Mount]:
-    root.mkdir(parents=True, exist_ok=True)
-    mnt, sock, cache = root / "mnt", root / "ctl.sock", root / "cache-dir"
-    (root / "nix.conf").touch()
-    argv = [LAZYSTORE, "mount", str(mnt), "--substituter", url, "--trusted-public-key", key,
-            "--nix-conf", str(root / "nix.conf"), "--cache-dir", str(cache),
-            "--control-socket", str(sock), *extra]
-    with open(root / "daemon.log", "ab") as log:
-        proc = subprocess.Popen(argv, stderr=log)
-    try:
-        m = Mount(proc, mnt, sock, cache)
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((root / "daemon.log").read_text()[-2000:])
-            try:
-                if is_mounted(mnt):
-                    m.call("status")
-                    break
-            except ControlError:
-                pass
-            time.sleep(0.02)
-        yield m
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if is_mounted(mnt):
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
+def lazystore_mount(root: Path, url: str, key: str, *extra: str) -> Iterator[Daemon]:
+    """A quiet `lazystore mount` (no -v logging) whose control calls may take long."""
+    with support_mount(root, url, key, *extra, verbose=False, call_timeout=600) as daemon:
+        yield daemon
 
 
 def load_note() -> str:

@@ -39,12 +39,18 @@ def is_mounted(path: Path) -> bool:
 class Daemon:
     """One `lazystore mount` process under *root* (mnt, cache, ctl.sock, daemon.log)."""
 
-    def __init__(self, root: Path, urls: str | list[str], key: str, *extra: str) -> None:
+    def __init__(
+        self, root: Path, urls: str | list[str], key: str, *extra: str,
+        verbose: bool = True, call_timeout: float = 120.0,
+    ) -> None:
         self.mnt, self.cache, self.sock = root / "mnt", root / "cache", root / "ctl.sock"
+        root.mkdir(parents=True, exist_ok=True)
         (root / "nix.conf").touch()  # no host nix.conf leaks into the test
         self.log = root / "daemon.log"
+        self.call_timeout = call_timeout
         self.argv = [
-            LAZYSTORE, "-v", "mount", str(self.mnt), "--trusted-public-key", key,
+            LAZYSTORE, *(["-v"] if verbose else []), "mount", str(self.mnt),
+            "--trusted-public-key", key,
             "--nix-conf", str(root / "nix.conf"), "--cache-dir", str(self.cache),
             "--control-socket", str(self.sock), *extra,
         ]
@@ -69,7 +75,7 @@ class Daemon:
         raise AssertionError(f"daemon did not come up: {self.log.read_text()[-3000:]}")
 
     def call(self, op: str, **args: object) -> Any:
-        with ControlClient(str(self.sock), timeout=120) as client:
+        with ControlClient(str(self.sock), timeout=self.call_timeout) as client:
             return client.call(op, **args)
 
     def status(self) -> dict[str, Any]:
@@ -91,6 +97,15 @@ class Daemon:
             subprocess.run(["umount", "-l", str(self.mnt)], check=False)
         return code
 
+    def rss_bytes(self) -> int:
+        """Resident memory of the daemon process now."""
+        assert self.proc is not None
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
     def kill9(self) -> None:
         """SIGKILL and leave the (now stale) mount for the next start to clear."""
         assert self.proc is not None
@@ -99,8 +114,11 @@ class Daemon:
 
 
 @contextmanager
-def lazystore_mount(root: Path, urls: str | list[str], key: str, *extra: str) -> Iterator[Daemon]:
-    daemon = Daemon(root, urls, key, *extra)
+def lazystore_mount(
+    root: Path, urls: str | list[str], key: str, *extra: str, **options: Any
+) -> Iterator[Daemon]:
+    """A started :class:`Daemon` (*options* as its keyword arguments), always stopped."""
+    daemon = Daemon(root, urls, key, *extra, **options)
     try:
         daemon.start()
         yield daemon
