@@ -32,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.lazymount import WORKLOADS, lazystore_mount, load_note, signed_cache  # noqa: E402
+from lazystore import nixtool  # noqa: E402
 from tests.support import nixcache  # noqa: E402
 
 
@@ -50,11 +51,7 @@ def first_line_after(store: Path, program: str) -> float:
 
 
 def eager(url: str, key: str, top: str, program: str, root: Path) -> float:
-    env = nixcache.nix_env()
-    env["NIX_CONFIG"] = "\n".join([
-        "sandbox = false", "substituters =", "experimental-features = nix-command",
-        "require-sigs = true", f"trusted-public-keys = {key}",
-    ])
+    env = nixtool.nix_env({"trusted-public-keys": key, "require-sigs": "true"})
     start = time.monotonic()
     subprocess.run(["nix", "copy", "--from", url, "--to", str(root), top],
                    check=True, env=env, capture_output=True)

@@ -36,6 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lazystore import nixtool  # noqa: E402
 from tests.support import nixcache  # noqa: E402
 
 CACHE = ROOT / "bench" / ".cache" / "fetch"
@@ -176,10 +177,7 @@ def library_fetch(url: str, key: str, top: str, dest: Path) -> None:
 
 
 def run_nix(url: str, key: str, top: str, work: Path) -> float:
-    env = nixcache.nix_env()
-    env["NIX_CONFIG"] = "\n".join([
-        "sandbox = false", "substituters =", "experimental-features = nix-command",
-        "require-sigs = true", f"trusted-public-keys = {key}"])
+    env = nixtool.nix_env({"trusted-public-keys": key, "require-sigs": "true"})
     argv = ["nix", "copy", "--from", url, "--to", f"local?root={work / 'nix'}", top]
     return timed(argv, env)
 

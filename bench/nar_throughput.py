@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from lazystore import nixtool
 from lazystore.nix import fsio, nar
 
 BLOCK = 1 << 20
@@ -64,7 +65,8 @@ def unpack_lazystore(nar_file: Path, dest: Path) -> None:
 
 def unpack_nix(nar_file: Path, dest: Path) -> None:
     with nar_file.open("rb") as f:
-        subprocess.run(["nix-store", "--restore", str(dest)], stdin=f, check=True)
+        subprocess.run(["nix-store", "--restore", str(dest)], stdin=f, check=True,
+                       env=nixtool.nix_env())
 
 
 def cpu_seconds() -> float:

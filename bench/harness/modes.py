@@ -29,6 +29,7 @@ from bench.harness.measure import (
 )
 from bench.harness.workloads import Workload
 from bench.proxy import Profile, ShapingProxy, Stats
+from lazystore import nixtool
 
 log = logging.getLogger(__name__)
 
@@ -77,15 +78,8 @@ def nix_eager(ctx: Context) -> Record:
     if shutil.which("nix-store") is None:
         raise Skip("nix-store is not installed")
     root = ctx.fresh_dir("eager-root")
-    env = dict(os.environ)
+    env = nixtool.nix_env(nixtool.substituting(ctx.cache_url, ctx.public_key))
     env["XDG_CACHE_HOME"] = str(ctx.fresh_dir("eager-xdg"))  # no narinfo disk cache
-    env["NIX_CONFIG"] = "\n".join([
-        "sandbox = false",
-        "experimental-features = nix-command",
-        f"substituters = {ctx.cache_url}",
-        f"trusted-public-keys = {ctx.public_key}",
-        "require-sigs = true",
-    ])
     dropped = drop_caches()
     ctx.cache_proxy.reset()
     start = time.monotonic()

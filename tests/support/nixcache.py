@@ -9,22 +9,15 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lazystore import nixtool
+
 SAMPLE_NIX = Path(__file__).with_name("sample.nix")
 KEY_NAME = "lazystore-test-1"
 
 
 def nix_env() -> dict[str, str]:
-    """Environment for Nix commands: no sandbox, no substituters, nix-command on."""
-    env = dict(os.environ)
-    env["NIX_CONFIG"] = "\n".join(
-        [
-            "sandbox = false",
-            "substituters =",
-            "experimental-features = nix-command",
-            "require-sigs = false",
-        ]
-    )
-    return env
+    """Environment for Nix commands: the project's private settings (nixtool)."""
+    return nixtool.nix_env()
 
 
 def have_nix() -> bool:
