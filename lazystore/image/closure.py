@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lazystore.errors import ImageError
+from lazystore.nix.narinfo import NarInfo
 from lazystore.nix.storepath import is_valid_basename
 
 STORE_DIR = "/nix/store"
@@ -24,6 +25,13 @@ class PathInfo:
     path: str  # full store path
     nar_size: int
     references: tuple[str, ...]  # full store paths, without the path itself
+
+
+def path_info(info: NarInfo, store_dir: str = STORE_DIR) -> PathInfo:
+    """The closure record of a narinfo (as nix-store --dump-db would give it)."""
+    refs = (f"{store_dir}/{r}" for r in info.references)
+    return PathInfo(info.store_path, info.nar_size,
+                    tuple(sorted(r for r in refs if r != info.store_path)))
 
 
 def is_store_path(path: str, store_dir: str = STORE_DIR) -> bool:
