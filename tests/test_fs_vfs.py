@@ -16,7 +16,19 @@ from lazystore.errors import StoreError
 from lazystore.fs.operations import Operations, to_errno
 from lazystore.fs.vfs import ROOT_INODE, VIEWS_INODE, FsError, NoEntry, Vfs
 from lazystore.store.cache import LocalStore
-from tests.test_store_cache import MISSING, A, B, C, FakeSubstituters, sample_paths
+from tests.test_store_cache import (
+    EMPTY,
+    LINK,
+    MISSING,
+    ROOTS,
+    SCRIPT,
+    TEXT,
+    A,
+    B,
+    C,
+    FakeSubstituters,
+    sample_paths,
+)
 
 
 async def _walk(vfs: Vfs, *names: str) -> int:
@@ -317,3 +329,47 @@ async def test_only_view_ids_are_looked_up_again(tmp_path: Path, subs: FakeSubst
         await vfs.create_view("v", [B])
         assert await _walk(vfs, ".views", "v") != view  # new inodes for the new view
         assert await _walk(vfs, ".views", "v", "nix", "store", B)
+
+
+@pytest.mark.parametrize("verified", [False, True], ids=["listing", "verified"])
+async def test_file_and_symlink_roots_read_as_in_the_nix_store(
+    tmp_path: Path, verified: bool
+) -> None:
+    subs = FakeSubstituters({**ROOTS, A: sample_paths()[A]})
+    async with LocalStore(subs, tmp_path) as store:
+        if verified:
+            for b in ROOTS:
+                await store.materialize(b)
+        vfs = Vfs(store)
+        ops = Operations(vfs)
+        await vfs.create_view("v", [TEXT, SCRIPT, EMPTY, LINK, A])
+        in_view = await _walk(vfs, ".views", "v", "nix", "store")
+        expected = {
+            TEXT: (stat.S_IFREG | 0o444, 10), SCRIPT: (stat.S_IFREG | 0o555, 18),
+            EMPTY: (stat.S_IFREG | 0o444, 0), LINK: (stat.S_IFLNK | 0o777, 24),
+        }
+        for parent in (ROOT_INODE, in_view):
+            for b, (mode, size) in expected.items():
+                entry = await ops.lookup(parent, b.encode())
+                assert (entry.st_mode, entry.st_size) == (mode, size), b
+                assert (await ops.getattr(entry.st_ino, None)).st_mode == mode
+            listed = {n: a for _, n, a in await vfs.listdir(parent, 0)}
+            assert {b: (listed[b].mode, listed[b].size) for b in expected} == expected
+        contents = {TEXT: b"some text\n", SCRIPT: b"#!/bin/sh\necho hi\n", EMPTY: b""}
+        for b, data in contents.items():
+            ino = (await ops.lookup(ROOT_INODE, b.encode())).st_ino
+            fh = (await ops.open(ino, 0, None)).fh
+            assert await ops.read(fh, 0, 100) == data
+            await ops.release(fh)
+            with pytest.raises(pyfuse3.FUSEError) as info:
+                await ops.opendir(ino, None)
+            assert info.value.errno == errno.ENOTDIR
+            with pytest.raises(pyfuse3.FUSEError) as info:
+                await ops.lookup(ino, b"x")
+            assert info.value.errno == errno.ENOTDIR
+        link = (await ops.lookup(in_view, LINK.encode())).st_ino
+        assert await ops.readlink(link, None) == b"/nix/store/somewhereelse"
+        with pytest.raises(pyfuse3.FUSEError) as info:
+            await ops.open(link, 0, None)
+        assert info.value.errno == errno.EINVAL
+        assert sorted(subs.fetches) == sorted(ROOTS)

@@ -29,7 +29,9 @@ MISSING = base("f", "missing")
 
 
 class FakeSubstituters:
-    """Serves trees described as {relpath: bytes | ("link", target) | None(dir)}."""
+    """Serves trees described as {relpath: content}, content being bytes,
+    ("exec", bytes), ("link", target) or None (a directory); a path that is
+    not a directory is described by its content alone (the NAR's root)."""
 
     def __init__(self, paths: dict[str, dict[str, Any]], listings: bool = True) -> None:
         self.paths = paths
@@ -51,6 +53,8 @@ class FakeSubstituters:
     async def listing(self, path: StorePath) -> dict[str, Any] | None:
         if not self.listings:
             return None
+        if not isinstance(self.paths[path.basename], dict):
+            return {"version": 1, "root": _ls_node(self.paths[path.basename])}
         root: dict[str, Any] = {"type": "directory", "entries": {}}
         for rel, content in sorted(self.paths[path.basename].items()):
             node = root
@@ -70,16 +74,15 @@ class FakeSubstituters:
 
             raise SubstituterError(f"{path.basename}: NAR hash mismatch")
         tmp = tmp_dir / f"unpack-{path.basename}"
-        tmp.mkdir()
-        for rel, content in self.paths[path.basename].items():
-            target = tmp / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if content is None:
-                target.mkdir()
-            elif isinstance(content, tuple):
-                target.symlink_to(content[1])
-            else:
-                target.write_bytes(content)
+        described = self.paths[path.basename]
+        if not isinstance(described, dict):
+            _write_node(tmp, described)
+        else:
+            tmp.mkdir()
+            for rel, content in described.items():
+                target = tmp / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                _write_node(target, content)
         os.rename(tmp, dest)
         self.stats.nars_fetched += 1
         return None
@@ -88,11 +91,25 @@ class FakeSubstituters:
         return [await self.query(p) for p in paths]
 
 
+def _write_node(target: Path, content: Any) -> None:
+    if content is None:
+        target.mkdir()
+    elif isinstance(content, tuple) and content[0] == "link":
+        target.symlink_to(content[1])
+    elif isinstance(content, tuple):
+        target.write_bytes(content[1])
+        target.chmod(0o555)
+    else:
+        target.write_bytes(content)
+
+
 def _ls_node(content: Any) -> dict[str, Any]:
     if content is None:
         return {"type": "directory", "entries": {}}
-    if isinstance(content, tuple):
+    if isinstance(content, tuple) and content[0] == "link":
         return {"type": "symlink", "target": content[1]}
+    if isinstance(content, tuple):
+        return {"type": "regular", "size": len(content[1]), "executable": True}
     return {"type": "regular", "size": len(content)}
 
 
@@ -347,3 +364,68 @@ async def test_too_deep_a_tree_found_at_start_is_removed(tmp_path: Path) -> None
     async with LocalStore(FakeSubstituters(sample_paths()), tmp_path) as store:
         assert not (tmp_path / "store" / A).exists()
         assert not store.records.get(A) or not store.records[A].materialized
+
+
+# Store paths whose NAR root is not a directory (nix-store --add FILE, writeText,
+# writeScript, a symlink): the listing hint, the verified tree and the data.
+TEXT, SCRIPT, EMPTY, LINK = (
+    base("g", "text"), base("h", "script"), base("i", "empty"), base("j", "link"))
+ROOTS: dict[str, Any] = {
+    TEXT: b"some text\n", SCRIPT: ("exec", b"#!/bin/sh\necho hi\n"), EMPTY: b"",
+    LINK: ("link", "/nix/store/somewhereelse"),  # dangling here, as in most caches
+}
+
+
+async def test_file_and_symlink_roots_are_materialised_as_files_and_symlinks(
+    tmp_path: Path,
+) -> None:
+    subs = FakeSubstituters(ROOTS)
+    async with LocalStore(subs, tmp_path) as store:
+        hints = {b: await store.tree(b) for b in ROOTS}
+        assert subs.fetches == []
+        assert hints[TEXT] == tree.Node(tree.REGULAR, size=10)
+        assert hints[SCRIPT] == tree.Node(tree.REGULAR, size=18, executable=True)
+        assert hints[EMPTY] == tree.Node(tree.REGULAR)
+        assert hints[LINK] == tree.Node(tree.SYMLINK, target="/nix/store/somewhereelse")
+        for b in ROOTS:
+            path = await store.materialize(b)
+            assert path == tmp_path / "store" / b
+            assert store.records[b].tree_verified and store.records[b].tree == hints[b]
+        assert (tmp_path / "store" / TEXT).read_bytes() == b"some text\n"
+        assert os.access(tmp_path / "store" / SCRIPT, os.X_OK)
+        assert os.readlink(tmp_path / "store" / LINK) == "/nix/store/somewhereelse"
+        # materialised again: a hit, even for a symlink whose target does not exist
+        await store.materialize(LINK)
+        assert subs.fetches == list(ROOTS) and store.hits == 1
+        assert sorted(store.status()["paths_materialized"]) == sorted(ROOTS)
+    async with LocalStore(subs, tmp_path) as store:  # the index and store/ agree
+        assert sorted(store.status()["paths_materialized"]) == sorted(ROOTS)
+        assert {b: store.records[b].tree for b in ROOTS} == hints
+        assert sorted(await store.evict([])) == sorted(ROOTS)
+        assert store.cache_bytes == 0 and list((tmp_path / "store").iterdir()) == []
+        assert (await store.materialize(TEXT)).read_bytes() == b"some text\n"
+
+
+async def test_file_and_symlink_roots_found_at_start_are_adopted(tmp_path: Path) -> None:
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / TEXT).write_bytes(b"some text\n")
+    (tmp_path / "store" / LINK).symlink_to("/nix/store/somewhereelse")
+    subs = FakeSubstituters(ROOTS)
+    async with LocalStore(subs, tmp_path) as store:
+        assert sorted(store.status()["paths_materialized"]) == sorted([TEXT, LINK])
+        target = "/nix/store/somewhereelse"
+        assert store.records[LINK].tree == tree.Node(tree.SYMLINK, target=target)
+        assert store.records[TEXT].tree == tree.Node(tree.REGULAR, size=10)
+        await store.materialize(LINK)
+        assert subs.fetches == []
+
+
+async def test_quota_evicts_file_roots(tmp_path: Path) -> None:
+    subs = FakeSubstituters({TEXT: b"t" * 20_000, SCRIPT: ("exec", b"s" * 20_000)})
+    async with LocalStore(subs, tmp_path, cache_limit=30_000) as store:
+        await store.materialize(TEXT)
+        await trio.sleep(0.01)
+        await store.materialize(SCRIPT)
+        assert store.status()["paths_materialized"] == [SCRIPT]
+        assert not os.path.lexists(tmp_path / "store" / TEXT)
+        assert 0 < store.cache_bytes <= 30_000

@@ -85,6 +85,14 @@ class Attr:
             return stat.S_IFLNK | 0o777
         return stat.S_IFREG | (0o555 if self.executable else 0o444)
 
+    @classmethod
+    def of(cls, ino: int, node: Node) -> Attr:
+        """The attributes of store inode *ino* whose tree node is *node*: a
+        symlink's size is its target's length in bytes, as lstat shows it."""
+        if node.kind == SYMLINK:
+            return cls(ino, SYMLINK, len(node.target.encode("utf-8", "surrogateescape")))
+        return cls(ino, node.kind, node.size, node.executable)
+
 
 @dataclass(slots=True)
 class Inode:
@@ -198,7 +206,7 @@ class Vfs:
         if inode.kind != "store":
             return Attr(ino, DIRECTORY)
         node = await self.node(inode)
-        return Attr(ino, node.kind, node.size, node.executable)
+        return Attr.of(ino, node)
 
     async def lookup(self, parent: int, name: str) -> Attr:
         """Resolve *name* in *parent*, counting one kernel reference."""
@@ -227,7 +235,7 @@ class Vfs:
         if child is None:
             raise NoEntry(name)
         ino = self.store_inode(parent.base, (*parent.rel, name))
-        return Attr(ino, child.kind, child.size, child.executable)
+        return Attr.of(ino, child)
 
     async def _lookup_store_path(self, name: str) -> Attr:
         if name.startswith(".") or await self.store.lookup(name) is None:
@@ -238,7 +246,7 @@ class Vfs:
         root = await self.store.tree(base)
         # The inode is taken only after the last await, so that no forget can
         # drop it between here and the caller counting the kernel's reference.
-        return Attr(self.store_inode(base), root.kind, root.size, root.executable)
+        return Attr.of(self.store_inode(base), root)
 
     async def _lookup_in_view(self, parent: Inode, name: str) -> Attr:
         view = parent.view
@@ -312,7 +320,7 @@ class Vfs:
         for key, name in node.sorted_keys():
             child = node.entries[name]
             ino = self.store_inode(inode.base, (*inode.rel, name))
-            rows.append((key, name, Attr(ino, child.kind, child.size, child.executable)))
+            rows.append((key, name, Attr.of(ino, child)))
         rec = self.store.records.get(inode.base)
         if rec is not None and rec.tree_verified:
             if len(self._dir_rows) >= DIR_ROWS_CACHE:

@@ -323,7 +323,7 @@ class LocalStore:
 
     async def _fetch(self, base: str, rec: Record) -> None:
         dest = self.data_path(base)
-        if not dest.exists():
+        if not os.path.lexists(dest):  # a symlink root is there even when dangling
             try:
                 await self.subs.fetch(StorePath.from_basename(base), dest, self.tmp_dir)
             except LazystoreError as exc:  # its message names the path already

@@ -117,11 +117,13 @@ def _node_from_listing(obj: Any, depth: int) -> Node:
 def from_disk(path: Path, max_depth: int = MAX_DEPTH) -> Node:
     """The authoritative tree of an unpacked store path (never follows symlinks).
 
-    Iterative, so no NAR depth can exhaust the stack; deeper than *max_depth*
-    is a StoreError (the index and the FUSE layer keep trees of bounded depth).
+    The root is whatever a NAR's root can be: a directory, a regular file
+    (executable or not) or a symlink. Iterative, so no NAR depth can exhaust
+    the stack; deeper than *max_depth* is a StoreError (the index and the FUSE
+    layer keep trees of bounded depth).
     """
     root = _disk_node(path)
-    stack = [(path, root, 0)]
+    stack = [(path, root, 0)] if root.kind == DIRECTORY else []
     while stack:
         dir_path, node, depth = stack.pop()
         if depth >= max_depth:
