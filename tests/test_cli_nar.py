@@ -200,7 +200,8 @@ def test_bad_input_gives_one_line_errors(tmp_path: Path, cli: Cli) -> None:
     assert_one_line_error(cli("nar", "pack", tmp_path), "not a regular file, directory")
 
 
-HEAVY_MODULES = ("trio", "httpx", "grpc", "pyfuse3", "lazystore.substituter", "lazystore.fs")
+HEAVY_MODULES = ("trio", "httpx", "grpc", "pyfuse3", "lazystore.substituter", "lazystore.fs",
+                 "lazystore.daemon")
 
 
 @pytest.mark.parametrize(

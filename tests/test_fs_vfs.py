@@ -253,7 +253,7 @@ async def test_statfs(tmp_path: Path, subs: FakeSubstituters) -> None:
 
 
 async def test_view_from_closure_info_and_paths(tmp_path: Path) -> None:
-    from lazystore.fs.daemon import Daemon
+    from lazystore.daemon.process import Daemon
 
     info = "g" * 32 + "-closure-info"
     paths = sample_paths()

@@ -71,14 +71,14 @@ def cmd_mount(args: argparse.Namespace) -> int:
     import trio
 
     from lazystore.cli import fetch as fetch_cli
-    from lazystore.fs import daemon
+    from lazystore.daemon import process
     from lazystore.substituter.client import Substituters
 
     config = fetch_cli.config_from_args(args)
     if args.store_dir:
         config = dataclasses.replace(config, store_dir=args.store_dir)
     try:
-        trio.run(lambda: daemon.run(
+        trio.run(lambda: process.run(
             Substituters(config),
             mountpoint=args.mountpoint,
             cache_dir=args.cache_dir,

@@ -1,4 +1,4 @@
-"""The FUSE daemon: owns the mount, the local store and the control server.
+"""The daemon process: owns the mount, the local store and the control server.
 
 Start order: substituters, store (index, tmp cleanup), mountpoint checks,
 FUSE mount, control socket, READY=1. Every task lives in the daemon's
@@ -10,12 +10,9 @@ silently over a tree that processes still use.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import resource
 import signal
-import subprocess
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -25,79 +22,13 @@ import trio
 
 from lazystore import sdnotify
 from lazystore.control import server
+from lazystore.daemon.mountpoint import mount_options, prepare_mountpoint, raise_fd_limit
 from lazystore.errors import StoreError
 from lazystore.fs.operations import Operations
 from lazystore.fs.vfs import InvalidRequest, Vfs
 from lazystore.store.cache import LocalStore
 
 log = logging.getLogger(__name__)
-
-FSNAME = "lazystore"
-
-
-def _mount_entry(path: str) -> tuple[str, str] | None:
-    """(fstype, source) of the mount at *path*, from /proc/self/mountinfo."""
-    real = os.path.realpath(path)
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4].encode().decode("unicode_escape") == real:
-                sep = fields.index("-")
-                found = (fields[sep + 1], fields[sep + 2])
-    return found
-
-
-def _lazy_unmount(path: str) -> None:
-    for argv in (["fusermount3", "-u", "-z", path], ["umount", "-l", path]):
-        try:
-            if subprocess.run(argv, capture_output=True).returncode == 0:
-                return
-        except FileNotFoundError:
-            continue
-    raise StoreError(f"cannot clear the stale mount at {path}")
-
-
-def raise_fd_limit() -> None:
-    """Lift the soft limit on open files to the hard one: every file open through
-    the mount holds a descriptor of the daemon (for as long as a process maps or
-    reads it), and systemd's default soft limit of 1024 would turn the next open
-    into EMFILE, which the mount can only answer with EIO."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return
-    want = hard
-    if hard == resource.RLIM_INFINITY:  # above fs.nr_open setrlimit fails
-        with open("/proc/sys/fs/nr_open") as f:
-            want = int(f.read())
-    if soft >= want:
-        return
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    except (ValueError, OSError) as exc:
-        log.warning("cannot raise the open files limit from %d: %s", soft, exc)
-        return
-    log.info("open files limit raised from %d to %d", soft, want)
-
-
-def prepare_mountpoint(path: str) -> None:
-    """Clear a stale mount of a killed daemon; refuse a live one."""
-    try:
-        os.statvfs(path)  # never answered from the kernel's attribute cache
-    except FileNotFoundError:
-        os.makedirs(path, exist_ok=True)
-        return
-    except OSError as exc:
-        if exc.errno != errno.ENOTCONN:
-            raise StoreError(f"mountpoint {path}: {exc.strerror}") from None
-        log.info("clearing the stale mount at %s left by a daemon that died", path)
-        _lazy_unmount(path)
-        return
-    entry = _mount_entry(path)
-    if entry is not None and entry[0].startswith("fuse") and entry[1] == FSNAME:
-        raise StoreError(f"another lazystore daemon is serving {path}")
-    if not os.path.isdir(path):
-        raise StoreError(f"mountpoint {path} is not a directory")
 
 
 class Daemon:
@@ -118,18 +49,12 @@ class Daemon:
         self.vfs = Vfs(store, store_dir)
         self._stack = AsyncExitStack()
 
-    def mount_options(self) -> set[str]:
-        opts = {f"fsname={FSNAME}", "subtype=lazystore", "ro", "default_permissions"}
-        if self.allow_other:
-            opts.add("allow_other")
-        return opts
-
     async def run(self) -> None:
         raise_fd_limit()
         prepare_mountpoint(self.mountpoint)
         server.claim_socket_path(self.control_socket)
         try:
-            pyfuse3.init(Operations(self.vfs), self.mountpoint, self.mount_options())
+            pyfuse3.init(Operations(self.vfs), self.mountpoint, mount_options(self.allow_other))
         except RuntimeError as exc:
             raise StoreError(f"cannot mount {self.mountpoint}: {exc}") from None
         serving = clean = False
