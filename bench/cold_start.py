@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.lazymount import WORKLOADS, lazystore_mount, load_note, signed_cache  # noqa: E402
 from lazystore import nixtool  # noqa: E402
-from tests.support import nixcache  # noqa: E402
+from lazystore.testing import nixcache  # noqa: E402
 
 
 def first_line_after(store: Path, program: str) -> float:

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lazystore import nixtool  # noqa: E402
-from tests.support import nixcache  # noqa: E402
+from lazystore.testing import nixcache  # noqa: E402
 
 CACHE = ROOT / "bench" / ".cache" / "fetch"
 LAZYSTORE = ROOT / ".venv" / "bin" / "lazystore"

@@ -9,10 +9,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.support import nixcache
-from tests.support.daemon import Daemon
-from tests.support.daemon import lazystore_mount as support_mount
-from tests.support.httpserver import serve_directory
+from lazystore.testing import nixcache
+from lazystore.testing.daemon import Daemon
+from lazystore.testing.daemon import lazystore_mount as support_mount
+from lazystore.testing.httpserver import serve_directory
 
 WORKLOADS = Path(__file__).with_name("workloads")
 

@@ -34,7 +34,7 @@ from bench.lazymount import (  # noqa: E402
     load_note,
     signed_cache,
 )
-from tests.support import nixcache  # noqa: E402
+from lazystore.testing import nixcache  # noqa: E402
 
 BLOCK = 1 << 20
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import nixcache
-from tests.support.httpserver import serve_directory
+from lazystore.testing import nixcache
+from lazystore.testing.httpserver import serve_directory
 
 CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance"
 

@@ -17,8 +17,8 @@ import pytest
 from bench.harness import report
 from bench.harness.cli import MODES
 from bench.proxy import PROFILES, shaping_proxy
-from tests.support import nixcache
-from tests.support.httpserver import serve_directory
+from lazystore.testing import nixcache
+from lazystore.testing.httpserver import serve_directory
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECT = {"busybox": "hello from busybox", "wide": "wide ready", "python": "ready"}

@@ -14,9 +14,9 @@ import pytest
 
 from lazystore.cli import main
 from lazystore.nix.storepath import StorePath
-from tests.support import nixcache
+from lazystore.testing import nixcache
+from lazystore.testing.httpserver import serve_directory
 from tests.support.faultserver import Fault, FaultServer
-from tests.support.httpserver import serve_directory
 
 
 def nix_hash(path: Path) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import nixcache
+from lazystore.testing import nixcache
 
 LAZYSTORE = Path(sys.executable).parent / "lazystore"
 CACHE_NIXOS = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="

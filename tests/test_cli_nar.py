@@ -13,7 +13,7 @@ import pytest
 import zstandard
 
 from lazystore.cli import main
-from tests.support import nixcache
+from lazystore.testing import nixcache
 from tests.test_nar_nix import make_tree
 
 

@@ -21,7 +21,7 @@ import pytest
 import lazystore
 from lazystore import deploy
 from lazystore.cli.daemon import parse_size
-from tests.support import nixcache
+from lazystore.testing import nixcache
 
 ROOT = Path(__file__).resolve().parents[1]
 STUB = ROOT / "tests" / "support" / "nixos-stub" / "eval.nix"

@@ -27,8 +27,8 @@ from lazystore.control.client import ControlClient
 from lazystore.nix.signing import SecretKey
 from lazystore.snapshotter.proto import snapshots_pb2 as pb
 from lazystore.snapshotter.proto import snapshots_pb2_grpc as pb_grpc
-from tests.support import nixcache
-from tests.support.daemon import is_mounted
+from lazystore.testing import nixcache
+from lazystore.testing.daemon import is_mounted
 from tests.test_snapshotter_service import (
     NIX_LAYER,
     NIX_PATH,

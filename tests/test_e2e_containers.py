@@ -28,10 +28,10 @@ import pytest
 
 from lazystore.snapshotter.proto import snapshots_pb2 as pb
 from lazystore.snapshotter.proto import snapshots_pb2_grpc as pb_grpc
-from tests.support import nixcache, registry
-from tests.support.containerd import Containerd, have_containerd, snapshotter_process
-from tests.support.daemon import LAZYSTORE, Daemon
-from tests.support.httpserver import serve_directory
+from lazystore.testing import nixcache, registry
+from lazystore.testing.containerd import Containerd, have_containerd, snapshotter_process
+from lazystore.testing.daemon import LAZYSTORE, Daemon
+from lazystore.testing.httpserver import serve_directory
 
 SN = "lazystore"
 WIDE_NIX = Path(__file__).resolve().parents[1] / "bench/workloads/wide.nix"
@@ -457,7 +457,7 @@ def committed(st: Stack) -> set[str]:
 
 
 def test_containerd_helper_leaves_no_shim_behind(tmp_path: Path) -> None:
-    # tests.support.containerd without a proxy plugin (as bench uses it for overlayfs):
+    # lazystore.testing.containerd without a proxy plugin (as bench uses it for overlayfs):
     # a container still running at stop must not outlive the helper.
     _need_tools()
     work = Path(tempfile.mkdtemp(prefix="lzc-", dir="/tmp"))

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from lazystore.errors import FormatError
 from lazystore.nix.hashes import Hash
-from tests.support import nixcache
+from lazystore.testing import nixcache
 
 # digest of b"abc" per algorithm: (base16, nix32, base64)
 ABC = {

@@ -14,7 +14,7 @@ import pytest
 from lazystore.image.build import BuildResult, build_image
 from lazystore.image.oci import RuntimeConfig
 from lazystore.image.push import push_image
-from tests.support import containerd, registry
+from lazystore.testing import containerd, registry
 
 pytestmark = [
     pytest.mark.root,

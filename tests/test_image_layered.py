@@ -18,7 +18,7 @@ from lazystore.image.build import build_image
 from lazystore.image.closure import PathInfo
 from lazystore.image.layered import group_layers, popularity
 from lazystore.image.oci import OciArchive, RuntimeConfig
-from tests.support import nixcache
+from lazystore.testing import nixcache
 
 
 def _p(name: str) -> str:

@@ -17,7 +17,7 @@ from lazystore.image import nix
 from lazystore.image.build import build_image
 from lazystore.image.closure import PathInfo, is_store_path, local_closure, parse_dump_db
 from lazystore.image.oci import OciArchive, RuntimeConfig
-from tests.support import nixcache
+from lazystore.testing import nixcache
 
 
 def _layer_members(archive: Path, index: int = 0) -> list[tarfile.TarInfo]:

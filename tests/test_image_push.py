@@ -22,7 +22,7 @@ from lazystore.errors import ImageError
 from lazystore.image import oci
 from lazystore.image.build import BuildResult, build_image
 from lazystore.image.push import Target, push_image
-from tests.support import registry
+from lazystore.testing import registry
 
 pytestmark = pytest.mark.skipif(
     not registry.available(), reason="docker-registry or skopeo not installed"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import nixcache
-from tests.support.daemon import Daemon, is_mounted
+from lazystore.testing import nixcache
+from lazystore.testing.daemon import Daemon, is_mounted
 from tests.test_mount_daemon import _need_fuse, by_name
 
 BIG_MB = 200
@@ -55,7 +55,7 @@ def test_kill9_during_unpack_then_restart_is_consistent(
     tmp_path: Path, big_cache: nixcache.BinaryCache
 ) -> None:
     _need_fuse()
-    from tests.support.httpserver import serve_directory
+    from lazystore.testing.httpserver import serve_directory
 
     docs = by_name(big_cache.paths, "docs")
     expected = _sha256(Path("/nix/store") / docs / "share/doc/manual.txt")

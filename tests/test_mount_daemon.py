@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import nixcache
-from tests.support.daemon import LAZYSTORE, Daemon, fuse_missing, is_mounted
-from tests.support.daemon import lazystore_mount as support_mount
-from tests.support.httpserver import serve_directory
+from lazystore.testing import nixcache
+from lazystore.testing.daemon import LAZYSTORE, Daemon, fuse_missing, is_mounted
+from lazystore.testing.daemon import lazystore_mount as support_mount
+from lazystore.testing.httpserver import serve_directory
 
 pytestmark = pytest.mark.root
 

@@ -17,7 +17,7 @@ import pytest
 import zstandard
 
 from lazystore.nix import base32, fsio, nar
-from tests.support import nixcache
+from lazystore.testing import nixcache
 
 BIG = 3 << 20
 ODD_NAMES = [

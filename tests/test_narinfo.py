@@ -15,7 +15,7 @@ from lazystore.errors import NarInfoError
 from lazystore.nix.cacheinfo import CacheInfo
 from lazystore.nix.hashes import Hash
 from lazystore.nix.narinfo import NarInfo
-from tests.support import nixcache
+from lazystore.testing import nixcache
 
 SAMPLE = (
     "StorePath: /nix/store/00bgd045z0d4icpbc2yyz4gx48ak44la-net-tools-1.60_p20170221182432\n"

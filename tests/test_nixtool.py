@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lazystore import nixtool
-from tests.support import nixcache
+from lazystore.testing import nixcache
 
 pytestmark = pytest.mark.skipif(not nixcache.have_nix(), reason="nix-bin is not installed")
 

@@ -14,7 +14,7 @@ import zstandard
 from lazystore.errors import SignatureError
 from lazystore.nix.narinfo import NarInfo
 from lazystore.nix.signing import PublicKey, SecretKey, sign_narinfo, verify_narinfo
-from tests.support import nixcache
+from lazystore.testing import nixcache
 
 CACHE_NIXOS = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="
 TEST1_PUBLIC = "test1:tLAEn+EeaBUJYqEpTd2yeerr7Ic6+0vWe+aXL/vYUpE="

@@ -27,7 +27,7 @@ import pytest
 from lazystore.control import protocol
 from lazystore.snapshotter.proto import snapshots_pb2 as pb
 from lazystore.snapshotter.proto import snapshots_pb2_grpc as pb_grpc
-from tests.support.containerd import snapshotter_process
+from lazystore.testing.containerd import snapshotter_process
 
 H1 = "0" * 31 + "1"
 H2 = "0" * 31 + "2"

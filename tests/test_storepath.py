@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from lazystore.errors import FormatError
 from lazystore.nix.storepath import StorePath, check_store_dir, is_valid_basename
-from tests.support import nixcache
+from lazystore.testing import nixcache
 
 H = "00bgd045z0d4icpbc2yyz4gx48ak44la"
 

@@ -15,8 +15,8 @@ from lazystore.nix.storepath import StorePath
 from lazystore.substituter.client import Substituters
 from lazystore.substituter.config import SubstituterConfig
 from lazystore.substituter.errors import NotAvailableError, SubstituterError
-from tests.support import nixcache
-from tests.support.httpserver import serve_directory
+from lazystore.testing import nixcache
+from lazystore.testing.httpserver import serve_directory
 
 
 def test_config(urls: list[str], key: str, **overrides: object) -> SubstituterConfig:

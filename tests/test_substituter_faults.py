@@ -32,7 +32,7 @@ from lazystore.nix.storepath import StorePath
 from lazystore.substituter.client import Substituters
 from lazystore.substituter.config import SubstituterConfig
 from lazystore.substituter.errors import NotAvailableError, SubstituterError
-from tests.support import nixcache
+from lazystore.testing import nixcache
 from tests.support.faultserver import Fault, FaultServer
 
 

@@ -28,7 +28,7 @@ from lazystore.nix.storepath import StorePath
 from lazystore.substituter.client import Substituters
 from lazystore.substituter.config import SubstituterConfig
 from lazystore.substituter.errors import NotAvailableError
-from tests.support import nixcache
+from lazystore.testing import nixcache
 
 
 def _self_signed(directory: Path) -> tuple[Path, Path]:

@@ -4,7 +4,7 @@ import subprocess
 import urllib.request
 from pathlib import Path
 
-from tests.support import nixcache
+from lazystore.testing import nixcache
 
 
 def test_sample_closure_has_unread_reference(sample_closure: str) -> None:

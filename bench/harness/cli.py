@@ -26,7 +26,7 @@ from bench.harness.measure import RunFailed, Skip
 from bench.harness.modes import HOST_MODES, Context
 from bench.harness.workloads import BENCH, Workload, bench_key, build, write_caches
 from bench.proxy import PROFILES, shaping_proxy
-from tests.support.httpserver import serve_directory
+from lazystore.testing.httpserver import serve_directory
 
 log = logging.getLogger(__name__)
 

@@ -31,6 +31,7 @@ from bench.harness.measure import (
 from bench.harness.modes import LAZYSTORE, Context, Daemon, cli_has, lazystore_status, nar_fetches
 from bench.harness.workloads import CACHE_DIR, Workload
 from bench.proxy import ShapingProxy, shaping_proxy
+from lazystore.testing import containerd, registry
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +45,6 @@ class Images:
 
     proxy: ShapingProxy  # in front of the registry
     refs: dict[tuple[str, str], str]  # (kind, variant) -> HOST:PORT/REPO:TAG
-
-
-def _support() -> tuple[Any, Any]:
-    try:
-        from tests.support import containerd, registry
-    except ImportError as exc:
-        raise Skip(f"tests.support containerd/registry helpers are missing ({exc})") from None
-    return containerd, registry
 
 
 def _image_archive(wl: Workload, kind: str) -> Path:
@@ -77,7 +70,6 @@ def start_registry(stack: ExitStack, workdir: Path, first: Workload, second: Wor
                    profile: Any) -> Images:
     """A real registry with the four images pushed (unshaped), and a shaping
     proxy in front of it for the pulls; owned by *stack*."""
-    containerd, registry = _support()
     if not containerd.have_containerd():
         raise Skip("containerd, ctr and runc (and root) are needed")
     if not registry.available():
@@ -161,7 +153,6 @@ def _record(prog: Output, split: dict[str, float], proxies: list[ShapingProxy],
 def oci_overlayfs(ctx: Context, delta: bool = False) -> Record:
     """The --layered image on containerd's own overlayfs snapshotter."""
     images = _images(ctx)
-    containerd, _ = _support()
     with containerd.Containerd(ctx.fresh_dir("containerd-oci")) as ctd:
         puller = _Pull(ctd, "overlayfs", ctx.timeout)
         new_nar = None
@@ -205,7 +196,6 @@ def lazystore_snapshotter(ctx: Context, delta: bool = False) -> Record:
     """The nix image through lazystore's snapshotter (fresh daemon, snapshotter
     and containerd, empty caches)."""
     images = _images(ctx)
-    containerd, _ = _support()
     if not cli_has("snapshotter"):
         raise Skip("`lazystore snapshotter` has not landed yet (issue 5)")
     with ExitStack() as stack:

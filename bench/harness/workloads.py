@@ -9,7 +9,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support import nixcache
+from lazystore.testing import nixcache
 
 log = logging.getLogger(__name__)
 

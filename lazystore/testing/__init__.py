@@ -1,0 +1,6 @@
+"""Real helpers for tests and benchmarks (as trio.testing): plain modules, no pytest.
+
+nixcache (real Nix builds and signed binary caches), httpserver (a folder over
+HTTP on 127.0.0.1), daemon (``lazystore mount`` as a subprocess), containerd (a
+private containerd) and registry (a private docker-registry). Nothing in the
+package proper imports them."""
