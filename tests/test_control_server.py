@@ -17,7 +17,7 @@ from lazystore.errors import ControlError, StoreError
 
 
 async def handler(op: str, args: dict[str, Any]) -> Any:
-    if op == "status":
+    if op in ("status", "prefetch"):
         return {"echo": args, "paths_materialized": []}
     if op == "evict":
         raise StoreError("nothing to evict here")
@@ -38,10 +38,10 @@ async def test_requests_on_one_connection(tmp_path: Path) -> None:
 
     def client() -> list[Any]:
         with ControlClient(str(sock), timeout=10) as c:
-            return [c.call("status", a=1), c.call("status")]
+            return [c.call("prefetch", paths=["a"]), c.call("status")]
 
     first, second = await _with_server(sock, client)
-    assert first["echo"] == {"a": 1} and second["echo"] == {}
+    assert first["echo"] == {"paths": ["a"], "closure": False} and second["echo"] == {}
     assert not sock.exists()  # removed when the server stops
 
 
@@ -58,9 +58,9 @@ async def test_errors_come_back_as_one_line(tmp_path: Path) -> None:
     def client() -> list[str]:
         messages = []
         with ControlClient(str(sock), timeout=10) as c:
-            for op in ("evict", "view_remove", "no_such_op"):
+            for op, args in (("evict", {}), ("view_remove", {"id": "x"}), ("no_such_op", {})):
                 try:
-                    c.call(op)
+                    c.call(op, **args)
                 except ControlError as exc:
                     messages.append(str(exc))
             c.call("status")  # the connection survived all of them

@@ -252,27 +252,6 @@ async def test_statfs(tmp_path: Path, subs: FakeSubstituters) -> None:
     await trio.sleep(0)
 
 
-async def test_view_from_closure_info_and_paths(tmp_path: Path) -> None:
-    from lazystore.daemon.process import Daemon
-
-    info = "g" * 32 + "-closure-info"
-    paths = sample_paths()
-    paths[info] = {"store-paths": f"/nix/store/{A}\n/nix/store/{B}\n".encode()}
-    subs = FakeSubstituters(paths)
-    async with LocalStore(subs, tmp_path) as store:
-        daemon = Daemon(store, str(tmp_path / "mnt"), str(tmp_path / "sock"))
-        result = await daemon.handle(
-            "view_create", {"id": "c1", "paths": [f"/nix/store/{C}"], "closure_info": info}
-        )
-        assert result == {"path": f"{tmp_path}/mnt/.views/c1", "paths": [C, A, B]}
-        assert all(store.pinned(b) for b in (A, B, C)) and not store.pinned(info)
-        assert await daemon.handle("view_remove", {"id": "c1"}) == {}
-        assert await daemon.handle("view_remove", {"id": "c1"}) == {}  # idempotent
-        assert not any(store.pinned(b) for b in (A, B, C))
-        with pytest.raises(FsError):
-            await daemon.handle("view_create", {"id": "x", "bogus": 1})
-
-
 @pytest.mark.allow_log
 async def test_listing_is_a_hint_until_the_nar_verified(
     tmp_path: Path, subs: FakeSubstituters, caplog: pytest.LogCaptureFixture

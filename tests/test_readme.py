@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import re
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,13 @@ def test_every_command_is_documented() -> None:
     assert "lazystore nar pack" in commands and "lazystore mount" in commands
     missing = [c for c in commands if f"``{c}" not in text]
     assert missing == []
+
+
+def test_every_control_operation_is_documented_with_its_arguments() -> None:
+    from lazystore.control.protocol import OPERATIONS
+
+    section = README.read_text().split("\nControl protocol\n====", 1)[1].split("\n=====", 1)[0]
+    entries = dict(re.findall(r"^``([a-z_]+)`` \((.*)\)$", section, re.MULTILINE))
+    assert sorted(entries) == sorted(OPERATIONS)
+    for name, op in OPERATIONS.items():
+        assert re.findall(r"``([a-z_]+)``: ", entries[name]) == list(op.arg_names), name

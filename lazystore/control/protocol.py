@@ -2,31 +2,23 @@
 
 A connection carries frames, each a 4-byte big-endian length followed by one
 msgpack map. The client sends ``{"op": NAME, "args": {...}}``; the daemon
-answers ``{"ok": True, "result": ...}`` or ``{"ok": False, "error": MESSAGE}``.
-Several requests may be sent one after another on one connection.
+answers ``{"ok": True, "result": ...}`` or ``{"ok": False, "error": MESSAGE}``
+(one line). Several requests may be sent one after another on one connection;
+they are answered in order.
 
-Operations (arguments -> result):
-
-``status`` () -> map with at least ``mount_point``, ``substituters`` (list of
-    URLs), ``cache_dir``, ``cache_bytes`` (int), ``cache_limit`` (int or nil),
-    ``paths_known`` (int), ``paths_materialized`` (list of store path
-    basenames), ``in_flight`` (int), ``bytes_downloaded`` (int), ``hits``,
-    ``misses`` (int), ``views`` (list of view ids).
-``prefetch`` (``paths``: list of store paths, ``closure``: bool) -> ``{"fetched": [basenames]}``
-    once every path is materialised.
-``view_create`` (``id``: str, ``paths``: list of store paths, and/or
-    ``closure_info``: a store path whose ``store-paths`` file lists them)
-    -> ``{"path": "<mount>/.views/<id>", "paths": [basenames]}``.
-``view_remove`` (``id``) -> ``{}`` (also when no such view exists).
-``evict`` (``paths``: list of store paths; empty = everything evictable)
-    -> ``{"evicted": [basenames]}``.
-``closure`` (``paths``: list of store paths) -> ``{"paths": [basenames]}``, the
-    closure through the substituters' References, fetching no NAR.
+The operations are :data:`OPERATIONS`: each declares its arguments and their
+types, and :func:`parse_request` refuses a request that does not fit (unknown
+operation, missing, unknown or ill-typed argument) with a one-line
+ControlError before any handler runs. An optional argument is left out, never
+sent as nil. Store paths may be given in full (``/nix/store/<hash>-<name>``)
+or as base names; results name them by base name.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
@@ -36,7 +28,76 @@ from lazystore.errors import ControlError
 MAX_FRAME = 16 * 1024 * 1024
 _HEADER = struct.Struct(">I")
 HEADER_SIZE = _HEADER.size
-OPS = ("status", "prefetch", "view_create", "view_remove", "evict", "closure")
+
+
+@dataclass(frozen=True)
+class ArgType:
+    """What an argument's value must be, with the words an error uses for it."""
+
+    description: str
+    check: Callable[[Any], bool]
+
+
+STRING = ArgType("a string", lambda v: isinstance(v, str))
+BOOLEAN = ArgType("true or false", lambda v: isinstance(v, bool))
+STORE_PATHS = ArgType(
+    "a list of store paths", lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v)
+)
+REQUIRED: Any = object()
+
+
+@dataclass(frozen=True)
+class Arg:
+    name: str
+    type: ArgType
+    default: Any = REQUIRED  # optional arguments have one (never shared mutable state)
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One control operation: its arguments and what it answers (for the docs)."""
+
+    name: str
+    args: tuple[Arg, ...]
+    result: str
+    needs_one_of: tuple[str, ...] = ()  # at least one of these arguments is given
+    arg_names: tuple[str, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "arg_names", tuple(a.name for a in self.args))
+
+
+OPERATIONS: dict[str, Operation] = {op.name: op for op in (
+    Operation("status", (), (
+        "map: mount_point, substituters (URLs), cache_dir, cache_bytes, cache_limit "
+        "(nil: none), paths_known, paths_materialized (base names), in_flight, "
+        "bytes_downloaded, nars_fetched, hits, misses, pinned (base names), views (ids), "
+        "inodes, open_files"
+    )),
+    Operation(
+        "prefetch",
+        (Arg("paths", STORE_PATHS), Arg("closure", BOOLEAN, False)),
+        "{fetched: [base names]} once every path (with closure: of their closures) is "
+        "materialised; the daemon fetches them in parallel, a bounded number at once",
+    ),
+    Operation(
+        "closure", (Arg("paths", STORE_PATHS),),
+        "{paths: [base names]}: the closure through the narinfos' References; no NAR",
+    ),
+    Operation(
+        "view_create",
+        (Arg("id", STRING), Arg("paths", STORE_PATHS, ()), Arg("closure_info", STRING, None)),
+        "{path: <mount>/.views/<id>, paths: [base names]}; closure_info is a store path "
+        "whose store-paths file lists more paths; the paths stay pinned while the view "
+        "exists; the same view again is a no-op, the same id with other paths an error",
+        needs_one_of=("paths", "closure_info"),
+    ),
+    Operation("view_remove", (Arg("id", STRING),), "{} (also when there is no such view)"),
+    Operation(
+        "evict", (Arg("paths", STORE_PATHS, ()),),
+        "{evicted: [base names]}; no paths: everything not pinned",
+    ),
+)}
 
 
 def encode_frame(message: dict[str, Any]) -> bytes:
@@ -77,12 +138,37 @@ def error(message: str) -> dict[str, Any]:
 
 
 def parse_request(message: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    op, args = message.get("op"), message.get("args", {})
-    if op not in OPS:
-        raise ControlError(f"unknown control operation {op!r}")
+    """(operation, arguments with defaults filled in) of a request that fits
+    :data:`OPERATIONS`; ControlError with one line saying what does not."""
+    name, args = message.get("op"), message.get("args", {})
+    op = OPERATIONS.get(name) if isinstance(name, str) else None
+    if op is None:
+        raise ControlError(
+            f"unknown control operation {name!r} (known: {', '.join(OPERATIONS)})"
+        )
     if not isinstance(args, dict):
-        raise ControlError(f"arguments of {op} are not a map")
-    return op, args
+        raise ControlError(f"{op.name}: the arguments are not a map")
+    unknown = [k for k in args if k not in op.arg_names]
+    if unknown:
+        takes = ", ".join(op.arg_names) or "no arguments"
+        raise ControlError(f"{op.name}: unknown argument {unknown[0]!r} (takes {takes})")
+    checked = {}
+    for arg in op.args:
+        if arg.name in args:
+            value = args[arg.name]
+            if not arg.type.check(value):
+                raise ControlError(
+                    f"{op.name}: {arg.name} must be {arg.type.description},"
+                    f" not {'nil' if value is None else type(value).__name__}"
+                )
+            checked[arg.name] = value
+        elif arg.default is REQUIRED:
+            raise ControlError(f"{op.name}: missing argument {arg.name!r}")
+        else:
+            checked[arg.name] = arg.default
+    if op.needs_one_of and not any(k in args for k in op.needs_one_of):
+        raise ControlError(f"{op.name}: needs {' or '.join(op.needs_one_of)}")
+    return op.name, checked
 
 
 def parse_response(message: dict[str, Any]) -> Any:

@@ -2,5 +2,7 @@
 
 ``process`` starts the substituters, the local store, the Vfs and its FUSE
 Operations, the control server, and tears them down again; ``mountpoint``
-prepares the directory it mounts on. Nothing below imports this package.
+prepares the directory it mounts on; ``operations`` answers the control
+operations (one handler per entry of the protocol's table). Nothing below
+imports this package.
 """

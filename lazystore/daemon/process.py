@@ -23,9 +23,10 @@ import trio
 from lazystore import sdnotify
 from lazystore.control import server
 from lazystore.daemon.mountpoint import mount_options, prepare_mountpoint, raise_fd_limit
+from lazystore.daemon.operations import ControlOperations
 from lazystore.errors import StoreError
 from lazystore.fs.operations import Operations
-from lazystore.fs.vfs import InvalidRequest, Vfs
+from lazystore.fs.vfs import Vfs
 from lazystore.store.cache import LocalStore
 
 log = logging.getLogger(__name__)
@@ -45,9 +46,10 @@ class Daemon:
         self.mountpoint = os.path.abspath(mountpoint)
         self.control_socket = control_socket
         self.allow_other = allow_other
-        self.substituter_urls = substituter_urls or []
         self.vfs = Vfs(store, store_dir)
-        self._stack = AsyncExitStack()
+        self.operations = ControlOperations(
+            store, self.vfs, self.mountpoint, list(substituter_urls or [])
+        )
 
     async def run(self) -> None:
         raise_fd_limit()
@@ -61,7 +63,7 @@ class Daemon:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_signals, nursery)
-                await nursery.start(server.serve, self.control_socket, self.handle)
+                await nursery.start(server.serve, self.control_socket, self.operations.handle)
                 log.info("serving %s (control socket %s)", self.mountpoint, self.control_socket)
                 sdnotify.notify(f"READY=1\nSTATUS=serving {self.mountpoint}")
                 serving = True
@@ -83,66 +85,6 @@ class Daemon:
                 sdnotify.notify(f"STOPPING=1\nSTATUS=unmounting {self.mountpoint}")
                 pyfuse3.terminate()
                 return
-
-    # -- control operations ----------------------------------------------
-
-    async def handle(self, op: str, args: dict[str, Any]) -> Any:
-        method = getattr(self, f"op_{op}")
-        try:
-            return await method(**args)
-        except TypeError as exc:
-            if "argument" not in str(exc):
-                raise
-            raise InvalidRequest(f"bad arguments for {op}: {exc}") from None
-
-    async def op_status(self) -> dict[str, Any]:
-        status = self.store.status()
-        status.update(
-            mount_point=self.mountpoint,
-            substituters=list(self.substituter_urls),
-            views=sorted(self.vfs.views),
-            inodes=len(self.vfs.inodes),
-            open_files=len(self.vfs.handles),
-        )
-        return status
-
-    async def op_prefetch(self, paths: list[str], closure: bool = False) -> dict[str, Any]:
-        return {"fetched": await self.store.prefetch(_strs(paths), bool(closure))}
-
-    async def op_closure(self, paths: list[str]) -> dict[str, Any]:
-        return {"paths": await self.store.closure(_strs(paths))}
-
-    async def op_view_create(
-        self, id: str, paths: list[str] | None = None, closure_info: str | None = None  # noqa: A002
-    ) -> dict[str, Any]:
-        if not isinstance(id, str):
-            raise InvalidRequest("view id must be a string")
-        if closure_info is None and paths is None:
-            raise InvalidRequest("view_create needs paths or closure_info")
-        bases = [self.store.parse(p).basename for p in _strs(paths or [])]
-        if closure_info is not None:
-            bases += await self._closure_info(str(closure_info))
-        rel = await self.vfs.create_view(id, bases)
-        return {"path": f"{self.mountpoint}/{rel}", "paths": list(self.vfs.views[id].bases)}
-
-    async def _closure_info(self, path: str) -> list[str]:
-        base = self.store.parse(path).basename
-        text = (await self.store.read_small_file(base, "store-paths")).decode()
-        lines = [line.strip() for line in text.splitlines()]
-        return [self.store.parse(line).basename for line in lines if line]
-
-    async def op_view_remove(self, id: str) -> dict[str, Any]:  # noqa: A002
-        self.vfs.remove_view(str(id))
-        return {}
-
-    async def op_evict(self, paths: list[str] | None = None) -> dict[str, Any]:
-        return {"evicted": await self.store.evict(_strs(paths or []))}
-
-
-def _strs(value: Any) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise InvalidRequest("expected a list of store paths")
-    return value
 
 
 async def run(
