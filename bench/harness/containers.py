@@ -26,9 +26,17 @@ from bench.harness.measure import (
     check,
     drop_caches,
     peak_rss_kib,
+    proc_peak_rss_kib,
     run_until_exit,
 )
-from bench.harness.modes import LAZYSTORE, Context, Daemon, cli_has, lazystore_status, nar_fetches
+from bench.harness.modes import (
+    LAZYSTORE,
+    Context,
+    cli_has,
+    fresh_daemon,
+    lazystore_status,
+    nar_fetches,
+)
 from bench.harness.workloads import CACHE_DIR, Workload
 from bench.proxy import ShapingProxy, shaping_proxy
 from lazystore.testing import containerd, registry
@@ -166,7 +174,7 @@ def oci_overlayfs(ctx: Context, delta: bool = False) -> Record:
                                  ctx.extra["delta"].expect if delta else ctx.workload.expect)
         layers = len([t for t in images.proxy.stats.targets("/v2/") if "/blobs/" in t])
         record = _record(prog, split, [images.proxy, ctx.cache_proxy])
-        rss = _containerd_rss(ctd)
+        rss = proc_peak_rss_kib(ctd.proc)
     record.update({"store_paths_fetched": _paths_in_layers(ctx, delta),
                    "blobs_fetched": layers, "daemon_peak_rss_kib": rss,
                    "page_cache_dropped": dropped})
@@ -188,10 +196,6 @@ def _new_nar_bytes(ctx: Context) -> int:
     return sum(second.nar_sizes[p] for p in new)
 
 
-def _containerd_rss(ctd: Any) -> int | None:
-    return None if ctd.proc is None else peak_rss_kib(ctd.proc.pid)
-
-
 def lazystore_snapshotter(ctx: Context, delta: bool = False) -> Record:
     """The nix image through lazystore's snapshotter (fresh daemon, snapshotter
     and containerd, empty caches)."""
@@ -199,11 +203,11 @@ def lazystore_snapshotter(ctx: Context, delta: bool = False) -> Record:
     if not cli_has("snapshotter"):
         raise Skip("`lazystore snapshotter` has not landed yet (issue 5)")
     with ExitStack() as stack:
-        daemon = stack.enter_context(Daemon(ctx, "snap-daemon", allow_other=True))
+        daemon = stack.enter_context(fresh_daemon(ctx, "snap-daemon", allow_other=True))
         base = ctx.fresh_dir("snapshotter")
         address = base / "snapshotter.sock"
         snap = stack.enter_context(containerd.snapshotter_process(
-            base / "root", address, daemon.socket, daemon.mount_point,
+            base / "root", address, daemon.sock, daemon.mnt,
             log_file=base / "snapshotter.log"))
         ctd = stack.enter_context(containerd.Containerd(
             ctx.fresh_dir("containerd-lazy"), proxy_plugins={"lazystore": str(address)}))
@@ -213,7 +217,7 @@ def lazystore_snapshotter(ctx: Context, delta: bool = False) -> Record:
         if delta:
             puller.run(images.refs[("nix", "v1")], "first", ctx.workload.expect)
             new_nar = _new_nar_bytes(ctx)
-            before = set(lazystore_status(daemon.socket).get("paths_materialized", []))
+            before = set(lazystore_status(daemon.sock).get("paths_materialized", []))
         dropped = drop_caches()
         for p in (images.proxy, ctx.cache_proxy):
             p.reset()
@@ -221,14 +225,14 @@ def lazystore_snapshotter(ctx: Context, delta: bool = False) -> Record:
                                  ctx.extra["delta"].expect if delta else ctx.workload.expect)
         nars = nar_fetches(ctx.cache_proxy.stats)
         record = _record(prog, split, [images.proxy, ctx.cache_proxy])
-        status = lazystore_status(daemon.socket)
+        status = lazystore_status(daemon.sock)
         fetched = set(status.get("paths_materialized", [])) - before
         record.update({
             "store_paths_fetched": len(fetched),
             "nar_requests": nars,
-            "daemon_peak_rss_kib": daemon.peak_rss_kib(),
+            "daemon_peak_rss_kib": proc_peak_rss_kib(daemon.proc),
             "snapshotter_peak_rss_kib": peak_rss_kib(snap.pid),
-            "containerd_peak_rss_kib": _containerd_rss(ctd),
+            "containerd_peak_rss_kib": proc_peak_rss_kib(ctd.proc),
             "page_cache_dropped": dropped,
         })
         if new_nar is not None:

@@ -117,6 +117,11 @@ def peak_rss_kib(pid: int) -> int | None:
     return None
 
 
+def proc_peak_rss_kib(proc: subprocess.Popen[bytes] | None) -> int | None:
+    """:func:`peak_rss_kib` of a started process (None when it never started)."""
+    return None if proc is None else peak_rss_kib(proc.pid)
+
+
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str,
              proc: subprocess.Popen[bytes] | None = None) -> None:
     """Poll *predicate* until true; fail early if *proc* exits."""

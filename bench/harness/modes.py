@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,18 +21,17 @@ from bench.harness.measure import (
     check,
     drop_caches,
     in_store_namespace,
-    peak_rss_kib,
+    proc_peak_rss_kib,
     run_until_exit,
-    wait_for,
 )
 from bench.harness.workloads import Workload
 from bench.proxy import Profile, ShapingProxy, Stats
 from lazystore import nixtool
+from lazystore.testing.daemon import LAZYSTORE, Daemon
 
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
-LAZYSTORE = str(Path(sys.executable).with_name("lazystore"))
 
 Record = dict[str, Any]
 
@@ -128,59 +125,22 @@ def lazystore_status(socket: Path) -> dict[str, Any]:
     return dict(json.loads(proc.stdout))
 
 
-class Daemon:
-    """A fresh ``lazystore mount`` on an empty cache dir; stopped on exit."""
-
-    def __init__(self, ctx: Context, name: str = "fuse", allow_other: bool = False) -> None:
-        base = ctx.fresh_dir(name)
-        self.mount_point = base / "mnt"
-        self.cache_dir = base / "cache"
-        self.socket = base / "control.sock"
-        self.log_file = base / "daemon.log"
-        self.mount_point.mkdir()
-        self.argv = [
-            LAZYSTORE, "mount", str(self.mount_point),
-            "--substituter", ctx.cache_url,
-            "--trusted-public-key", ctx.public_key,
-            "--cache-dir", str(self.cache_dir),
-            "--control-socket", str(self.socket),
-        ] + (["--allow-other"] if allow_other else [])
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start_seconds = 0.0
-
-    def __enter__(self) -> Daemon:
-        started = time.monotonic()
-        with open(self.log_file, "wb") as log_out:
-            self.proc = subprocess.Popen(
-                self.argv, stdout=log_out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
+@contextmanager
+def fresh_daemon(ctx: Context, name: str = "fuse", allow_other: bool = False) -> Iterator[Daemon]:
+    """A quiet ``lazystore mount`` (lazystore.testing's Daemon) on an empty cache
+    dir under *name*, serving once yielded, always stopped; RunFailed if it
+    does not come up."""
+    extra = ["--allow-other"] if allow_other else []
+    daemon = Daemon(ctx.fresh_dir(name), ctx.cache_url, ctx.public_key, *extra,
+                    verbose=False, call_timeout=ctx.timeout)
+    try:
         try:
-            wait_for(
-                lambda: os.path.ismount(self.mount_point) and self.socket.exists(),
-                60, "lazystore mount", self.proc,
-            )
-        except RunFailed as exc:
-            self.__exit__(None, None, None)
-            raise RunFailed(f"{exc}; log: {self.log()[-800:]}") from None
-        self.start_seconds = time.monotonic() - started
-        return self
-
-    def log(self) -> str:
-        return self.log_file.read_text(errors="replace")
-
-    def peak_rss_kib(self) -> int | None:
-        return None if self.proc is None else peak_rss_kib(self.proc.pid)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if os.path.ismount(self.mount_point):
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mount_point)], check=False)
+            daemon.start(timeout=60)
+        except AssertionError as exc:  # the shared helper's way of saying so
+            raise RunFailed(f"lazystore mount: {exc}") from None
+        yield daemon
+    finally:
+        daemon.stop()
 
 
 def lazystore_fuse(ctx: Context) -> Record:
@@ -189,14 +149,15 @@ def lazystore_fuse(ctx: Context) -> Record:
         raise Skip("`lazystore mount`/`lazystore status` have not landed yet (issue 4)")
     dropped = drop_caches()
     ctx.cache_proxy.reset()
-    with Daemon(ctx) as daemon:
+    started = time.monotonic()
+    with fresh_daemon(ctx) as daemon:
         start = time.monotonic()
-        prog = run_until_exit(in_store_namespace(daemon.mount_point, ctx.workload.argv),
+        start_seconds = start - started
+        prog = run_until_exit(in_store_namespace(daemon.mnt, ctx.workload.argv),
                               start, ctx.timeout)
         check(prog, ctx.workload.expect, "lazystore-fuse program")
-        status = lazystore_status(daemon.socket)
-        rss = daemon.peak_rss_kib()
-        start_seconds = daemon.start_seconds
+        status = lazystore_status(daemon.sock)
+        rss = proc_peak_rss_kib(daemon.proc)
     stats = ctx.cache_proxy.reset()
     return {
         "time_to_first_output": prog.first_output,
