@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "snapshotter",
     "image",
     "deploy",
+    "registry",
 )
 
 # Command words registered by a module of another name (see build_parser).

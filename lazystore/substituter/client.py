@@ -191,15 +191,20 @@ class Substituters:
         self.stats.narinfo_hits += 1
         return found[1]
 
-    async def _find_or_raise(self, path: StorePath) -> tuple[_Cache, NarInfo] | None:
+    async def query_hash(self, hash_part: str) -> NarInfo | None:
+        """As :meth:`query` for the store path of hash part *hash_part*, whatever its name."""
+        found = await self._find_or_raise(hash_part)
+        return None if found is None else found[1]
+
+    async def _find_or_raise(self, path: StorePath | str) -> tuple[_Cache, NarInfo] | None:
         errors = await self._disabled_reasons()
         found = await self._find(path, errors)
         if found is None and errors:
-            raise NotAvailableError(f"cannot look up {path.path(self.config.store_dir)}: "
-                                    + "; ".join(errors))
+            what = path if isinstance(path, str) else path.path(self.config.store_dir)
+            raise NotAvailableError(f"cannot look up {what}: " + "; ".join(errors))
         return found
 
-    async def _find(self, path: StorePath, errors: list[str],
+    async def _find(self, path: StorePath | str, errors: list[str],
                     tried: Collection[_Cache] = ()) -> tuple[_Cache, NarInfo] | None:
         """The first substituter (by priority) not in *tried* with a trusted
         narinfo of *path*. Substituters that could not be asked are skipped,
@@ -217,15 +222,16 @@ class Substituters:
                 return cache, info
         return None
 
-    async def _query_one(self, cache: _Cache, path: StorePath) -> NarInfo | None:
-        key = path.hash_part
+    async def _query_one(self, cache: _Cache, path: StorePath | str) -> NarInfo | None:
+        """*path* is a store path, or a hash part alone (any name matches)."""
+        key = path if isinstance(path, str) else path.hash_part
         if key in cache.negative:
             return None
         info = cache.positive.get(key)
         if info is None:
             info = await self._narinfo_flight.run(
                 (cache.index, key), lambda: self._fetch_narinfo(cache, key))
-        if info is None or info.path != path:
+        if info is None or (isinstance(path, StorePath) and info.path != path):
             return None  # as Nix: a narinfo for another name is not this path
         return info
 

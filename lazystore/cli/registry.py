@@ -1,0 +1,50 @@
+"""CLI: ``registry`` (an on-the-fly OCI registry of Nix closures)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DEFAULT_LISTEN = "127.0.0.1:5000"
+DEFAULT_CACHE_DIR = "/var/cache/lazystore-registry"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add this module's sub-commands to *sub*."""
+    from lazystore.cli import fetch as fetch_cli
+
+    p = sub.add_parser(
+        "registry", help="serve images of store paths' closures (OCI distribution, read-only)",
+        description="Serve OCI images made on request: NAME is a store path's hash (or its "
+        "basename); tag 'latest' is its closure's nix image, 'layered' a classic image.")
+    p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
+                   help=f"address to serve on (default {DEFAULT_LISTEN}; port 0: any)")
+    fetch_cli.add_substituter_arguments(p)
+    p.add_argument("--max-layers", type=fetch_cli._positive_int, default=100, metavar="N",
+                   help="layers of a 'layered' image at most (default 100)")
+    p.add_argument("--cache-dir", type=Path, default=Path(DEFAULT_CACHE_DIR), metavar="DIR",
+                   help=f"blobs and built layers (default {DEFAULT_CACHE_DIR})")
+    p.set_defaults(func=cmd_registry)
+
+
+def cmd_registry(args: argparse.Namespace) -> int:
+    import trio
+
+    from lazystore.cli import Stdout
+    from lazystore.cli import fetch as fetch_cli
+    from lazystore.cli.daemon import _first_error
+    from lazystore.registry import server
+    from lazystore.substituter.client import Substituters
+
+    config = fetch_cli.config_from_args(args)
+    out = Stdout()
+
+    def ready(urls: list[str]) -> None:
+        out.line(f"serving on {' '.join(urls)}")
+
+    try:
+        trio.run(lambda: server.run(Substituters(config), args.listen, args.cache_dir,
+                                    args.max_layers, ready))
+    except BaseExceptionGroup as group:
+        raise _first_error(group) from None
+    return 0

@@ -1,0 +1,1 @@
+"""``lazystore registry``: a read-only OCI distribution registry of Nix closures."""

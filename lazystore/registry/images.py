@@ -1,0 +1,279 @@
+"""Images made on request from the closures the binary caches describe.
+
+``latest`` is the nix image of a closure: its narinfos (signed, trusted) and
+the kind of each path's root (from the cache's ``.ls`` listing, else from the
+path's NAR, fetched once) are all it needs, so answering costs a closure walk.
+``layered`` is the classic image: its layers are built once per group of store
+paths (NARs fetched and verified by the substituter client, unpacked under the
+cache dir's ``tmp``, written as a deterministic tar) and kept in the blob store.
+
+Manifests are remembered per (store path, tag) and by digest; concurrent
+requests for an image not made yet share one making (single flight).
+"""
+
+from __future__ import annotations
+
+import logging
+import stat
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cachetools
+import trio
+
+from lazystore.image import build, layered, oci
+from lazystore.image.closure import PathInfo, path_info
+from lazystore.nix import fsio
+from lazystore.nix.narinfo import NarInfo
+from lazystore.nix.storepath import StorePath
+from lazystore.registry import manifest as media
+from lazystore.registry.blobs import BlobStore
+from lazystore.registry.errors import (
+    ManifestUnknown,
+    NameUnknown,
+    RegistryError,
+    Unavailable,
+)
+from lazystore.registry.names import TAGS, Name
+from lazystore.substituter.client import Substituters
+from lazystore.substituter.download import single_error
+from lazystore.substituter.errors import NotAvailableError, SubstituterError
+from lazystore.substituter.flight import SingleFlight
+
+log = logging.getLogger(__name__)
+
+RUNTIME = oci.RuntimeConfig()  # as `lazystore image build` without options
+MEMO_SIZE = 10_000
+
+
+@dataclass(frozen=True)
+class Manifest:
+    data: bytes
+    media_type: str
+
+    @property
+    def digest(self) -> str:
+        return oci.digest_of(self.data)
+
+
+@dataclass(frozen=True)
+class Closure:
+    """What an image is made of: its store paths' records, sorted by path."""
+
+    key: str  # names the closure: a store path's basename, or attributes
+    infos: list[PathInfo]
+    top: list[str]  # the store paths asked for
+
+
+class Images:
+    def __init__(self, subs: Substituters, store: BlobStore, max_layers: int = 100,
+                 fetch_limit: int = 4) -> None:
+        self.subs = subs
+        self.store = store
+        self.max_layers = max_layers
+        self._store_dir = subs.config.store_dir
+        self._manifests: cachetools.LRUCache[tuple[str, str], bytes] = \
+            cachetools.LRUCache(MEMO_SIZE)
+        self._by_digest: cachetools.LRUCache[str, Manifest] = cachetools.LRUCache(MEMO_SIZE)
+        self._is_dir: dict[str, bool] = {}
+        self._image_flight: SingleFlight[bytes] = SingleFlight()
+        self._layer_flight: SingleFlight[oci.Layer] = SingleFlight()
+        self._kind_flight: SingleFlight[bool] = SingleFlight()
+        self._fetch_limit = trio.CapacityLimiter(fetch_limit)
+        self.closure_walks = 0  # how many closures were walked (for tests and benches)
+        self.layers_built = 0
+
+    # -- the API the HTTP side uses ------------------------------------------------
+
+    async def manifest(self, name: Name, tag: str, accept: str = "") -> Manifest:
+        if tag not in TAGS:
+            raise ManifestUnknown(f"unknown tag {tag!r} (this registry has {', '.join(TAGS)})")
+        key = (name.text, tag)
+        data = self._manifests.get(key)
+        if data is None:
+            data = await self._image_flight.run(key, lambda: self._make(name, tag))
+            self._manifests[key] = data
+        return self._variant(data, accept)
+
+    async def by_digest(self, name: Name, digest: str) -> Manifest:
+        """The manifest of *name* with this digest (of either media type)."""
+        found = self._by_digest.get(digest)
+        if found is None:
+            for tag in TAGS:
+                for accept in ("", media.DOCKER_MANIFEST):
+                    await self.manifest(name, tag, accept)
+            found = self._by_digest.get(digest)
+        if found is None:
+            raise ManifestUnknown(f"{name.text} has no manifest {digest}")
+        return found
+
+    def blob(self, digest: str) -> Path | None:
+        return self.store.path(digest)
+
+    def _variant(self, data: bytes, accept: str) -> Manifest:
+        found = Manifest(data, oci.MEDIA_MANIFEST)
+        if media.wants_docker(accept):
+            found = Manifest(media.as_docker(data), media.DOCKER_MANIFEST)
+        self._by_digest[found.digest] = found
+        return found
+
+    # -- closures ------------------------------------------------------------------
+
+    async def check(self, name: Name) -> None:
+        """NameUnknown unless *name* is an image this registry can make."""
+        await self._narinfo(self._store_name(name))
+
+    async def closure(self, name: Name) -> Closure:
+        """The closure *name* stands for (NameUnknown when no trusted cache has it)."""
+        top = await self._narinfo(self._store_name(name))
+        return await self.closure_of([top.store_path], top.path.basename)
+
+    @staticmethod
+    def _store_name(name: Name) -> Name:
+        if not name.is_store_path:
+            raise NameUnknown(f"{name.text!r} is not a store path (hash or hash-name) and "
+                              "this registry has no --expression")
+        return name
+
+    async def closure_of(self, paths: Sequence[str], key: str) -> Closure:
+        self.closure_walks += 1
+        store_paths = [StorePath.parse(p, self._store_dir) for p in paths]
+        try:
+            infos = await self.subs.closure(store_paths)
+        except NotAvailableError as exc:
+            raise NameUnknown(str(exc)) from None
+        except SubstituterError as exc:
+            raise Unavailable(str(exc)) from None
+        records = sorted((path_info(i, self._store_dir) for i in infos), key=lambda r: r.path)
+        return Closure(key, records, list(paths))
+
+    async def _narinfo(self, name: Name) -> NarInfo:
+        assert name.hash_part is not None
+        try:
+            info = await self.subs.query_hash(name.hash_part)
+        except SubstituterError as exc:
+            raise Unavailable(str(exc)) from None
+        if info is None:
+            raise NameUnknown(f"no configured binary cache has a trusted (signed) narinfo "
+                              f"for {name.text}")
+        if name.basename is not None and info.path.basename != name.basename:
+            raise NameUnknown(f"no store path {name.basename}: its hash is "
+                              f"{info.path.basename}")
+        return info
+
+    # -- making images -------------------------------------------------------------
+
+    async def _make(self, name: Name, tag: str) -> bytes:
+        closure = await self.closure(name)
+        try:
+            if tag == "latest":
+                image = await self._nix_image(closure)
+            else:
+                image = await self._layered_image(closure)
+        except RegistryError:
+            raise
+        except SubstituterError as exc:
+            raise Unavailable(str(exc)) from None
+        await trio.to_thread.run_sync(self.store.put_bytes, image.config)
+        log.info("made %s:%s (%d store paths, %d layers): %s", closure.key, tag,
+                 len(closure.infos), len(image.groups), image.manifest_digest)
+        return image.manifest
+
+    async def _nix_image(self, closure: Closure) -> build.Image:
+        is_dir: dict[str, bool] = {}
+
+        async def kind(path: str) -> None:
+            is_dir[path] = await self.is_dir(path)
+
+        await _all([lambda p=info.path: kind(p) for info in closure.infos])
+        return await trio.to_thread.run_sync(self._write_nix_image, closure, is_dir)
+
+    def _write_nix_image(self, closure: Closure, is_dir: dict[str, bool]) -> build.Image:
+        tmp = self.store.make_tmp()
+        try:
+            image = build.nix_image(closure.infos, is_dir, RUNTIME, tmp)
+            for layer in image.layers:
+                self.store.put_file(layer.path, layer.digest)
+            return image
+        finally:
+            fsio.remove_tree(tmp)
+
+    async def is_dir(self, path: str) -> bool:
+        """Whether store path *path* is a directory: its listing's root, else its NAR."""
+        if path not in self._is_dir:
+            self._is_dir[path] = await self._kind_flight.run(path, lambda: self._root_kind(path))
+        return self._is_dir[path]
+
+    async def _root_kind(self, path: str) -> bool:
+        sp = StorePath.parse(path, self._store_dir)
+        try:
+            doc = await self.subs.listing(sp)
+        except SubstituterError as exc:
+            log.info("no usable listing of %s (%s); reading its NAR", path, exc)
+            doc = None
+        root = (doc or {}).get("root") or {}
+        if root.get("type") in ("directory", "regular", "symlink"):
+            return bool(root["type"] == "directory")
+        tmp = self.store.make_tmp()
+        try:
+            async with self._fetch_limit:
+                await self.subs.fetch(sp, tmp / sp.basename, tmp)
+            return stat.S_ISDIR((tmp / sp.basename).lstat().st_mode)
+        finally:
+            await trio.to_thread.run_sync(fsio.remove_tree, tmp)
+
+    async def _layered_image(self, closure: Closure) -> build.Image:
+        groups = layered.group_layers(closure.infos, self.max_layers)
+        written: list[oci.Layer | None] = [None] * len(groups)
+
+        async def one(n: int, group: list[str]) -> None:
+            written[n] = await self.layer(group)
+
+        await _all([lambda n=n, g=g: one(n, g) for n, g in enumerate(groups)])
+        layers = [(layer, {}) for layer in written if layer is not None]
+        return build.image_of(RUNTIME, layers, groups)
+
+    async def layer(self, group: list[str]) -> oci.Layer:
+        """The classic layer of the store paths *group*, built once per cache dir."""
+        found = self.store.layer(group)
+        if found is not None:
+            return found
+        return await self._layer_flight.run(tuple(sorted(group)), lambda: self._build_layer(group))
+
+    async def _build_layer(self, group: list[str]) -> oci.Layer:
+        found = self.store.layer(group)
+        if found is not None:
+            return found
+        tmp = self.store.make_tmp()
+        try:
+            roots = await self._fetch_trees(group, tmp)
+            layer = await trio.to_thread.run_sync(
+                build.content_layer, group, roots.__getitem__, tmp / "layer")
+            self.layers_built += 1
+            return await trio.to_thread.run_sync(self.store.put_layer, group, layer)
+        finally:
+            await trio.to_thread.run_sync(fsio.remove_tree, tmp)
+
+    async def _fetch_trees(self, group: list[str], tmp: Path) -> dict[str, Path]:
+        roots = {p: tmp / "trees" / Path(p).name for p in group}
+        (tmp / "trees").mkdir()
+        (tmp / "unpack").mkdir()
+
+        async def fetch(path: str) -> None:
+            async with self._fetch_limit:
+                await self.subs.fetch(StorePath.parse(path, self._store_dir), roots[path],
+                                      tmp / "unpack")
+
+        await _all([lambda p=path: fetch(p) for path in group])
+        return roots
+
+
+async def _all(jobs: Sequence[Callable[[], Awaitable[None]]]) -> None:
+    """Run *jobs* concurrently; the first real error is raised as itself."""
+    try:
+        async with trio.open_nursery() as nursery:
+            for job in jobs:
+                nursery.start_soon(job)
+    except BaseExceptionGroup as group:
+        raise single_error(group) from None

@@ -1,0 +1,56 @@
+"""Run the registry: substituter client, blob store, HTTP listeners (trio)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from lazystore import sdnotify
+from lazystore.errors import LazystoreError
+from lazystore.registry import http
+from lazystore.registry.app import RegistryApp
+from lazystore.registry.blobs import BlobStore
+from lazystore.registry.images import Images
+from lazystore.substituter.client import Substituters
+
+log = logging.getLogger(__name__)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT``) -> (host, port); LazystoreError when malformed."""
+    host, sep, port = text.rpartition(":")
+    host = host.removeprefix("[").removesuffix("]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise LazystoreError(f"--listen {text!r}: expected HOST:PORT")
+    return host, int(port)
+
+
+async def run(subs: Substituters, listen: str, cache_dir: Path, max_layers: int,
+              ready: Callable[[list[str]], None] = lambda urls: None) -> None:
+    """Serve until cancelled; *ready* gets the URLs listened on once serving."""
+    host, port = parse_listen(listen)
+    store = BlobStore(cache_dir)
+    try:
+        await trio.to_thread.run_sync(store.open)
+    except OSError as exc:
+        raise LazystoreError(f"cache dir {cache_dir}: {exc.strerror or exc}") from None
+    try:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+    except OSError as exc:
+        raise LazystoreError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+    async with subs:
+        images = Images(subs, store, max_layers)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(http.serve, RegistryApp(images), listeners)
+            urls = [_url(listener) for listener in listeners]
+            log.info("listening on %s", " ".join(urls))
+            ready(urls)
+            sdnotify.notify("READY=1")
+
+
+def _url(listener: trio.SocketListener) -> str:
+    host, port = listener.socket.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
