@@ -102,6 +102,10 @@ async def _read_request(stream: trio.SocketStream, conn: h11.Connection) -> Requ
 
 
 def _request(head: h11.Request) -> Request:
+    size = len(head.target) + sum(len(k) + len(v) for k, v in head.headers)
+    if size > MAX_HEADER:  # h11 checks only heads that arrive in pieces
+        raise h11.RemoteProtocolError(f"request head of {size} bytes exceeds {MAX_HEADER}",
+                                      error_status_hint=431)
     headers: dict[str, str] = {}
     for name, value in head.headers:
         key = name.decode("latin-1").lower()
@@ -142,7 +146,7 @@ async def _refuse(stream: trio.SocketStream, conn: h11.Connection,
     """Answer a request h11 could not parse (431 for a too large head), then close."""
     if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
         return
-    status = 431 if "exceeded" in str(exc) else exc.error_status_hint
+    status = exc.error_status_hint
     body = f"{exc}\n".encode()
     try:
         await stream.send_all(conn.send(h11.Response(
