@@ -74,3 +74,18 @@ def http_cache(binary_cache: nixcache.BinaryCache) -> Iterator[str]:
     """URL of a real HTTP server on 127.0.0.1 serving ``binary_cache``."""
     with serve_directory(binary_cache.root) as server:
         yield server.url  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session")
+def roots_closure(nix: None) -> str:
+    """roots-prog's store path: its closure holds file, executable, empty-file and
+    symlink store paths (lazystore/testing/sample.nix with roots = "1")."""
+    return nixcache.build(roots="1")
+
+
+@pytest.fixture(scope="session")
+def roots_cache(
+    tmp_path_factory: pytest.TempPathFactory, roots_closure: str, test_key: nixcache.KeyPair
+) -> nixcache.BinaryCache:
+    """A signed zstd binary cache with .ls listings holding roots-prog's closure."""
+    return nixcache.make_cache(roots_closure, tmp_path_factory.mktemp("roots-cache"), test_key)

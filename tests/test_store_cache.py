@@ -429,3 +429,19 @@ async def test_quota_evicts_file_roots(tmp_path: Path) -> None:
         assert store.status()["paths_materialized"] == [SCRIPT]
         assert not os.path.lexists(tmp_path / "store" / TEXT)
         assert 0 < store.cache_bytes <= 30_000
+
+
+async def test_names_and_targets_that_are_not_utf8_survive_the_index(tmp_path: Path) -> None:
+    # NAR names and targets are bytes; Python holds them surrogate-escaped, which
+    # msgpack cannot write as a string (it ended the daemon at its next index save).
+    odd = b"caf\xe9 \xff".decode("utf-8", "surrogateescape")
+    subs = FakeSubstituters({A: {odd: b"x", "l": ("link", odd), "ünï": b"y"},
+                             LINK: ("link", odd)}, listings=False)
+    async with LocalStore(subs, tmp_path) as store:
+        await store.materialize(A)
+        await store.materialize(LINK)
+        trees = {b: store.records[b].tree for b in (A, LINK)}
+        await store._save()
+    loaded = index.load(tmp_path / "index")
+    assert {b: loaded[b].tree for b in (A, LINK)} == trees
+    assert tree.resolve(trees[A], ("l",)).target == odd and odd in trees[A].entries

@@ -165,21 +165,36 @@ def disk_usage(path: Path) -> int:
 def encode(node: Node) -> list[Any]:
     """A compact msgpack-able form of *node*."""
     if node.kind == DIRECTORY:
-        return [DIRECTORY, {n: encode(c) for n, c in (node.entries or {}).items()}]
+        return [DIRECTORY, {_pack_text(n): encode(c) for n, c in (node.entries or {}).items()}]
     if node.kind == REGULAR:
         return [REGULAR, node.size, node.executable]
-    return [SYMLINK, node.target]
+    return [SYMLINK, _pack_text(node.target)]
+
+
+def _pack_text(text: str) -> str | bytes:
+    """Names and targets are bytes in a NAR, kept as surrogate-escaped str; one
+    that is not ASCII is stored as its bytes (msgpack strings must be UTF-8)."""
+    return text if text.isascii() else text.encode("utf-8", "surrogateescape")
+
+
+def _unpack_text(data: str | bytes) -> str:
+    if isinstance(data, bytes):
+        return data.decode("utf-8", "surrogateescape")
+    if not isinstance(data, str):
+        raise TypeError("not a name")
+    return data
 
 
 def decode(data: Any) -> Node:
     try:
         kind = data[0]
         if kind == DIRECTORY:
-            return Node(DIRECTORY, entries={n: decode(c) for n, c in data[1].items()})
+            return Node(DIRECTORY, entries={
+                _unpack_text(n): decode(c) for n, c in data[1].items()})
         if kind == REGULAR:
             return Node(REGULAR, size=int(data[1]), executable=bool(data[2]))
         if kind == SYMLINK:
-            return Node(SYMLINK, target=str(data[1]))
+            return Node(SYMLINK, target=_unpack_text(data[1]))
     except (TypeError, IndexError, KeyError, AttributeError, ValueError):
         pass
     raise StoreError("corrupt tree in the cache index")

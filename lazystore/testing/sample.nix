@@ -1,7 +1,11 @@
 # A small multi-path closure built from files on this machine (no downloads).
 #   prog -> busybox, liba, docs     (prog reads liba, never docs)
 #   extra-<tag> (only when tag != "")  to make a second, overlapping closure
-{ tag ? "", busyboxSrc ? "/bin/busybox", bigSize ? "1" }:
+# With roots = "1": roots-prog, whose closure holds store paths that are not
+# directories (as writeText, writeScript, an empty file and symlinks make them):
+#   roots-prog -> greeting.txt, greet-script, empty-file,
+#                 greeting-link (-> greeting.txt), liba-link (-> liba), busybox
+{ tag ? "", busyboxSrc ? "/bin/busybox", bigSize ? "1", roots ? "" }:
 let
   mk = name: script: derivation {
     inherit name;
@@ -41,4 +45,24 @@ let
     EOS
     chmod +x $out/bin/prog
   '';
-in prog
+  text = mk "greeting.txt" ''
+    echo "hello from a text path" > $out
+  '';
+  script = mk "greet-script" ''
+    printf '#!${busybox}/bin/sh\necho "hello from a script path"\n' > $out
+    chmod 0555 $out
+  '';
+  empty = mk "empty-file" "touch $out";
+  textLink = mk "greeting-link" "ln -s ${text} $out";
+  libLink = mk "liba-link" "ln -s ${liba} $out";
+  rootsProg = mk "roots-prog" ''
+    mkdir -p $out/bin
+    cat > $out/bin/prog <<EOS
+    #!${busybox}/bin/sh
+    ${busybox}/bin/cat ${text} ${textLink} ${libLink}/lib/data
+    ${script}
+    ${busybox}/bin/wc -c < ${empty}
+    EOS
+    chmod +x $out/bin/prog
+  '';
+in if roots == "" then prog else rootsProg
