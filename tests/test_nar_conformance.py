@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lazystore.errors import NarError
-from lazystore.nix import base32, fsio, nar
+from lazystore.nix import base32, fsio, listing, nar
 
 GO_NIX_NAR = "go-nix/nar_1094wph9z4nwlgvsd53abfz8i117ykiv5dwnq9nnhz846s7xqd7d.nar"
 
@@ -91,7 +91,7 @@ def test_invalid_nar_is_rejected(conformance: Path, name: str, tmp_path: Path) -
 
 def test_go_nix_nar_listing_and_contents(conformance: Path) -> None:
     data = (conformance / GO_NIX_NAR).read_bytes()
-    arp = nar.listing([data])["root"]["entries"]["bin"]["entries"]["arp"]
+    arp = listing.from_nar([data])["root"]["entries"]["bin"]["entries"]["arp"]
     assert arp == {"type": "regular", "size": 55288, "executable": True, "narOffset": 400}
     expected = (conformance / (GO_NIX_NAR + "_bin_arp")).read_bytes()
     assert data[400:400 + 55288] == expected
@@ -108,20 +108,13 @@ def _zeros(size: int) -> Iterator[nar.Event]:
 def _listing_of(spec: dict) -> dict:
     """The listing of a NAR rebuilt from a listing: same shape and sizes, zeros inside."""
 
-    def events(name: bytes | None, node: dict) -> Iterator[nar.Event]:
-        if node["type"] == "directory":
-            yield nar.DirStart(name)
-            for child in sorted(node["entries"]):
-                yield from events(child.encode(), node["entries"][child])
-            yield nar.DirEnd()
-        elif node["type"] == "symlink":
-            yield nar.Symlink(name, node["target"].encode())
-        else:
-            yield nar.FileStart(name, node.get("executable", False), node["size"])
-            yield from _zeros(node["size"])
-            yield nar.FileEnd()
+    def events() -> Iterator[nar.Event]:
+        for event in listing.events(spec):
+            yield event
+            if isinstance(event, nar.FileStart):
+                yield from _zeros(event.size)
 
-    return nar.listing(nar.serialize(events(None, spec["root"])))
+    return listing.from_nar(nar.serialize(events()))
 
 
 @pytest.mark.parametrize("name", ["go-nix/curl-fixture.ls", "snix/nixos-release.ls"])
@@ -141,7 +134,7 @@ def test_listing_matches_nix_nar_listing_json(conformance: Path) -> None:
         }),
         b"foo": nar.TreeFile(b"y" * 15),
     })
-    ours = nar.listing([nar.pack(tree)])["root"]
+    ours = listing.from_nar([nar.pack(tree)])["root"]
     for node in (ours["entries"]["foo"], ours["entries"]["bar"]["entries"]["baz"]):
         node.pop("narOffset")
         node.setdefault("executable", False)

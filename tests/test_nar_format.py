@@ -3,12 +3,10 @@ with its messages, truncation at every byte, listings and their JSON."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from lazystore.errors import NarError
-from lazystore.nix import nar
+from lazystore.nix import listing, nar
 from lazystore.nix.nar import (
     DirEnd,
     DirStart,
@@ -282,53 +280,6 @@ def test_writer_refuses_invalid_nars(label: str, events: list, message: str) -> 
         list(nar.serialize(events))
 
 
-# --- listing ----------------------------------------------------------------
-
-
-def test_listing_of_a_tree() -> None:
-    tree = TreeDir({
-        b"bin": TreeDir({b"prog": TreeFile(b"#!/bin/sh\n", True)}),
-        b"empty": TreeFile(b""),
-        b"link": TreeSymlink(b"bin/prog"),
-    })
-    data = nar.pack(tree)
-    doc = nar.listing([data])
-    prog_offset = doc["root"]["entries"]["bin"]["entries"]["prog"]["narOffset"]
-    assert data[prog_offset:prog_offset + 10] == b"#!/bin/sh\n"
-    assert doc == {
-        "version": 1,
-        "root": {"type": "directory", "entries": {
-            "bin": {"type": "directory", "entries": {
-                "prog": {"type": "regular", "size": 10, "executable": True,
-                         "narOffset": prog_offset},
-            }},
-            "empty": {"type": "regular", "size": 0, "narOffset": doc["root"]["entries"]["empty"]
-                      ["narOffset"]},
-            "link": {"type": "symlink", "target": "bin/prog"},
-        }},
-    }
-    # Key order is part of the format (Nix writes type, size, executable, narOffset).
-    assert list(doc["root"]["entries"]["bin"]["entries"]["prog"]) == [
-        "type", "size", "executable", "narOffset"
-    ]
-
-
-def test_listing_json_is_written_like_nix() -> None:
-    doc = {"version": 1, "root": {"type": "directory", "entries": {
-        'q"uote\\': {"type": "symlink", "target": "t\tab\nnl\rcr\x01\x08\x0c\x7f"},
-        "ünï": {"type": "regular", "size": 3, "executable": True, "narOffset": 96},
-        "\udcff": {"type": "directory", "entries": {}},
-    }}}
-    out = nar.to_json(doc)
-    assert out == (
-        b'{"version":1,"root":{"type":"directory","entries":{'
-        b'"q\\"uote\\\\":{"type":"symlink","target":"t\\tab\\nnl\\rcr\\u0001\\u0008\\u000c\x7f"},'
-        b'"\xc3\xbcn\xc3\xaf":{"type":"regular","size":3,"executable":true,"narOffset":96},'
-        b'"\xff":{"type":"directory","entries":{}}}}}'
-    )
-    assert json.loads(nar.to_json({"a": {"b": "c"}})) == {"a": {"b": "c"}}
-
-
 def test_nar_hash_validates_and_hashes() -> None:
     data = BYTE_TABLE[-1][2]
     import hashlib
@@ -354,9 +305,9 @@ def test_trailing_bytes_allowed_only_when_asked(chunk: int) -> None:
     parser.close()
     assert b"".join(nar.serialize(events)) == data
     assert parser.done and parser.offset == len(data)
-    assert nar.listing([whole], allow_trailing=True) == nar.listing([data])
+    assert listing.from_nar([whole], allow_trailing=True) == listing.from_nar([data])
     with pytest.raises(NarError, match="trailing data"):
-        nar.listing([whole])
+        listing.from_nar([whole])
 
 
 def test_allow_trailing_still_rejects_a_truncated_nar() -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from lazystore.nix import base32, fsio, nar
+from lazystore.nix import base32, fsio, listing, nar
 from lazystore.testing import nixcache
 
 BIG = 3 << 20
@@ -156,7 +156,7 @@ def test_listing_matches_the_ls_nix_copy_writes(
 ) -> None:
     hash_part = Path(stored_tree).name[:32]
     expected = (nix_listing_cache / f"{hash_part}.ls").read_bytes()
-    ours = nar.to_json(nar.listing(fsio.dump(stored_tree)))
+    ours = listing.to_json(listing.from_nar(fsio.dump(stored_tree)))
     assert ours == expected
     # Sanity: the listing really covers the odd entries.
     entries = json.loads(expected.decode("utf-8", "surrogateescape"))["root"]["entries"]
@@ -174,7 +174,7 @@ def test_listing_matches_the_binary_cache_ls_files(binary_cache: nixcache.Binary
         info = _narinfo_fields(ls_file.with_suffix(".narinfo"))
         compressed = (binary_cache.root / info["URL"]).read_bytes()
         data = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(compressed)).read()
-        assert nar.to_json(nar.listing([data])) == ls_file.read_bytes(), ls_file
+        assert listing.to_json(listing.from_nar([data])) == ls_file.read_bytes(), ls_file
 
 
 def test_nar_hash_matches_nix_hash_path(tree: Path, stored_tree: str, sample_closure: str) -> None:

@@ -14,7 +14,7 @@ from typing import BinaryIO
 
 from lazystore.cli import Stdout
 from lazystore.errors import LazystoreError
-from lazystore.nix import fsio, nar
+from lazystore.nix import fsio, listing, nar
 from lazystore.nix.hashes import Hash
 
 CHUNK = 1 << 20
@@ -120,14 +120,14 @@ def _find(root: dict, path: str) -> dict:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     with _open(args.file) as f:
-        root = nar.listing(_chunks(f), allow_trailing=True)["root"]
+        root = listing.from_nar(_chunks(f), allow_trailing=True)["root"]
     node = _find(root, args.path)
     out = Stdout()
     if args.json:
         if args.recursive:
-            out.write(nar.to_json({"version": 1, "root": node}))
+            out.write(listing.to_json({"version": 1, "root": node}))
         else:
-            out.write(nar.to_json(_shallow(node)))  # no newline, as Nix
+            out.write(listing.to_json(_shallow(node)))  # no newline, as Nix
         out.flush()
         return 0
     parts = _components(args.path)

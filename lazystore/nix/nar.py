@@ -1,4 +1,4 @@
-"""NAR, the Nix ARchive: a sans-I/O streaming parser, a writer and the `.ls` listing.
+"""NAR, the Nix ARchive: a sans-I/O streaming parser, a writer and an in-memory tree.
 
 A NAR is a sequence of strings, each an 8-byte little-endian length followed by
 the bytes and zero padding to a multiple of 8::
@@ -14,7 +14,7 @@ objects. It never buffers more than one token (file contents are handed out as
 views of the fed chunk, never gathered), never allocates from a declared
 length, keeps its own stack instead of recursing, and rejects everything Nix
 rejects with a :class:`NarError`. :class:`NarWriter` turns the same events back
-into bytes; :func:`listing` builds the ``.ls`` document of a binary cache.
+into bytes. The ``.ls`` listing of a NAR is in :mod:`lazystore.nix.listing`.
 """
 
 from __future__ import annotations
@@ -617,93 +617,6 @@ def read_tree(chunks: Iterable[bytes]) -> Tree:
             if isinstance(node, TreeDir):
                 dirs.append(node)
     return top.entries[b""]
-
-
-# --- listing ----------------------------------------------------------------
-
-
-def decode_name(name: bytes) -> str:
-    """Entry names as JSON strings: UTF-8, other bytes kept via surrogateescape."""
-    return name.decode("utf-8", "surrogateescape")
-
-
-def listing(chunks: Iterable[bytes], allow_trailing: bool = False) -> dict:
-    """The `.ls` document of a NAR, as Nix writes it with ``write-nar-listing``:
-    ``{"version": 1, "root": node}``; a regular node has ``size``, ``executable``
-    (only when true) and ``narOffset``; a symlink ``target``; a directory ``entries``.
-    *allow_trailing* as for parse."""
-    root: dict | None = None
-    stack: list[dict] = []
-    for event in parse(chunks, allow_trailing):
-        if isinstance(event, (FileData, FileEnd)):
-            continue
-        if isinstance(event, DirEnd):
-            stack.pop()
-            continue
-        node: dict
-        if isinstance(event, FileStart):
-            node = {"type": "regular", "size": event.size}
-            if event.executable:
-                node["executable"] = True
-            node["narOffset"] = event.offset
-        elif isinstance(event, Symlink):
-            node = {"type": "symlink", "target": decode_name(event.target)}
-        else:
-            node = {"type": "directory", "entries": {}}
-        if event.name is None:
-            root = node
-        else:
-            stack[-1][decode_name(event.name)] = node
-        if isinstance(event, DirStart):
-            stack.append(node["entries"])
-    return {"version": 1, "root": root}
-
-
-_JSON_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def _json_string(text: str) -> str:
-    out = []
-    for c in text:
-        if c in _JSON_ESCAPES:
-            out.append(_JSON_ESCAPES[c])
-        elif c < " ":
-            out.append(f"\\u{ord(c):04x}")
-        else:
-            out.append(c)
-    return '"' + "".join(out) + '"'
-
-
-def to_json(value: object) -> bytes:
-    """JSON exactly as Nix 2.8 writes listings: compact, keys in order, UTF-8
-    unescaped, control characters as \\n \\r \\t or \\u00XX. Iterative."""
-    out: list[str] = []
-    stack: list[object] = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, _Raw):
-            out.append(item.text)
-        elif isinstance(item, dict):
-            out.append("{")
-            pieces: list[object] = []
-            for i, (key, sub) in enumerate(item.items()):
-                pieces += [_Raw(("," if i else "") + _json_string(key) + ":"), sub]
-            pieces.append(_Raw("}"))
-            stack.extend(reversed(pieces))
-        elif isinstance(item, str):
-            out.append(_json_string(item))
-        elif item is True or item is False:
-            out.append("true" if item else "false")
-        elif isinstance(item, int):
-            out.append(str(item))
-        else:
-            raise TypeError(f"cannot write {type(item).__name__} as listing JSON")
-    return "".join(out).encode("utf-8", "surrogateescape")
-
-
-@dataclass(slots=True)
-class _Raw:
-    text: str
 
 
 def nar_hash(chunks: Iterable[bytes]) -> tuple[bytes, int]:

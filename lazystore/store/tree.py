@@ -11,10 +11,14 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from lazystore.errors import StoreError
+from lazystore.nix import listing
+from lazystore.nix.listing import ListingError
+from lazystore.nix.nar import DirEnd, DirStart, Event, FileStart, Symlink
 
 DIRECTORY, REGULAR, SYMLINK = "d", "r", "l"
 MAX_NAME = 255
@@ -74,44 +78,38 @@ def name_key(name: str) -> int:
     return (int.from_bytes(digest, "big") >> 1) or 1
 
 
-def _check_name(name: object) -> str:
-    if (
-        not isinstance(name, str) or name in ("", ".", "..")
-        or "/" in name or "\0" in name or len(name.encode()) > MAX_NAME
-    ):
-        raise StoreError(f"invalid file name {name!r} in a listing")
-    return name
+def from_listing(document: Any) -> Node:
+    """The tree of a ``.ls`` document; StoreError if it is malformed."""
+    try:
+        return _from_events(listing.events(document, MAX_DEPTH))
+    except ListingError as exc:
+        raise StoreError(str(exc)) from None
 
 
-def from_listing(document: dict[str, Any]) -> Node:
-    """The tree of a ``.ls`` document (``{"version": 1, "root": {...}}``)."""
-    if not isinstance(document, dict):
-        raise StoreError("malformed listing: not a JSON object")
-    root = document.get("root", document)
-    return _node_from_listing(root, 0)
-
-
-def _node_from_listing(obj: Any, depth: int) -> Node:
-    if not isinstance(obj, dict) or depth > MAX_DEPTH:
-        raise StoreError("malformed listing: bad node")
-    kind = obj.get("type")
-    if kind == "directory":
-        raw = obj.get("entries", {})
-        if not isinstance(raw, dict):
-            raise StoreError("malformed listing: directory entries are not an object")
-        entries = {_check_name(n): _node_from_listing(c, depth + 1) for n, c in raw.items()}
-        return Node(DIRECTORY, entries=entries)
-    if kind == "regular":
-        size = obj.get("size", 0)
-        if not isinstance(size, int) or size < 0:
-            raise StoreError("malformed listing: bad file size")
-        return Node(REGULAR, size=size, executable=bool(obj.get("executable", False)))
-    if kind == "symlink":
-        target = obj.get("target")
-        if not isinstance(target, str) or not target:
-            raise StoreError("malformed listing: bad symlink target")
-        return Node(SYMLINK, target=target)
-    raise StoreError(f"malformed listing: unknown node type {kind!r}")
+def _from_events(events: Iterable[Event]) -> Node:
+    """The tree of NAR events (contents ignored)."""
+    root: Node | None = None
+    dirs: list[Node] = []
+    for event in events:
+        if isinstance(event, DirEnd):
+            dirs.pop()
+            continue
+        if isinstance(event, DirStart):
+            node = Node(DIRECTORY, entries={})
+        elif isinstance(event, FileStart):
+            node = Node(REGULAR, size=event.size, executable=event.executable)
+        elif isinstance(event, Symlink):
+            node = Node(SYMLINK, target=os.fsdecode(event.target))
+        else:
+            continue
+        if event.name is None:
+            root = node
+        else:
+            dirs[-1].entries[os.fsdecode(event.name)] = node  # type: ignore[index]
+        if node.kind == DIRECTORY:
+            dirs.append(node)
+    assert root is not None
+    return root
 
 
 def from_disk(path: Path, max_depth: int = MAX_DEPTH) -> Node:

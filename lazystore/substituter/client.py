@@ -8,7 +8,6 @@ one CapacityLimiter bounds the worker threads that unpack.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
@@ -21,7 +20,9 @@ import httpx
 import trio
 
 from lazystore.errors import LazystoreError
+from lazystore.nix import listing
 from lazystore.nix.cacheinfo import CacheInfo
+from lazystore.nix.listing import ListingError
 from lazystore.nix.narinfo import NarInfo
 from lazystore.nix.signing import PublicKey, verify_narinfo
 from lazystore.nix.storepath import StorePath
@@ -281,12 +282,9 @@ class Substituters:
         if data is None:
             return None
         try:
-            document = json.loads(data)
-        except ValueError as exc:
+            return listing.parse(data)
+        except ListingError as exc:
             raise VerificationError(f"bad listing {cache.url}/{name}: {exc}") from None
-        if not isinstance(document, dict) or not isinstance(document.get("root"), dict):
-            raise VerificationError(f"bad listing {cache.url}/{name}: no 'root' object")
-        return document
 
     # -- NARs --------------------------------------------------------------------
 
