@@ -23,13 +23,14 @@ COMMAND_MODULES = (
     "fetch",
     "daemon",
     "snapshotter",
+    "imageservice",
     "image",
     "deploy",
     "registry",
 )
 
 # Command words registered by a module of another name (see build_parser).
-COMMAND_MODULE_OF = {"key": "keys", "narinfo": "keys"}
+COMMAND_MODULE_OF = {"key": "keys", "narinfo": "keys", "image-service": "imageservice"}
 
 
 class Stdout:

@@ -17,6 +17,9 @@ from lazystore.image.oci import Entry
 
 NIX_LAYER = "containerd.io/snapshot/nix-layer"
 NIX_STORE_PATH = "containerd.io/snapshot/nix-store-path."
+# nix-snapshotter's newer form: one annotation naming a closureInfo store path
+# whose ``store-paths`` file lists the closure.
+NIX_CLOSURE = "containerd.io/snapshot/nix-closure"
 PLACEHOLDER_MODE = 0o555
 PARENT_MODE = 0o755
 

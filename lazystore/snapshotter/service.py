@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
 
+from lazystore import grpcunix
 from lazystore.errors import LazystoreError
 from lazystore.snapshotter import errors
 from lazystore.snapshotter.metadata import Kind, Snapshot
@@ -147,39 +146,9 @@ class SnapshotsService(snapshots_pb2_grpc.SnapshotsServicer):
         return empty_pb2.Empty()
 
 
-def _claim(address: str) -> None:
-    """Remove a stale socket at *address*; refuse one that a live process serves."""
-    if not os.path.exists(address):
-        return
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(address)
-        except OSError:
-            os.unlink(address)
-            return
-    raise errors.Unavailable(f"another process already serves {address}")
-
-
 async def start_server(snapshotter: Snapshotter, address: str) -> grpc.aio.Server:
     """Serve on the unix socket *address* (mode 0600, replacing a stale socket)."""
-    if len(os.fsencode(address)) > 107:
-        raise errors.InvalidArgument(f"socket path {address} is too long for a unix socket")
-    parent = os.path.dirname(os.path.abspath(address))
-    if not os.path.isdir(parent):
-        raise errors.Unavailable(f"cannot listen on {address}: no directory {parent}")
-    _claim(address)
     server = grpc.aio.server()
     snapshots_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsService(snapshotter), server)
-    old = os.umask(0o177)
-    try:
-        try:
-            port = server.add_insecure_port(f"unix:{address}")
-        except RuntimeError:  # grpcio >= 1.50 raises instead of returning 0
-            port = 0
-        if port == 0:
-            raise errors.Unavailable(f"cannot listen on {address}")
-        await server.start()
-    finally:
-        os.umask(old)
-    os.chmod(address, 0o600)
+    await grpcunix.listen(server, address, errors.Unavailable, errors.InvalidArgument)
     return server
