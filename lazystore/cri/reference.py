@@ -23,8 +23,9 @@ _COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
 
 
 def is_nix(ref: str) -> bool:
-    """Whether *ref* is meant for Nix (it may still be invalid)."""
-    return ref.startswith(PREFIX + "/")
+    """Whether *ref* is meant for Nix (it may still be invalid): ``nix:…``, a
+    registry host no Docker reference can name with anything but a port."""
+    return ref.startswith("nix:")
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class NixReference:
 
 def parse(ref: str, store_dir: str = DEFAULT_STORE_DIR) -> NixReference:
     """The store path *ref* names; InvalidReference with the reason otherwise."""
-    if not is_nix(ref):
+    if not ref.startswith(PREFIX + "/"):
         raise InvalidReference(f"reference {ref!r} does not start with {PREFIX}/")
     path = ref[len(PREFIX):]
     if "@" in path:

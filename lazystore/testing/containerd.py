@@ -4,12 +4,16 @@ Plain module, no pytest: ``with Containerd(workdir, proxy_plugins={"lazystore":
 sock}) as ctd: ctd.ctr("images", "ls")``. containerd gets its own root, state,
 gRPC address and config.toml under *workdir* and ``ctr()`` its own namespace
 (``ctd.namespace``); it is stopped (its tasks killed first) when the context
-exits. ``snapshotter_process``
+exits. With ``cri=Cri(...)`` its CRI plugin is configured for pods (sandbox
+image, snapshotter, plain-HTTP registries; the CRI's containers live in the
+fixed namespace ``k8s.io``, whose runc state is cleaned per container, never
+as a whole). ``snapshotter_process``
 starts ``lazystore snapshotter`` as a child process and waits for READY=1.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -20,6 +24,7 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 NAMESPACE_PREFIX = "lazystore-test"
@@ -27,14 +32,44 @@ NAMESPACE_PREFIX = "lazystore-test"
 # containerd's own root and state are: each instance gets its own namespace so
 # that runs (and their leftovers) never collide.
 RUNC_ROOT = Path("/run/containerd/runc")
+CRI_NAMESPACE = "k8s.io"  # containerd 1.6's CRI plugin always uses it
 
 
 def have_containerd() -> bool:
     return all(shutil.which(t) for t in ("containerd", "ctr", "runc")) and os.geteuid() == 0
 
 
+@dataclass(frozen=True)
+class Cri:
+    """Settings of containerd's CRI plugin for a test that drives it (pods)."""
+
+    sandbox_image: str
+    snapshotter: str = "overlayfs"
+    plain_http: tuple[str, ...] = ()  # registry hosts reached over http://
+
+    def toml(self, workdir: Path) -> list[str]:
+        cri = '[plugins."io.containerd.grpc.v1.cri"'
+        lines = [
+            f"    sandbox_image = {json.dumps(self.sandbox_image)}",
+            '    stream_server_port = "0"',
+            # A negative oom_score_adj (CRI's -998 for sandboxes) needs CAP_SYS_RESOURCE
+            # beyond what a nested test machine may grant: runc init would fail.
+            "    restrict_oom_score_adj = true",
+            f"  {cri}.containerd]",
+            f"    snapshotter = {json.dumps(self.snapshotter)}",
+            "    disable_snapshot_annotations = false",
+            f"  {cri}.cni]",
+            f'    bin_dir = "{workdir}/cni/bin"',
+            f'    conf_dir = "{workdir}/cni/conf"',
+        ]
+        for host in self.plain_http:
+            lines += [f'  {cri}.registry.mirrors."{host}"]',
+                      f'    endpoint = ["http://{host}"]']
+        return lines
+
+
 def config_toml(root: Path, state: Path, address: Path,
-                proxy_plugins: Mapping[str, str]) -> str:
+                proxy_plugins: Mapping[str, str], cri: Cri | None = None) -> str:
     lines = [
         "version = 2",
         f'root = "{root}"',
@@ -51,6 +86,8 @@ def config_toml(root: Path, state: Path, address: Path,
         '  [plugins."io.containerd.grpc.v1.cri"]',
         "    disable_apparmor = true",
     ]
+    if cri is not None:
+        lines += cri.toml(root.parent)
     for name, sock in proxy_plugins.items():
         lines += [f"[proxy_plugins.{name}]", '  type = "snapshot"', f'  address = "{sock}"']
     return "\n".join(lines) + "\n"
@@ -80,6 +117,7 @@ class Containerd:
         workdir: Path,
         proxy_plugins: Mapping[str, str] | None = None,
         namespace: str | None = None,
+        cri: Cri | None = None,
     ) -> None:
         self.workdir = workdir
         self.root = workdir / "root"
@@ -89,6 +127,7 @@ class Containerd:
         self.log_file = workdir / "containerd.log"
         self.namespace = namespace or f"{NAMESPACE_PREFIX}-{uuid.uuid4().hex[:12]}"
         self.proxy_plugins = dict(proxy_plugins or {})
+        self.cri = cri
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> Containerd:
@@ -102,7 +141,7 @@ class Containerd:
         for d in (self.root, self.state):
             d.mkdir(parents=True, exist_ok=True)
         self.config.write_text(
-            config_toml(self.root, self.state, self.address, self.proxy_plugins)
+            config_toml(self.root, self.state, self.address, self.proxy_plugins, self.cri)
         )
         with open(self.log_file, "ab") as log:
             self.proc = subprocess.Popen(
@@ -118,9 +157,13 @@ class Containerd:
     def stop(self) -> None:
         if self.proc is None:
             return
-        for task in self._task_ids():
-            self.ctr("tasks", "kill", "--all", "-s", "SIGKILL", task, check=False, timeout=30)
-            self.ctr("tasks", "delete", "--force", task, check=False, timeout=30)
+        cri_tasks = self._task_ids(CRI_NAMESPACE) if self.cri is not None else []
+        for namespace, tasks in ((self.namespace, self._task_ids()), (CRI_NAMESPACE, cri_tasks)):
+            for task in tasks:
+                self.ctr("tasks", "kill", "--all", "-s", "SIGKILL", task, check=False,
+                         timeout=30, namespace=namespace)
+                self.ctr("tasks", "delete", "--force", task, check=False, timeout=30,
+                         namespace=namespace)
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(20)
@@ -132,9 +175,11 @@ class Containerd:
         self._unmount_below(self.state)
         self._unmount_below(self.root)
         shutil.rmtree(RUNC_ROOT / self.namespace, ignore_errors=True)
+        for task in cri_tasks:
+            shutil.rmtree(RUNC_ROOT / CRI_NAMESPACE / task, ignore_errors=True)
 
-    def _task_ids(self) -> list[str]:
-        out = self.ctr("tasks", "ls", "-q", check=False)
+    def _task_ids(self, namespace: str | None = None) -> list[str]:
+        out = self.ctr("tasks", "ls", "-q", check=False, namespace=namespace)
         return out.stdout.split() if out.returncode == 0 else []
 
     def _kill_own_shims(self) -> None:
@@ -200,21 +245,32 @@ def snapshotter_process(
     timeout: float = 30,
 ) -> Iterator[subprocess.Popen]:
     """Run ``lazystore snapshotter`` until the context exits; waits for READY=1."""
-    notify_path = root.parent / f".notify-{os.getpid()}-{time.monotonic_ns()}"
+    args = ["snapshotter", "--address", str(address), "--root", str(root),
+            "--control-socket", str(control_socket), "--mount-point", str(mount_point),
+            *extra_args]
+    with lazystore_process(args, root.parent, log_file, timeout) as proc:
+        yield proc
+
+
+@contextmanager
+def lazystore_process(
+    args: Sequence[str], notify_dir: Path, log_file: Path | None = None, timeout: float = 30,
+) -> Iterator[subprocess.Popen]:
+    """Run ``lazystore -v ARGS`` (a daemon that sends READY=1, with its
+    notify socket in *notify_dir*) until the context exits."""
+    notify_path = notify_dir / f".notify-{os.getpid()}-{time.monotonic_ns()}"
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(notify_path))
     notify.settimeout(timeout)
     env = dict(os.environ, NOTIFY_SOCKET=str(notify_path))
-    argv = [sys.executable, "-m", "lazystore", "-v", "snapshotter", "--address", str(address),
-            "--root", str(root), "--control-socket", str(control_socket),
-            "--mount-point", str(mount_point), *extra_args]
+    argv = [sys.executable, "-m", "lazystore", "-v", *args]
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL
     proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         try:
             message = notify.recv(4096)
         except TimeoutError:
-            raise RuntimeError("lazystore snapshotter sent no READY=1") from None
+            raise RuntimeError(f"lazystore {args[0]} sent no READY=1") from None
         # sd_notify: newline-separated assignments (READY=1 with a STATUS= line).
         if b"READY=1" not in message.split(b"\n"):
             raise RuntimeError(f"unexpected sd_notify message {message!r}")

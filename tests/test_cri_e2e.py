@@ -1,0 +1,306 @@
+"""End to end through containerd 1.6's CRI plugin: `lazystore image-service`
+in front of it, pods and containers started on containerd's RuntimeService.
+
+One stack per module: ``lazystore mount`` over real-Nix binary caches on
+127.0.0.1 (the sample closure; the image archives as store paths of their
+own), ``lazystore snapshotter``, a private containerd whose CRI plugin uses
+it (sandbox image: a busybox ``sleep`` pause image built with ``--layered``
+and pushed to a local docker-registry; host-network pods, no CNI), and the
+image service under test. Tests run in file order.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from lazystore.testing import nixcache, registry
+from lazystore.testing.containerd import (
+    CRI_NAMESPACE,
+    Containerd,
+    Cri,
+    have_containerd,
+    lazystore_process,
+    snapshotter_process,
+)
+from lazystore.testing.daemon import LAZYSTORE, Daemon
+from lazystore.testing.httpserver import serve_directory
+from tests.support.cri import CriClient, Pod
+
+SN = "lazystore"
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+
+def _need_tools() -> None:
+    if not have_containerd():
+        pytest.skip("needs root, containerd, ctr and runc")
+    if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
+        pytest.skip("FUSE (/dev/fuse, fusermount3) is not available")
+    if not registry.available():
+        pytest.skip("docker-registry is not installed")
+    if not nixcache.have_nix():
+        pytest.skip("real Nix (nix-bin) is not installed")
+
+
+def lazystore(*args: str) -> str:
+    proc = subprocess.run([LAZYSTORE, *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def add_to_store(path: Path) -> str:
+    """``nix-store --add``: the file as a store path of its own (no references)."""
+    return nixcache.run_nix("nix-store", "--add", str(path)).decode().strip()
+
+
+def base(path: str) -> str:
+    return Path(path).name
+
+
+def named(paths: list[str], name: str) -> str:
+    return next(p for p in paths if base(p)[33:] == name)
+
+
+@dataclass
+class Stack:
+    base: Path
+    daemon: Daemon
+    ctd: Containerd
+    registry: registry.Registry
+    service: CriClient  # lazystore's image service
+    containerd: CriClient  # containerd's own CRI (images and runtime)
+    prog: str  # the sample program's store path
+    closure: list[str]
+    archive: str  # store path of the nix image archive of prog
+    hostile: dict[str, str]  # what is wrong -> store path of such an archive
+
+    def materialized(self) -> set[str]:
+        return set(self.daemon.status()["paths_materialized"])
+
+    def cri_images(self) -> set[str]:
+        out = self.ctd.ctr("images", "ls", "-q", namespace=CRI_NAMESPACE).stdout
+        return set(out.split())
+
+    def logs(self) -> str:
+        parts = []
+        for name in ("image-service.log", "snapshotter.log", "daemon.log"):
+            p = self.base / name
+            if p.exists():
+                parts.append(f"--- {name}\n" + p.read_text(errors="replace")[-3000:])
+        parts.append("--- containerd\n" + self.ctd.log_tail())
+        return "\n".join(parts)
+
+
+def nix_image(dest: Path, top: str, name: str) -> str:
+    archive = dest / f"{name}.tar"
+    lazystore("image", "build", top, "-o", str(archive), "--name", f"lazy/{name}:1")
+    return add_to_store(archive)
+
+
+@pytest.fixture(scope="module")
+def stack(
+    binary_cache: nixcache.BinaryCache, http_cache: str, test_key: nixcache.KeyPair,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Stack]:
+    _need_tools()
+    from tests.support import hostile_archives
+
+    work = tmp_path_factory.mktemp("cri-images")
+    prog = binary_cache.top
+    closure = nixcache.closure(prog)
+    archive = nix_image(work, prog, "prog-image")
+    hostile = {what: add_to_store(path)
+               for what, path in hostile_archives.write_all(work / "hostile").items()}
+    archives = tmp_path_factory.mktemp("cache-archives")
+    for path in [archive, *hostile.values()]:
+        nixcache.make_cache(path, archives, test_key)
+    base_dir = Path(tempfile.mkdtemp(prefix="lzk-", dir="/tmp"))  # short socket paths
+    os.chmod(base_dir, 0o755)
+    try:
+        with serve_directory(archives) as server, registry.running(base_dir / "reg") as reg:
+            pause = work / "pause.tar"
+            busybox = named(closure, "busybox")
+            lazystore("image", "build", busybox, "-o", str(pause), "--name", "pause:1",
+                      "--layered", "1", "--entrypoint", f"{busybox}/bin/sleep 1000000")
+            lazystore("image", "push", str(pause), f"{reg.host}/pause:1", "--plain-http")
+            daemon = Daemon(base_dir, [http_cache, server.url], test_key.public_key,  # type: ignore[attr-defined]
+                            "--allow-other")
+            daemon.start()
+            ctd = Containerd(base_dir / "ctd", {SN: str(base_dir / "sn.sock")},
+                             cri=Cri(f"{reg.host}/pause:1", SN, (reg.host,)))
+            try:
+                with snapshotter_process(base_dir / "sn", base_dir / "sn.sock", daemon.sock,
+                                         daemon.mnt, log_file=base_dir / "snapshotter.log"):
+                    ctd.start()
+                    args = ["image-service", "--address", str(base_dir / "img.sock"),
+                            "--runtime-endpoint", str(ctd.address),
+                            "--control-socket", str(daemon.sock),
+                            "--mount-point", str(daemon.mnt)]
+                    with lazystore_process(args, base_dir, base_dir / "image-service.log"), \
+                            CriClient(base_dir / "img.sock") as service, \
+                            CriClient(ctd.address) as direct:
+                        yield Stack(base_dir, daemon, ctd, reg, service, direct, prog,
+                                    closure, archive, hostile)
+            finally:
+                ctd.stop()
+                daemon.stop()
+    finally:
+        _unmount_below(base_dir)
+        shutil.rmtree(base_dir, ignore_errors=True)
+
+
+def _unmount_below(path: Path) -> None:
+    with open("/proc/self/mounts") as f:
+        targets = [line.split()[1] for line in f if line.split()[1].startswith(str(path) + "/")]
+    for t in sorted(targets, reverse=True):
+        subprocess.run(["umount", "-l", t], capture_output=True)
+
+
+def nix_ref(path: str) -> str:
+    return f"nix:0{path}"
+
+
+# -- tests (in order) ---------------------------------------------------------
+
+
+def test_nix_pull_imports_into_containerd_fetching_only_the_archive(stack: Stack) -> None:
+    before = stack.materialized()
+    image_ref = stack.service.pull(nix_ref(stack.archive))
+    assert image_ref.startswith("sha256:")
+    # containerd's own CRI sees the image, under the reference and by its id
+    seen = stack.containerd.image_status(nix_ref(stack.archive))
+    assert seen is not None and seen.id == image_ref, stack.logs()
+    assert f"nix:0{stack.archive}:latest" in seen.repo_tags
+    assert stack.containerd.image_status(image_ref).id == image_ref  # type: ignore[union-attr]
+    assert stack.materialized() - before == {base(stack.archive)}
+    assert not {base(p) for p in stack.closure} & stack.materialized()
+
+
+def test_nix_pull_again_is_a_noop(stack: Stack) -> None:
+    first = stack.service.pull(nix_ref(stack.archive))
+    stack.daemon.call("evict", paths=[stack.archive])
+    assert base(stack.archive) not in stack.materialized()
+    images = stack.cri_images()
+    # the kubelet's form of the reference (":latest" added) names the same image
+    assert stack.service.pull(nix_ref(stack.archive) + ":latest") == first
+    assert base(stack.archive) not in stack.materialized()  # not read again
+    assert stack.cri_images() == images
+
+
+def test_pod_runs_the_nix_image_fetching_only_what_it_touches(stack: Stack) -> None:
+    image_ref = stack.service.pull(nix_ref(stack.archive))
+    before = stack.materialized()
+    pod = Pod(stack.containerd, stack.base / "pods" / "nix")
+    try:
+        code, out = pod.run(image_ref, [f"{stack.prog}/bin/prog"])
+    finally:
+        pod.remove()
+    assert (code, out) == (0, "hello from liba\n"), stack.logs()
+    fetched = stack.materialized() - before
+    wanted = {base(stack.prog), base(named(stack.closure, "busybox")),
+              base(named(stack.closure, "liba"))}
+    assert fetched == wanted - before
+    assert base(named(stack.closure, "docs")) not in stack.materialized()
+
+
+def test_ordinary_image_is_forwarded_and_runs(stack: Stack) -> None:
+    archive = stack.base / "plain.tar"
+    lazystore("image", "build", stack.prog, "-o", str(archive), "--name", "plain:1",
+              "--layered", "2")
+    ref = f"{stack.registry.host}/plain/prog:1"
+    lazystore("image", "push", str(archive), ref, "--plain-http")
+    views = stack.daemon.status()["views"]
+    image_ref = stack.service.pull(ref)
+    assert stack.containerd.image_status(ref).id == image_ref  # type: ignore[union-attr]
+    pod = Pod(stack.containerd, stack.base / "pods" / "plain")
+    try:
+        code, out = pod.run(ref, [f"{stack.prog}/bin/prog"])
+    finally:
+        pod.remove()
+    assert (code, out) == (0, "hello from liba\n"), stack.logs()
+    assert stack.daemon.status()["views"] == views  # its own layers: the daemon is not asked
+    stack.service.remove(ref)
+    assert stack.containerd.image_status(ref) is None
+
+
+def test_image_status_and_list_answer_from_containerd(stack: Stack) -> None:
+    image_ref = stack.service.pull(nix_ref(stack.archive))
+    mine = stack.service.image_status(nix_ref(stack.archive))
+    theirs = stack.containerd.image_status(nix_ref(stack.archive))
+    assert mine == theirs and mine is not None and mine.id == image_ref
+    ids = sorted(i.id for i in stack.service.list_images())
+    assert ids == sorted(i.id for i in stack.containerd.list_images())  # (Go map order)
+    assert ids.count(image_ref) == 1
+
+
+def test_image_fs_info_adds_the_lazystore_cache(stack: Stack) -> None:
+    from lazystore.cri.proto import api_pb2 as api
+
+    mine = stack.service.images.ImageFsInfo(api.ImageFsInfoRequest()).image_filesystems
+    theirs = stack.containerd.images.ImageFsInfo(api.ImageFsInfoRequest()).image_filesystems
+    assert [f.fs_id.mountpoint for f in mine[:-1]] == [f.fs_id.mountpoint for f in theirs]
+    status = stack.daemon.status()
+    ours = mine[-1]
+    assert ours.fs_id.mountpoint == status["cache_dir"]
+    assert ours.used_bytes.value == status["cache_bytes"] > 0
+    files = sum(len(dirs) + len(names) for _, dirs, names in os.walk(stack.daemon.cache / "store"))
+    assert ours.inodes_used.value == files > 0
+
+
+def test_remove_image_removes_it_and_unpins_its_paths(stack: Stack) -> None:
+    image_ref = stack.service.pull(nix_ref(stack.archive))
+    pins = [v for v in stack.daemon.status()["views"] if v.startswith("cri-")]
+    assert pins and all(image_ref[7:] in v for v in pins)
+    stack.service.remove(nix_ref(stack.archive))
+    assert stack.containerd.image_status(nix_ref(stack.archive)) is None
+    assert stack.containerd.image_status(image_ref) is None
+    assert not [v for v in stack.daemon.status()["views"] if v.startswith("cri-")]
+    stack.service.remove(nix_ref(stack.archive))  # idempotent, as the CRI wants
+
+
+@pytest.mark.parametrize("ref, message", [
+    ("nix:0/nix/store/../../etc/passwd", "not a store path"),
+    ("nix:0nix/store/aaaa", "does not start with nix:0/"),
+    ("nix:0/tmp/" + "a" * 32 + "-x.tar", "is not in the store"),
+    ("nix:0/nix/store/not-a-store-path", "not a store path"),
+    ("nix:0/nix/store/" + "a" * 32 + "-x.tar/sub", "sub-path"),
+    ("nix:0/nix/store/" + "a" * 32 + "-X.tar", "cannot be part of an image name"),
+    ("nix:0/nix/store/" + "a" * 32 + "-x.tar:v2", "only tag"),
+])
+def test_hostile_reference_is_invalid_argument(stack: Stack, ref: str, message: str) -> None:
+    _refused(stack, ref, grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def test_store_path_no_substituter_has_is_not_found(stack: Stack) -> None:
+    missing = "/nix/store/" + "0" * 32 + "-missing-image.tar"
+    _refused(stack, nix_ref(missing), grpc.StatusCode.NOT_FOUND, "not in any substituter")
+
+
+def test_hostile_archives_are_failed_precondition(stack: Stack) -> None:
+    from tests.support import hostile_archives
+
+    for what, path in stack.hostile.items():
+        _refused(stack, nix_ref(path), grpc.StatusCode.FAILED_PRECONDITION,
+                 hostile_archives.MESSAGES[what])
+
+
+def _refused(stack: Stack, ref: str, code: grpc.StatusCode, message: str) -> None:
+    images, views = stack.cri_images(), stack.daemon.status()["views"]
+    with pytest.raises(grpc.RpcError) as info:
+        stack.service.pull(ref)
+    err: Any = info.value
+    assert err.code() == code, err.details()
+    assert message in err.details()
+    assert "\n" not in err.details()
+    assert stack.cri_images() == images  # nothing imported
+    assert stack.daemon.status()["views"] == views
+    assert stack.service.list_images() is not None  # and it keeps serving
