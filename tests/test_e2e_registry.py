@@ -22,6 +22,7 @@ from lazystore.testing import lazyregistry, nixcache
 from lazystore.testing.containerd import Containerd, have_containerd, snapshotter_process
 from lazystore.testing.daemon import Daemon, fuse_missing
 from lazystore.testing.httpserver import serve_directory
+from tests.test_registry_expression import ATTRS_NIX, attrs_cache
 
 SN = "lazystore"
 pytestmark = [pytest.mark.root, pytest.mark.slow]
@@ -69,18 +70,22 @@ def stack(binary_cache: nixcache.BinaryCache, http_cache: str, test_key: nixcach
         pytest.skip(why or "needs containerd, ctr and runc")
     two = nixcache.build(tag="two")
     cache_two = nixcache.make_cache(two, tmp_path_factory.mktemp("cache-two"), test_key)
+    cache_attrs = tmp_path_factory.mktemp("cache-attrs")
+    attrs_cache(cache_attrs, test_key)
     base = Path(tempfile.mkdtemp(prefix="lzr-", dir="/tmp"))  # short unix socket paths
     os.chmod(base, 0o755)
     try:
-        with serve_directory(cache_two.root) as server_two:
-            urls = [http_cache, server_two.url]  # type: ignore[attr-defined]
+        with serve_directory(cache_two.root) as server_two, \
+                serve_directory(cache_attrs) as server_attrs:
+            urls = [http_cache, server_two.url, server_attrs.url]  # type: ignore[attr-defined]
             daemon = Daemon(base, urls, test_key.public_key, "--allow-other")
             daemon.start()
             try:
                 with snapshotter_process(base / "sn", base / "sn.sock", daemon.sock, daemon.mnt,
                                          log_file=base / "snapshotter.log"), \
                         Containerd(base / "ctd", {SN: str(base / "sn.sock")}) as ctd, \
-                        lazyregistry.running(base / "reg", urls, test_key.public_key) as reg:
+                        lazyregistry.running(base / "reg", urls, test_key.public_key,
+                                             "--expression", str(ATTRS_NIX)) as reg:
                     yield Stack(base, daemon, ctd, reg, binary_cache.top, two)
             finally:
                 daemon.stop()
@@ -129,6 +134,13 @@ def test_layered_runs_on_the_stock_overlayfs_snapshotter(stack: Stack) -> None:
     after = stack.status()
     assert (after["bytes_downloaded"], after["views"]) == \
         (before["bytes_downloaded"], before["views"])  # no lazystore on that path
+
+
+def test_an_image_of_attributes_runs_their_programs_from_bin(stack: Stack) -> None:
+    ref = f"{stack.reg.host}/busybox/hello/greet:latest"
+    stack.pull(ref, "--snapshotter", SN)
+    assert stack.run(ref, "sh", "-c", "hello && greet") == \
+        "hello from the registry\ngreetings\n"
 
 
 @pytest.mark.parametrize("tag", ["latest", "layered"])

@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--listen", default=DEFAULT_LISTEN, metavar="HOST:PORT",
                    help=f"address to serve on (default {DEFAULT_LISTEN}; port 0: any)")
     fetch_cli.add_substituter_arguments(p)
+    p.add_argument("--expression", type=Path, metavar="FILE",
+                   help="a Nix file evaluating to an attribute set: NAME a/b/c is the image "
+                   "of its attributes a, b and c (built with Nix)")
     p.add_argument("--max-layers", type=fetch_cli._positive_int, default=100, metavar="N",
                    help="layers of a 'layered' image at most (default 100)")
     p.add_argument("--cache-dir", type=Path, default=Path(DEFAULT_CACHE_DIR), metavar="DIR",
@@ -44,7 +47,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
 
     try:
         trio.run(lambda: server.run(Substituters(config), args.listen, args.cache_dir,
-                                    args.max_layers, ready))
+                                    args.max_layers, args.expression, ready))
     except BaseExceptionGroup as group:
         raise _first_error(group) from None
     return 0

@@ -88,9 +88,16 @@ def nix_image(
     path -> whether it is a directory), its one layer written under *tmp*.
     Needs no store: a closure's narinfos and root kinds are enough."""
     paths = [i.path for i in infos]
+    return image_of(runtime, [nix_layer(paths, is_dir, tmp / "layer0")], [paths])
+
+
+def nix_layer(
+    paths: Sequence[str], is_dir: Mapping[str, bool], dest: Path
+) -> tuple[oci.Layer, dict[str, str]]:
+    """The placeholder layer of *paths* (written to *dest*) and its annotations."""
     layer = oci.write_layer(
-        nix.placeholder_entries({p: is_dir[p] for p in paths}, STORE_DIR), tmp / "layer0")
-    return image_of(runtime, [(layer, nix.annotations(paths))], [paths])
+        nix.placeholder_entries({p: is_dir[p] for p in paths}, STORE_DIR), dest)
+    return layer, nix.annotations(paths)
 
 
 def layered_image(

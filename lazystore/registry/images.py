@@ -35,6 +35,7 @@ from lazystore.registry.errors import (
     RegistryError,
     Unavailable,
 )
+from lazystore.registry.expression import Expression, bin_entries
 from lazystore.registry.names import TAGS, Name
 from lazystore.substituter.client import Substituters
 from lazystore.substituter.download import single_error
@@ -44,6 +45,7 @@ from lazystore.substituter.flight import SingleFlight
 log = logging.getLogger(__name__)
 
 RUNTIME = oci.RuntimeConfig()  # as `lazystore image build` without options
+ATTRS_RUNTIME = oci.RuntimeConfig(env=["PATH=/bin"])  # images of attributes: their bin/
 MEMO_SIZE = 10_000
 
 
@@ -64,16 +66,22 @@ class Closure:
     key: str  # names the closure: a store path's basename, or attributes
     infos: list[PathInfo]
     top: list[str]  # the store paths asked for
+    programs: list[str] | None = None  # attributes' outputs, whose bin/ the image links
+
+    @property
+    def runtime(self) -> oci.RuntimeConfig:
+        return RUNTIME if self.programs is None else ATTRS_RUNTIME
 
 
 class Images:
     def __init__(self, subs: Substituters, store: BlobStore, max_layers: int = 100,
-                 fetch_limit: int = 4) -> None:
+                 expression: Expression | None = None, fetch_limit: int = 4) -> None:
         self.subs = subs
+        self.expression = expression
         self.store = store
         self.max_layers = max_layers
         self._store_dir = subs.config.store_dir
-        self._manifests: cachetools.LRUCache[tuple[str, str], bytes] = \
+        self._manifests: cachetools.LRUCache[tuple[str, str, str], bytes] = \
             cachetools.LRUCache(MEMO_SIZE)
         self._by_digest: cachetools.LRUCache[str, Manifest] = cachetools.LRUCache(MEMO_SIZE)
         self._is_dir: dict[str, bool] = {}
@@ -89,7 +97,9 @@ class Images:
     async def manifest(self, name: Name, tag: str, accept: str = "") -> Manifest:
         if tag not in TAGS:
             raise ManifestUnknown(f"unknown tag {tag!r} (this registry has {', '.join(TAGS)})")
-        key = (name.text, tag)
+        version = "" if name.is_store_path or self.expression is None \
+            else self.expression.version()
+        key = (name.text, tag, version)
         data = self._manifests.get(key)
         if data is None:
             data = await self._image_flight.run(key, lambda: self._make(name, tag))
@@ -122,19 +132,26 @@ class Images:
 
     async def check(self, name: Name) -> None:
         """NameUnknown unless *name* is an image this registry can make."""
-        await self._narinfo(self._store_name(name))
+        if name.is_store_path:
+            await self._narinfo(name)
+        else:
+            await self.closure(name)
 
     async def closure(self, name: Name) -> Closure:
         """The closure *name* stands for (NameUnknown when no trusted cache has it)."""
-        top = await self._narinfo(self._store_name(name))
+        if not name.is_store_path:
+            return await self._attrs_closure(name)
+        top = await self._narinfo(name)
         return await self.closure_of([top.store_path], top.path.basename)
 
-    @staticmethod
-    def _store_name(name: Name) -> Name:
-        if not name.is_store_path:
+    async def _attrs_closure(self, name: Name) -> Closure:
+        if self.expression is None:
             raise NameUnknown(f"{name.text!r} is not a store path (hash or hash-name) and "
                               "this registry has no --expression")
-        return name
+        version, outputs = await self.expression.outputs(name.attrs)
+        programs = list(dict.fromkeys(p for paths in outputs for p in paths))
+        closure = await self.closure_of(programs, f"{name.text}@{version[:12]}")
+        return Closure(closure.key, closure.infos, programs, programs)
 
     async def closure_of(self, paths: Sequence[str], key: str) -> Closure:
         self.closure_walks += 1
@@ -142,7 +159,8 @@ class Images:
         try:
             infos = await self.subs.closure(store_paths)
         except NotAvailableError as exc:
-            raise NameUnknown(str(exc)) from None
+            raise NameUnknown(f"{exc} (images name only paths of the configured binary "
+                              "caches)") from None
         except SubstituterError as exc:
             raise Unavailable(str(exc)) from None
         records = sorted((path_info(i, self._store_dir) for i in infos), key=lambda r: r.path)
@@ -181,6 +199,7 @@ class Images:
         return image.manifest
 
     async def _nix_image(self, closure: Closure) -> build.Image:
+        """The placeholder layer of the closure (and the bin/ layer of attributes)."""
         is_dir: dict[str, bool] = {}
 
         async def kind(path: str) -> None:
@@ -192,10 +211,28 @@ class Images:
     def _write_nix_image(self, closure: Closure, is_dir: dict[str, bool]) -> build.Image:
         tmp = self.store.make_tmp()
         try:
-            image = build.nix_image(closure.infos, is_dir, RUNTIME, tmp)
-            for layer in image.layers:
-                self.store.put_file(layer.path, layer.digest)
-            return image
+            paths = [i.path for i in closure.infos]
+            layer, notes = build.nix_layer(paths, is_dir, tmp / "layer")
+            layer = oci.Layer(self.store.put_file(layer.path, layer.digest), layer.digest,
+                              layer.size, layer.diff_id)
+            return self._image(closure, [(layer, notes)], [paths])
+        finally:
+            fsio.remove_tree(tmp)
+
+    def _image(self, closure: Closure, written: list[tuple[oci.Layer, dict[str, str]]],
+               groups: list[list[str]]) -> build.Image:
+        """The image of layers *written* and, for attributes, their bin/ layer on top."""
+        if closure.programs is not None:
+            written = [*written, (self._bin_layer(closure.programs), {})]
+            groups = [*groups, ["bin"]]
+        return build.image_of(closure.runtime, written, groups)
+
+    def _bin_layer(self, programs: list[str]) -> oci.Layer:
+        tmp = self.store.make_tmp()
+        try:
+            layer = oci.write_layer(bin_entries(programs), tmp / "bin")
+            path = self.store.put_file(layer.path, layer.digest)
+            return oci.Layer(path, layer.digest, layer.size, layer.diff_id)
         finally:
             fsio.remove_tree(tmp)
 
@@ -231,8 +268,9 @@ class Images:
             written[n] = await self.layer(group)
 
         await _all([lambda n=n, g=g: one(n, g) for n, g in enumerate(groups)])
-        layers = [(layer, {}) for layer in written if layer is not None]
-        return build.image_of(RUNTIME, layers, groups)
+        layers: list[tuple[oci.Layer, dict[str, str]]] = \
+            [(layer, {}) for layer in written if layer is not None]
+        return await trio.to_thread.run_sync(self._image, closure, layers, groups)
 
     async def layer(self, group: list[str]) -> oci.Layer:
         """The classic layer of the store paths *group*, built once per cache dir."""

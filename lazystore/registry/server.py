@@ -13,6 +13,7 @@ from lazystore.errors import LazystoreError
 from lazystore.registry import http
 from lazystore.registry.app import RegistryApp
 from lazystore.registry.blobs import BlobStore
+from lazystore.registry.expression import Expression
 from lazystore.registry.images import Images
 from lazystore.substituter.client import Substituters
 
@@ -29,6 +30,7 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 async def run(subs: Substituters, listen: str, cache_dir: Path, max_layers: int,
+              expression: Path | None = None,
               ready: Callable[[list[str]], None] = lambda urls: None) -> None:
     """Serve until cancelled; *ready* gets the URLs listened on once serving."""
     host, port = parse_listen(listen)
@@ -42,13 +44,27 @@ async def run(subs: Substituters, listen: str, cache_dir: Path, max_layers: int,
     except OSError as exc:
         raise LazystoreError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
     async with subs:
-        images = Images(subs, store, max_layers)
+        images = Images(subs, store, max_layers, _expression(subs, expression))
         async with trio.open_nursery() as nursery:
             await nursery.start(http.serve, RegistryApp(images), listeners)
             urls = [_url(listener) for listener in listeners]
             log.info("listening on %s", " ".join(urls))
             ready(urls)
             sdnotify.notify("READY=1")
+
+
+def _expression(subs: Substituters, file: Path | None) -> Expression | None:
+    """The expression, built by Nix substituting from the registry's own caches."""
+    if file is None:
+        return None
+    if not file.is_file():
+        raise LazystoreError(f"--expression {file}: no such file")
+    config = subs.config
+    return Expression(file, {
+        "substituters": " ".join(config.urls),
+        "trusted-public-keys": " ".join(config.trusted_public_keys),
+        "require-sigs": "true" if config.require_sigs else "false",
+    })
 
 
 def _url(listener: trio.SocketListener) -> str:
