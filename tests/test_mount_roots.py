@@ -17,12 +17,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lazystore.nix import nar
-from lazystore.nix.nar import TreeDir, TreeFile, TreeSymlink
-from lazystore.testing import nixcache
+from lazystore.testing import nartree, nixcache
 from lazystore.testing.daemon import LAZYSTORE, Daemon, fuse_missing
 from lazystore.testing.daemon import lazystore_mount as support_mount
 from lazystore.testing.httpserver import serve_directory
+from lazystore.testing.nartree import TreeDir, TreeFile, TreeSymlink
 
 pytestmark = pytest.mark.root
 
@@ -183,7 +182,7 @@ def test_conformance_nars_of_every_root_type_read_as_nix_restores_them(
 ) -> None:
     _need_fuse()
     nars = {name: (conformance / rel).read_bytes() for name, rel in CONFORMANCE_NARS.items()}
-    nars |= {name: nar.pack(tree) for name, tree in PACKED_NARS.items()}
+    nars |= {name: nartree.pack(tree) for name, tree in PACKED_NARS.items()}
     (tmp_path / "restored").mkdir()
     added = {name: add_nar(data, tmp_path / "restored", name) for name, data in nars.items()}
     kinds = {stat.S_IFMT(os.lstat(path).st_mode) for path, _ in added.values()}
@@ -226,11 +225,11 @@ class RandomStore:
         self.work, self.key, self.daemon = work, key, daemon
         self.count = 0
 
-    def add(self, tree: nar.Tree) -> tuple[str, Path]:
+    def add(self, tree: nartree.Tree) -> tuple[str, Path]:
         self.count += 1
         restored = self.work / f"r{self.count}"
         restored.mkdir()
-        path, tree_dir = add_nar(nar.pack(tree), restored, "random-root")
+        path, tree_dir = add_nar(nartree.pack(tree), restored, "random-root")
         copy_to_cache([path], self.work / "www", self.key)
         return path, tree_dir
 
@@ -256,7 +255,7 @@ def random_store(
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(tree=roots)
 def test_random_roots_read_through_the_mount_as_nix_restores_them(
-    random_store: RandomStore, tree: nar.Tree
+    random_store: RandomStore, tree: nartree.Tree
 ) -> None:
     path, restored = random_store.add(tree)
     through_mount = snapshot(random_store.daemon.mnt / os.path.basename(path))

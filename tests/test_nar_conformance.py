@@ -14,6 +14,7 @@ import pytest
 
 from lazystore.errors import NarError
 from lazystore.nix import base32, fsio, listing, nar
+from lazystore.testing import nartree
 
 GO_NIX_NAR = "go-nix/nar_1094wph9z4nwlgvsd53abfz8i117ykiv5dwnq9nnhz846s7xqd7d.nar"
 
@@ -58,7 +59,7 @@ def test_the_tables_cover_every_nar_in_the_corpus(conformance: Path) -> None:
 @pytest.mark.parametrize("name", sorted(VALID))
 def test_valid_nar_round_trips(conformance: Path, name: str, tmp_path: Path) -> None:
     data = (conformance / name).read_bytes()
-    assert nar.pack(nar.read_tree([data])) == data
+    assert nartree.pack(nartree.read_tree([data])) == data
     events = list(nar.parse(data[i:i + 5] for i in range(0, len(data), 5)))
     assert b"".join(bytes(p) for p in nar.serialize(events)) == data
     fsio.unpack(io.BytesIO(data), tmp_path / "out", chunk_size=4096)
@@ -95,8 +96,8 @@ def test_go_nix_nar_listing_and_contents(conformance: Path) -> None:
     assert arp == {"type": "regular", "size": 55288, "executable": True, "narOffset": 400}
     expected = (conformance / (GO_NIX_NAR + "_bin_arp")).read_bytes()
     assert data[400:400 + 55288] == expected
-    tree = nar.read_tree([data])
-    assert tree.entries[b"bin"].entries[b"arp"] == nar.TreeFile(expected, True)  # type: ignore
+    tree = nartree.read_tree([data])
+    assert tree.entries[b"bin"].entries[b"arp"] == nartree.TreeFile(expected, True)  # type: ignore
 
 
 def _zeros(size: int) -> Iterator[nar.Event]:
@@ -128,13 +129,13 @@ def test_listing_offsets_match_real_ls_files(conformance: Path, name: str) -> No
 def test_listing_matches_nix_nar_listing_json(conformance: Path) -> None:
     """Nix's own NarListing tests (no narOffset, "executable" always present)."""
     deep = json.loads((conformance / "nix/nar-listing/deep.json").read_text())
-    tree = nar.TreeDir({
-        b"bar": nar.TreeDir({
-            b"baz": nar.TreeFile(b"x" * 19, True), b"quux": nar.TreeSymlink(b"/over/there"),
+    tree = nartree.TreeDir({
+        b"bar": nartree.TreeDir({
+            b"baz": nartree.TreeFile(b"x" * 19, True), b"quux": nartree.TreeSymlink(b"/over/there"),
         }),
-        b"foo": nar.TreeFile(b"y" * 15),
+        b"foo": nartree.TreeFile(b"y" * 15),
     })
-    ours = listing.from_nar([nar.pack(tree)])["root"]
+    ours = listing.from_nar([nartree.pack(tree)])["root"]
     for node in (ours["entries"]["foo"], ours["entries"]["bar"]["entries"]["baz"]):
         node.pop("narOffset")
         node.setdefault("executable", False)

@@ -14,10 +14,9 @@ from lazystore.nix.nar import (
     FileEnd,
     FileStart,
     Symlink,
-    TreeDir,
-    TreeFile,
-    TreeSymlink,
 )
+from lazystore.testing import nartree
+from lazystore.testing.nartree import TreeDir, TreeFile, TreeSymlink
 
 
 def s(value: bytes | str) -> bytes:
@@ -72,13 +71,13 @@ def test_string_encoding_table() -> None:
 
 
 @pytest.mark.parametrize("label,tree,expected", BYTE_TABLE, ids=[c[0] for c in BYTE_TABLE])
-def test_pack_writes_the_table_bytes(label: str, tree: nar.Tree, expected: bytes) -> None:
-    assert nar.pack(tree) == expected
+def test_pack_writes_the_table_bytes(label: str, tree: nartree.Tree, expected: bytes) -> None:
+    assert nartree.pack(tree) == expected
 
 
 @pytest.mark.parametrize("label,tree,expected", BYTE_TABLE, ids=[c[0] for c in BYTE_TABLE])
-def test_read_tree_parses_the_table_bytes(label: str, tree: nar.Tree, expected: bytes) -> None:
-    assert nar.read_tree([expected]) == tree
+def test_read_tree_parses_the_table_bytes(label: str, tree: nartree.Tree, expected: bytes) -> None:
+    assert nartree.read_tree([expected]) == tree
 
 
 def _events(data: bytes, chunk: int) -> list:
@@ -117,7 +116,7 @@ def test_events_and_offsets_whatever_the_chunking(chunk: int) -> None:
 
 def test_large_contents_come_as_views_of_the_fed_chunk() -> None:
     body = bytes(range(256)) * 4096
-    data = nar.pack(TreeFile(body))
+    data = nartree.pack(TreeFile(body))
     events = nar.NarParser().feed(data)
     views = [e.data for e in events if isinstance(e, FileData)]
     assert len(views) == 1 and isinstance(views[0], memoryview)
@@ -245,7 +244,7 @@ def _nested(depth: int) -> bytes:
     node = tree
     for _ in range(depth - 1):
         node.entries[b"d"] = node = TreeDir()
-    return nar.pack(tree)
+    return nartree.pack(tree)
 
 
 def test_deep_nesting_parses_without_recursion() -> None:

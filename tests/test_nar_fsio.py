@@ -14,7 +14,8 @@ import pytest
 
 from lazystore.errors import NarError, UnpackError
 from lazystore.nix import fsio, nar
-from lazystore.nix.nar import TreeDir, TreeFile, TreeSymlink
+from lazystore.testing import nartree
+from lazystore.testing.nartree import TreeDir, TreeFile, TreeSymlink
 
 TREE = TreeDir({
     b"bin": TreeDir({b"prog": TreeFile(b"#!/bin/sh\n", True)}),
@@ -22,7 +23,7 @@ TREE = TreeDir({
     b"empty": TreeDir(),
     b"link": TreeSymlink(b"bin/prog"),
 })
-DATA = nar.pack(TREE)
+DATA = nartree.pack(TREE)
 
 
 def dumped(path: Path) -> bytes:
@@ -95,7 +96,7 @@ def test_an_incomplete_nar_leaves_nothing(tmp_path: Path, cut: int) -> None:
 
 
 def test_a_bad_nar_late_in_the_stream_removes_completed_read_only_dirs(tmp_path: Path) -> None:
-    good = nar.pack(TreeDir({b"a": TREE, b"b": TreeSymlink(b"t")}))
+    good = nartree.pack(TreeDir({b"a": TREE, b"b": TreeSymlink(b"t")}))
     bad = good.replace(nar.encode_string(b"b"), nar.encode_string(b"0"))
     assert bad != good
     with pytest.raises(NarError, match="not sorted"):
@@ -164,7 +165,7 @@ def deep_tree(depth: int) -> TreeDir:
 
 def test_deep_nesting_unpacks_dumps_and_removes(shm_path: Path) -> None:
     """5000 levels: far beyond PATH_MAX and the usual limit of open files."""
-    data = nar.pack(deep_tree(5000))
+    data = nartree.pack(deep_tree(5000))
     unpacker = fsio.NarUnpacker(shm_path / "deep")
     peak = 0
     for i in range(0, len(data), 4096):
@@ -178,7 +179,7 @@ def test_deep_nesting_unpacks_dumps_and_removes(shm_path: Path) -> None:
 
 
 def test_deep_nesting_failure_cleans_up(shm_path: Path) -> None:
-    data = nar.pack(deep_tree(3000))
+    data = nartree.pack(deep_tree(3000))
     with pytest.raises(NarError):
         fsio.unpack(io.BytesIO(data[:-30]), shm_path / "deep")
     assert os.listdir(shm_path) == []
@@ -187,7 +188,7 @@ def test_deep_nesting_failure_cleans_up(shm_path: Path) -> None:
 def test_remove_tree_handles_read_only_dirs_and_does_not_follow_links(tmp_path: Path) -> None:
     (tmp_path / "keep").mkdir()
     (tmp_path / "keep" / "file").write_text("keep")
-    fsio.unpack(io.BytesIO(nar.pack(TREE)), tmp_path / "t")
+    fsio.unpack(io.BytesIO(nartree.pack(TREE)), tmp_path / "t")
     assert stat.S_IMODE((tmp_path / "t" / "bin").stat().st_mode) == 0o555
     (tmp_path / "t" / "empty").chmod(0o755)
     os.symlink(tmp_path / "keep", tmp_path / "t" / "empty" / "escape")
@@ -207,7 +208,7 @@ def test_dump_refuses_special_files(tmp_path: Path) -> None:
 
 
 def test_max_depth_is_a_clean_rejection(tmp_path: Path) -> None:
-    data = nar.pack(deep_tree(40))
+    data = nartree.pack(deep_tree(40))
     unpacker = fsio.NarUnpacker(tmp_path / "deep", max_depth=30)
     with pytest.raises(NarError, match="deeper than 30 levels"):
         unpacker.feed(data)

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from lazystore.errors import NarError, UnpackError
 from lazystore.nix import fsio, nar
-from lazystore.nix.nar import TreeDir, TreeFile, TreeSymlink
+from lazystore.testing import nartree
+from lazystore.testing.nartree import TreeDir, TreeFile, TreeSymlink
 
 SETTINGS = settings(
     max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -48,16 +49,16 @@ def split(data: bytes, cuts: list[int]) -> Iterator[bytes]:
 
 @SETTINGS
 @given(trees, st.lists(st.integers(min_value=0), max_size=8))
-def test_random_trees_round_trip_through_the_parser(tree: nar.Tree, cuts: list[int]) -> None:
-    data = nar.pack(tree)
-    assert nar.read_tree(split(data, cuts)) == tree
+def test_random_trees_round_trip_through_the_parser(tree: nartree.Tree, cuts: list[int]) -> None:
+    data = nartree.pack(tree)
+    assert nartree.read_tree(split(data, cuts)) == tree
     assert b"".join(bytes(p) for p in nar.serialize(nar.parse(split(data, cuts)))) == data
 
 
 @FS_SETTINGS
 @given(trees)
-def test_random_trees_round_trip_on_disk(tree: nar.Tree) -> None:
-    data = nar.pack(tree)
+def test_random_trees_round_trip_on_disk(tree: nartree.Tree) -> None:
+    data = nartree.pack(tree)
     with tempfile.TemporaryDirectory() as tmp:
         first, second = Path(tmp, "first"), Path(tmp, "second")
         with fsio.NarUnpacker(first) as unpacker:
@@ -75,16 +76,16 @@ def test_random_trees_round_trip_on_disk(tree: nar.Tree) -> None:
 # NARs to mutate: symlinks that point out of the destination, nested
 # directories, executables, empty files.
 SEEDS = [
-    nar.pack(TreeDir({
+    nartree.pack(TreeDir({
         b"a": TreeSymlink(b"../canary"),
         b"b": TreeDir({b"c": TreeFile(b"hello\n", True), b"d": TreeSymlink(b"/tmp")}),
         b"e": TreeFile(b""),
         b"f": TreeSymlink(b".."),
         b"g": TreeDir({b"h": TreeDir()}),
     })),
-    nar.pack(TreeFile(b"x" * 20, False)),
-    nar.pack(TreeSymlink(b"../canary/file")),
-    nar.pack(TreeDir({
+    nartree.pack(TreeFile(b"x" * 20, False)),
+    nartree.pack(TreeSymlink(b"../canary/file")),
+    nartree.pack(TreeDir({
         b"x%d" % i: TreeFile(b"z" * (i * 3), i % 2 == 1) for i in range(6)
     })),
 ]

@@ -16,10 +16,9 @@ from lazystore.nix.nar import (
     FileEnd,
     FileStart,
     Symlink,
-    TreeDir,
-    TreeFile,
-    TreeSymlink,
 )
+from lazystore.testing import nartree
+from lazystore.testing.nartree import TreeDir, TreeFile, TreeSymlink
 
 # --- writing ----------------------------------------------------------------
 
@@ -30,7 +29,7 @@ def test_listing_of_a_tree() -> None:
         b"empty": TreeFile(b""),
         b"link": TreeSymlink(b"bin/prog"),
     })
-    data = nar.pack(tree)
+    data = nartree.pack(tree)
     doc = listing.from_nar([data])
     prog_offset = doc["root"]["entries"]["bin"]["entries"]["prog"]["narOffset"]
     assert data[prog_offset:prog_offset + 10] == b"#!/bin/sh\n"
@@ -78,7 +77,7 @@ def test_events_of_a_listing_are_those_of_its_nar_without_contents() -> None:
         b"link": TreeSymlink(b"bin/prog"),
         b"\xff": TreeDir(),
     })
-    data = nar.pack(tree)
+    data = nartree.pack(tree)
     from_nar = [e for e in nar.parse([data]) if not isinstance(e, nar.FileData)]
     assert list(listing.events(listing.from_nar([data]))) == from_nar
     assert from_nar[:3] == [DirStart(None), DirStart(b"bin"), FileStart(b"prog", True, 10,

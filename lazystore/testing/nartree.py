@@ -1,0 +1,97 @@
+"""NAR trees held in memory, for tests and benchmarks (small NARs only):
+:func:`pack` writes one as NAR bytes, :func:`read_tree` reads one back."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from lazystore.nix.nar import (
+    DirEnd,
+    DirStart,
+    Event,
+    FileData,
+    FileEnd,
+    FileStart,
+    Symlink,
+    parse,
+    serialize,
+)
+
+
+@dataclass
+class TreeFile:
+    contents: bytes = b""
+    executable: bool = False
+
+
+@dataclass
+class TreeSymlink:
+    target: bytes
+
+
+@dataclass
+class TreeDir:
+    entries: dict[bytes, Tree] = field(default_factory=dict)
+
+
+Tree = TreeFile | TreeSymlink | TreeDir
+
+
+def tree_events(tree: Tree) -> Iterator[Event]:
+    """Events for an in-memory tree, entries in NAR (byte) order; no recursion."""
+    stack: list[Iterator[tuple[bytes, Tree]]] = []
+    name: bytes | None = None
+    node = tree
+    while True:
+        if isinstance(node, TreeDir):
+            yield DirStart(name)
+            stack.append(iter(sorted(node.entries.items())))
+        elif isinstance(node, TreeFile):
+            yield FileStart(name, node.executable, len(node.contents))
+            if node.contents:
+                yield FileData(node.contents)
+            yield FileEnd()
+        else:
+            yield Symlink(name, node.target)
+        while stack:
+            item = next(stack[-1], None)
+            if item is not None:
+                name, node = item
+                break
+            stack.pop()
+            yield DirEnd()
+        else:
+            return
+
+
+def pack(tree: Tree) -> bytes:
+    """The NAR of an in-memory tree."""
+    return b"".join(serialize(tree_events(tree)))
+
+
+def read_tree(chunks: Iterable[bytes]) -> Tree:
+    """Parse a whole NAR into memory (for small NARs only)."""
+    top = TreeDir()  # holds the root under the name b""
+    dirs: list[TreeDir] = [top]
+    parts: list[bytes] = []
+    current = TreeFile()
+    for event in parse(chunks):
+        if isinstance(event, FileData):
+            parts.append(bytes(event.data))
+        elif isinstance(event, FileEnd):
+            current.contents, parts = b"".join(parts), []
+        elif isinstance(event, DirEnd):
+            dirs.pop()
+        else:
+            node: Tree
+            if isinstance(event, FileStart):
+                node = current = TreeFile(b"", event.executable)
+            elif isinstance(event, Symlink):
+                node = TreeSymlink(event.target)
+            else:
+                node = TreeDir()
+            dirs[-1].entries[event.name or b""] = node
+            if isinstance(node, TreeDir):
+                dirs.append(node)
+    return top.entries[b""]
