@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -131,35 +130,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bar(done: int, total: int, name: str) -> None:
-    if not sys.stderr.isatty():
-        return
-    width = 30
-    filled = width * done // max(total, 1)
-    sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {name[:40]:<40}")
-    sys.stderr.flush()
-
-
 def cmd_prefetch(args: argparse.Namespace) -> int:
+    # One request: the daemon fetches the paths (or their closures) in parallel.
     with ControlClient(args.control_socket) as client:
-        if args.closure:
-            paths = client.call("closure", paths=args.paths)["paths"]
-        else:
-            paths = list(args.paths)
-        failed: list[str] = []
-        for i, path in enumerate(paths):
-            _bar(i, len(paths), path)
-            try:
-                client.call("prefetch", paths=[path], closure=False)
-            except LazystoreError as exc:
-                failed.append(str(exc))
-        _bar(len(paths), len(paths), "done")
-    if sys.stderr.isatty():
-        sys.stderr.write("\n")
-    if failed:
-        more = f" (and {len(failed) - 1} more failures)" if len(failed) > 1 else ""
-        raise LazystoreError(failed[0] + more)
-    print(f"{len(paths)} store paths present")
+        fetched = client.call("prefetch", paths=list(args.paths), closure=args.closure)
+    print(f"{len(fetched['fetched'])} store paths present")
     return 0
 
 

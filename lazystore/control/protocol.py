@@ -72,7 +72,7 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
         "map: mount_point, substituters (URLs), cache_dir, cache_bytes, cache_limit "
         "(nil: none), paths_known, paths_materialized (base names), in_flight, "
         "bytes_downloaded, nars_fetched, hits, misses, pinned (base names), views (ids), "
-        "inodes, open_files"
+        "inodes, open_files, requests (operation -> requests served since start)"
     )),
     Operation(
         "prefetch",

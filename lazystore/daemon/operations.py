@@ -11,6 +11,7 @@ never an errno.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -31,6 +32,7 @@ class ControlOperations:
         self.vfs = vfs
         self.mountpoint = mountpoint
         self.substituter_urls = substituter_urls
+        self.requests: Counter[str] = Counter()  # served since start, by operation
         self.handlers: dict[str, Handler] = {
             "status": self.status,
             "prefetch": self.prefetch,
@@ -42,6 +44,7 @@ class ControlOperations:
 
     async def handle(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
         """Answer checked request *op* (see the module docstring)."""
+        self.requests[op] += 1
         try:
             return await self.handlers[op](**args)
         except FsError as exc:
@@ -55,6 +58,7 @@ class ControlOperations:
             views=sorted(self.vfs.views),
             inodes=len(self.vfs.inodes),
             open_files=len(self.vfs.handles),
+            requests=dict(self.requests),
         )
         return status
 

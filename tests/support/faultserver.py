@@ -58,6 +58,12 @@ class Fault:
         return cls("replace", body=body, headers=headers or {})
 
     @classmethod
+    def gather(cls, n: int) -> Fault:
+        """Held until *n* requests with a gather fault are held at once (at most
+        60 s), then the normal answer: proves that many were in flight together."""
+        return cls("gather", after=n)
+
+    @classmethod
     def delay(cls, seconds: float) -> Fault:
         """The normal answer, *seconds* late."""
         return cls("delay", after=int(seconds * 1000))
@@ -81,6 +87,9 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         if fault is not None and fault.kind == "delay":
             time.sleep(fault.after / 1000)
+            fault = None
+        if fault is not None and fault.kind == "gather":
+            self.server.gather(fault.after)
             fault = None
         body = fault.body if fault is not None and fault.kind == "replace" else self._file(path)
         if body is None:
@@ -138,6 +147,9 @@ class _Server(ThreadingHTTPServer):
         self.permanent: dict[str, Fault] = {}
         self.active = 0  # connections open now
         self.peak = 0  # most connections open at once
+        self.gathering = threading.Condition()
+        self.held = 0  # requests held by a gather fault now
+        self.most_held = 0  # most of them held at once
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         with self.lock:
@@ -148,6 +160,14 @@ class _Server(ThreadingHTTPServer):
         finally:
             with self.lock:
                 self.active -= 1
+
+    def gather(self, n: int) -> None:
+        with self.gathering:
+            self.held += 1
+            self.most_held = max(self.most_held, self.held)
+            self.gathering.notify_all()
+            self.gathering.wait_for(lambda: self.most_held >= n, timeout=60)
+            self.held -= 1
 
     def handle_error(self, request: object, client_address: object) -> None:
         pass  # clients that hang up (timeouts, cancelled downloads) are expected here
@@ -184,6 +204,12 @@ class FaultServer:
     def peak_connections(self) -> int:
         with self._server.lock:
             return self._server.peak
+
+    @property
+    def most_held(self) -> int:
+        """Most requests a gather fault held at once."""
+        with self._server.gathering:
+            return self._server.most_held
 
     @property
     def requests(self) -> list[str]:
