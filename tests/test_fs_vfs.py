@@ -4,6 +4,11 @@ directly (s3ql's t3 tier), over a fake substituter."""
 from __future__ import annotations
 
 import errno
+import importlib
+import inspect
+import logging
+import os
+import pkgutil
 import stat
 from pathlib import Path
 
@@ -12,10 +17,21 @@ import pytest
 import trio
 import trio.testing
 
-from lazystore.errors import StoreError
+import lazystore
+from lazystore.errors import LazystoreError, StoreError, SubstituterError
 from lazystore.fs.operations import Operations, to_errno
-from lazystore.fs.vfs import ROOT_INODE, VIEWS_INODE, FsError, NoEntry, Vfs
-from lazystore.store.cache import LocalStore
+from lazystore.fs.vfs import (
+    ROOT_INODE,
+    VIEWS_INODE,
+    BadHandle,
+    FsError,
+    InvalidRequest,
+    IsADir,
+    NoEntry,
+    NotADir,
+    Vfs,
+)
+from lazystore.store.cache import LocalStore, PathNotFound
 from tests.test_store_cache import (
     EMPTY,
     LINK,
@@ -187,17 +203,66 @@ async def test_open_read_fetches_once_and_pins(tmp_path: Path, subs: FakeSubstit
         assert await store.evict([]) == [A]
 
 
-async def test_writes_are_erofs(tmp_path: Path, subs: FakeSubstituters) -> None:
+# pyfuse3.Operations handlers that change nothing; every other one writes.
+NON_WRITING = {
+    "access", "flush", "forget", "fsync", "fsyncdir", "getattr", "getxattr", "init",
+    "listxattr", "lookup", "open", "opendir", "poll", "read", "readdir", "readlink",
+    "release", "releasedir", "stacktrace", "statfs",
+}
+
+
+def _write_handlers() -> list[str]:
+    names = [n for n, f in vars(pyfuse3.Operations).items()
+             if callable(f) and not n.startswith("_") and n not in NON_WRITING]
+    assert {"setattr", "mkdir", "write", "create", "rename", "setxattr"} <= set(names)
+    return sorted(names)
+
+
+@pytest.mark.parametrize("handler", _write_handlers())
+async def test_writes_are_erofs(tmp_path: Path, subs: FakeSubstituters, handler: str) -> None:
     async with LocalStore(subs, tmp_path) as store:
         ops = Operations(Vfs(store))
-        calls = (ops.mkdir(ROOT_INODE, b"x", 0o755, None), ops.unlink(ROOT_INODE, A.encode(), None))
-        for call in calls:
-            with pytest.raises(pyfuse3.FUSEError) as info:
-                await call
-            assert info.value.errno == errno.EROFS
         a = (await ops.lookup(ROOT_INODE, A.encode())).st_ino
+        lib = (await ops.lookup(a, b"lib")).st_ino
+        data = (await ops.lookup(lib, b"data")).st_ino
+        fh = (await ops.open(data, os.O_RDONLY, None)).fh
+        # arguments by pyfuse3's parameter names, naming things that exist
+        values = {
+            "inode": data, "parent_inode": lib, "parent_inode_old": lib,
+            "parent_inode_new": a, "new_parent_inode": a, "name": b"data",
+            "name_old": b"data", "name_new": b"new", "new_name": b"new", "target": b"data",
+            "mode": 0o644, "rdev": 0, "flags": os.O_WRONLY | os.O_CREAT, "value": b"v",
+            "attr": pyfuse3.EntryAttributes(), "fields": pyfuse3.SetattrFields(), "fh": fh,
+            "off": 0, "buf": b"x", "ctx": None,
+        }
+        params = list(inspect.signature(getattr(pyfuse3.Operations, handler)).parameters)[1:]
+        assert all(p in values for p in params), f"give {handler}'s arguments a value"
         with pytest.raises(pyfuse3.FUSEError) as info:
-            await ops.open(a, 0, None)
+            await getattr(ops, handler)(*(values[p] for p in params))
+        assert info.value.errno == errno.EROFS
+        await ops.release(fh)
+        assert subs.fetches == [A]  # only the read-only open above
+
+
+@pytest.mark.parametrize("flags", [
+    os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC, os.O_RDONLY | os.O_APPEND,
+    os.O_WRONLY | os.O_CREAT, os.O_RDWR | os.O_TRUNC,
+])
+async def test_open_for_writing_is_erofs(
+    tmp_path: Path, subs: FakeSubstituters, flags: int
+) -> None:
+    async with LocalStore(subs, tmp_path) as store:
+        ops = Operations(Vfs(store))
+        a = (await ops.lookup(ROOT_INODE, A.encode())).st_ino
+        data = (await ops.lookup((await ops.lookup(a, b"lib")).st_ino, b"data")).st_ino
+        with pytest.raises(pyfuse3.FUSEError) as info:
+            await ops.open(data, flags, None)
+        assert info.value.errno == errno.EROFS
+        assert subs.fetches == []  # refused before anything is fetched
+        assert await ops.access(data, os.W_OK, None) is False
+        assert await ops.access(data, os.R_OK, None) is True
+        with pytest.raises(pyfuse3.FUSEError) as info:
+            await ops.open(a, os.O_RDONLY, None)
         assert info.value.errno == errno.EISDIR
 
 
@@ -218,17 +283,85 @@ async def test_fetch_failure_is_eio_then_retry_succeeds(
         assert await ops.read(fh, 9990, 100) == b"b" * 10
 
 
+# Errors the fs layer answers with their own errno; every FsError subclass is here.
+FS_ERRNOS = {
+    FsError: errno.EIO, NoEntry: errno.ENOENT, NotADir: errno.ENOTDIR,
+    IsADir: errno.EISDIR, InvalidRequest: errno.EINVAL, BadHandle: errno.EBADF,
+}
+
+
+def _all_subclasses(root: type[BaseException]) -> list[type[BaseException]]:
+    found, todo = [], [root]
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo += [c for c in cls.__subclasses__() if c not in found and c not in todo]
+    return found
+
+
+def _every_lazystore_module() -> None:
+    """Import the whole package, so that every exception class it defines exists."""
+    for info in pkgutil.walk_packages(lazystore.__path__, "lazystore."):
+        if not info.name.endswith("__main__"):
+            importlib.import_module(info.name)
+
+
+def _instance(cls: type[BaseException]) -> BaseException:
+    exc = cls.__new__(cls)
+    BaseException.__init__(exc, "boom")
+    return exc
+
+
+def _exception_cases() -> list[tuple[type[BaseException], int, int | None]]:
+    """(class, errno, level of the record it logs or None), for every exception
+    of lazystore, every built-in OSError and every trio exception a handler can
+    meet, found by walking the hierarchies (a new class cannot be missed)."""
+    _every_lazystore_module()
+    cases: list[tuple[type[BaseException], int, int | None]] = []
+    for cls in _all_subclasses(LazystoreError):
+        if issubclass(cls, FsError):
+            cases.append((cls, FS_ERRNOS.get(cls, -1), None))  # -1: add it to FS_ERRNOS
+        elif issubclass(cls, PathNotFound):
+            cases.append((cls, errno.ENOENT, None))
+        else:
+            cases.append((cls, errno.EIO, logging.WARNING))
+    # what os calls raise (the classes of other libraries are theirs to map)
+    os_errors = [cls for cls in _all_subclasses(OSError) if cls.__module__ == "builtins"]
+    cases += [(cls, errno.EIO, logging.WARNING) for cls in os_errors]
+    trio_errors = [obj for _, obj in inspect.getmembers(trio, inspect.isclass)
+                   if issubclass(obj, Exception) and obj.__module__.startswith("trio")]
+    cases += [(cls, errno.EIO, logging.ERROR) for cls in trio_errors]
+    cases += [(RuntimeError, errno.EIO, logging.ERROR), (KeyError, errno.EIO, logging.ERROR)]
+    return cases
+
+
+def test_the_exception_walk_finds_the_hierarchies() -> None:
+    classes = {cls for cls, _, _ in _exception_cases()}
+    assert set(FS_ERRNOS) <= classes, "FS_ERRNOS names a class that is gone"
+    assert sorted(c.__name__ for c in _all_subclasses(FsError) if c not in FS_ERRNOS) == []
+    assert {StoreError, PathNotFound, SubstituterError, FileNotFoundError,
+            PermissionError, trio.TooSlowError, trio.BrokenResourceError} <= classes
+    assert len(classes) > 40
+
+
 @pytest.mark.allow_log
-@pytest.mark.parametrize("exc, expected", [
-    (NoEntry("x"), errno.ENOENT),
-    (FsError("x"), errno.EIO),
-    (StoreError("x"), errno.EIO),
-    (OSError(errno.EACCES, "denied"), errno.EIO),
-    (RuntimeError("bug"), errno.EIO),
-    (pyfuse3.FUSEError(errno.ENOTDIR), errno.ENOTDIR),
-])
-def test_every_exception_maps_to_an_errno(exc: BaseException, expected: int) -> None:
-    assert to_errno(exc) == expected
+@pytest.mark.parametrize(
+    "cls, expected, level", _exception_cases(),
+    ids=lambda v: f"{v.__module__}.{v.__qualname__}" if isinstance(v, type) else None,
+)
+def test_every_exception_maps_to_an_errno(
+    cls: type[BaseException], expected: int, level: int | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="lazystore.fs.operations")
+    assert to_errno(_instance(cls)) == expected
+    levels = [r.levelno for r in caplog.records if r.name == "lazystore.fs.operations"]
+    assert levels == ([] if level is None else [level])
+    if level == logging.ERROR:  # a bug: logged with its traceback
+        assert caplog.records[-1].exc_info is not None
+
+
+def test_a_fuse_error_keeps_its_errno() -> None:
+    assert to_errno(pyfuse3.FUSEError(errno.ENOTDIR)) == errno.ENOTDIR
 
 
 @pytest.mark.allow_log
@@ -245,11 +378,35 @@ async def test_handler_bug_is_eio_not_a_crash(tmp_path: Path, subs: FakeSubstitu
         assert info.value.errno == errno.EIO
 
 
-async def test_statfs(tmp_path: Path, subs: FakeSubstituters) -> None:
+async def test_statfs_shows_the_quota_and_what_the_cache_holds(
+    tmp_path: Path, subs: FakeSubstituters
+) -> None:
     async with LocalStore(subs, tmp_path, cache_limit=1 << 30) as store:
+        ops = Operations(Vfs(store))
+        empty = await ops.statfs(None)
+        await store.materialize(B)
+        st = await ops.statfs(None)
+        disk = os.statvfs(tmp_path)
+    assert st.f_bsize == st.f_frsize == 4096 and st.f_namemax == 255
+    assert st.f_blocks == empty.f_blocks == (1 << 30) // 4096  # the quota
+    used = -(-store.cache_bytes // 4096)
+    assert store.cache_bytes >= 10_000 and used >= 3
+    if disk.f_bavail * disk.f_frsize > 2 << 30:  # the disk has more room than the quota
+        assert empty.f_bfree == empty.f_blocks
+        assert st.f_bfree == st.f_bavail == st.f_blocks - used  # df: used = the cache's bytes
+    else:
+        assert st.f_bfree <= disk.f_bavail * disk.f_frsize // 4096
+    assert st.f_files == 1 + 2  # B's record; the root and .views inodes
+
+
+async def test_statfs_without_a_quota_is_the_cache_file_system(
+    tmp_path: Path, subs: FakeSubstituters
+) -> None:
+    async with LocalStore(subs, tmp_path) as store:
         st = await Operations(Vfs(store)).statfs(None)
-        assert st.f_bsize == 4096 and st.f_blocks == (1 << 30) // 4096 and st.f_namemax == 255
-    await trio.sleep(0)
+    disk = os.statvfs(tmp_path)
+    assert st.f_blocks == disk.f_blocks * disk.f_frsize // 4096
+    assert 0 < st.f_bfree == st.f_bavail <= st.f_blocks
 
 
 @pytest.mark.allow_log

@@ -259,6 +259,9 @@ def test_quota_evicts_oldest_keeps_open_refetches(
         st = d.status()
         assert st["paths_materialized"] == [busybox]
         assert st["cache_bytes"] <= limit
+        df = os.statvfs(d.mnt)  # df: the quota, and what the cache holds of it
+        assert df.f_blocks == limit // df.f_frsize
+        assert (df.f_blocks - df.f_bfree) * df.f_frsize >= st["cache_bytes"]
         with open(d.mnt / busybox / files[busybox], "rb") as held:  # an open file
             read(docs)  # over the limit again, but busybox is in use
             assert sorted(d.status()["paths_materialized"]) == sorted([busybox, docs])

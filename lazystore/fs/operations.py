@@ -18,6 +18,7 @@ import pyfuse3
 
 from lazystore.errors import LazystoreError, StoreError
 from lazystore.fs.vfs import Attr, FsError, Vfs
+from lazystore.store.cache import PathNotFound
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ def to_errno(exc: BaseException) -> int:
         return exc.errno
     if isinstance(exc, FsError):
         return exc.errno
+    if isinstance(exc, PathNotFound):  # in none of the substituters (any more)
+        return errno.ENOENT
     if isinstance(exc, StoreError):
         log.warning("%s", exc)
         return errno.EIO

@@ -385,12 +385,20 @@ class Vfs:
             self.release(fh)
 
     def statfs(self) -> dict[str, int]:
+        """Sizes as df shows them: the room the cache has (its quota, else the
+        file system it is on), what it holds, and what is left to fetch into."""
         block = 4096
+        disk = os.statvfs(self.store.cache_dir)
+        disk_free = disk.f_bavail * disk.f_frsize // block
         used = -(-self.store.cache_bytes // block)
-        total = max(used, -(-(self.store.cache_limit or 0) // block))
+        if self.store.cache_limit is None:
+            total, free = disk.f_blocks * disk.f_frsize // block, disk_free
+        else:
+            total = max(used, self.store.cache_limit // block)
+            free = min(total - used, disk_free)
         return {
             "f_bsize": block, "f_frsize": block, "f_blocks": total,
-            "f_bfree": 0, "f_bavail": 0,
+            "f_bfree": free, "f_bavail": free,
             "f_files": len(self.store.records) + len(self.inodes),
             "f_ffree": 0, "f_favail": 0, "f_namemax": 255,
         }
