@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 DAEMON_UNIT = "lazystore.service"
 SNAPSHOTTER_UNIT = "lazystore-snapshotter.service"
+REGISTRY_UNIT = "lazystore-registry.service"
 CONTAINERD_DROPIN = "containerd.service.d/lazystore.conf"
 PLUGIN_NAME = "lazystore"
 STANZA_HEADER = "# Added by `lazystore install-systemd`.\n"
@@ -96,10 +97,20 @@ class DeployConfig:
     snapshotter_extra_args: list[str] = field(default_factory=list)
     containerd: bool = True
     cri_default_snapshotter: bool = False
+    registry: bool = False
+    registry_listen: str = "127.0.0.1:5000"
+    registry_expression: str | None = None
+    registry_cache_dir: str = "/var/cache/lazystore-registry"
 
     def __post_init__(self) -> None:
+        if not re.fullmatch(r"(\[[0-9A-Fa-f:]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}", self.registry_listen):
+            raise DeployError(f"registry listen address {self.registry_listen!r}: "
+                              "expected HOST:PORT")
+        if self.registry_expression is not None and not os.path.isabs(self.registry_expression):
+            raise DeployError("registry expression must be an absolute path, "
+                              f"not {self.registry_expression!r}")
         for name in ("executable", "mount_point", "cache_dir", "control_socket",
-                     "snapshotter_address", "snapshotter_root"):
+                     "snapshotter_address", "snapshotter_root", "registry_cache_dir"):
             if not os.path.isabs(getattr(self, name)):
                 raise DeployError(f"{name.replace('_', ' ')} must be an absolute path, "
                                   f"not {getattr(self, name)!r}")
@@ -151,6 +162,18 @@ def snapshotter_argv(cfg: DeployConfig) -> list[str]:
     return [cfg.executable, "snapshotter", "--address", cfg.snapshotter_address,
             "--root", cfg.snapshotter_root, "--control-socket", cfg.control_socket,
             "--mount-point", cfg.mount_point, *cfg.snapshotter_extra_args]
+
+
+def registry_argv(cfg: DeployConfig) -> list[str]:
+    argv = [cfg.executable, "registry", "--listen", cfg.registry_listen,
+            "--cache-dir", cfg.registry_cache_dir]
+    for url in cfg.substituters:
+        argv += ["--substituter", url]
+    for key in cfg.trusted_public_keys:
+        argv += ["--trusted-public-key", key]
+    if cfg.registry_expression is not None:
+        argv += ["--expression", cfg.registry_expression]
+    return argv
 
 
 def exec_quote(arg: str) -> str:
@@ -264,6 +287,36 @@ def snapshotter_unit(cfg: DeployConfig) -> str:
         "Requires": DAEMON_UNIT,
         "After": DAEMON_UNIT,
         "Before": "containerd.service",
+    }
+    install = {"WantedBy": "multi-user.target"}
+    return "\n".join([HEADER + _section("Unit", unit), _section("Service", service),
+                      _section("Install", install)])
+
+
+def registry_unit(cfg: DeployConfig) -> str:
+    """The registry needs no privilege, unless it builds an expression with Nix
+    (as root: /nix/store, /tmp): then it is not sandboxed beyond HARDENING."""
+    service: dict[str, Any] = {
+        "Type": "notify",
+        "NotifyAccess": "main",
+        "ExecStart": exec_line(registry_argv(cfg)),
+        "Restart": "on-failure",
+        "RestartSec": 2,
+        "TimeoutStopSec": 30,
+        **HARDENING,
+    }
+    if cfg.registry_expression is None:
+        service |= {"CapabilityBoundingSet": [], **SNAPSHOTTER_SANDBOX}
+    if (cache := _managed_dir("/var/cache", cfg.registry_cache_dir)) is not None:
+        service |= {"CacheDirectory": cache, "CacheDirectoryMode": "0700"}
+    elif cfg.registry_expression is None:
+        mkdir = shutil.which("mkdir") or "/bin/mkdir"
+        service["ExecStartPre"] = "+" + exec_line([mkdir, "-p", cfg.registry_cache_dir])
+        service["ReadWritePaths"] = path_quote(cfg.registry_cache_dir)
+    unit = {
+        "Description": "lazystore: OCI registry of Nix closures' images, made on request",
+        "Wants": "network-online.target",
+        "After": "network-online.target",
     }
     install = {"WantedBy": "multi-user.target"}
     return "\n".join([HEADER + _section("Unit", unit), _section("Service", service),
@@ -537,6 +590,8 @@ def install(cfg: DeployConfig, targets: Targets, dry_run: bool = False) -> list[
         paths.append(targets.unit_dir / SNAPSHOTTER_UNIT)
     if cfg.containerd:
         paths += [targets.unit_dir / CONTAINERD_DROPIN, targets.containerd_config]
+    if cfg.registry:
+        paths.append(targets.unit_dir / REGISTRY_UNIT)
     targets.check(paths)
     config_text = ""
     if cfg.containerd and targets.containerd_config.exists():
@@ -567,4 +622,6 @@ def install(cfg: DeployConfig, targets: Targets, dry_run: bool = False) -> list[
             if config_text.strip() and not merged.startswith(config_text.rstrip("\n")):
                 change.note = "rewritten from its parsed form, comments not kept"
             changes.append(change)
+    if cfg.registry:
+        changes.append(_write(targets.unit_dir / REGISTRY_UNIT, registry_unit(cfg), dry_run))
     return changes

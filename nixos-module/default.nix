@@ -7,6 +7,7 @@
 #     enable = true;
 #     snapshotter.enable = true;
 #     containerd.enable = true;
+#     registry.enable = true;   # `lazystore registry` (no daemon needed)
 #   };
 { config, lib, pkgs, utils, ... }:
 
@@ -95,6 +96,29 @@ let
       dir = lib.removePrefix "${base}/" path;
     };
   cacheDirectory = managedDir "/var/cache" cfg.cacheDir;
+  registryCacheDirectory = managedDir "/var/cache" cfg.registry.cacheDir;
+
+  registryArgs =
+    [ exe "registry" "--listen" cfg.registry.listen "--cache-dir" cfg.registry.cacheDir ]
+    ++ lib.concatMap (url: [ "--substituter" url ]) cfg.substituters
+    ++ lib.concatMap (key: [ "--trusted-public-key" key ]) cfg.trustedPublicKeys
+    ++ optionals (cfg.registry.expression != null) [ "--expression" (toString cfg.registry.expression) ];
+  # Without an expression the registry needs no privilege and writes only its
+  # cache; building an expression runs Nix as root (/nix/store, /tmp).
+  registrySandbox = lib.optionalAttrs (cfg.registry.expression == null) ({
+    CapabilityBoundingSet = [ ];
+    ProtectSystem = "strict";
+    ProtectHome = true;
+    PrivateTmp = true;
+    ProtectKernelTunables = true;
+    ProtectKernelModules = true;
+    ProtectKernelLogs = true;
+    ProtectControlGroups = true;
+  } // lib.optionalAttrs (!(registryCacheDirectory ? dir)) {
+    ExecStartPre = "+" + utils.escapeSystemdExecArgs
+      [ "${pkgs.coreutils}/bin/mkdir" "-p" cfg.registry.cacheDir ];
+    ReadWritePaths = [ cfg.registry.cacheDir ];
+  });
   stateDirectory = managedDir "/var/lib" cfg.snapshotter.root;
 in
 {
@@ -186,6 +210,33 @@ in
         type = types.listOf types.str;
         default = [ ];
         description = "Further arguments for `lazystore snapshotter`.";
+      };
+    };
+
+    registry = {
+      enable = mkEnableOption "`lazystore registry`, an OCI registry of images of the substituters' store paths, made on request";
+
+      listen = mkOption {
+        type = types.strMatching "([[][0-9A-Fa-f:]+]|[A-Za-z0-9.-]+):[0-9]{1,5}";
+        default = "127.0.0.1:5000";
+        description = "HOST:PORT the registry serves on (plain HTTP).";
+      };
+
+      expression = mkOption {
+        type = types.nullOr types.path;
+        default = null;
+        example = literalExpression "./images.nix";
+        description = ''
+          A Nix file evaluating to an attribute set: image name `a/b` is an
+          image of its attributes a and b, built with Nix. Their outputs must
+          be in one of `substituters` for lazystore nodes to fetch them.
+        '';
+      };
+
+      cacheDir = mkOption {
+        type = types.path;
+        default = "/var/cache/lazystore-registry";
+        description = "Blobs and built layers of the registry's images.";
       };
     };
 
@@ -290,6 +341,27 @@ in
       systemd.services.containerd = {
         wants = [ "lazystore-snapshotter.service" ];
         after = [ "lazystore-snapshotter.service" ];
+      };
+    })
+
+    (mkIf cfg.registry.enable {
+      systemd.services.lazystore-registry = {
+        description = "lazystore: OCI registry of Nix closures' images, made on request";
+        wantedBy = [ "multi-user.target" ];
+        wants = [ "network-online.target" ];
+        after = [ "network-online.target" ];
+        path = optional (cfg.registry.expression != null) pkgs.nix;
+        serviceConfig = hardening // registrySandbox // {
+          Type = "notify";
+          NotifyAccess = "main";
+          ExecStart = utils.escapeSystemdExecArgs registryArgs;
+          Restart = "on-failure";
+          RestartSec = 2;
+          TimeoutStopSec = 30;
+        } // lib.optionalAttrs (registryCacheDirectory ? dir) {
+          CacheDirectory = registryCacheDirectory.dir;
+          CacheDirectoryMode = "0700";
+        };
       };
     })
 

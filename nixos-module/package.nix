@@ -30,6 +30,7 @@ python3Packages.buildPythonApplication {
     trio
     httpx
     h2
+    h11
     zstandard
     brotli
     lz4

@@ -513,3 +513,36 @@ def test_what_the_daemon_would_refuse_is_refused_now(
     assert status in (1, 2) and out == ""
     assert message in err.strip().splitlines()[-1]
     assert not any(tmp_path.iterdir()), "nothing written"
+
+
+@pytest.mark.parametrize("extra, sandboxed", [
+    ((), True),
+    (("--registry-cache-dir", "/srv/registry cache"), True),
+    (("--registry-expression", "/etc/images.nix"), False),
+])
+def test_script_installs_the_registry_unit(
+    tmp_path: Path, extra: tuple[str, ...], sandboxed: bool,
+) -> None:
+    proc = run_script("--root", tmp_path, "--exec", LAZYSTORE, "--registry",
+                      "--registry-listen", "0.0.0.0:5001", "--substituter", "https://c.example",
+                      *extra)
+    assert proc.returncode == 0, proc.stderr
+    unit = tmp_path / "etc/systemd/system" / deploy.REGISTRY_UNIT
+    assert f"created {unit}" in proc.stdout.splitlines()
+    systemd_verify(unit)
+    text = unit.read_text()
+    exec_start = next(line for line in text.splitlines() if line.startswith("ExecStart="))
+    words = [w.replace("%%", "%").replace("$$", "$")
+             for w in shlex.split(exec_start.removeprefix("ExecStart="))]
+    cache_dir = extra[1] if extra[:1] == ("--registry-cache-dir",) else \
+        "/var/cache/lazystore-registry"
+    assert words == [str(LAZYSTORE), "registry", "--listen", "0.0.0.0:5001",
+                     "--cache-dir", cache_dir, "--substituter", "https://c.example",
+                     *(["--expression", extra[1]] if "--registry-expression" in extra else [])]
+    assert ("ProtectSystem=strict" in text) == sandboxed
+
+
+@pytest.mark.parametrize("listen", ["5000", "localhost", ":5000", "a b:1"])
+def test_registry_listen_address_is_checked(listen: str) -> None:
+    with pytest.raises(DeployError, match="listen address"):
+        config(registry=True, registry_listen=listen)

@@ -49,6 +49,7 @@ NAMESPACING = {
 
 # cacheSize's type: what `lazystore mount --cache-size` accepts.
 SIZE_PATTERN = "[0-9]+(\\.[0-9]+)?[KMGTkmgt]?([iI]?[bB])?"
+LISTEN_PATTERN = "([[][0-9A-Fa-f:]+]|[A-Za-z0-9.-]+):[0-9]{1,5}"
 
 pytestmark = pytest.mark.skipif(
     shutil.which("nix-instantiate") is None, reason="nix-instantiate (nix-bin) is not installed"
@@ -128,6 +129,10 @@ def test_options_declared_with_types_and_defaults() -> None:
         "snapshotter.extraArgs": ("list of string", []),
         "containerd.enable": ("boolean", False),
         "containerd.makeDefaultCriSnapshotter": ("boolean", False),
+        "registry.enable": ("boolean", False),
+        "registry.listen": ("string matching the pattern " + LISTEN_PATTERN, "127.0.0.1:5000"),
+        "registry.expression": ("null or path", None),
+        "registry.cacheDir": ("path", "/var/cache/lazystore-registry"),
     }
     flat_options = flat(options)
     assert flat_options["substituters"]["defaultText"] == "config.nix.settings.substituters"
@@ -430,10 +435,11 @@ def test_nixos_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
         cacheSize = "20G";
         snapshotter.enable = true;
         containerd.enable = true;
+        registry.enable = true;
       }};
     }}""")
     paths = []
-    for name in ("lazystore", "lazystore-snapshotter"):
+    for name in ("lazystore", "lazystore-snapshotter", "lazystore-registry"):
         path = tmp_path / f"{name}.service"
         path.write_text(render_unit(units[name]))
         paths.append(str(path))
@@ -451,15 +457,33 @@ def _systemd_value(value: Any) -> str:
     return str(value)
 
 
-def test_nixos_units_match_the_installer() -> None:
+@pytest.mark.parametrize("registry", [
+    "registry.enable = true;",
+    'registry = { enable = true; expression = "/etc/images.nix"; listen = "[::1]:5001"; '
+    'cacheDir = "/srv/registry"; };',
+])
+def test_nixos_units_match_the_installer(registry: str) -> None:
     """The NixOS units and scripts/install-systemd's carry the same settings."""
-    units = services(ENABLED_ALL)
+    units = services(ENABLED_ALL.replace("containerd.enable = true;",
+                                         f"containerd.enable = true; {registry}"))
+    reg = units["lazystore-registry"]["serviceConfig"]
+    words = argv(reg["ExecStart"])
     cfg = deploy.DeployConfig(executable="/usr/bin/lazystore",
                               substituters=["https://cache.nixos.org/"],
-                              trusted_public_keys=[CACHE_NIXOS_KEY])
+                              trusted_public_keys=[CACHE_NIXOS_KEY],
+                              registry=True,
+                              registry_listen=words[words.index("--listen") + 1],
+                              registry_cache_dir=words[words.index("--cache-dir") + 1],
+                              registry_expression=("/etc/images.nix" if "--expression" in words
+                                                   else None))
+    if cfg.registry_expression:
+        assert "ProtectSystem" not in reg and "CapabilityBoundingSet" not in reg
+    else:
+        assert reg["ProtectSystem"] == "strict" and reg["CapabilityBoundingSet"] == []
     for name, expected_argv, text in [
         ("lazystore", deploy.daemon_argv(cfg), deploy.daemon_unit(cfg)),
         ("lazystore-snapshotter", deploy.snapshotter_argv(cfg), deploy.snapshotter_unit(cfg)),
+        ("lazystore-registry", deploy.registry_argv(cfg), deploy.registry_unit(cfg)),
     ]:
         nixos = units[name]["serviceConfig"]
         installed = configparser.ConfigParser(strict=False, interpolation=None)

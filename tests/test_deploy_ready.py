@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -298,3 +299,32 @@ def test_snapshotter_stays_within_the_units_system_call_filter(tmp_path: Path) -
     assert [op for op, _ in fake.calls].count("view_create") == 2, "nix layers were served"
     used = within_the_units_sandbox(trace.read_text())
     assert {"openat", "connect", "accept4"} <= used, "the whole process was traced"
+
+
+def test_registry_notifies_ready_once_serving_with_unit_privileges(tmp_path: Path) -> None:
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    cache = tmp_path / "binary-cache"
+    cache.mkdir()
+    (cache / "nix-cache-info").write_text("StoreDir: /nix/store\n")
+    (tmp_path / "nix.conf").touch()
+    key = SecretKey.generate("deploy-test-1").public_key
+    cfg = deploy.DeployConfig(executable=LAZYSTORE, substituters=[f"file://{cache}"],
+                              trusted_public_keys=[str(key)], registry=True,
+                              registry_listen="127.0.0.1:0",
+                              registry_cache_dir=str(tmp_path / "registry"))
+    assert "CapabilityBoundingSet=\n" in deploy.registry_unit(cfg)  # no capability at all
+    argv = as_unit([*deploy.registry_argv(cfg), "--nix-conf", str(tmp_path / "nix.conf")], [])
+    argv[argv.index("--bounding-set=-all,")] = "--bounding-set=-all"
+    log = tmp_path / "registry.log"
+    with (
+        notify_socket(tmp_path / "notify") as notify,
+        started(argv, tmp_path / "notify", log) as proc,
+    ):
+        ready = wait_ready(notify, proc, log)
+        url = next(line for line in ready if line.startswith("STATUS=serving ")).split()[1]
+        with urllib.request.urlopen(f"{url}/v2/", timeout=30) as resp:  # serving at READY=1
+            assert resp.status == 200
+        proc.send_signal(signal.SIGTERM)
+        assert "STOPPING=1" in receive(notify, log, "STOPPING=1")
+        assert proc.wait(timeout=30) == 0

@@ -52,6 +52,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="leave containerd's config and unit alone")
     p.add_argument("--cri-default-snapshotter", action="store_true",
                    help="also make lazystore the snapshotter of containerd's CRI plugin")
+    p.add_argument("--registry", action="store_true",
+                   help="also lazystore-registry.service (`lazystore registry`)")
+    p.add_argument("--registry-listen", default="127.0.0.1:5000", metavar="HOST:PORT")
+    p.add_argument("--registry-expression", metavar="FILE",
+                   help="the registry's --expression (absolute path)")
+    p.add_argument("--registry-cache-dir", default="/var/cache/lazystore-registry")
     p.add_argument("--dry-run", action="store_true", help="show what would change, write nothing")
     p.set_defaults(func=_install)
 
@@ -94,6 +100,10 @@ def _install(args: argparse.Namespace) -> int:
         snapshotter_root=args.snapshotter_root,
         containerd=args.containerd and args.snapshotter,
         cri_default_snapshotter=args.cri_default_snapshotter,
+        registry=args.registry,
+        registry_listen=args.registry_listen,
+        registry_expression=args.registry_expression,
+        registry_cache_dir=args.registry_cache_dir,
     )
     targets = deploy.Targets.under(args.root, args.unit_dir, args.containerd_config)
     changes = deploy.install(cfg, targets, dry_run=args.dry_run)
@@ -104,6 +114,8 @@ def _install(args: argparse.Namespace) -> int:
         units = deploy.DAEMON_UNIT
         if cfg.snapshotter:
             units += " " + deploy.SNAPSHOTTER_UNIT
+        if cfg.registry:
+            units += " " + deploy.REGISTRY_UNIT
         print(f"next: systemctl daemon-reload && systemctl enable --now {units}"
               + (" && systemctl restart containerd.service" if cfg.containerd else ""))
     return 0

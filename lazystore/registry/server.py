@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,7 +51,17 @@ async def run(subs: Substituters, listen: str, cache_dir: Path, max_layers: int,
             urls = [_url(listener) for listener in listeners]
             log.info("listening on %s", " ".join(urls))
             ready(urls)
-            sdnotify.notify("READY=1")
+            sdnotify.notify(f"READY=1\nSTATUS=serving {' '.join(urls)}")
+            await _until_signalled()
+            sdnotify.notify("STOPPING=1")
+            nursery.cancel_scope.cancel()
+
+
+async def _until_signalled() -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("%s: stopping", signal.Signals(signum).name)
+            return
 
 
 def _expression(subs: Substituters, file: Path | None) -> Expression | None:

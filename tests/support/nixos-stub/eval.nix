@@ -22,7 +22,7 @@ let
   } // extra;
 
   python3Packages = builtins.listToAttrs (map (name: { inherit name; value = fakeDerivation name "1.0" { }; }) [
-    "pyfuse3" "trio" "httpx" "h2" "zstandard" "brotli" "lz4" "cachetools" "msgpack"
+    "pyfuse3" "trio" "httpx" "h2" "h11" "zstandard" "brotli" "lz4" "cachetools" "msgpack"
     "cryptography" "grpcio" "protobuf" "setuptools" "wheel"
   ]) // {
     # Records its arguments so the tests can check the package's dependencies.
@@ -42,6 +42,7 @@ let
     fuse3 = fakeDerivation "fuse3" "3.14.0" { };
     util-linux = fakeDerivation "util-linux" "2.39" { };
     coreutils = fakeDerivation "coreutils" "9.4" { };
+    nix = fakeDerivation "nix" "2.18.1" { };
     callPackage = fn: overrides:
       let f = import fn; in
       f (builtins.intersectAttrs (builtins.functionArgs f) (pkgs // { inherit lib pkgs; }) // overrides);
