@@ -1,5 +1,5 @@
 # lazystore as a Nix package: `pkgs.callPackage ./package.nix { }`.
-{ lib, python3Packages, fuse3 }:
+{ lib, stdenv, python3Packages, fuse3, bash, coreutils, findutils, gnutar, gzip }:
 
 let
   root = ../.;
@@ -49,6 +49,14 @@ python3Packages.buildPythonApplication {
   # scripts/test on a machine, not in the build sandbox.
   doCheck = false;
   pythonImportsCheck = [ "lazystore" "lazystore.cli" ];
+
+  # `lazystore.buildImage { name; tag; config; copyToRoot; }` (build-image.nix),
+  # its builder's tools from nixpkgs, so it also builds in the sandbox.
+  passthru.buildImage = import ./build-image.nix {
+    inherit (stdenv.hostPlatform) system;
+    shell = "${bash}/bin/sh";
+    path = lib.makeBinPath [ coreutils findutils gnutar gzip ];
+  };
 
   meta = {
     description = "A lazily fetched Nix store: FUSE daemon and containerd snapshotter";

@@ -37,6 +37,7 @@ from lazystore.testing.httpserver import serve_directory
 from tests.support.cri import CriClient, Pod
 
 SN = "lazystore"
+SAMPLE_IMAGE = Path(__file__).with_name("support") / "sample-image.nix"
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 
@@ -82,6 +83,8 @@ class Stack:
     closure: list[str]
     archive: str  # store path of the nix image archive of prog
     hostile: dict[str, str]  # what is wrong -> store path of such an archive
+    built: str  # SAMPLE_IMAGE (nix-closure form), built by Nix
+    built_two: str  # the same with tag "two" (prog-two)
 
     def materialized(self) -> set[str]:
         return set(self.daemon.status()["paths_materialized"])
@@ -118,10 +121,12 @@ def stack(
     prog = binary_cache.top
     closure = nixcache.closure(prog)
     archive = nix_image(work, prog, "prog-image")
+    built = nixcache.build(SAMPLE_IMAGE)
+    built_two = nixcache.build(SAMPLE_IMAGE, tag="two")
     hostile = {what: add_to_store(path)
                for what, path in hostile_archives.write_all(work / "hostile").items()}
     archives = tmp_path_factory.mktemp("cache-archives")
-    for path in [archive, *hostile.values()]:
+    for path in [archive, built, built_two, *hostile.values()]:
         nixcache.make_cache(path, archives, test_key)
     base_dir = Path(tempfile.mkdtemp(prefix="lzk-", dir="/tmp"))  # short socket paths
     os.chmod(base_dir, 0o755)
@@ -149,7 +154,7 @@ def stack(
                             CriClient(base_dir / "img.sock") as service, \
                             CriClient(ctd.address) as direct:
                         yield Stack(base_dir, daemon, ctd, reg, service, direct, prog,
-                                    closure, archive, hostile)
+                                    closure, archive, hostile, built, built_two)
             finally:
                 ctd.stop()
                 daemon.stop()
@@ -304,3 +309,69 @@ def _refused(stack: Stack, ref: str, code: grpc.StatusCode, message: str) -> Non
     assert stack.cri_images() == images  # nothing imported
     assert stack.daemon.status()["views"] == views
     assert stack.service.list_images() is not None  # and it keeps serving
+
+
+# -- buildImage (nixos-module/build-image.nix) and the nix-closure form ----------
+
+
+def closure_info(image: str) -> str:
+    return next(p for p in nixcache.references(image) if p.endswith("-closure-info"))
+
+
+def test_build_image_archive_is_a_store_path_referencing_its_closure(stack: Stack) -> None:
+    info = closure_info(stack.built)
+    listed = Path(info, "store-paths").read_text().split()
+    assert listed == sorted(stack.closure)  # prog's closure, nothing of the build itself
+    assert set(nixcache.closure(stack.built)) == {stack.built, info, *stack.closure}
+    assert nixcache.build(SAMPLE_IMAGE) == stack.built
+    from lazystore.cri import archive
+
+    image = archive.inspect(Path(stack.built), nix_only=True)
+    assert image.closures == [info] and image.store_paths == []
+
+
+def test_built_image_runs_through_nix0_fetching_only_what_it_touches(stack: Stack) -> None:
+    before = stack.materialized()
+    image_ref = stack.service.pull(nix_ref(stack.built))
+    # the archive, and the small closure-info path the pin reads; nothing of the closure
+    assert stack.materialized() - before == {base(stack.built), base(closure_info(stack.built))}
+    after_pull = stack.materialized()
+    pod = Pod(stack.containerd, stack.base / "pods" / "built")
+    try:
+        assert pod.run(image_ref, []) == (0, "hello from liba\n"), stack.logs()  # entrypoint
+        assert pod.run(image_ref, ["/bin/prog"]) == (0, "hello from liba\n")  # copyToRoot
+    finally:
+        pod.remove()
+    wanted = {base(stack.prog), base(named(stack.closure, "busybox")),
+              base(named(stack.closure, "liba"))}
+    assert stack.materialized() - after_pull == wanted - after_pull
+    assert base(named(stack.closure, "docs")) not in stack.materialized()
+    stack.service.remove(nix_ref(stack.built))
+
+
+def test_built_image_by_labels_through_cri_downloads_no_layer(stack: Stack) -> None:
+    ref = f"{stack.registry.host}/lazy/built-two:1"
+    lazystore("image", "push", stack.built_two, ref, "--plain-http")
+    from lazystore.cri import archive
+
+    image = archive.inspect(Path(stack.built_two))
+    layer = image.layers[0].digest
+    image_ref = stack.service.pull(ref)  # forwarded: containerd's CRI pulls, with labels
+    content = stack.ctd.ctr("content", "ls", "-q", namespace=CRI_NAMESPACE).stdout.split()
+    assert image.manifest.digest in content and image.config.digest in content
+    assert layer not in content  # a remote snapshot from the nix-closure label
+    two = nixcache.closure(stack.built_two)
+    pod = Pod(stack.containerd, stack.base / "pods" / "built-two")
+    try:
+        code, out = pod.run(image_ref, [])
+    finally:
+        pod.remove()
+    assert (code, out) == (0, "extra two\nhello from liba\n"), stack.logs()
+    assert base(named(two, "extra-two")) in stack.materialized()
+
+
+def test_built_image_by_content_with_ctr(stack: Stack) -> None:
+    stack.ctd.ctr("images", "import", "--snapshotter", SN, stack.built)
+    out = stack.ctd.ctr("run", "--snapshotter", SN, "--rm", "docker.io/library/sample-image:latest",
+                        f"c{os.getpid()}", timeout=180).stdout
+    assert out == "hello from liba\n"

@@ -388,6 +388,15 @@ def test_package_dependencies_match_setup_cfg() -> None:
     assert package["makeWrapperArgs"] == ["--suffix", "PATH", ":", f"{fuse3}/bin"]
 
 
+def test_package_build_image_builds_with_nixpkgs_tools_not_the_host() -> None:
+    result = evaluate()
+    image, tools = result["package"]["buildImage"], result["tools"]
+    assert image["builder"] == f"{tools['bash']}/bin/sh"
+    assert image["PATH"].split(":") == [f"{tools[n]}/bin" for n in
+                                        ("coreutils", "findutils", "gnutar", "gzip")]
+    assert (image["system"], image["name"]) == ("x86_64-linux", "probe.tar")
+
+
 @pytest.mark.parametrize("size", ["20G", "512M", "1.5T", "4096", "20GiB", "20gb"])
 def test_cache_size_type_accepts_what_the_daemon_reads(size: str) -> None:
     parse_size(size)  # the daemon's parser: raises if it would refuse the size

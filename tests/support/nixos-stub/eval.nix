@@ -34,7 +34,7 @@ let
         pythonImportsCheck = args.pythonImportsCheck or [ ];
         doCheck = args.doCheck or true;
         makeWrapperArgs = args.makeWrapperArgs or [ ];
-      };
+      } // (args.passthru or { });
   };
 
   pkgs = {
@@ -43,6 +43,11 @@ let
     util-linux = fakeDerivation "util-linux" "2.39" { };
     coreutils = fakeDerivation "coreutils" "9.4" { };
     nix = fakeDerivation "nix" "2.18.1" { };
+    bash = fakeDerivation "bash" "5.2" { };
+    findutils = fakeDerivation "findutils" "4.9" { };
+    gnutar = fakeDerivation "gnutar" "1.35" { };
+    gzip = fakeDerivation "gzip" "1.13" { };
+    stdenv.hostPlatform.system = "x86_64-linux";
     callPackage = fn: overrides:
       let f = import fn; in
       f (builtins.intersectAttrs (builtins.functionArgs f) (pkgs // { inherit lib pkgs; }) // overrides);
@@ -90,6 +95,8 @@ in
   virtualisation.containerd = { inherit (cfg.virtualisation.containerd) enable settings; };
   environment.systemPackages = map (p: p.outPath) cfg.environment.systemPackages;
   fuse3 = pkgs.fuse3.outPath;
+  tools = builtins.listToAttrs (map (name: { inherit name; value = pkgs.${name}.outPath; })
+    [ "bash" "coreutils" "findutils" "gnutar" "gzip" ]);
   package = {
     inherit (cfg.services.lazystore.package) name;
     path = cfg.services.lazystore.package.outPath;
@@ -98,5 +105,10 @@ in
     doCheck = cfg.services.lazystore.package.doCheck or null;
     makeWrapperArgs = cfg.services.lazystore.package.makeWrapperArgs or null;
     mainProgram = cfg.services.lazystore.package.meta.mainProgram;
+    # What buildImage's builder runs with (its derivation, not built).
+    buildImage = let
+      package = cfg.services.lazystore.package;
+      image = package.buildImage { name = "probe"; };
+    in if package ? buildImage then { inherit (image) builder PATH system name; } else null;
   };
 }
