@@ -6,11 +6,13 @@ the units' CapabilityBoundingSet (applied with setpriv)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
 import signal
 import socket
+import socketserver
 import subprocess
 import sys
 import tempfile
@@ -19,29 +21,67 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
 from lazystore import deploy
+from lazystore.control import protocol
 from lazystore.control.client import ControlClient
+from lazystore.errors import ControlError
 from lazystore.nix.signing import SecretKey
 from lazystore.snapshotter.proto import snapshots_pb2 as pb
 from lazystore.snapshotter.proto import snapshots_pb2_grpc as pb_grpc
 from lazystore.testing import nixcache
 from lazystore.testing.daemon import is_mounted
+from tests.support.fakeviews import FakeViews
 from tests.test_snapshotter_service import (
     NIX_LAYER,
     NIX_PATH,
     P1,
     REF,
-    FakeDaemon,
     layer,
     nix_layer,
     prepare,
 )
 
 LAZYSTORE = str(Path(sys.executable).with_name("lazystore"))
+
+
+class ViewsOverSocket(socketserver.ThreadingUnixStreamServer):
+    """A control socket answering view_create/view_remove with FakeViews's views,
+    for a real snapshotter process whose daemon is not under test here."""
+
+    daemon_threads = True
+
+    def __init__(self, socket_path: str, views: FakeViews) -> None:
+        self.views = views
+        super().__init__(socket_path, _ViewsHandler)
+
+    def answer(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        if op == "view_create":
+            paths, closure = args.get("paths") or [], args.get("closure_info")
+            asyncio.run(self.views.ensure(args["id"], paths, closure))
+            return {"path": self.views.path(args["id"]), "paths": paths}
+        if op == "view_remove":
+            asyncio.run(self.views.remove(args["id"]))
+            return {}
+        raise ControlError(f"unexpected operation {op}")
+
+
+class _ViewsHandler(socketserver.StreamRequestHandler):
+    server: ViewsOverSocket
+
+    def handle(self) -> None:
+        while header := self.rfile.read(protocol.HEADER_SIZE):
+            body = self.rfile.read(protocol.frame_length(header))
+            op, args = protocol.parse_request(protocol.decode_body(body))
+            try:
+                reply = protocol.ok(self.server.answer(op, args))
+            except ControlError as exc:
+                reply = protocol.error(str(exc))
+            self.wfile.write(protocol.encode_frame(reply))
 # A guard against hanging forever, not a speed requirement.
 READY_TIMEOUT = 90.0
 
@@ -249,7 +289,8 @@ def test_snapshotter_stays_within_the_units_system_call_filter(tmp_path: Path) -
     """Serving containerd's calls (plain and nix layers, overlay and bind
     mounts, views, commit, usage, remove, cleanup) uses only system calls
     that the unit's SystemCallFilter= allows (traced with strace). The daemon
-    behind the control socket is the snapshotter tests' fake (no FUSE)."""
+    behind the control socket answers with the snapshotter tests' fake views
+    (no FUSE)."""
     for tool in ("strace", "systemd-analyze", "setpriv"):
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed")
@@ -258,7 +299,7 @@ def test_snapshotter_stays_within_the_units_system_call_filter(tmp_path: Path) -
     base = Path(tempfile.mkdtemp(prefix="lzsc-", dir="/tmp"))  # short unix socket paths
     mnt, control, address = base / "mnt", base / "ctl.sock", base / "sn.sock"
     mnt.mkdir()
-    fake = FakeDaemon(str(control), mnt)
+    fake = ViewsOverSocket(str(control), FakeViews(mnt))
     threading.Thread(target=fake.serve_forever, daemon=True).start()
     trace, log = tmp_path / "sn.strace", tmp_path / "sn.log"
     argv = ["strace", "-f", "-qq", "-o", str(trace), *as_unit([
@@ -296,7 +337,8 @@ def test_snapshotter_stays_within_the_units_system_call_filter(tmp_path: Path) -
         fake.shutdown()
         fake.server_close()
         shutil.rmtree(base, ignore_errors=True)
-    assert [op for op, _ in fake.calls].count("view_create") == 2, "nix layers were served"
+    # Commit and the remote Prepare made two views (each asked for again by later mounts).
+    assert len({a["id"] for a in fake.views.creates()}) == 2, "nix layers were served"
     used = within_the_units_sandbox(trace.read_text())
     assert {"openat", "connect", "accept4"} <= used, "the whole process was traced"
 

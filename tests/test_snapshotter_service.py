@@ -1,33 +1,38 @@
-"""The snapshotter process called over gRPC exactly as containerd calls it.
+"""The snapshotter's gRPC service called exactly as containerd calls it.
 
-A real ``lazystore snapshotter`` child process; the daemon on the other side of
-the control socket is a small fake (a thread speaking the real control
-protocol and making view directories), so that these tests do not need FUSE.
-Tests that mount overlays need root and skip without it.
+The service runs in this process (its own asyncio loop in a thread) over an
+in-process fake of the view provider (tests/support/fakeviews.py), so these
+tests need neither FUSE nor a daemon; the real provider, the daemon's views
+over the control socket, is covered end to end (tests/test_e2e_containers.py,
+tests/test_deploy_ready.py). What only the process does (READY=1, refusing a
+second instance, one-line errors) is tested on a ``lazystore snapshotter``
+child process. Tests that mount overlays need root and skip without it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
-import socketserver
 import stat
 import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import pytest
 
-from lazystore.control import protocol
 from lazystore.snapshotter.proto import snapshots_pb2 as pb
 from lazystore.snapshotter.proto import snapshots_pb2_grpc as pb_grpc
+from lazystore.snapshotter.service import start_server
+from lazystore.snapshotter.snapshots import Snapshotter
 from lazystore.testing.containerd import snapshotter_process
+from tests.support.fakeviews import FakeViews
 
 H1 = "0" * 31 + "1"
 H2 = "0" * 31 + "2"
@@ -37,105 +42,62 @@ REF = "containerd.io/snapshot.ref"
 NIX_LAYER = "containerd.io/snapshot/nix-layer"
 NIX_PATH = "containerd.io/snapshot/nix-store-path."
 ROOT = os.geteuid() == 0
-
-
-class FakeDaemon(socketserver.ThreadingUnixStreamServer):
-    """Answers view_create/view_remove; a view of P holds ``nix/store/<P>/content``."""
-
-    daemon_threads = True
-
-    def __init__(self, socket_path: str, mount_point: Path) -> None:
-        self.mount_point = mount_point
-        self.calls: list[tuple[str, dict[str, Any]]] = []
-        self.refuse = False
-        # When set: each call is announced on `asked`, then answered once `gate` is set.
-        self.gate: threading.Event | None = None
-        self.asked = threading.Event()
-        super().__init__(socket_path, _Handler)
-
-    def handle_op(self, op: str, args: dict[str, Any]) -> Any:
-        self.calls.append((op, args))
-        if self.gate is not None:
-            self.asked.set()
-            assert self.gate.wait(60)
-        if self.refuse:
-            raise ValueError("daemon refuses (test)")
-        view = self.mount_point / ".views" / args["id"]
-        if op == "view_remove":
-            shutil.rmtree(view, ignore_errors=True)
-            return {}
-        if op != "view_create":
-            raise ValueError(f"unexpected op {op}")
-        paths = list(args.get("paths") or [])
-        if args.get("closure_info"):
-            paths = [P1, P2]
-        for p in paths:
-            d = view / p.lstrip("/")
-            d.mkdir(parents=True, exist_ok=True)
-            (d / "content").write_text(f"content of {Path(p).name}\n")
-        view.mkdir(parents=True, exist_ok=True)
-        return {"path": str(view), "paths": [Path(p).name for p in paths]}
-
-    def reset_views(self) -> None:
-        """As a restarted daemon: no views."""
-        shutil.rmtree(self.mount_point / ".views", ignore_errors=True)
-        self.calls.clear()
-
-
-class _Handler(socketserver.StreamRequestHandler):
-    server: FakeDaemon
-
-    def handle(self) -> None:
-        while header := self.rfile.read(protocol.HEADER_SIZE):
-            body = self.rfile.read(protocol.frame_length(header))
-            op, args = protocol.parse_request(protocol.decode_body(body))
-            try:
-                reply = protocol.ok(self.server.handle_op(op, args))
-            except ValueError as exc:
-                reply = protocol.error(str(exc))
-            self.wfile.write(protocol.encode_frame(reply))
+T = TypeVar("T")
 
 
 class Env:
+    """A snapshotter serving gRPC on a unix socket from a loop thread of this process."""
+
     def __init__(self, base: Path) -> None:
         self.base = base
         self.root = base / "root"
         self.address = base / "sn.sock"
         self.mount_point = base / "mnt"
         self.mount_point.mkdir()
-        self.daemon = FakeDaemon(str(base / "ctl.sock"), self.mount_point)
-        threading.Thread(target=self.daemon.serve_forever, daemon=True).start()
-        self.proc: subprocess.Popen | None = None
-        self._cm: Any = None
+        self.views = FakeViews(self.mount_point)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.snapshotter: Snapshotter | None = None
+        self.server: grpc.aio.Server | None = None
         self.channel: grpc.Channel | None = None
 
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(120)
+
     def start(self) -> pb_grpc.SnapshotsStub:
-        self._cm = snapshotter_process(
-            self.root, self.address, self.base / "ctl.sock", self.mount_point,
-            log_file=self.base / "snapshotter.log",
-        )
-        self.proc = self._cm.__enter__()
+        """As ``lazystore snapshotter`` starts: views restored, then it serves."""
+
+        async def up() -> tuple[Snapshotter, grpc.aio.Server]:
+            sn = Snapshotter(self.root, self.views)
+            try:
+                await sn.restore_views()
+                return sn, await start_server(sn, str(self.address))
+            except BaseException:
+                sn.close()
+                raise
+
+        self.snapshotter, self.server = self.run(up())
         self.channel = grpc.insecure_channel(f"unix:{self.address}")
         return pb_grpc.SnapshotsStub(self.channel)
 
-    def stop(self, kill: bool = False) -> None:
+    def stop(self) -> None:
         if self.channel is not None:
             self.channel.close()
             self.channel = None
-        if self.proc is not None and kill:
-            self.proc.kill()
-            self.proc.wait()
-        if self._cm is not None:
-            self._cm.__exit__(None, None, None)
-            self._cm = None
+        if self.server is not None:
+            self.run(self.server.stop(None))
+            self.server = None
+        if self.snapshotter is not None:
+            self.snapshotter.close()
+            self.snapshotter = None
 
     def close(self) -> None:
+        self.views.release.set()  # nothing may stay held
         self.stop()
-        self.daemon.shutdown()
-        self.daemon.server_close()
-
-    def log(self) -> str:
-        return (self.base / "snapshotter.log").read_text(errors="replace")
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(60)
+        self.loop.close()
 
 
 @pytest.fixture
@@ -210,10 +172,19 @@ def layer(sn: pb_grpc.SnapshotsStub, name: str, parent: str = "", files: dict | 
 # -- overlay semantics --------------------------------------------------------
 
 
-def test_socket_is_private_and_ready_is_notified(env: Env, sn: pb_grpc.SnapshotsStub) -> None:
-    # snapshotter_process already waited for READY=1 on NOTIFY_SOCKET.
+def test_socket_is_private(env: Env, sn: pb_grpc.SnapshotsStub) -> None:
     assert stat.S_IMODE(os.stat(env.address).st_mode) == 0o600
     assert listing(sn) == []
+
+
+def test_the_process_notifies_ready_once_it_serves(env: Env) -> None:
+    # No nix layers yet, so no daemon is asked at start: none runs here.
+    with snapshotter_process(env.root, env.address, env.base / "no-daemon.sock",
+                             env.mount_point, log_file=env.base / "snapshotter.log"):
+        # snapshotter_process waited for READY=1 on NOTIFY_SOCKET; it serves by then.
+        with grpc.insecure_channel(f"unix:{env.address}") as channel:
+            assert listing(pb_grpc.SnapshotsStub(channel)) == []
+        assert stat.S_IMODE(os.stat(env.address).st_mode) == 0o600
 
 
 def test_first_layer_is_a_bind_mount_and_commit_makes_it_committed(
@@ -372,7 +343,7 @@ def nix_layer(sn: pb_grpc.SnapshotsStub, name: str = "nix") -> None:
 
 def test_nix_layer_is_detected_by_its_placeholders(env: Env, sn: pb_grpc.SnapshotsStub) -> None:
     nix_layer(sn)
-    creates = [a for op, a in env.daemon.calls if op == "view_create"]
+    creates = env.views.creates()
     assert len(creates) == 1
     # Only empty placeholders with store path names; the non-empty dir is real content.
     assert sorted(creates[0]["paths"]) == [P1, P2, P3]
@@ -438,23 +409,25 @@ def test_labels_make_a_remote_snapshot_as_containerds_unpacker_expects(
     # ...and Stats it; the extract key itself was never created.
     assert sn.Stat(pb.StatSnapshotRequest(key="sha256:chain")).info.kind == pb.COMMITTED
     assert code_of(lambda: sn.Stat(pb.StatSnapshotRequest(key=key))) == grpc.StatusCode.NOT_FOUND
-    creates = [a for op, a in env.daemon.calls if op == "view_create"]
+    creates = env.views.creates()
     assert [sorted(a["paths"]) for a in creates] == [[P1, P2]]
     # The view is the layer's whole content: directly above the base layer.
     lowers = lowers_of(prepare(sn, "ctr", "sha256:chain"))
     assert os.path.realpath(lowers[0]) == str(env.mount_point / ".views" / creates[0]["id"])
     assert (Path(lowers[1]) / "etc/os").exists() and len(lowers) == 2
     # A second pull of the same layer: AlreadyExists again, no second view.
+    before = len(env.views.calls)
     assert code_of(lambda: prepare(sn, "default/3/extract-456 sha256:chain", "default/1/base",
                                    **labels)) == grpc.StatusCode.ALREADY_EXISTS
-    assert len([1 for op, _ in env.daemon.calls if op == "view_create"]) == 1
+    assert env.views.calls[before:] == []
+    assert {a["id"] for a in env.views.creates()} == {creates[0]["id"]}
 
 
 def test_closure_label_asks_for_a_closure_view(env: Env, sn: pb_grpc.SnapshotsStub) -> None:
     info = f"/nix/store/{'1' * 32}-closure-info"
     labels = {REF: "sha256:c", "containerd.io/snapshot/nix-closure": info}
     assert code_of(lambda: prepare(sn, "x sha256:c", **labels)) == grpc.StatusCode.ALREADY_EXISTS
-    creates = [a for op, a in env.daemon.calls if op == "view_create"]
+    creates = env.views.creates()
     assert creates[0]["closure_info"] == info
     mounts = prepare(sn, "ctr", "sha256:c")
     assert [os.path.realpath(p) for p in lowers_of(mounts)] == [
@@ -485,7 +458,7 @@ def test_hostile_labels_are_refused_and_nothing_is_created(
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in info.value.details() and "\n" not in info.value.details()
     assert listing(sn) == []
-    assert env.daemon.calls == []
+    assert env.views.calls == []
     assert list((env.root / "snapshots").iterdir()) == []
 
 
@@ -510,7 +483,7 @@ def test_oversized_labels_are_refused_as_containerd_refuses_them(
     many.update({f"{NIX_PATH}{i}": f"/nix/store/{i:032d}-p" for i in range(1000)})
     prepare(sn, "n", **many)
     commit(sn, "nc", "n")
-    creates = [a for op, a in env.daemon.calls if op == "view_create"]
+    creates = env.views.creates()
     assert len(creates[-1]["paths"]) == 1000
 
 
@@ -521,7 +494,7 @@ def test_labels_without_ref_describe_the_layer_committed_later(
     # layer at Commit even though the layer itself holds no placeholders.
     prepare(sn, "k", **{NIX_LAYER: "true", NIX_PATH + "0": P1})
     commit(sn, "c", "k")
-    creates = [a for op, a in env.daemon.calls if op == "view_create"]
+    creates = env.views.creates()
     assert [a["paths"] for a in creates] == [[P1]]
     lowers = lowers_of(prepare(sn, "ctr", "c"))
     assert os.path.realpath(lowers[0]) == str(env.mount_point / ".views" / creates[0]["id"])
@@ -532,10 +505,10 @@ def test_daemon_unavailable_fails_commit_and_loses_nothing(
 ) -> None:
     mounts = prepare(sn, "k")
     (Path(upper_of(mounts)) / f"nix/store/{H1}-liba").mkdir(parents=True)
-    env.daemon.refuse = True
+    env.views.refuse = True
     assert code_of(lambda: commit(sn, "c", "k")) == grpc.StatusCode.UNAVAILABLE
     assert sn.Stat(pb.StatSnapshotRequest(key="k")).info.kind == pb.ACTIVE
-    env.daemon.refuse = False
+    env.views.refuse = False
     commit(sn, "c", "k")
     assert sn.Stat(pb.StatSnapshotRequest(key="c")).info.kind == pb.COMMITTED
 
@@ -547,16 +520,17 @@ def test_no_uncommitted_state_is_visible_while_the_daemon_is_asked(
     # pending (a slow view), they must show only what is committed.
     nix_layer(sn)
     prepare(sn, "k")
-    env.daemon.reset_views()  # as a restarted daemon: the next mounts ask for the view
+    env.views.reset_views()  # as a restarted daemon: the next mounts ask for the view
 
     def pending(call: Any) -> grpc.StatusCode:
-        env.daemon.gate, env.daemon.refuse = threading.Event(), True
-        env.daemon.asked.clear()
+        env.views.hold, env.views.refuse = True, True
+        env.views.release.clear()
+        env.views.asked.clear()
         result: list[grpc.StatusCode] = []
         worker = threading.Thread(target=lambda: result.append(code_of(call)))
         worker.start()
         try:
-            assert env.daemon.asked.wait(60)
+            assert env.views.asked.wait(60)
             # while the daemon thinks:
             names = {i.name: i.kind for i in listing(sn)}
             assert names == {"nix": pb.COMMITTED, "k": pb.ACTIVE}
@@ -565,9 +539,9 @@ def test_no_uncommitted_state_is_visible_while_the_daemon_is_asked(
             assert code_of(lambda: sn.Stat(pb.StatSnapshotRequest(key="c"))) == \
                 grpc.StatusCode.NOT_FOUND
         finally:
-            env.daemon.gate.set()
+            env.views.release.set()
             worker.join(60)
-            env.daemon.gate, env.daemon.refuse = None, False
+            env.views.hold, env.views.refuse = False, False
         return result[0]
 
     # Prepare over a nix layer whose view the daemon then refuses: nothing is created.
@@ -584,11 +558,11 @@ def test_restart_keeps_snapshots_and_recreates_views(env: Env, sn: pb_grpc.Snaps
     nix_layer(sn)
     layer(sn, "app", "nix", files={"app": b"1"})
     before = lowers_of(prepare(sn, "ctr", "app"))
-    env.stop(kill=True)  # SIGKILL: no clean shutdown
-    env.daemon.reset_views()  # the daemon restarted too
+    env.stop()  # (a SIGKILL of the process: tests/test_e2e_containers.py)
+    env.views.reset_views()  # the daemon restarted too
     sn2 = env.start()
     # Views are re-created at start, before any request.
-    assert [op for op, _ in env.daemon.calls] == ["view_create"]
+    assert [op for op, _ in env.views.calls] == ["view_create"]
     assert {i.name for i in listing(sn2)} == {"nix", "app", "ctr"}
     assert lowers_of(list(sn2.Mounts(pb.MountsRequest(key="ctr")).mounts)) == before
     assert (Path(before[1]) / "nix/store" / f"{H1}-liba/content").exists()

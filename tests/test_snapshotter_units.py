@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
+import pkgutil
 import sqlite3
 from pathlib import Path
 
 import grpc
 import pytest
 
-from lazystore.errors import ControlError, LazystoreError
+from lazystore import snapshotter
+from lazystore.errors import LazystoreError, SnapshotterError
 from lazystore.snapshotter import errors, filters, nixlayer, overlay
+from lazystore.snapshotter.metadata import Kind
 from lazystore.snapshotter.service import status_code
+from lazystore.snapshotter.snapshots import Snapshotter
+from tests.support.fakeviews import FakeViews
 
 H = "0" * 31 + "1"
 P = f"/nix/store/{H}-liba"
@@ -128,15 +134,38 @@ def test_mount_rules_follow_containerds_overlayfs_snapshotter() -> None:
                                                              ["lowerdir=/a:/b"])]
 
 
+# containerd's errdefs, as its proxy client maps gRPC codes back to them.
+ERRDEFS = {
+    "NotFound": grpc.StatusCode.NOT_FOUND,
+    "AlreadyExists": grpc.StatusCode.ALREADY_EXISTS,
+    "FailedPrecondition": grpc.StatusCode.FAILED_PRECONDITION,
+    "InvalidArgument": grpc.StatusCode.INVALID_ARGUMENT,
+    "Unavailable": grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def _subclasses(cls: type) -> set[type]:
+    found = set(cls.__subclasses__())
+    for sub in list(found):
+        found |= _subclasses(sub)
+    return found
+
+
 def test_every_snapshotter_error_has_its_grpc_code() -> None:
-    assert status_code(errors.NotFound("x")) == grpc.StatusCode.NOT_FOUND
-    assert status_code(errors.AlreadyExists("x")) == grpc.StatusCode.ALREADY_EXISTS
-    assert status_code(errors.FailedPrecondition("x")) == grpc.StatusCode.FAILED_PRECONDITION
-    assert status_code(errors.InvalidArgument("x")) == grpc.StatusCode.INVALID_ARGUMENT
-    assert status_code(nixlayer.InvalidLabel("x")) == grpc.StatusCode.INVALID_ARGUMENT
-    assert status_code(errors.Unavailable("x")) == grpc.StatusCode.UNAVAILABLE
-    assert status_code(ControlError("x")) == grpc.StatusCode.UNKNOWN
-    assert status_code(LazystoreError("x")) == grpc.StatusCode.UNKNOWN
+    # Every module of the snapshotter loaded, so that every error class exists.
+    for module in pkgutil.walk_packages(snapshotter.__path__, "lazystore.snapshotter."):
+        importlib.import_module(module.name)
+    classes = _subclasses(SnapshotterError)
+    assert {c.__name__ for c in classes} >= set(ERRDEFS) | {"InvalidLabel"}
+    for cls in classes:
+        errdefs = [ERRDEFS[base.__name__] for base in cls.__mro__
+                   if base.__module__ == errors.__name__ and base.__name__ in ERRDEFS]
+        assert errdefs, f"{cls.__qualname__} is not one of containerd's errdefs"
+        assert status_code(cls("x")) == errdefs[0], cls
+    # A failure of the snapshotter's own (its metadata) or of any other layer
+    # reaching the service is no errdef: UNKNOWN, and logged as an error.
+    for cls in {SnapshotterError} | _subclasses(LazystoreError) - classes - {SnapshotterError}:
+        assert status_code(cls("x")) == grpc.StatusCode.UNKNOWN, cls
 
 
 class _FailingCommit:
@@ -155,11 +184,8 @@ class _FailingCommit:
 
 
 def test_failed_commit_of_a_remove_loses_nothing_and_unblocks(tmp_path: Path) -> None:
-    from lazystore.snapshotter.metadata import Kind
-    from lazystore.snapshotter.snapshots import Snapshotter
-
     async def scenario() -> None:
-        sn = Snapshotter(tmp_path / "root", str(tmp_path / "ctl.sock"), str(tmp_path / "mnt"))
+        sn = Snapshotter(tmp_path / "root", FakeViews(tmp_path / "mnt"))
         try:
             await sn.prepare("a", "", {}, Kind.ACTIVE)
             fs = Path(sn.layout.fs(sn.stat("a").id))
@@ -189,12 +215,10 @@ def test_view_ids_differ_for_a_recreated_root(tmp_path: Path) -> None:
     # database's views must not have them reused for the new snapshots.
     import shutil
 
-    from lazystore.snapshotter.snapshots import Snapshotter
-
     def view_id(root: Path) -> str:
-        sn = Snapshotter(root, str(tmp_path / "ctl.sock"), str(tmp_path / "mnt"))
+        sn = Snapshotter(root, FakeViews(tmp_path / "mnt"))
         try:
-            return sn.views.view_id(1)
+            return sn.view_id(1)
         finally:
             sn.close()
 
@@ -204,3 +228,73 @@ def test_view_ids_differ_for_a_recreated_root(tmp_path: Path) -> None:
     shutil.rmtree(root)
     assert view_id(root) != first
     assert view_id(tmp_path / "other") != first
+
+
+def test_a_slow_view_holds_up_no_other_snapshot(tmp_path: Path) -> None:
+    async def placeholder(sn: Snapshotter, key: str) -> int:
+        await sn.prepare(key, "", {})
+        snap_id = sn.stat(key).id
+        (Path(sn.layout.fs(snap_id)) / "nix/store" / f"{H}-liba").mkdir(parents=True)
+        return snap_id
+
+    async def scenario() -> None:
+        views = FakeViews(tmp_path / "mnt")
+        sn = Snapshotter(tmp_path / "root", views)
+        try:
+            slow_id = await placeholder(sn, "slow-extract")
+            await placeholder(sn, "quick-extract")
+            await sn.prepare("plain", "", {})
+            views.hold, views.hold_ids = True, {sn.view_id(slow_id)}
+            slow = asyncio.create_task(sn.commit("slow", "slow-extract", {}))
+            assert await asyncio.to_thread(views.asked.wait, 60)
+            # While the provider sits on that view, every other snapshot is served,
+            # another nix layer's view included.
+            await sn.prepare("b", "", {"x": "1"})
+            assert sn.stat("b").labels == {"x": "1"}
+            await sn.update("b", {"x": "2"}, [])
+            await sn.commit("quick", "quick-extract", {})
+            await sn.mounts("plain")
+            await sn.prepare("ctr", "quick", {})
+            await sn.remove("b")
+            assert {s.key for s in sn.list([])} == {"slow-extract", "quick", "plain", "ctr"}
+            assert not slow.done()
+            # An operation on the held snapshot itself waits for its turn.
+            same = asyncio.create_task(sn.remove("slow-extract"))
+            await asyncio.sleep(0)
+            assert sn.locks.locked("slow-extract") and not same.done()
+            views.release.set()
+            await slow
+            with pytest.raises(errors.NotFound):  # the commit renamed it first
+                await same
+            assert sn.stat("slow").kind == Kind.COMMITTED
+            assert len(sn.locks) == 0
+        finally:
+            views.release.set()
+            sn.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_parent_removed_during_a_view_call_fails_the_prepare(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        views = FakeViews(tmp_path / "mnt")
+        sn = Snapshotter(tmp_path / "root", views)
+        try:
+            await sn.prepare("extract", "", {})
+            fs = Path(sn.layout.fs(sn.stat("extract").id))
+            (fs / "nix/store" / f"{H}-liba").mkdir(parents=True)
+            await sn.commit("nix", "extract", {})
+            views.hold = True
+            child = asyncio.create_task(sn.prepare("ctr", "nix", {}))
+            assert await asyncio.to_thread(views.asked.wait, 60)
+            views.hold = False
+            await sn.remove("nix")  # no child yet: allowed
+            views.release.set()
+            with pytest.raises(errors.NotFound, match="removed meanwhile"):
+                await child
+            assert sn.list([]) == [] and list(sn.layout.snapshots.iterdir()) == []
+        finally:
+            views.release.set()
+            sn.close()
+
+    asyncio.run(scenario())

@@ -69,10 +69,13 @@ async def _serve(args: argparse.Namespace) -> None:
     # Imported here so that `lazystore --help` does not load grpc.
     from lazystore.snapshotter.service import start_server
     from lazystore.snapshotter.snapshots import Snapshotter
+    from lazystore.snapshotter.views import DaemonViews
 
+    views = DaemonViews(args.control_socket, args.mount_point)
     try:
-        sn = Snapshotter(Path(args.root), args.control_socket, args.mount_point)
+        sn = Snapshotter(Path(args.root), views)
     except OSError as exc:
+        views.close()
         raise SnapshotterError(f"snapshotter root {args.root}: {exc.strerror or exc}") from None
     try:
         await sn.restore_views()
@@ -88,3 +91,4 @@ async def _serve(args: argparse.Namespace) -> None:
         await server.stop(grace=2)
     finally:
         sn.close()
+        views.close()

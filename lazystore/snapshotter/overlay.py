@@ -77,11 +77,11 @@ class Layout:
 
     def remove(self, id_: int) -> None:
         """Delete the snapshot's directories (blocking), renaming them away first."""
-        path = self.dir(id_)
-        if not path.exists():
-            return
         doomed = self.snapshots / f"rm-{id_}"
-        path.rename(doomed)
+        try:
+            self.dir(id_).rename(doomed)
+        except FileNotFoundError:
+            return  # never made, or a Cleanup running meanwhile took it as an orphan
         shutil.rmtree(doomed, ignore_errors=True)
 
     def orphans(self, known: set[int]) -> list[Path]:

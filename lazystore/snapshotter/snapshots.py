@@ -4,8 +4,15 @@ Overlay semantics follow containerd's overlayfs snapshotter. Nix layers get a
 daemon view directly above them in every descendant's lowerdir stack: found by
 content at Commit (empty placeholders under nix/store), or made from labels at
 Prepare (then the view is the whole layer and Prepare answers AlreadyExists,
-as remote snapshotters do). One lock serialises changes; blocking filesystem
-work runs in threads.
+as remote snapshotters do).
+
+Views come from a :class:`~lazystore.snapshotter.views.ViewProvider` given to
+the snapshotter. An operation holds the locks of the keys it works on (the
+snapshot's and a new name's), never one lock for all: a daemon call for one
+snapshot's view, which may take minutes, holds up no other snapshot. Metadata
+transactions contain no await, so each is atomic for every other operation,
+which re-checks what it read before an await (a parent removed meanwhile is
+NotFound). Blocking file system work runs in threads.
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ import hashlib
 import logging
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 from lazystore.errors import ControlError
@@ -31,7 +39,7 @@ from lazystore.snapshotter.errors import (
     Unavailable,
 )
 from lazystore.snapshotter.metadata import Kind, MetaStore, Snapshot
-from lazystore.snapshotter.views import Views
+from lazystore.snapshotter.views import ViewProvider
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +75,47 @@ def view_prefix(root: Path, instance: str) -> str:
     return "sn" + hashlib.sha256(ident.encode()).hexdigest()[:8]
 
 
+class KeyLocks:
+    """One asyncio lock per snapshot key, kept only while someone holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    def __len__(self) -> int:
+        """Keys whose lock someone holds or waits for."""
+        return len(self._locks)
+
+    def locked(self, key: str) -> bool:
+        return key in self._locks and self._locks[key][0].locked()
+
+    @asynccontextmanager
+    async def hold(self, *keys: str) -> AsyncIterator[None]:
+        """Hold the locks of *keys* (in sorted order, so two holders never deadlock)."""
+        async with AsyncExitStack() as stack:
+            for key in sorted(set(keys)):
+                await stack.enter_async_context(self._one(key))
+            yield
+
+    @asynccontextmanager
+    async def _one(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
 class Snapshotter:
     def __init__(
         self,
         root: Path,
-        control_socket: str,
-        mount_point: str,
+        views: ViewProvider,
         store_dir: str = DEFAULT_STORE_DIR,
     ) -> None:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -85,8 +128,9 @@ class Snapshotter:
             os.close(self._root_lock)
             raise
         self.layout = overlay.Layout(root)
-        self.views = Views(control_socket, mount_point, view_prefix(root, self.meta.instance))
-        self._lock = asyncio.Lock()
+        self.views = views
+        self._prefix = view_prefix(root, self.meta.instance)
+        self.locks = KeyLocks()
 
     def close(self) -> None:
         self.meta.close()
@@ -94,12 +138,17 @@ class Snapshotter:
 
     # -- views --------------------------------------------------------------
 
+    def view_id(self, snapshot_id: int) -> str:
+        return f"{self._prefix}-{snapshot_id}"
+
     async def _view(self, snap: Snapshot) -> str:
+        """The directory of the nix layer's view, which the provider makes if needed."""
+        view_id = self.view_id(snap.id)
         try:
-            path = await self.views.ensure(snap.id, snap.nix_paths, snap.nix_closure)
+            await self.views.ensure(view_id, snap.nix_paths or [], snap.nix_closure)
         except ControlError as exc:
             raise Unavailable(f"no view for nix layer {snap.key!r}: {exc}") from None
-        return path
+        return self.views.path(view_id)
 
     async def restore_views(self) -> None:
         """Re-create the views of every nix layer (after a restart of either process)."""
@@ -115,7 +164,11 @@ class Snapshotter:
         for snap in chain:
             if snap.is_nix:
                 view = await self._view(snap)
-                lowers.append(await asyncio.to_thread(self.layout.view_link, snap.id, view))
+                try:
+                    lowers.append(await asyncio.to_thread(self.layout.view_link, snap.id, view))
+                except FileNotFoundError:
+                    self._same(snap)  # removed during the daemon call: NotFound
+                    raise
             if not snap.remote:
                 lowers.append(self.layout.fs(snap.id))
         return lowers
@@ -154,15 +207,23 @@ class Snapshotter:
             raise InvalidArgument("snapshot key is empty")
         check_labels(labels)
         nix = nixlayer.parse_labels(labels, self.store_dir)
-        async with self._lock:
+        target = labels.get(nixlayer.SNAPSHOT_REF, "")
+        remote = nix is not None and bool(target) and kind == Kind.ACTIVE
+        async with self.locks.hold(key, *([target] if remote else [])):
             if self.meta.get(key) is not None:
                 raise AlreadyExists(f"snapshot {key!r} already exists")
             parent_snap = self._parent(parent)
-            target = labels.get(nixlayer.SNAPSHOT_REF)
-            if nix is not None and target and kind == Kind.ACTIVE:
+            if remote:
+                assert nix is not None
                 await self._remote(target, parent_snap, labels, nix)
                 raise AlreadyExists(f"target snapshot {target!r} already exists")
             return await self._create(key, parent_snap, labels, kind, nix)
+
+    def _same(self, snap: Snapshot) -> None:
+        """NotFound unless *snap* (read before an await) is still there."""
+        now = self.meta.get(snap.key)
+        if now is None or now.id != snap.id:
+            raise NotFound(f"snapshot {snap.key!r} was removed meanwhile")
 
     def _parent(self, parent: str) -> Snapshot | None:
         if not parent:
@@ -183,16 +244,17 @@ class Snapshotter:
         nix: nixlayer.NixLabels | None,
     ) -> list[overlay.Mount]:
         # The parents' views first: no daemon call while a transaction is open
-        # (Stat and List, which do not wait for the lock, must never see a row
-        # that may still be rolled back).
+        # (Stat and List must never see a row that may still be rolled back).
         lowers = await self._lowers([parent, *self.meta.chain(parent)] if parent else [])
         with self.meta.transaction():
+            if parent is not None:
+                self._same(parent)  # not removed during the daemon calls
             snap = self.meta.insert(
                 key, parent.id if parent else None, kind, labels,
                 nix_paths=list(nix.paths) if nix else None,
                 nix_closure=nix.closure if nix else None,
             )
-            await asyncio.to_thread(self.layout.create, snap.id, kind == Kind.ACTIVE)
+            self.layout.create(snap.id, kind == Kind.ACTIVE)
         mounts = overlay.mounts(
             active=kind == Kind.ACTIVE,
             upper=self.layout.fs(snap.id),
@@ -219,7 +281,7 @@ class Snapshotter:
                 target, parent.id if parent else None, Kind.COMMITTED, labels,
                 nix_paths=list(nix.paths) or None, nix_closure=nix.closure, remote=True,
             )
-            await asyncio.to_thread(self.layout.create, snap.id, False)
+            self.layout.create(snap.id, False)
         # The view once the row is committed (no daemon call inside a transaction);
         # if the daemon refuses, the snapshot is taken back. (After a crash in
         # between, the start-up restores its view like any other's.)
@@ -234,7 +296,7 @@ class Snapshotter:
                  len(nix.paths))
 
     async def mounts(self, key: str) -> list[overlay.Mount]:
-        async with self._lock:
+        async with self.locks.hold(key):
             snap = self._get(key)
             if snap.kind not in (Kind.ACTIVE, Kind.VIEW):
                 raise FailedPrecondition(f"snapshot {key!r} is not active")
@@ -242,7 +304,7 @@ class Snapshotter:
 
     async def commit(self, name: str, key: str, labels: Mapping[str, str]) -> None:
         check_labels(labels)
-        async with self._lock:
+        async with self.locks.hold(key, name):
             snap = self._get(key)
             if snap.kind != Kind.ACTIVE:
                 raise FailedPrecondition(f"snapshot {key!r} is not active")
@@ -264,7 +326,7 @@ class Snapshotter:
                  f", nix layer of {len(paths)} store paths" if paths else "")
 
     async def remove(self, key: str) -> None:
-        async with self._lock:
+        async with self.locks.hold(key):
             snap = self._get(key)
             if self.meta.has_children(snap.id):
                 raise FailedPrecondition(f"cannot remove snapshot {key!r} with children")
@@ -279,7 +341,7 @@ class Snapshotter:
 
     async def _drop_view(self, snap: Snapshot) -> None:
         try:
-            await self.views.remove(snap.id)
+            await self.views.remove(self.view_id(snap.id))
         except ControlError as exc:
             # The snapshot is gone either way; a stale view only costs the daemon memory.
             log.info("view of %s not removed: %s", snap.key, exc)
@@ -288,7 +350,7 @@ class Snapshotter:
         self, key: str, labels: Mapping[str, str], paths: list[str]
     ) -> Snapshot:
         check_labels(labels)
-        async with self._lock:
+        async with self.locks.hold(key):
             snap = self._get(key)
             new = dict(snap.labels)
             if not paths:
@@ -330,11 +392,11 @@ class Snapshotter:
         return snap.size, snap.inodes
 
     async def cleanup(self) -> None:
-        async with self._lock:
-            orphans = self.layout.orphans(self.meta.ids())
-            for path in orphans:
-                log.info("cleanup: removing %s", path)
-                await asyncio.to_thread(_rmtree, path)
+        # No lock: a snapshot's directories appear in the transaction of its row,
+        # so at any await every directory without a row is an orphan.
+        for path in self.layout.orphans(self.meta.ids()):
+            log.info("cleanup: removing %s", path)
+            await asyncio.to_thread(_rmtree, path)
 
 
 def _rmtree(path: Path) -> None:

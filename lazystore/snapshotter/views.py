@@ -1,11 +1,19 @@
-"""Daemon views for nix layers, through the control socket (blocking client in a thread)."""
+"""Where nix layers' store paths come from: views, by a :class:`ViewProvider`.
+
+The snapshotter never fetches. It names a view after the snapshot and asks its
+provider to make it; the provider in production is :class:`DaemonViews` (the
+lazystore daemon over its control socket, blocking client in threads of its
+own); tests hand the snapshotter an in-process one.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
-from pathlib import Path
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
 
 from lazystore.control.client import ControlClient
 from lazystore.errors import ControlError
@@ -13,53 +21,65 @@ from lazystore.errors import ControlError
 log = logging.getLogger(__name__)
 
 # A view of hundreds of paths waits for their narinfos; a daemon that answers
-# nothing in this long is treated as unavailable (the snapshotter's lock is held).
+# nothing in this long is treated as unavailable (only the snapshot asking waits).
 CALL_TIMEOUT = 300.0
+# Daemon calls at once; they run in threads of their own, so slow ones never
+# hold up the snapshotter's file system work in asyncio's default threads.
+MAX_CALLS = 16
 
 
-class Views:
-    """Creates and removes the daemon's views; never fetches anything itself."""
+class ViewProvider(Protocol):
+    """Views of store paths, each a directory laid out as ``nix/store/<path>``."""
+
+    async def ensure(self, view_id: str, paths: Sequence[str], closure: str | None) -> None:
+        """Make view *view_id* of *paths* (full store paths) and, with *closure*,
+        of the store paths its closure-info path lists. Idempotent: a view that
+        exists with the same paths is left as it is. ControlError if it cannot."""
+        ...
+
+    async def remove(self, view_id: str) -> None:
+        """Drop the view (no error if there is none); ControlError if it cannot."""
+        ...
+
+    def path(self, view_id: str) -> str:
+        """The directory of the view, as the snapshotter's mounts see it."""
+        ...
+
+
+class DaemonViews:
+    """The daemon's views (``view_create``, ``view_remove``) under its mount point."""
 
     def __init__(
-        self, control_socket: str, mount_point: str, prefix: str, timeout: float = CALL_TIMEOUT
+        self, control_socket: str, mount_point: str, timeout: float = CALL_TIMEOUT
     ) -> None:
         self.control_socket = control_socket
         self.mount_point = mount_point
-        self.prefix = prefix
         self.timeout = timeout
+        self._threads = ThreadPoolExecutor(MAX_CALLS, thread_name_prefix="daemon-views")
 
-    def view_id(self, snapshot_id: int) -> str:
-        return f"{self.prefix}-{snapshot_id}"
+    def close(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)
 
-    def path(self, snapshot_id: int) -> str:
-        return os.path.join(self.mount_point, ".views", self.view_id(snapshot_id))
+    def path(self, view_id: str) -> str:
+        return os.path.join(self.mount_point, ".views", view_id)
 
-    def _call(self, op: str, **args: object) -> object:
-        with ControlClient(self.control_socket, timeout=self.timeout) as client:
-            return client.call(op, **args)
-
-    def _ensure(self, snapshot_id: int, paths: list[str] | None, closure: str | None) -> str:
-        path = self.path(snapshot_id)
-        try:
-            if Path(path).is_dir():
-                return path
-        except OSError:
-            pass  # e.g. ENOTCONN: the daemon died; asking it below says so clearly
-
-        args: dict[str, object] = {"id": self.view_id(snapshot_id)}
+    async def ensure(self, view_id: str, paths: Sequence[str], closure: str | None) -> None:
+        args: dict[str, object] = {"id": view_id}
         if paths:
             args["paths"] = list(paths)
         if closure:
             args["closure_info"] = closure
-        result = self._call("view_create", **args)
+        result = await self._call("view_create", args)
         if not isinstance(result, dict) or not isinstance(result.get("path"), str):
             raise ControlError("the daemon answered view_create without a view path")
-        log.info("view %s: %d store paths at %s", args["id"], len(paths or ()), result["path"])
-        return result["path"]
+        log.debug("view %s: %d store paths", view_id, len(result.get("paths") or ()))
 
-    async def ensure(self, snapshot_id: int, paths: list[str] | None, closure: str | None) -> str:
-        """The directory of the snapshot's view, created by the daemon if it is missing."""
-        return await asyncio.to_thread(self._ensure, snapshot_id, paths, closure)
+    async def remove(self, view_id: str) -> None:
+        await self._call("view_remove", {"id": view_id})
 
-    async def remove(self, snapshot_id: int) -> None:
-        await asyncio.to_thread(self._call, "view_remove", id=self.view_id(snapshot_id))
+    async def _call(self, op: str, args: dict[str, object]) -> object:
+        def call() -> object:
+            with ControlClient(self.control_socket, timeout=self.timeout) as client:
+                return client.call(op, **args)
+
+        return await asyncio.get_running_loop().run_in_executor(self._threads, call)
