@@ -10,7 +10,7 @@ import pytest
 
 from lazystore.cri import archive, reference
 from lazystore.cri.errors import BadArchive, InvalidReference
-from lazystore.image import nix
+from lazystore.nix import labels
 from tests.support import hostile_archives
 
 H = "0" * 31 + "1"
@@ -58,9 +58,9 @@ def test_a_valid_nix_archive_is_read_with_its_store_paths(tmp_path: Path) -> Non
 
 def test_the_closure_annotation_is_read_and_checked(tmp_path: Path) -> None:
     info = f"/nix/store/{H}-closure-info"
-    image = archive.inspect(hostile_archives.layout(tmp_path / "c.tar", {nix.NIX_CLOSURE: info}))
+    image = archive.inspect(hostile_archives.layout(tmp_path / "c.tar", {labels.NIX_CLOSURE: info}))
     assert image.closures == [info] and image.store_paths == [] and image.is_nix
-    bad = hostile_archives.layout(tmp_path / "bad.tar", {nix.NIX_CLOSURE: "/etc/passwd"})
+    bad = hostile_archives.layout(tmp_path / "bad.tar", {labels.NIX_CLOSURE: "/etc/passwd"})
     with pytest.raises(BadArchive, match="not in the store"):
         archive.inspect(bad)
 

@@ -27,6 +27,7 @@ from typing import Any
 from lazystore.cri.errors import BadArchive
 from lazystore.errors import FormatError, ImageError
 from lazystore.image import nix, oci
+from lazystore.nix import labels
 from lazystore.nix.storepath import DEFAULT_STORE_DIR, StorePath
 
 MAX_DOCUMENT = 4 << 20  # index, manifest, config
@@ -141,7 +142,7 @@ def _store_path(path: Path, value: str, store_dir: str) -> str:
 
 def _nix_layer(path: Path, image: Image, layer: oci.Descriptor, store_dir: str) -> bool:
     notes = layer.annotations
-    closure = notes.get(nix.NIX_CLOSURE)
+    closure = notes.get(labels.NIX_CLOSURE)
     paths = nix.store_paths_of(notes)
     if closure is None and not paths:
         return False

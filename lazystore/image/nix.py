@@ -14,12 +14,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 
 from lazystore.image.oci import Entry
+from lazystore.nix.labels import NIX_LAYER, NIX_STORE_PATH
 
-NIX_LAYER = "containerd.io/snapshot/nix-layer"
-NIX_STORE_PATH = "containerd.io/snapshot/nix-store-path."
-# nix-snapshotter's newer form: one annotation naming a closureInfo store path
-# whose ``store-paths`` file lists the closure.
-NIX_CLOSURE = "containerd.io/snapshot/nix-closure"
 PLACEHOLDER_MODE = 0o555
 PARENT_MODE = 0o755
 

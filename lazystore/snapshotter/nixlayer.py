@@ -19,13 +19,10 @@ from pathlib import Path
 
 from lazystore.errors import FormatError
 from lazystore.nix import storepath
+from lazystore.nix.labels import NIX_CLOSURE, NIX_LAYER, NIX_STORE_PATH
 from lazystore.snapshotter.errors import InvalidArgument
 
-LABEL_PREFIX = "containerd.io/snapshot/"
-NIX_LAYER = LABEL_PREFIX + "nix-layer"
-NIX_STORE_PATH = LABEL_PREFIX + "nix-store-path."
-NIX_CLOSURE = LABEL_PREFIX + "nix-closure"
-SNAPSHOT_REF = "containerd.io/snapshot.ref"
+SNAPSHOT_REF = "containerd.io/snapshot.ref"  # containerd's: the chain id a layer unpacks to
 
 _INDEX = re.compile(r"0|[1-9][0-9]{0,8}")
 
