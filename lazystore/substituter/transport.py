@@ -41,6 +41,14 @@ FILE_CHUNK = 256 * 1024
 MAX_DOCUMENT = 16 << 20  # narinfo, nix-cache-info, .ls
 # Content-Encodings of documents decoded here; httpx does gzip, deflate, br, zstd.
 OWN_ENCODINGS = frozenset({"xz", "bzip2"})
+# Request headers are the same from every node, so a shared cache (nginx,
+# Squid) holds one copy per file: nothing per client, no cache-busting. NARs
+# are compressed already (or deliberately not): asking for them as they are
+# keeps a proxy from compressing them again and from storing a variant per
+# Accept-Encoding; small documents may be compressed on the way. Whatever
+# Content-Encoding still arrives is undone before any check (NixOS/nix #10275).
+DOCUMENT_ACCEPT_ENCODING = "gzip, deflate, br, zstd"
+NAR_ACCEPT_ENCODING = "identity"
 
 
 class Reader(Protocol):
@@ -140,7 +148,7 @@ class HttpTransport:
 
     async def get(self, name: str) -> bytes | None:
         url = self._url(name)
-        async with self._open(url) as response:
+        async with self._open(url, DOCUMENT_ACCEPT_ENCODING) as response:
             if response.status_code in NOT_FOUND_STATUSES:
                 return None
             _check_status(response, url)
@@ -158,19 +166,20 @@ class HttpTransport:
     @asynccontextmanager
     async def stream(self, name: str) -> AsyncIterator[Reader]:
         url = self._url(name)
-        async with self._open(url) as response:
+        async with self._open(url, NAR_ACCEPT_ENCODING) as response:
             if response.status_code in NOT_FOUND_STATUSES:
                 raise NotFoundError(f"{url}: not found (HTTP {response.status_code})")
             _check_status(response, url)
             yield _HttpReader(response, url, self._stall)
 
     @asynccontextmanager
-    async def _open(self, url: str) -> AsyncIterator[httpx.Response]:
+    async def _open(self, url: str, accept_encoding: str) -> AsyncIterator[httpx.Response]:
         try:
+            request = self._client.build_request(
+                "GET", url, headers={"Accept-Encoding": accept_encoding})
             # httpx's connect/read timeouts fire first; this bounds the rest.
             with trio.fail_after(self._stall + 5):
-                response = await self._client.send(self._client.build_request("GET", url),
-                                                   stream=True)
+                response = await self._client.send(request, stream=True)
         except trio.TooSlowError:
             raise StalledError(f"{url}: no response in {self._stall:g}s") from None
         except HTTPX_ERRORS as exc:
