@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from lazystore.substituter import transport
-from tests.support import nixcache, proxies
-from tests.support.daemon import Daemon, fuse_missing
+from lazystore.testing import nixcache, proxies
+from lazystore.testing.daemon import Daemon, fuse_missing
 from tests.support.faultserver import FaultServer
 
 pytestmark = pytest.mark.root

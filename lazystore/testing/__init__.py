@@ -2,5 +2,6 @@
 
 nixcache (real Nix builds and signed binary caches), httpserver (a folder over
 HTTP on 127.0.0.1), daemon (``lazystore mount`` as a subprocess), containerd (a
-private containerd) and registry (a private docker-registry). Nothing in the
+private containerd), registry (a private docker-registry) and proxies
+(nginx and Squid with deploy/'s configurations). Nothing in the
 package proper imports them."""
