@@ -150,6 +150,8 @@ def library_fetch(url: str, key: str, top: str, dest: Path) -> None:
     """What ``lazystore fetch`` does, timed from the first request; prints seconds."""
     import trio
 
+    from lazystore.cli.fetch import unpack_into
+    from lazystore.nix.narinfo import NarInfo
     from lazystore.nix.storepath import StorePath
     from lazystore.substituter.client import Substituters
     from lazystore.substituter.config import SubstituterConfig
@@ -163,13 +165,13 @@ def library_fetch(url: str, key: str, top: str, dest: Path) -> None:
             infos = await subs.closure([StorePath.parse(top)])
             limiter = trio.CapacityLimiter(config.max_parallel_fetches)
 
-            async def one(path: StorePath) -> None:
+            async def one(info: NarInfo) -> None:  # as looked up: not asked again
                 async with limiter:
-                    await subs.fetch(path, dest / path.basename, tmp)
+                    await subs.fetch(info, unpack_into(dest / info.path.basename, tmp))
 
             async with trio.open_nursery() as nursery:
                 for info in infos:
-                    nursery.start_soon(one, info.path)
+                    nursery.start_soon(one, info)
 
     start = time.perf_counter()
     trio.run(fetch_all)

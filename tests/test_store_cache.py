@@ -15,6 +15,7 @@ import pytest
 import trio
 
 from lazystore.errors import StoreError
+from lazystore.nix import nar
 from lazystore.nix.storepath import StorePath
 from lazystore.store import index, tree
 from lazystore.store.cache import LocalStore
@@ -47,16 +48,17 @@ class FakeSubstituters:
         if path.basename not in self.paths:
             return None
         return SimpleNamespace(
-            store_path=f"/nix/store/{path.basename}", nar_size=100, references=[]
+            store_path=f"/nix/store/{path.basename}", path=path, nar_size=100, references=[]
         )
 
-    async def listing(self, path: StorePath) -> dict[str, Any] | None:
+    async def listing(self, info: Any) -> dict[str, Any] | None:
         if not self.listings:
             return None
-        if not isinstance(self.paths[path.basename], dict):
-            return {"version": 1, "root": _ls_node(self.paths[path.basename])}
+        described = self.paths[info.path.basename]
+        if not isinstance(described, dict):
+            return {"version": 1, "root": _ls_node(described)}
         root: dict[str, Any] = {"type": "directory", "entries": {}}
-        for rel, content in sorted(self.paths[path.basename].items()):
+        for rel, content in sorted(described.items()):
             node = root
             parts = rel.split("/")
             for part in parts[:-1]:
@@ -64,43 +66,55 @@ class FakeSubstituters:
             node["entries"][parts[-1]] = _ls_node(content)
         return {"version": 1, "root": root}
 
-    async def fetch(self, path: StorePath, dest: Path, tmp_dir: Path) -> Any:
-        self.fetches.append(path.basename)
+    async def fetch(self, info: Any, open_sink: Any) -> Any:
+        """As the real one: the NAR into a fresh sink, finished once whole."""
+        basename = info.path.basename
+        self.fetches.append(basename)
         if self.gate is not None:
             await self.gate.wait()
         await trio.sleep(0)
-        if path.basename in self.fail:
+        if basename in self.fail:
             from lazystore.errors import SubstituterError
 
-            raise SubstituterError(f"{path.basename}: NAR hash mismatch")
-        tmp = tmp_dir / f"unpack-{path.basename}"
-        described = self.paths[path.basename]
-        if not isinstance(described, dict):
-            _write_node(tmp, described)
-        else:
-            tmp.mkdir()
-            for rel, content in described.items():
-                target = tmp / rel
-                target.parent.mkdir(parents=True, exist_ok=True)
-                _write_node(target, content)
-        os.rename(tmp, dest)
+            raise SubstituterError(f"{basename}: NAR hash mismatch")
+        data = nar.pack(_nar_tree(self.paths[basename]))
+        sink = open_sink(info)
+        try:
+            for start in range(0, len(data), 4096):
+                sink.feed(data[start:start + 4096])
+            sink.finish()
+        except BaseException:
+            sink.abort()
+            raise
         self.stats.nars_fetched += 1
-        return None
+        return info
 
     async def closure(self, paths: list[StorePath]) -> list[Any]:
         return [await self.query(p) for p in paths]
 
 
-def _write_node(target: Path, content: Any) -> None:
+def _nar_tree(described: Any) -> nar.Tree:
+    """The in-memory NAR tree of a path described as FakeSubstituters takes it."""
+    if not isinstance(described, dict):
+        return _nar_node(described)
+    root = nar.TreeDir()
+    for rel, content in described.items():
+        node = root
+        *dirs, name = rel.split("/")
+        for part in dirs:
+            node = node.entries.setdefault(part.encode(), nar.TreeDir())  # type: ignore[assignment]
+        node.entries.setdefault(name.encode(), _nar_node(content))
+    return root
+
+
+def _nar_node(content: Any) -> nar.Tree:
     if content is None:
-        target.mkdir()
-    elif isinstance(content, tuple) and content[0] == "link":
-        target.symlink_to(content[1])
-    elif isinstance(content, tuple):
-        target.write_bytes(content[1])
-        target.chmod(0o555)
-    else:
-        target.write_bytes(content)
+        return nar.TreeDir()
+    if isinstance(content, tuple) and content[0] == "link":
+        return nar.TreeSymlink(content[1].encode())
+    if isinstance(content, tuple):
+        return nar.TreeFile(content[1], executable=True)
+    return nar.TreeFile(content)
 
 
 def _ls_node(content: Any) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from lazystore.cli.fetch import unpack_into
 from lazystore.nix.storepath import StorePath
 from lazystore.substituter.client import Substituters
 from lazystore.substituter.config import SubstituterConfig
@@ -163,7 +164,7 @@ async def test_closure_over_http2_uses_one_multiplexed_connection(
         infos = await subs.closure([StorePath.parse(binary_cache.top)])
         async with trio.open_nursery() as nursery:
             for info in infos:
-                nursery.start_soon(subs.fetch, info.path, dest / info.path.basename, tmp)
+                nursery.start_soon(subs.fetch, info, unpack_into(dest / info.path.basename, tmp))
     for info in infos:
         got = nixcache.nar_hash(str(dest / info.path.basename))
         assert got.removeprefix("sha256:") == info.nar_hash.nix32()

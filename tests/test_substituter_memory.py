@@ -11,6 +11,7 @@ from pathlib import Path
 
 import zstandard
 
+from lazystore.cli.fetch import unpack_into
 from lazystore.nix import nar
 from lazystore.nix.hashes import Hash
 from lazystore.nix.narinfo import NarInfo
@@ -58,7 +59,7 @@ async def test_fetch_memory_is_bounded_by_chunks_not_nar_size(tmp_path: Path) ->
     try:
         async with Substituters(config) as subs:
             tracemalloc.reset_peak()
-            await subs.fetch(path, tmp_path / path.basename, tmp_path)
+            await subs.fetch(path, unpack_into(tmp_path / path.basename, tmp_path))
             _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

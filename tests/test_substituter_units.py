@@ -1,5 +1,5 @@
 """Units of the substituter below the network: retry policy, error mapping,
-decompression, nix.conf, single flight."""
+decompression, nix.conf."""
 
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ from lazystore.substituter.config import (
     CACHE_NIXOS_ORG_KEY,
     SubstituterConfig,
 )
-from lazystore.substituter.flight import SingleFlight
 
 # -- error classification -------------------------------------------------------
 
@@ -294,75 +293,3 @@ def test_bad_nix_conf_is_one_clear_line(tmp_path: Path, text: str, message: str)
     with pytest.raises(SubstituterError, match=message) as info:
         SubstituterConfig.from_nix_conf(conf)
     assert "\n" not in str(info.value) and isinstance(info.value, LazystoreError)
-
-
-# -- single flight ------------------------------------------------------------------
-
-
-async def test_single_flight_shares_one_execution() -> None:
-    flight: SingleFlight[int] = SingleFlight()
-    runs: list[int] = []
-    results: list[int] = []
-
-    async def work() -> int:
-        runs.append(1)
-        await trio.sleep(0.01)
-        return 42
-
-    async def caller() -> None:
-        results.append(await flight.run("k", work))
-
-    async with trio.open_nursery() as nursery:
-        for _ in range(20):
-            nursery.start_soon(caller)
-    assert runs == [1] and results == [42] * 20 and "k" not in flight
-
-
-async def test_single_flight_shares_errors_and_survives_a_cancelled_leader() -> None:
-    flight: SingleFlight[int] = SingleFlight()
-
-    async def fail() -> int:
-        await trio.sleep(0.01)
-        raise SubstituterError("nope")
-
-    outcomes: list[str] = []
-
-    async def caller() -> None:
-        try:
-            await flight.run("k", fail)
-        except SubstituterError as exc:
-            outcomes.append(str(exc))
-
-    async with trio.open_nursery() as nursery:
-        for _ in range(5):
-            nursery.start_soon(caller)
-    assert outcomes == ["nope"] * 5
-
-    started = trio.Event()
-
-    async def slow() -> int:
-        started.set()
-        await trio.sleep(10)
-        return 1
-
-    async def quick() -> int:
-        return 2
-
-    async with trio.open_nursery() as nursery:
-        leader = trio.CancelScope()
-
-        async def lead() -> None:
-            with leader:
-                await flight.run("c", slow)
-
-        nursery.start_soon(lead)
-        await started.wait()
-        waiter_result: list[int] = []
-
-        async def wait() -> None:
-            waiter_result.append(await flight.run("c", quick))
-
-        nursery.start_soon(wait)
-        await trio.sleep(0.01)
-        leader.cancel()
-    assert waiter_result == [2]

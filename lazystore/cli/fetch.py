@@ -5,23 +5,29 @@ daemon's CLI shares (``add_substituter_arguments``, ``config_from_args``)."""
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
 import signal
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
-from lazystore.errors import FormatError, LazystoreError
+from lazystore.errors import FormatError, LazystoreError, UnpackError
+from lazystore.nix.fsio import NarUnpacker
 from lazystore.nix.narinfo import NarInfo
 from lazystore.nix.storepath import StorePath
 from lazystore.substituter.client import Substituters
 from lazystore.substituter.config import NIX_CONF, SubstituterConfig
-from lazystore.substituter.download import remove_tree, single_error
+from lazystore.substituter.download import OpenSink, remove_tree, single_error
 from lazystore.substituter.errors import SubstituterError
+
+T = TypeVar("T")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -207,8 +213,9 @@ class _Job:
         assert self.subs is not None
         async with limiter:
             try:
-                await self.subs.fetch(path, self.dest / path.basename, tmp_dir)
-            except SubstituterError as exc:
+                await self.subs.fetch(self.wanted[path],
+                                      unpack_into(self.dest / path.basename, tmp_dir))
+            except LazystoreError as exc:  # the substituter's, or DirSink's (local)
                 self.failures[path] = str(exc)
                 return
         self.done += 1
@@ -239,6 +246,47 @@ class _Job:
         if self.failures:
             parts.append(f"{len(self.failures)} failed")
         return f"{', '.join(parts)}; {_mib(got)} MiB downloaded in {elapsed:.1f} s"
+
+
+def unpack_into(dest: Path, tmp_dir: Path) -> OpenSink:
+    """Sinks for ``Substituters.fetch`` that unpack to *dest* via *tmp_dir*."""
+    return lambda _: DirSink(dest, tmp_dir)
+
+
+class DirSink:
+    """``lazystore fetch``'s end of a fetch (see substituter.download.NarSink):
+    unpack under a fresh name in this run's ``.lazystore-tmp-*`` folder and
+    rename to *dest* once the substituter verified the NAR."""
+
+    def __init__(self, dest: Path, tmp_dir: Path) -> None:
+        self.dest = dest
+        self._unpacker = self._local(
+            lambda: NarUnpacker(tmp_dir / f"{dest.name}.{secrets.token_hex(6)}"))
+
+    def feed(self, data: bytes) -> None:
+        self._local(lambda: self._unpacker.feed(data))
+
+    def finish(self) -> None:
+        self._local(self._unpacker.finish)
+        tmp = self._unpacker.dest
+        if _exists(self.dest):
+            remove_tree(tmp)
+            raise LazystoreError(f"{self.dest} already exists")
+        try:
+            os.rename(tmp, self.dest)
+        except OSError as exc:
+            remove_tree(tmp)
+            raise LazystoreError(f"cannot move {self.dest} into place: {exc.strerror}"
+                                 ) from None
+
+    def abort(self) -> None:
+        self._unpacker.abort()
+
+    def _local(self, step: Callable[[], T]) -> T:
+        try:
+            return step()
+        except (UnpackError, OSError) as exc:
+            raise LazystoreError(f"cannot write {self.dest}: {exc}") from None
 
 
 def _exists(path: Path) -> bool:

@@ -191,6 +191,9 @@ class NarUnpacker:
     nesting (NarError beyond it); the default accepts far more than any real
     store path has. *allow_trailing*: bytes fed after the end of the NAR are
     ignored (as ``nix-store --restore``) instead of being an error.
+    *on_events* is called with the parser's events of each chunk once they
+    are written (e.g. to build a metadata tree without reading it back); what
+    it raises aborts the unpack.
     """
 
     def __init__(
@@ -198,9 +201,11 @@ class NarUnpacker:
         dest: str | os.PathLike[str],
         max_depth: int = MAX_DEPTH,
         allow_trailing: bool = False,
+        on_events: Callable[[list[Event]], None] | None = None,
     ) -> None:
         self.dest = Path(dest)
         self._parser = NarParser(max_depth, allow_trailing)
+        self._on_events = on_events
         self._dirs = _DirFds()
         self._file = -1
         self._created = False
@@ -241,6 +246,13 @@ class NarUnpacker:
     def feed(self, chunk: bytes | bytearray | memoryview) -> None:
         self._guard(lambda: self._apply(self._parser.feed(chunk)))
 
+    def _apply(self, events: list[Event]) -> None:
+        handlers = self._handlers
+        for event in events:
+            handlers[type(event)](event)
+        if self._on_events is not None:
+            self._on_events(events)
+
     def finish(self) -> None:
         """Raise NarError (and remove everything) if the NAR was incomplete."""
         self._guard(self._parser.close)
@@ -274,11 +286,6 @@ class NarUnpacker:
         except BaseException:
             self.abort()
             raise
-
-    def _apply(self, events: list[Event]) -> None:
-        handlers = self._handlers
-        for event in events:
-            handlers[type(event)](event)
 
     def _where(self, name: bytes | None) -> tuple[int, bytes]:
         if name is None:

@@ -3,18 +3,16 @@
 Layout of the cache directory::
 
     store/<hash>-<name>   materialised (verified, unpacked) store paths
-    tmp/                  the substituter's unpack directories; evictions in
-                          progress. Cleared at every start.
+    tmp/                  unpacks in progress (one per fetch attempt, see
+                          lazystore.store.sink); evictions in progress.
+                          Cleared at every start.
     index                 the cache index (see lazystore.store.index)
 
-A path is in ``store/`` only once its NAR verified (the substituter renames it
-there), so after a crash anything in ``store/`` is whole: the start adopts
-such paths and clears ``tmp/``. Concurrency protocol (one trio thread):
-every fetch and every narinfo query runs at most once at a time per path (a
-*flight* owned by the store's nursery, so a waiter that goes away never
-cancels the fetch for the others); waiters get the flight's result or a fresh
-StoreError with its message. Paths pinned (open files, views) are never
-evicted.
+A path is in ``store/`` only once its NAR verified (the store's sink renames
+it there when the substituter finishes it), so after a crash anything in
+``store/`` is whole: the start adopts such paths and clears ``tmp/``. The
+concurrency protocol (flights, pins, eviction, the index saver) is written
+down in developer-notes/store.md.
 """
 
 from __future__ import annotations
@@ -29,19 +27,26 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any, Protocol
 
+import cachetools
 import trio
 
 from lazystore.errors import FormatError, LazystoreError, StoreError
 from lazystore.nix import fsio
+from lazystore.nix.narinfo import NarInfo
 from lazystore.nix.storepath import StorePath
 from lazystore.store import index, tree
+from lazystore.store.flight import Flights
 from lazystore.store.index import Record
+from lazystore.store.sink import StoreSink
 from lazystore.store.tree import Node
+from lazystore.substituter.config import NEGATIVE_TTL
+from lazystore.substituter.download import NarSink, OpenSink
 
 log = logging.getLogger(__name__)
 
-NEGATIVE_TTL = 30.0
 SAVE_DELAY = 1.0
+NEGATIVE_CACHE_SIZE = 100_000
+NARINFOS_HELD = 10_000  # narinfos of paths known but not fetched, for their fetch
 QUERY_PARALLEL = 25  # as many narinfo queries as the substituter has connections
 PREFETCH_PARALLEL = 8
 
@@ -51,22 +56,16 @@ class PathNotFound(StoreError):
 
 
 class SubstituterAPI(Protocol):
-    """What the store needs from lazystore.substituter.client.Substituters."""
+    """What the store needs from lazystore.substituter.client.Substituters
+    (see developer-notes/interfaces.md): the narinfo *query* returns is what
+    the store passes back to *listing* and *fetch*, so neither looks it up."""
 
     stats: Any
 
-    async def query(self, path: StorePath) -> Any: ...
-    async def listing(self, path: StorePath) -> dict[str, Any] | None: ...
-    async def fetch(self, path: StorePath, dest: Path, tmp_dir: Path) -> Any: ...
-    async def closure(self, paths: list[StorePath]) -> list[Any]: ...
-
-
-class _Flight:
-    def __init__(self) -> None:
-        self.done = trio.Event()
-        self.result: Any = None
-        self.error: str | None = None
-        self.not_found = False
+    async def query(self, path: StorePath) -> NarInfo | None: ...
+    async def listing(self, what: NarInfo) -> dict[str, Any] | None: ...
+    async def fetch(self, what: NarInfo, open_sink: OpenSink) -> NarInfo: ...
+    async def closure(self, paths: list[StorePath]) -> list[NarInfo]: ...
 
 
 def _basename(path: str) -> str:
@@ -83,7 +82,7 @@ class LocalStore:
         cache_dir: Path,
         cache_limit: int | None = None,
         store_dir: str = "/nix/store",
-        negative_ttl: float = NEGATIVE_TTL,
+        negative_ttl: float = NEGATIVE_TTL,  # narinfo-cache-negative-ttl
     ) -> None:
         self.subs = substituters
         self.cache_dir = Path(cache_dir)
@@ -98,8 +97,14 @@ class LocalStore:
         self.hits = 0
         self.misses = 0
         self._pins: Counter[str] = Counter()
-        self._negative: dict[str, float] = {}
-        self._flights: dict[tuple[str, str], _Flight] = {}
+        # The one negative cache of lazystore: which names no substituter has.
+        self._negative: cachetools.TTLCache[str, bool] = cachetools.TTLCache(
+            NEGATIVE_CACHE_SIZE, negative_ttl, timer=trio.current_time)
+        self._flights: Flights | None = None
+        # The narinfo a lookup got, passed down to the listing and the fetch so
+        # neither asks again; dropped once the path is fetched (a refetch after
+        # an eviction or a restart asks once more).
+        self._narinfos: cachetools.LRUCache[str, NarInfo] = cachetools.LRUCache(NARINFOS_HELD)
         self._dirty = trio.Event()
         self._stack = AsyncExitStack()
         self._nursery: trio.Nursery | None = None
@@ -113,6 +118,7 @@ class LocalStore:
             raise StoreError(f"cannot use the cache directory {self.cache_dir}: "
                              f"{exc.strerror or exc}") from None
         self._nursery = await self._stack.enter_async_context(trio.open_nursery())
+        self._flights = Flights(self._nursery)
         self._stack.push_async_callback(self._final_save)
         self._nursery.start_soon(self._saver)
         return self
@@ -162,9 +168,9 @@ class LocalStore:
             self.records.pop(base, None)
             return
         rec = rec or self.records.setdefault(base, Record())
-        self._fill_from_disk(rec, *scanned)
+        self._fill(rec, *scanned)
 
-    def _fill_from_disk(self, rec: Record, node: Node, usage: int) -> None:
+    def _fill(self, rec: Record, node: Node, usage: int) -> None:
         rec.tree, rec.tree_verified = node, True
         rec.materialized, rec.disk_bytes = True, usage
         rec.last_used = time.time()
@@ -194,43 +200,15 @@ class LocalStore:
     # -- single flight ----------------------------------------------------
 
     async def _single(self, kind: str, key: str, fn: Callable[[], Awaitable[Any]]) -> Any:
-        flight = self._flights.get((kind, key))
-        if flight is None:
-            flight = self._flights[(kind, key)] = _Flight()
-            assert self._nursery is not None, "LocalStore used outside its context"
-            self._nursery.start_soon(self._fly, kind, key, fn, flight)
-        await flight.done.wait()
-        if flight.not_found:
-            raise PathNotFound(flight.error or key)
-        if flight.error is not None:
-            raise StoreError(flight.error)
-        return flight.result
+        assert self._flights is not None, "LocalStore used outside its context"
+        return await self._flights.run((kind, key), fn)
 
-    async def _fly(
-        self, kind: str, key: str, fn: Callable[[], Awaitable[Any]], flight: _Flight
-    ) -> None:
-        flight.error = f"{kind} of {key} was cancelled"  # unless it ends otherwise
-        try:
-            flight.result = await fn()
-            flight.error = None
-        except PathNotFound as exc:
-            flight.error, flight.not_found = str(exc), True
-        except LazystoreError as exc:  # reported by whoever waits on it (EIO, control)
-            log.info("%s of %s failed: %s", kind, key, exc)
-            flight.error = str(exc)
-        except OSError as exc:
-            log.warning("%s of %s failed: %s", kind, key, exc)
-            flight.error = f"{key}: {exc.strerror or exc}"
-        except Exception as exc:  # a bug below must not end the daemon
-            log.exception("%s of %s failed unexpectedly", kind, key)
-            flight.error = f"{kind} of {key} failed: {exc!r}"
-        finally:
-            del self._flights[(kind, key)]
-            flight.done.set()
+    def _fetching(self, base: str) -> bool:
+        return self._flights is not None and ("fetch", base) in self._flights
 
     @property
     def in_flight(self) -> int:
-        return sum(1 for kind, _ in self._flights if kind == "fetch")
+        return self._flights.count("fetch") if self._flights is not None else 0
 
     # -- lookups ----------------------------------------------------------
 
@@ -239,31 +217,40 @@ class LocalStore:
         rec = self.records.get(base)
         if rec is not None:
             return rec
-        expiry = self._negative.get(base)
-        if expiry is not None and expiry > time.monotonic():
+        if base in self._negative:
             return None
         try:
             sp = StorePath.from_basename(base)
         except FormatError:
             return None
         try:
-            return await self._single("query", base, lambda: self._query(sp))
+            await self._single("query", base, lambda: self._query(sp))
         except PathNotFound:
             return None
+        return self.records[base]
 
-    async def _query(self, sp: StorePath) -> Record:
+    async def _query(self, sp: StorePath) -> NarInfo:
         try:
             info = await self.subs.query(sp)
         except LazystoreError as exc:  # its message names the path already
             raise StoreError(str(exc)) from None
         if info is None:
-            self._negative[sp.basename] = time.monotonic() + self.negative_ttl
+            self._negative[sp.basename] = True
             raise PathNotFound(f"{sp.basename} is in none of the substituters")
+        self._narinfos[sp.basename] = info
         rec = self.records.setdefault(sp.basename, Record())
         rec.nar_size = int(info.nar_size)
         rec.references = tuple(info.references)
         self._changed()
-        return rec
+        return info
+
+    async def _narinfo(self, base: str) -> NarInfo:
+        """The narinfo of known path *base*: the one its lookup got, if still held."""
+        info = self._narinfos.get(base)
+        if info is None:
+            info = await self._single("query", base,
+                                      lambda: self._query(StorePath.from_basename(base)))
+        return info
 
     async def require(self, base: str) -> Record:
         rec = await self.lookup(base)
@@ -282,9 +269,9 @@ class LocalStore:
         return rec.tree
 
     async def _load_listing(self, base: str) -> None:
-        sp = StorePath.from_basename(base)
+        info = await self._narinfo(base)
         try:
-            doc = await self.subs.listing(sp)
+            doc = await self.subs.listing(info)
         except LazystoreError as exc:
             log.info("no listing for %s (%s); fetching it instead", base, exc)
             return
@@ -323,24 +310,42 @@ class LocalStore:
 
     async def _fetch(self, base: str, rec: Record) -> None:
         dest = self.data_path(base)
-        if not os.path.lexists(dest):  # a symlink root is there even when dangling
+        if os.path.lexists(dest):  # put there behind the index: adopt it as at start
             try:
-                await self.subs.fetch(StorePath.from_basename(base), dest, self.tmp_dir)
-            except LazystoreError as exc:  # its message names the path already
-                raise StoreError(str(exc)) from None
+                node, usage = await trio.to_thread.run_sync(_scan, dest)
+            except StoreError:
+                await trio.to_thread.run_sync(_remove, dest)
+                raise
+        else:
+            node, usage = await self._substitute(base)
         hint = rec.tree if not rec.tree_verified else None
-        try:
-            scanned = await trio.to_thread.run_sync(_scan, dest)
-        except StoreError:
-            await trio.to_thread.run_sync(_remove, dest)
-            raise
-        self._fill_from_disk(rec, *scanned)
+        self._fill(rec, node, usage)
+        self._narinfos.pop(base, None)
         if hint is not None and hint != rec.tree:
             log.warning("the listing of %s disagrees with its verified NAR; using the NAR", base)
         self.cache_bytes += rec.disk_bytes
         log.info("materialised %s (%d bytes on disk)", base, rec.disk_bytes)
         self._changed()
         await self._enforce_quota(keep=base)
+
+    async def _substitute(self, base: str) -> tuple[Node, int]:
+        """Fetch *base* into ``store/`` through StoreSinks; its tree and footprint."""
+        info = await self._narinfo(base)
+        sinks: list[StoreSink] = []
+
+        def open_sink(_: NarInfo) -> NarSink:
+            sinks.append(StoreSink(base, self.tmp_dir, self.data_dir))
+            return sinks[-1]
+
+        try:
+            await self.subs.fetch(info, open_sink)
+        except StoreError:  # the sink's: the cache directory's trouble
+            raise
+        except LazystoreError as exc:  # its message names the path already
+            raise StoreError(str(exc)) from None
+        done = sinks[-1]  # only the attempt that verified was finished
+        assert done.tree is not None, "fetch returned without finishing a sink"
+        return done.tree, done.disk_bytes
 
     def pin(self, base: str) -> None:
         self._pins[base] += 1
@@ -365,7 +370,7 @@ class LocalStore:
         cands = [
             (r.last_used, b) for b, r in self.records.items()
             if r.materialized and b != keep and not self.pinned(b)
-            and ("fetch", b) not in self._flights
+            and not self._fetching(b)
         ]
         return [b for _, b in sorted(cands)]
 
@@ -405,7 +410,7 @@ class LocalStore:
             rec = self.records.get(base)
             if rec is None or not rec.materialized or self.pinned(base):
                 continue
-            if ("fetch", base) in self._flights:
+            if self._fetching(base):
                 continue
             await self._evict_one(base)
             evicted.append(base)
@@ -470,7 +475,10 @@ class LocalStore:
 
 
 def _scan(path: Path) -> tuple[Node, int]:
-    return tree.from_disk(path), tree.disk_usage(path)
+    """Tree and footprint of a path found in ``store/`` (at start, or put
+    there behind the index); fetched paths get theirs from the NAR."""
+    node = tree.from_disk(path)
+    return node, tree.footprint(node)
 
 
 def _remove(path: Path) -> None:

@@ -1,9 +1,10 @@
 """Metadata trees of store paths: names, types, sizes, modes, symlink targets.
 
-A tree comes from a cache's ``.ls`` listing (a hint) or from the unpacked,
-verified path on disk (authoritative). It is kept apart from the data so the
-data can be evicted while lookups keep working. Nodes are small slotted
-objects: 100,000 files must fit in well under 200 MB.
+A tree comes from a cache's ``.ls`` listing (a hint), from the events of the
+NAR parser as a fetch unpacks it (authoritative, once the NAR verified) or,
+for a path found in the cache directory at start, from the disk. It is kept
+apart from the data so the data can be evicted while lookups keep working.
+Nodes are small slotted objects: 100,000 files must fit in well under 200 MB.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 from lazystore.errors import StoreError
 from lazystore.nix import listing
 from lazystore.nix.listing import ListingError
-from lazystore.nix.nar import DirEnd, DirStart, Event, FileStart, Symlink
+from lazystore.nix.nar import DirEnd, DirStart, Event, FileData, FileEnd, FileStart
 
 DIRECTORY, REGULAR, SYMLINK = "d", "r", "l"
 MAX_NAME = 255
@@ -87,29 +88,9 @@ def from_listing(document: Any) -> Node:
 
 
 def _from_events(events: Iterable[Event]) -> Node:
-    """The tree of NAR events (contents ignored)."""
-    root: Node | None = None
-    dirs: list[Node] = []
-    for event in events:
-        if isinstance(event, DirEnd):
-            dirs.pop()
-            continue
-        if isinstance(event, DirStart):
-            node = Node(DIRECTORY, entries={})
-        elif isinstance(event, FileStart):
-            node = Node(REGULAR, size=event.size, executable=event.executable)
-        elif isinstance(event, Symlink):
-            node = Node(SYMLINK, target=os.fsdecode(event.target))
-        else:
-            continue
-        if event.name is None:
-            root = node
-        else:
-            dirs[-1].entries[os.fsdecode(event.name)] = node  # type: ignore[index]
-        if node.kind == DIRECTORY:
-            dirs.append(node)
-    assert root is not None
-    return root
+    builder = TreeBuilder("a listing")
+    builder.add(events)
+    return builder.tree()
 
 
 def from_disk(path: Path, max_depth: int = MAX_DEPTH) -> Node:
@@ -147,16 +128,69 @@ def _disk_node(path: Path) -> Node:
     raise StoreError(f"{path}: unexpected file type in a store path")
 
 
-def disk_usage(path: Path) -> int:
-    """Bytes *path* occupies on disk (allocated blocks), symlinks not followed."""
-    total, stack = 0, [path]
+class TreeBuilder:
+    """The authoritative tree of a store path from its NAR parser's events, as
+    they stream: the store keeps it once the NAR verified, with no scan of the
+    unpacked copy. Deeper than *max_depth* is a StoreError, as in from_disk."""
+
+    def __init__(self, name: str, max_depth: int = MAX_DEPTH) -> None:
+        self.name = name
+        self.root: Node | None = None
+        self._dirs: list[Node] = []
+        self._max_depth = max_depth
+
+    def add(self, events: Iterable[Event]) -> None:
+        for event in events:
+            kind = type(event)
+            if kind is FileData or kind is FileEnd:
+                continue
+            if kind is DirEnd:
+                self._dirs.pop()
+            elif kind is DirStart:
+                if len(self._dirs) >= self._max_depth:
+                    raise StoreError(f"{self.name} nests directories deeper than "
+                                     f"{self._max_depth} levels")
+                node = Node(DIRECTORY, entries={})
+                self._place(event.name, node)  # type: ignore[union-attr]
+                self._dirs.append(node)
+            elif kind is FileStart:
+                self._place(event.name, Node(  # type: ignore[union-attr]
+                    REGULAR, size=event.size, executable=event.executable))  # type: ignore[union-attr]
+            else:
+                self._place(event.name, Node(  # type: ignore[union-attr]
+                    SYMLINK, target=os.fsdecode(event.target)))  # type: ignore[union-attr]
+
+    def _place(self, name: bytes | None, node: Node) -> None:
+        if name is None:
+            self.root = node
+        else:
+            self._dirs[-1].entries[os.fsdecode(name)] = node  # type: ignore[index]
+
+    def tree(self) -> Node:
+        """The whole tree (call once the parser saw the end of the NAR)."""
+        assert self.root is not None and not self._dirs, "the NAR is not complete"
+        return self.root
+
+
+BLOCK = 4096
+FAST_SYMLINK = 60  # ext4 keeps shorter symlink targets in the inode
+
+
+def footprint(root: Node) -> int:
+    """The bytes a tree takes on disk, as the quota counts them: each file's
+    data in whole 4 KiB blocks, a block per directory and per long symlink
+    (as ext4 allocates). Computed from the tree, so the count of a fetched
+    path and of one adopted at start agree and need no walk of the disk."""
+    total, stack = 0, [root]
     while stack:
-        current = stack.pop()
-        st = os.lstat(current)
-        total += st.st_blocks * 512
-        if stat.S_ISDIR(st.st_mode):
-            with os.scandir(current) as it:
-                stack.extend(current / e.name for e in it)
+        node = stack.pop()
+        if node.kind == REGULAR:
+            total += -(-node.size // BLOCK) * BLOCK
+        elif node.kind == SYMLINK:
+            total += BLOCK if len(os.fsencode(node.target)) >= FAST_SYMLINK else 0
+        else:
+            total += BLOCK
+            stack.extend((node.entries or {}).values())
     return total
 
 

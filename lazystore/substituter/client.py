@@ -1,17 +1,17 @@
 """``Substituters``: the binary-cache client the daemon and the CLI use.
 
-Safe for many concurrent trio tasks: narinfo lookups and NAR fetches are
-single-flight (per substituter and hash part; per destination), narinfo
-answers are cached with TTLs, one httpx client caps connections globally and
-one CapacityLimiter bounds the worker threads that unpack.
+Safe for many concurrent trio tasks, but it does not collapse them: the
+store's single flight (lazystore.store.flight) asks at most once per path at
+a time, and it keeps the negative answers. Here trusted narinfos are cached
+for ``positive_ttl``, one httpx client caps connections globally and one
+CapacityLimiter bounds the worker threads that decompress and hash.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Collection, Iterable
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, fields
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -28,16 +28,14 @@ from lazystore.nix.signing import PublicKey, verify_narinfo
 from lazystore.nix.storepath import StorePath
 from lazystore.substituter import retry
 from lazystore.substituter.config import SubstituterConfig
-from lazystore.substituter.download import download, single_error
+from lazystore.substituter.download import OpenSink, download, single_error
 from lazystore.substituter.errors import (
     CacheInfoError,
-    LocalError,
     NotAvailableError,
     SubstituterError,
     TransportError,
     VerificationError,
 )
-from lazystore.substituter.flight import SingleFlight
 from lazystore.substituter.transport import Transport, make_client, make_transport
 
 log = logging.getLogger(__name__)
@@ -59,6 +57,24 @@ class Stats:
     failures: int = 0  # NAR downloads that failed at one substituter
 
 
+@dataclass(eq=False)
+class ServedNarInfo(NarInfo):
+    """A trusted narinfo as one substituter serves it: passed back to
+    :meth:`Substituters.fetch` or :meth:`Substituters.listing`, it is not
+    looked up again."""
+
+    substituter: str = ""  # the URL of the substituter that served it
+
+    @classmethod
+    def of(cls, info: NarInfo, substituter: str) -> ServedNarInfo:
+        return cls(**{f.name: getattr(info, f.name) for f in fields(NarInfo)},
+                   substituter=substituter)
+
+
+def _path_of(what: StorePath | NarInfo) -> StorePath:
+    return what.path if isinstance(what, NarInfo) else what
+
+
 class _Cache:
     """One substituter: its transport, its nix-cache-info, its narinfo caches."""
 
@@ -73,8 +89,6 @@ class _Cache:
         size = config.narinfo_cache_size
         self.positive: cachetools.TTLCache[str, NarInfo] = cachetools.TTLCache(
             size, config.positive_ttl, timer=trio_time)
-        self.negative: cachetools.TTLCache[str, bool] = cachetools.TTLCache(
-            size, config.negative_ttl, timer=trio_time)
 
 
 def trio_time() -> float:
@@ -101,8 +115,6 @@ class Substituters:
         self._caches: list[_Cache] = []
         self._ordered: list[_Cache] | None = None
         self._init_lock = trio.Lock()
-        self._narinfo_flight: SingleFlight[NarInfo | None] = SingleFlight()
-        self._fetch_flight: SingleFlight[NarInfo] = SingleFlight()
 
     async def __aenter__(self) -> Substituters:
         c = self.config
@@ -226,12 +238,9 @@ class Substituters:
     async def _query_one(self, cache: _Cache, path: StorePath | str) -> NarInfo | None:
         """*path* is a store path, or a hash part alone (any name matches)."""
         key = path if isinstance(path, str) else path.hash_part
-        if key in cache.negative:
-            return None
         info = cache.positive.get(key)
         if info is None:
-            info = await self._narinfo_flight.run(
-                (cache.index, key), lambda: self._fetch_narinfo(cache, key))
+            info = await self._fetch_narinfo(cache, key)
         if info is None or (isinstance(path, StorePath) and info.path != path):
             return None  # as Nix: a narinfo for another name is not this path
         return info
@@ -242,9 +251,7 @@ class Substituters:
         name = f"{hash_part}.narinfo"
         text = await self._retry(lambda: cache.transport.get(name), f"{cache.url}/{name}")
         info = None if text is None else self._trusted(cache, hash_part, text)
-        if info is None:
-            cache.negative[hash_part] = True
-        else:
+        if info is not None:
             cache.positive[hash_part] = info
         return info
 
@@ -263,7 +270,7 @@ class Substituters:
             log.warning("ignoring the narinfo of %s from %s: no valid signature by a "
                         "trusted key", info.store_path, cache.url)
             return None
-        return info
+        return ServedNarInfo.of(info, cache.url)
 
     def _signed(self, info: NarInfo) -> bool:
         try:
@@ -271,13 +278,14 @@ class Substituters:
         except LazystoreError:
             return False
 
-    async def listing(self, path: StorePath) -> dict[str, Any] | None:
-        """The ``.ls`` document of the substituter serving *path*, if it has one."""
-        found = await self._find_or_raise(path)
+    async def listing(self, what: StorePath | NarInfo) -> dict[str, Any] | None:
+        """The ``.ls`` document of the substituter serving *what*, if it has one
+        (a narinfo this client returned names it: nothing is looked up again)."""
+        found = self._offered(what) or await self._find_or_raise(_path_of(what))
         if found is None:
             return None
         cache = found[0]
-        name = f"{path.hash_part}.ls"
+        name = f"{found[1].path.hash_part}.ls"
         data = await self._retry(lambda: cache.transport.get(name), f"{cache.url}/{name}")
         if data is None:
             return None
@@ -286,31 +294,41 @@ class Substituters:
         except ListingError as exc:
             raise VerificationError(f"bad listing {cache.url}/{name}: {exc}") from None
 
+    def _offered(self, what: StorePath | NarInfo) -> tuple[_Cache, NarInfo] | None:
+        """The substituter that served narinfo *what*, if this client returned it
+        and that substituter is still in use."""
+        if not isinstance(what, ServedNarInfo) or self._ordered is None:
+            return None
+        cache = next((c for c in self._ordered if c.url == what.substituter), None)
+        return None if cache is None else (cache, what)
+
     # -- NARs --------------------------------------------------------------------
 
-    async def fetch(self, path: StorePath, dest: Path, tmp_dir: Path) -> NarInfo:
-        """Download, verify and unpack *path* to *dest* (via *tmp_dir*); single
-        flight per *dest*. SubstituterError if no substituter could serve it."""
-        return await self._fetch_flight.run(
-            str(dest), lambda: self._fetch(path, dest, tmp_dir))
+    async def fetch(self, what: StorePath | NarInfo, open_sink: OpenSink) -> NarInfo:
+        """Download and verify the NAR of *what* into sinks from *open_sink*.
 
-    async def _fetch(self, path: StorePath, dest: Path, tmp_dir: Path) -> NarInfo:
-        if dest.exists() or dest.is_symlink():
-            raise LocalError(f"{dest} already exists")
+        A narinfo this client returned is used as it is (its substituter
+        first); a StorePath is looked up. Each attempt, retry or next
+        substituter gets a fresh sink (``open_sink(narinfo)``); the sink of the
+        attempt that verified is finished, every other one aborted. Returns the
+        narinfo used. SubstituterError if no substituter could serve it; a
+        sink's own errors propagate unchanged. Not collapsed: callers fetch a
+        path once at a time (the store's single flight)."""
+        path = _path_of(what)
         full = path.path(self.config.store_dir)
         errors = await self._disabled_reasons()
         tried: list[_Cache] = []
-        while (found := await self._find(path, errors, tried)) is not None:
+        found = self._offered(what) or await self._find(path, errors, tried)
+        while found is not None:
             cache, info = found
             tried.append(cache)
             try:
-                await self._download(cache, info, dest, tmp_dir)
-            except LocalError:
-                raise
+                await self._download(cache, info, open_sink)
             except SubstituterError as exc:
                 self.stats.failures += 1
                 log.warning("cannot substitute %s from %s: %s", full, cache.url, exc)
                 errors.append(str(exc))
+                found = await self._find(path, errors, tried)
                 continue
             self.stats.nars_fetched += 1
             self.stats.nar_bytes += info.nar_size
@@ -318,9 +336,9 @@ class Substituters:
         why = "; ".join(errors) if errors else "no substituter has it"
         raise NotAvailableError(f"cannot substitute {full}: {why}")
 
-    async def _download(self, cache: _Cache, info: NarInfo, dest: Path, tmp_dir: Path) -> None:
+    async def _download(self, cache: _Cache, info: NarInfo, open_sink: OpenSink) -> None:
         await self._retry(
-            lambda: download(cache.transport, info, dest, tmp_dir, self._limiter,
+            lambda: download(cache.transport, info, open_sink, self._limiter,
                              self._count_bytes),
             f"NAR of {info.store_path} from {cache.url}")
 

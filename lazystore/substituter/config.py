@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 NIX_CONF = Path("/etc/nix/nix.conf")
 CACHE_NIXOS_ORG = "https://cache.nixos.org"
+NEGATIVE_TTL = 3600.0  # Nix's narinfo-cache-negative-ttl; the store keeps these answers
 CACHE_NIXOS_ORG_KEY = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="
 
 
@@ -34,7 +35,7 @@ class SubstituterConfig:
     netrc_file: Path | None = Path("/etc/nix/netrc")  # Nix's netrc-file; absent is fine
     ssl_cert_file: Path | None = None  # Nix's ssl-cert-file; None: the default CAs
     positive_ttl: float = 30 * 24 * 3600.0  # narinfo-cache-positive-ttl
-    negative_ttl: float = 3600.0  # narinfo-cache-negative-ttl
+    negative_ttl: float = NEGATIVE_TTL  # narinfo-cache-negative-ttl (for the store)
     backoff_base: float = 0.25  # first retry waits up to this (full jitter), doubling
     backoff_max: float = 30.0
     retry_after_max: float = 60.0  # never wait longer than this for a Retry-After

@@ -1,27 +1,26 @@
-"""One NAR download: stream → decompress → hash/size check → unpack → rename.
+"""One NAR download: stream → decompress → hash/size check → the caller's sink.
 
 The blocking half (``_Pipeline``) runs in worker threads under a shared
 CapacityLimiter; the network half reads ahead into a small bounded channel so
-downloading and unpacking overlap while memory stays bounded.
+downloading and unpacking overlap while memory stays bounded. Where the bytes
+go (a temporary name, the rename into place) is the sink's owner's business.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import secrets
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import trio
 
-from lazystore.errors import LazystoreError, NarError, UnpackError
+from lazystore.errors import NarError
 from lazystore.nix import fsio
-from lazystore.nix.fsio import NarUnpacker
 from lazystore.nix.narinfo import NarInfo
 from lazystore.substituter import decompress
-from lazystore.substituter.errors import LocalError, VerificationError
+from lazystore.substituter.errors import VerificationError
 from lazystore.substituter.transport import Reader, Transport
 
 log = logging.getLogger(__name__)
@@ -30,11 +29,30 @@ READ_AHEAD = 16  # network chunks buffered between the reader and the unpacker
 BATCH = 1 << 20  # bytes handed to a worker thread at once
 
 
-class _Pipeline:
-    """Blocking: decompress, count and hash the NAR, feed the unpacker."""
+class NarSink(Protocol):
+    """Where a fetch puts the NAR: given by the caller (the store, ``lazystore
+    fetch``), a fresh one per attempt. Blocking, called from one worker thread
+    at a time. Nothing fed may become visible before ``finish()``, which is
+    called only after the NAR's size and NarHash (and FileSize/FileHash)
+    verified. ``feed``/``finish`` raise NarError for NAR data the sink cannot
+    accept (the substituter's verification error: the next cache is tried) and
+    the sink owner's own error for local trouble (passed through unchanged:
+    another cache would not help). ``abort()`` removes what was fed, never raises.
+    """
 
-    def __init__(self, info: NarInfo, tmp: Path, origin: str) -> None:
-        self.info, self.tmp, self.origin = info, tmp, origin
+    def feed(self, data: bytes) -> None: ...
+    def finish(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+OpenSink = Callable[[NarInfo], NarSink]
+
+
+class _Pipeline:
+    """Blocking: decompress, count and hash the NAR, feed the sink."""
+
+    def __init__(self, info: NarInfo, sink: NarSink, origin: str) -> None:
+        self.info, self.sink, self.origin = info, sink, origin
         self.size = 0
         self._hash = hashlib.new(info.nar_hash.algo)
         # The file as sent: FileSize/FileHash when the narinfo has them (they are
@@ -45,10 +63,6 @@ class _Pipeline:
         self._file_hash = (hashlib.new(info.file_hash.algo) if info.file_hash is not None
                            else None)
         self._decompressor = decompress.make(info.compression, self._consume)
-        try:
-            self._unpacker = NarUnpacker(tmp)
-        except (UnpackError, OSError) as exc:
-            raise LocalError(f"cannot unpack {info.store_path}: {exc}") from None
 
     def feed(self, data: bytes) -> None:
         self.file_size += len(data)
@@ -68,7 +82,7 @@ class _Pipeline:
                 f"NAR of {self.info.store_path} from {self.origin} is larger than "
                 f"its NarSize {self.info.nar_size}")
         self._hash.update(piece)
-        self._unpacker.feed(piece)
+        self.sink.feed(piece)
 
     def finish(self) -> None:
         self._guard(self._decompressor.finish)
@@ -80,7 +94,7 @@ class _Pipeline:
             raise VerificationError(
                 f"NAR of {self.info.store_path} from {self.origin} does not match its NarHash")
         self._check_file()
-        self._guard(self._unpacker.finish)
+        self._guard(self.sink.finish)  # verified: now it may become visible
 
     def _check_file(self) -> None:
         info = self.info
@@ -94,21 +108,15 @@ class _Pipeline:
                 f"NAR file of {info.store_path} from {self.origin} does not match its FileHash")
 
     def _guard(self, fn: Callable[..., None], *args: bytes) -> None:
-        """Map the unpacker's errors once: bad NAR data vs. local trouble."""
+        """Map bad NAR data once; the sink's own errors pass through unchanged."""
         try:
             fn(*args)
         except NarError as exc:
             raise VerificationError(
                 f"invalid NAR for {self.info.store_path} from {self.origin}: {exc}") from None
-        except (UnpackError, OSError) as exc:
-            raise LocalError(f"cannot unpack {self.info.store_path}: {exc}") from None
 
     def abort(self) -> None:
-        try:
-            self._unpacker.abort()
-        except (LazystoreError, OSError) as exc:
-            log.debug("abort of %s: %s", self.tmp, exc)
-        remove_tree(self.tmp)
+        self.sink.abort()
 
 
 def single_error(group: BaseExceptionGroup) -> BaseException:
@@ -141,20 +149,17 @@ def remove_tree(path: Path) -> None:
 async def download(
     transport: Transport,
     info: NarInfo,
-    dest: Path,
-    tmp_dir: Path,
+    open_sink: OpenSink,
     limiter: trio.CapacityLimiter,
     count_bytes: Callable[[int], None],
 ) -> None:
-    """Download, verify and unpack the NAR of *info* from *transport* into *dest*.
+    """Download and verify the NAR of *info* from *transport* into a fresh sink.
 
-    *dest* appears (by rename from *tmp_dir*) only after every check passed;
-    on any error or cancellation nothing is left at *dest* or in *tmp_dir*.
+    The sink's ``finish()`` runs only after every check passed; on any error
+    or cancellation it is aborted.
     """
-    tmp = tmp_dir / f".{dest.name}.{secrets.token_hex(6)}.tmp"
-    # Created here, not in a thread: a cancelled thread call would leak it.
-    # It only opens the parent directory.
-    pipeline = _Pipeline(info, tmp, transport.url)
+    # Opened here, not in a thread: a cancelled thread call would leak it.
+    pipeline = _Pipeline(info, open_sink(info), transport.url)
     try:
         async with transport.stream(info.url) as reader:
             send, receive = trio.open_memory_channel[bytes](READ_AHEAD)
@@ -165,7 +170,6 @@ async def download(
             except BaseExceptionGroup as group:
                 raise single_error(group) from None
         await trio.to_thread.run_sync(pipeline.finish, limiter=limiter)
-        _rename(tmp, dest)
     except BaseException:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(pipeline.abort)
@@ -198,12 +202,3 @@ async def _drain(receive: trio.MemoryReceiveChannel[bytes], pipeline: _Pipeline,
                 size += len(more)
             data = batch[0] if len(batch) == 1 else b"".join(batch)
             await trio.to_thread.run_sync(pipeline.feed, data, limiter=limiter)
-
-
-def _rename(tmp: Path, dest: Path) -> None:
-    if dest.exists() or dest.is_symlink():
-        raise LocalError(f"{dest} already exists")
-    try:
-        os.rename(tmp, dest)
-    except OSError as exc:
-        raise LocalError(f"cannot move {dest.name} into place: {exc.strerror}") from None

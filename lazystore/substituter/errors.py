@@ -24,7 +24,6 @@ __all__ = [
     "CacheInfoError",
     "UntrustedError",
     "VerificationError",
-    "LocalError",
     "NotAvailableError",
     "map_httpx_error",
 ]
@@ -96,10 +95,6 @@ class UntrustedError(SubstituterError):
 
 class VerificationError(SubstituterError):
     """Downloaded data does not match its narinfo (hash, size, NAR syntax)."""
-
-
-class LocalError(SubstituterError):
-    """Writing the unpacked path locally failed; another substituter would not help."""
 
 
 class NotAvailableError(SubstituterError):
