@@ -34,7 +34,8 @@ async def test_latest_needs_no_nar_when_the_cache_has_listings(
     store = BlobStore(tmp_path)
     store.open()
     async with _subs(binary_cache, test_key) as subs:
-        found = await Images(subs, store).manifest(_name(binary_cache.top), "latest")
+        async with Images(subs, store) as images:
+            found = await images.manifest(_name(binary_cache.top), "latest")
         assert subs.stats.nars_fetched == 0
         assert subs.stats.narinfo_requests == len(binary_cache.paths)
     assert len(json.loads(found.data)["layers"]) == 1
@@ -49,7 +50,8 @@ async def test_without_listings_the_root_kinds_come_from_the_nars_and_the_image_
         store = BlobStore(tmp_path / f"store-{len(digests)}")
         store.open()
         async with _subs(cache, test_key) as subs:
-            digests.append((await Images(subs, store).manifest(_name(cache.top), "latest")).digest)
+            async with Images(subs, store) as images:
+                digests.append((await images.manifest(_name(cache.top), "latest")).digest)
             fetched = subs.stats.nars_fetched
     assert fetched == len(binary_cache.paths)
     assert digests[0] == digests[1]
@@ -62,8 +64,7 @@ async def test_concurrent_requests_for_a_new_image_share_one_making(
     store = BlobStore(tmp_path)
     store.open()
     results: list[str] = []
-    async with _subs(binary_cache, test_key) as subs:
-        images = Images(subs, store)
+    async with _subs(binary_cache, test_key) as subs, Images(subs, store) as images:
 
         async def pull(tag: str) -> None:
             results.append((await images.manifest(_name(binary_cache.top), tag)).digest)
@@ -86,8 +87,7 @@ async def test_built_layers_are_reused_from_the_cache_dir(
     for _ in range(2):
         store = BlobStore(tmp_path)
         store.open()
-        async with _subs(binary_cache, test_key) as subs:
-            images = Images(subs, store)
+        async with _subs(binary_cache, test_key) as subs, Images(subs, store) as images:
             digests.append((await images.manifest(_name(binary_cache.top), "layered")).digest)
             built, fetched = images.layers_built, subs.stats.nars_fetched
     assert digests[0] == digests[1]

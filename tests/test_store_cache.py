@@ -102,8 +102,8 @@ def _nar_tree(described: Any) -> nar.Tree:
         node = root
         *dirs, name = rel.split("/")
         for part in dirs:
-            node = node.entries.setdefault(part.encode(), nar.TreeDir())  # type: ignore[assignment]
-        node.entries.setdefault(name.encode(), _nar_node(content))
+            node = node.entries.setdefault(os.fsencode(part), nar.TreeDir())  # type: ignore[assignment]
+        node.entries.setdefault(os.fsencode(name), _nar_node(content))
     return root
 
 
@@ -111,7 +111,7 @@ def _nar_node(content: Any) -> nar.Tree:
     if content is None:
         return nar.TreeDir()
     if isinstance(content, tuple) and content[0] == "link":
-        return nar.TreeSymlink(content[1].encode())
+        return nar.TreeSymlink(os.fsencode(content[1]))
     if isinstance(content, tuple):
         return nar.TreeFile(content[1], executable=True)
     return nar.TreeFile(content)

@@ -23,7 +23,7 @@ from lazystore.store.cache import LocalStore
 from lazystore.store.sink import CacheWriteError
 from lazystore.substituter.client import Substituters
 from lazystore.substituter.config import SubstituterConfig
-from tests.support import nixcache
+from lazystore.testing import nixcache
 from tests.support.faultserver import Fault, FaultServer
 
 

@@ -102,7 +102,8 @@ async def run(
     async with AsyncExitStack() as stack:
         subs = await stack.enter_async_context(substituters)
         store = await stack.enter_async_context(
-            LocalStore(subs, cache_dir, cache_size, store_dir=store_dir)
+            LocalStore(subs, cache_dir, cache_size, store_dir=store_dir,
+                       negative_ttl=subs.config.negative_ttl)  # nix.conf's
         )
         daemon = Daemon(
             store, mountpoint, control_socket, store_dir, allow_other, substituter_urls

@@ -16,12 +16,16 @@ from __future__ import annotations
 import logging
 import stat
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import cachetools
 import trio
 
+from lazystore.errors import UnpackError
+from lazystore.flight import Flights
 from lazystore.image import build, layered, oci
 from lazystore.image.closure import PathInfo, path_info
 from lazystore.nix import fsio
@@ -40,13 +44,13 @@ from lazystore.registry.names import TAGS, Name
 from lazystore.substituter.client import Substituters
 from lazystore.substituter.download import single_error
 from lazystore.substituter.errors import NotAvailableError, SubstituterError
-from lazystore.substituter.flight import SingleFlight
 
 log = logging.getLogger(__name__)
 
 RUNTIME = oci.RuntimeConfig()  # as `lazystore image build` without options
 ATTRS_RUNTIME = oci.RuntimeConfig(env=["PATH=/bin"])  # images of attributes: their bin/
 MEMO_SIZE = 10_000
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -85,12 +89,29 @@ class Images:
             cachetools.LRUCache(MEMO_SIZE)
         self._by_digest: cachetools.LRUCache[str, Manifest] = cachetools.LRUCache(MEMO_SIZE)
         self._is_dir: dict[str, bool] = {}
-        self._image_flight: SingleFlight[bytes] = SingleFlight()
-        self._layer_flight: SingleFlight[oci.Layer] = SingleFlight()
-        self._kind_flight: SingleFlight[bool] = SingleFlight()
+        self._stack = AsyncExitStack()
+        self._nursery: trio.Nursery | None = None
+        self._flights: Flights | None = None  # images, layers, root kinds being made
         self._fetch_limit = trio.CapacityLimiter(fetch_limit)
         self.closure_walks = 0  # how many closures were walked (for tests and benches)
         self.layers_built = 0
+
+    async def __aenter__(self) -> Images:
+        """Makings run in this object's nursery: a client that goes away does
+        not cancel one that others wait for (lazystore.flight)."""
+        self._nursery = await self._stack.enter_async_context(trio.open_nursery())
+        self._flights = Flights(self._nursery,
+                                lambda key: Unavailable(f"making {key[0]} was cancelled"))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+        await self._stack.aclose()
+
+    async def _single(self, key: tuple[str, object], fn: Callable[[], Awaitable[T]]) -> T:
+        assert self._flights is not None, "Images used outside its context"
+        return await self._flights.run(key, fn)  # type: ignore[no-any-return]
 
     # -- the API the HTTP side uses ------------------------------------------------
 
@@ -102,7 +123,7 @@ class Images:
         key = (name.text, tag, version)
         data = self._manifests.get(key)
         if data is None:
-            data = await self._image_flight.run(key, lambda: self._make(name, tag))
+            data = await self._single(("image", key), lambda: self._make(name, tag))
             self._manifests[key] = data
         return self._variant(data, accept)
 
@@ -239,7 +260,8 @@ class Images:
     async def is_dir(self, path: str) -> bool:
         """Whether store path *path* is a directory: its listing's root, else its NAR."""
         if path not in self._is_dir:
-            self._is_dir[path] = await self._kind_flight.run(path, lambda: self._root_kind(path))
+            self._is_dir[path] = await self._single(("kind", path),
+                                                    lambda: self._root_kind(path))
         return self._is_dir[path]
 
     async def _root_kind(self, path: str) -> bool:
@@ -254,8 +276,7 @@ class Images:
             return bool(root["type"] == "directory")
         tmp = self.store.make_tmp()
         try:
-            async with self._fetch_limit:
-                await self.subs.fetch(sp, tmp / sp.basename, tmp)
+            await self._fetch_into(sp, tmp / sp.basename)
             return stat.S_ISDIR((tmp / sp.basename).lstat().st_mode)
         finally:
             await trio.to_thread.run_sync(fsio.remove_tree, tmp)
@@ -277,7 +298,8 @@ class Images:
         found = self.store.layer(group)
         if found is not None:
             return found
-        return await self._layer_flight.run(tuple(sorted(group)), lambda: self._build_layer(group))
+        return await self._single(("layer", tuple(sorted(group))),
+                                  lambda: self._build_layer(group))
 
     async def _build_layer(self, group: list[str]) -> oci.Layer:
         found = self.store.layer(group)
@@ -296,15 +318,21 @@ class Images:
     async def _fetch_trees(self, group: list[str], tmp: Path) -> dict[str, Path]:
         roots = {p: tmp / "trees" / Path(p).name for p in group}
         (tmp / "trees").mkdir()
-        (tmp / "unpack").mkdir()
 
         async def fetch(path: str) -> None:
-            async with self._fetch_limit:
-                await self.subs.fetch(StorePath.parse(path, self._store_dir), roots[path],
-                                      tmp / "unpack")
+            await self._fetch_into(StorePath.parse(path, self._store_dir), roots[path])
 
         await _all([lambda p=path: fetch(p) for path in group])
         return roots
+
+    async def _fetch_into(self, path: StorePath, dest: Path) -> None:
+        """The verified tree of *path* at *dest*, a private temporary: unpacked
+        there directly (an attempt that fails removes what it wrote)."""
+        async with self._fetch_limit:
+            try:
+                await self.subs.fetch(path, lambda _: fsio.NarUnpacker(dest))
+            except UnpackError as exc:
+                raise Unavailable(f"cannot unpack {path.basename}: {exc}") from None
 
 
 async def _all(jobs: Sequence[Callable[[], Awaitable[None]]]) -> None:

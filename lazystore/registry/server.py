@@ -44,8 +44,7 @@ async def run(subs: Substituters, listen: str, cache_dir: Path, max_layers: int,
         listeners = await trio.open_tcp_listeners(port, host=host)
     except OSError as exc:
         raise LazystoreError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
-    async with subs:
-        images = Images(subs, store, max_layers, _expression(subs, expression))
+    async with subs, Images(subs, store, max_layers, _expression(subs, expression)) as images:
         async with trio.open_nursery() as nursery:
             await nursery.start(http.serve, RegistryApp(images), listeners)
             urls = [_url(listener) for listener in listeners]

@@ -31,11 +31,11 @@ import cachetools
 import trio
 
 from lazystore.errors import FormatError, LazystoreError, StoreError
+from lazystore.flight import Flights
 from lazystore.nix import fsio
 from lazystore.nix.narinfo import NarInfo
 from lazystore.nix.storepath import StorePath
 from lazystore.store import index, tree
-from lazystore.store.flight import Flights
 from lazystore.store.index import Record
 from lazystore.store.sink import StoreSink
 from lazystore.store.tree import Node
@@ -118,7 +118,7 @@ class LocalStore:
             raise StoreError(f"cannot use the cache directory {self.cache_dir}: "
                              f"{exc.strerror or exc}") from None
         self._nursery = await self._stack.enter_async_context(trio.open_nursery())
-        self._flights = Flights(self._nursery)
+        self._flights = Flights(self._nursery, _flight_cancelled)
         self._stack.push_async_callback(self._final_save)
         self._nursery.start_soon(self._saver)
         return self
@@ -201,14 +201,15 @@ class LocalStore:
 
     async def _single(self, kind: str, key: str, fn: Callable[[], Awaitable[Any]]) -> Any:
         assert self._flights is not None, "LocalStore used outside its context"
-        return await self._flights.run((kind, key), fn)
+        return await self._flights.run((kind, key), lambda: _store_errors(kind, key, fn))
 
     def _fetching(self, base: str) -> bool:
         return self._flights is not None and ("fetch", base) in self._flights
 
     @property
     def in_flight(self) -> int:
-        return self._flights.count("fetch") if self._flights is not None else 0
+        keys = self._flights.keys() if self._flights is not None else []
+        return sum(1 for kind, _ in keys if kind == "fetch")  # type: ignore[misc]
 
     # -- lookups ----------------------------------------------------------
 
@@ -472,6 +473,32 @@ class LocalStore:
             "misses": self.misses,
             "pinned": sorted(self._pins),
         }
+
+
+def _flight_cancelled(key: Any) -> StoreError:
+    kind, name = key
+    return StoreError(f"{kind} of {name} was cancelled (the store is closing)")
+
+
+async def _store_errors(kind: str, key: str, fn: Callable[[], Awaitable[Any]]) -> Any:
+    """Run a flight's work, its failure mapped once to a StoreError (whoever
+    waits reports it: EIO, a control error) and logged once."""
+    try:
+        return await fn()
+    except PathNotFound:
+        raise
+    except StoreError as exc:
+        log.info("%s of %s failed: %s", kind, key, exc)
+        raise
+    except LazystoreError as exc:
+        log.info("%s of %s failed: %s", kind, key, exc)
+        raise StoreError(str(exc)) from None
+    except OSError as exc:
+        log.warning("%s of %s failed: %s", kind, key, exc)
+        raise StoreError(f"{key}: {exc.strerror or exc}") from None
+    except Exception as exc:  # a bug below must not end the daemon
+        log.exception("%s of %s failed unexpectedly", kind, key)
+        raise StoreError(f"{kind} of {key} failed: {exc!r}") from None
 
 
 def _scan(path: Path) -> tuple[Node, int]:

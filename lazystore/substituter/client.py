@@ -1,9 +1,11 @@
 """``Substituters``: the binary-cache client the daemon and the CLI use.
 
-Safe for many concurrent trio tasks, but it does not collapse them: the
-store's single flight (lazystore.store.flight) asks at most once per path at
-a time, and it keeps the negative answers. Here trusted narinfos are cached
-for ``positive_ttl``, one httpx client caps connections globally and one
+Safe for many concurrent trio tasks. Concurrent requests for one narinfo of
+one cache share one HTTP request (lazystore.flight, the one single-flight
+implementation, in this client's nursery) and trusted narinfos are cached for
+``positive_ttl``; fetches are not collapsed (the store fetches a path once at
+a time) and absent paths are not remembered (the store keeps the negative
+answers). One httpx client caps connections globally and one
 CapacityLimiter bounds the worker threads that decompress and hash.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Collection, Iterable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, fields
 from types import TracebackType
 from typing import Any, TypeVar
@@ -20,6 +23,7 @@ import httpx
 import trio
 
 from lazystore.errors import LazystoreError
+from lazystore.flight import Flights
 from lazystore.nix import listing
 from lazystore.nix.cacheinfo import CacheInfo
 from lazystore.nix.listing import ListingError
@@ -71,6 +75,11 @@ class ServedNarInfo(NarInfo):
                    substituter=substituter)
 
 
+def _request_cancelled(key: Any) -> SubstituterError:
+    url, hash_part = key
+    return SubstituterError(f"{url}/{hash_part}.narinfo: cancelled (closing)")
+
+
 def _path_of(what: StorePath | NarInfo) -> StorePath:
     return what.path if isinstance(what, NarInfo) else what
 
@@ -115,6 +124,9 @@ class Substituters:
         self._caches: list[_Cache] = []
         self._ordered: list[_Cache] | None = None
         self._init_lock = trio.Lock()
+        self._stack = AsyncExitStack()
+        self._nursery: trio.Nursery | None = None
+        self._requests: Flights | None = None
 
     async def __aenter__(self) -> Substituters:
         c = self.config
@@ -126,10 +138,15 @@ class Substituters:
         except BaseException:
             await self._client.aclose()
             raise
+        self._nursery = await self._stack.enter_async_context(trio.open_nursery())
+        self._requests = Flights(self._nursery, _request_cancelled)
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None,
                         exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+        await self._stack.aclose()
         if self._client is not None:
             with trio.CancelScope(shield=True):
                 await self._client.aclose()
@@ -239,8 +256,10 @@ class Substituters:
         """*path* is a store path, or a hash part alone (any name matches)."""
         key = path if isinstance(path, str) else path.hash_part
         info = cache.positive.get(key)
-        if info is None:
-            info = await self._fetch_narinfo(cache, key)
+        if info is None:  # one request at a time per narinfo (closure walks overlap)
+            assert self._requests is not None, "Substituters used outside its context"
+            info = await self._requests.run(
+                (cache.url, key), lambda: self._fetch_narinfo(cache, key))
         if info is None or (isinstance(path, StorePath) and info.path != path):
             return None  # as Nix: a narinfo for another name is not this path
         return info
