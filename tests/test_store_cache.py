@@ -15,10 +15,10 @@ import pytest
 import trio
 
 from lazystore.errors import StoreError
-from lazystore.nix import nar
 from lazystore.nix.storepath import StorePath
 from lazystore.store import index, tree
 from lazystore.store.cache import LocalStore
+from lazystore.testing import nartree as nar
 
 
 def base(char: str, name: str) -> str:
