@@ -231,6 +231,13 @@ def _managed_dir(base: str, path: str) -> str | None:
     return None
 
 
+def _unit_file(unit: dict[str, Any], service: dict[str, Any]) -> str:
+    """A unit file of these [Unit] and [Service] entries, wanted by multi-user.target."""
+    install = {"WantedBy": "multi-user.target"}
+    return "\n".join([HEADER + _section("Unit", unit), _section("Service", service),
+                      _section("Install", install)])
+
+
 def daemon_unit(cfg: DeployConfig) -> str:
     service: dict[str, Any] = {
         "Type": "notify",
@@ -251,9 +258,7 @@ def daemon_unit(cfg: DeployConfig) -> str:
         "Wants": "network-online.target",
         "After": "network-online.target",
     }
-    install = {"WantedBy": "multi-user.target"}
-    return "\n".join([HEADER + _section("Unit", unit), _section("Service", service),
-                      _section("Install", install)])
+    return _unit_file(unit, service)
 
 
 def snapshotter_unit(cfg: DeployConfig) -> str:
@@ -288,9 +293,7 @@ def snapshotter_unit(cfg: DeployConfig) -> str:
         "After": DAEMON_UNIT,
         "Before": "containerd.service",
     }
-    install = {"WantedBy": "multi-user.target"}
-    return "\n".join([HEADER + _section("Unit", unit), _section("Service", service),
-                      _section("Install", install)])
+    return _unit_file(unit, service)
 
 
 def registry_unit(cfg: DeployConfig) -> str:
@@ -318,9 +321,7 @@ def registry_unit(cfg: DeployConfig) -> str:
         "Wants": "network-online.target",
         "After": "network-online.target",
     }
-    install = {"WantedBy": "multi-user.target"}
-    return "\n".join([HEADER + _section("Unit", unit), _section("Service", service),
-                      _section("Install", install)])
+    return _unit_file(unit, service)
 
 
 def containerd_dropin() -> str:

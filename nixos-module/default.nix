@@ -105,15 +105,9 @@ let
     ++ optionals (cfg.registry.expression != null) [ "--expression" (toString cfg.registry.expression) ];
   # Without an expression the registry needs no privilege and writes only its
   # cache; building an expression runs Nix as root (/nix/store, /tmp).
-  registrySandbox = lib.optionalAttrs (cfg.registry.expression == null) ({
+  registrySandbox = lib.optionalAttrs (cfg.registry.expression == null) (
+    removeAttrs snapshotterSandbox [ "ReadWritePaths" ] // {
     CapabilityBoundingSet = [ ];
-    ProtectSystem = "strict";
-    ProtectHome = true;
-    PrivateTmp = true;
-    ProtectKernelTunables = true;
-    ProtectKernelModules = true;
-    ProtectKernelLogs = true;
-    ProtectControlGroups = true;
   } // lib.optionalAttrs (!(registryCacheDirectory ? dir)) {
     ExecStartPre = "+" + utils.escapeSystemdExecArgs
       [ "${pkgs.coreutils}/bin/mkdir" "-p" cfg.registry.cacheDir ];

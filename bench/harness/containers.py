@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import subprocess
 import time
@@ -39,7 +40,7 @@ from bench.harness.modes import (
 )
 from bench.harness.workloads import CACHE_DIR, Workload
 from bench.proxy import ShapingProxy, shaping_proxy
-from lazystore.testing import containerd, registry
+from lazystore.testing import containerd, lazyregistry, registry
 
 log = logging.getLogger(__name__)
 
@@ -126,14 +127,16 @@ class _Pull:
         return ["ctr", "--address", str(self.ctd.address), "--namespace", self.ctd.namespace,
                 *args]
 
-    def run(self, ref: str, name: str, expect: str) -> tuple[Output, dict[str, float]]:
+    def run(self, ref: str, name: str, expect: str,
+            argv: tuple[str, ...] = ()) -> tuple[Output, dict[str, float]]:
         start = time.monotonic()
         pull = run_until_exit(self._ctr("images", "pull", "--plain-http", "--snapshotter",
                                         self.snapshotter, ref), start, self.timeout)
         if pull.returncode != 0:
             raise RunFailed(f"ctr image pull failed: {pull.stderr.strip()[-500:]}")
         create = run_until_exit(self._ctr("containers", "create", "--snapshotter",
-                                          self.snapshotter, ref, name), start, self.timeout)
+                                          self.snapshotter, ref, name, *argv), start,
+                                self.timeout)
         if create.returncode != 0:
             raise RunFailed(f"ctr container create failed: {create.stderr.strip()[-500:]}")
         prog = run_until_exit(self._ctr("tasks", "start", name), start, self.timeout)
@@ -203,14 +206,7 @@ def lazystore_snapshotter(ctx: Context, delta: bool = False) -> Record:
     if not cli_has("snapshotter"):
         raise Skip("`lazystore snapshotter` has not landed yet (issue 5)")
     with ExitStack() as stack:
-        daemon = stack.enter_context(fresh_daemon(ctx, "snap-daemon", allow_other=True))
-        base = ctx.fresh_dir("snapshotter")
-        address = base / "snapshotter.sock"
-        snap = stack.enter_context(containerd.snapshotter_process(
-            base / "root", address, daemon.sock, daemon.mnt,
-            log_file=base / "snapshotter.log"))
-        ctd = stack.enter_context(containerd.Containerd(
-            ctx.fresh_dir("containerd-lazy"), proxy_plugins={"lazystore": str(address)}))
+        daemon, snap, ctd, base = _lazy_node(ctx, stack)
         puller = _Pull(ctd, "lazystore", ctx.timeout)
         new_nar = None
         before: set[str] = set()
@@ -241,6 +237,61 @@ def lazystore_snapshotter(ctx: Context, delta: bool = False) -> Record:
     return record
 
 
+def _lazy_node(ctx: Context, stack: ExitStack) -> tuple[Any, Any, Any, Path]:
+    """A fresh daemon, snapshotter and containerd using it, owned by *stack*."""
+    daemon = stack.enter_context(fresh_daemon(ctx, "snap-daemon", allow_other=True))
+    base = ctx.fresh_dir("snapshotter")
+    address = base / "snapshotter.sock"
+    snap = stack.enter_context(containerd.snapshotter_process(
+        base / "root", address, daemon.sock, daemon.mnt, log_file=base / "snapshotter.log"))
+    ctd = stack.enter_context(containerd.Containerd(
+        ctx.fresh_dir("containerd-lazy"), proxy_plugins={"lazystore": str(address)}))
+    return daemon, snap, ctd, base
+
+
+_MADE = re.compile(r"made \S+:latest \((\d+) store paths, \d+ layers\) in ([0-9.]+) s")
+
+
+def registry_lazystore_snapshotter(ctx: Context) -> Record:
+    """The nix image made on request by a fresh ``lazystore registry`` (empty
+    cache dir, so the first request walks the closure over the shaped binary
+    cache link), pulled through a shaping proxy onto lazystore's snapshotter:
+    the cost of generating the manifest, next to the pre-pushed image of
+    ``lazystore-snapshotter``."""
+    if not containerd.have_containerd():
+        raise Skip("containerd, ctr and runc (and root) are needed")
+    if not cli_has("registry") or not cli_has("snapshotter"):
+        raise Skip("`lazystore registry` has not landed yet (issue 13)")
+    with ExitStack() as stack:
+        daemon, snap, ctd, base = _lazy_node(ctx, stack)
+        reg = stack.enter_context(lazyregistry.running(
+            ctx.fresh_dir("lazy-registry"), [ctx.cache_url], ctx.public_key))
+        proxy = stack.enter_context(shaping_proxy(reg.url, ctx.profile))
+        ref = f"{proxy.address}/{Path(ctx.workload.top).name[:32]}:latest"
+        dropped = drop_caches()
+        for p in (proxy, ctx.cache_proxy):
+            p.reset()
+        prog, split = _Pull(ctd, "lazystore", ctx.timeout).run(
+            ref, "bench", ctx.workload.expect, tuple(ctx.workload.argv))
+        made = _MADE.search(reg.log())
+        if made is None:
+            raise RunFailed(f"the registry did not log making the image: {reg.log()[-500:]}")
+        record = _record(prog, split, [proxy, ctx.cache_proxy])
+        status = lazystore_status(daemon.sock)
+        record.update({
+            "manifest_seconds": float(made[2]),
+            "closure_paths": int(made[1]),
+            "store_paths_fetched": len(status.get("paths_materialized", [])),
+            "nar_requests": nar_fetches(ctx.cache_proxy.stats),
+            "registry_peak_rss_kib": peak_rss_kib(reg.process.pid),
+            "daemon_peak_rss_kib": proc_peak_rss_kib(daemon.proc),
+            "snapshotter_peak_rss_kib": peak_rss_kib(snap.pid),
+            "page_cache_dropped": dropped,
+        })
+    shutil.rmtree(base, ignore_errors=True)
+    return record
+
+
 def delta_oci_overlayfs(ctx: Context) -> Record:
     return oci_overlayfs(ctx, delta=True)
 
@@ -254,4 +305,5 @@ CONTAINER_MODES = {
     "lazystore-snapshotter": lazystore_snapshotter,
     "delta-oci-overlayfs": delta_oci_overlayfs,
     "delta-lazystore-snapshotter": delta_lazystore_snapshotter,
+    "registry-lazystore-snapshotter": registry_lazystore_snapshotter,
 }

@@ -18,7 +18,7 @@ Key = tuple[str, str, str]  # workload, profile, compression
 BASELINES = ("nix-eager", "oci-overlayfs")
 MODE_ORDER = (
     "nix-eager", "lazystore-fuse", "oci-overlayfs", "lazystore-snapshotter",
-    "delta-oci-overlayfs", "delta-lazystore-snapshotter",
+    "delta-oci-overlayfs", "delta-lazystore-snapshotter", "registry-lazystore-snapshotter",
 )
 
 

@@ -204,6 +204,7 @@ class Images:
     # -- making images -------------------------------------------------------------
 
     async def _make(self, name: Name, tag: str) -> bytes:
+        started = trio.current_time()
         closure = await self.closure(name)
         try:
             if tag == "latest":
@@ -215,8 +216,9 @@ class Images:
         except SubstituterError as exc:
             raise Unavailable(str(exc)) from None
         await trio.to_thread.run_sync(self.store.put_bytes, image.config)
-        log.info("made %s:%s (%d store paths, %d layers): %s", closure.key, tag,
-                 len(closure.infos), len(image.groups), image.manifest_digest)
+        log.info("made %s:%s (%d store paths, %d layers) in %.3f s: %s", closure.key, tag,
+                 len(closure.infos), len(image.groups), trio.current_time() - started,
+                 image.manifest_digest)
         return image.manifest
 
     async def _nix_image(self, closure: Closure) -> build.Image:
