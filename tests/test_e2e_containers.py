@@ -14,6 +14,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import subprocess
 import tarfile
 import tempfile
@@ -64,6 +65,7 @@ class Stack:
     one: str  # sample closure top (prog)
     two: str  # overlapping closure top (prog-two)
     wide: str  # bench's "wide" closure: over 300 store paths
+    roots: str = ""  # roots-prog: file, executable, empty and symlink store paths
     sn_cm: Any = None
     sn_proc: subprocess.Popen | None = None
 
@@ -98,7 +100,7 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(
     binary_cache: nixcache.BinaryCache, http_cache: str, test_key: nixcache.KeyPair,
-    tmp_path_factory: pytest.TempPathFactory,
+    roots_cache: nixcache.BinaryCache, tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
     _need_tools()
     two = nixcache.build(tag="two")
@@ -110,12 +112,15 @@ def stack(
     try:
         with serve_directory(cache_two.root) as server_two, \
                 serve_directory(cache_wide.root) as server_wide, \
+                serve_directory(roots_cache.root) as server_roots, \
                 registry.running(base / "registry") as reg:
-            urls = [http_cache, server_two.url, server_wide.url]  # type: ignore[attr-defined]
+            urls = [http_cache, server_two.url, server_wide.url,  # type: ignore[attr-defined]
+                    server_roots.url]  # type: ignore[attr-defined]
             daemon = Daemon(base, urls, test_key.public_key, "--allow-other")
             daemon.start()
             st = Stack(base, daemon, Containerd(base / "ctd", {SN: str(base / "sn.sock")}),
-                       reg, base / "sn", base / "sn.sock", binary_cache.top, two, wide)
+                       reg, base / "sn", base / "sn.sock", binary_cache.top, two, wide,
+                       roots_cache.top)
             try:
                 st.start_snapshotter()
                 st.ctd.start()
@@ -283,8 +288,8 @@ def test_layered_image_runs_from_its_own_layers(stack: Stack) -> None:
     archive = stack.base / "layered.tar"
     lazystore("image", "build", stack.one, "-o", str(archive), "--name", "lazy/layered:1",
               "--layered", "3")
+    before = stack.daemon.status()  # the import unpacks and commits each layer
     stack.ctd.ctr("image", "import", "--snapshotter", SN, str(archive))
-    before = stack.daemon.status()
     out = run(stack, "docker.io/lazy/layered:1", f"{stack.one}/bin/prog")
     assert out == "hello from liba\n"
     after = stack.daemon.status()
@@ -350,12 +355,15 @@ def test_non_root_user_reads_store_paths(stack: Stack) -> None:
     assert run(stack, "example.test/user:1") == "1000\nhello from liba\n"
 
 
-def placeholder_layer(top: str) -> tuple[bytes, dict[str, str]]:
-    """nix-snapshotter's mountpoint layer (an empty directory per store path) and annotations."""
+def placeholder_layer(top: str, all_dirs: bool = False) -> tuple[bytes, dict[str, str]]:
+    """nix-snapshotter's mountpoint layer and annotations: an empty directory for
+    each store path that is one (followed through a symlink, as its os.Stat
+    does), an empty 0555 file for any other; *all_dirs*: directories for all."""
     paths = nixcache.closure(top)
     entries: list[tuple[str, bytes | None, int]] = [
         ("nix", None, 0o755), ("nix/store", None, 0o755)]
-    entries += [(p.lstrip("/") + "/", None, 0o555) for p in paths]
+    entries += [(p.lstrip("/") + "/", None, 0o555) if all_dirs or os.path.isdir(p)
+                else (p.lstrip("/"), b"", 0o555) for p in paths]
     notes = {"containerd.io/snapshot/nix-layer": "true"}
     notes.update({f"containerd.io/snapshot/nix-store-path.{i}": p for i, p in enumerate(paths)})
     return _tar(entries), notes
@@ -366,6 +374,62 @@ def test_nix_snapshotter_style_image_runs(stack: Stack) -> None:
                           [placeholder_layer(stack.one)], [f"{stack.one}/bin/prog"])
     stack.ctd.ctr("image", "import", "--snapshotter", SN, str(archive))
     assert run(stack, "example.test/nixsn:1") == "hello from liba\n"
+
+
+ROOTS_OUTPUT = (
+    "hello from a text path\n" * 2 + "hello from liba\nhello from a script path\n0\n")
+
+
+def test_nix_image_with_file_and_symlink_store_paths_runs(stack: Stack) -> None:
+    # `image build` writes an empty file placeholder for each store path that is
+    # not a directory; the view above it in the overlay shows the real file or
+    # symlink there. prog cats a writeText-style file path and a symlink path to
+    # it, reads through a symlink path to a directory, runs a writeScript-style
+    # script path and counts an empty file path's bytes.
+    archive = stack.base / "roots.tar"
+    lazystore("image", "build", stack.roots, "-o", str(archive), "--name", "lazy/roots:1")
+    stack.ctd.ctr("image", "import", "--snapshotter", SN, str(archive))
+    image = "docker.io/lazy/roots:1"
+    assert run(stack, image, f"{stack.roots}/bin/prog") == ROOTS_OUTPUT
+    bases = closure_bases(stack.roots)
+    text = f"/nix/store/{named(bases, 'greeting.txt')}"
+    script = f"/nix/store/{named(bases, 'greet-script')}"
+    busybox = f"/nix/store/{named(bases, 'busybox')}/bin/busybox"
+    assert run(stack, image, script) == "hello from a script path\n"
+    link = f"/nix/store/{named(bases, 'greeting-link')}"
+    checked = [text, script, link, f"/nix/store/{named(bases, 'empty-file')}"]
+    shown = run(stack, image, busybox, "stat", "-c", "%A %s", *checked)
+    host = [os.lstat(p) for p in checked]  # as the host's /nix/store has them
+    assert shown.splitlines() == [f"{stat.filemode(h.st_mode)} {h.st_size}" for h in host]
+    assert run(stack, image, busybox, "readlink", link) == f"{text}\n"
+
+
+def test_layered_image_with_an_empty_file_store_path_asks_the_daemon_nothing(
+    stack: Stack,
+) -> None:
+    # One layer per store path: the empty-file path's layer holds just that empty
+    # 0444 file under nix/store, real content that must not be taken for a placeholder.
+    archive = stack.base / "roots-layered.tar"
+    lazystore("image", "build", stack.roots, "-o", str(archive), "--name",
+              "lazy/roots-layered:1", "--layered", "20")
+    before = stack.daemon.status()  # the import unpacks and commits each layer
+    stack.ctd.ctr("image", "import", "--snapshotter", SN, str(archive))
+    assert run(stack, "docker.io/lazy/roots-layered:1", f"{stack.roots}/bin/prog") == ROOTS_OUTPUT
+    assert stack.daemon.status()["views"] == before["views"]
+
+
+@pytest.mark.parametrize("all_dirs", [False, True], ids=["nix-snapshotter", "dirs"])
+def test_nix_snapshotter_style_image_with_file_and_symlink_store_paths_runs(
+    stack: Stack, all_dirs: bool
+) -> None:
+    # nix-snapshotter's own layer (empty files for non-directories), and one with
+    # an empty directory for every path: the view's file or symlink hides either.
+    name = f"example.test/nixsn-roots-{int(all_dirs)}:1"
+    archive = oci_archive(stack.base / f"nixsn-roots-{int(all_dirs)}.tar", name,
+                          [placeholder_layer(stack.roots, all_dirs)],
+                          [f"{stack.roots}/bin/prog"])
+    stack.ctd.ctr("image", "import", "--snapshotter", SN, str(archive))
+    assert run(stack, name) == ROOTS_OUTPUT
 
 
 def _containerd_snapshots(st: Stack) -> tuple[grpc.Channel, pb_grpc.SnapshotsStub]:

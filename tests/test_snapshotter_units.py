@@ -113,9 +113,14 @@ def test_placeholders_are_empty_entries_with_store_path_names(tmp_path: Path) ->
     (store / f"{'0' * 31}3-full/x").write_bytes(b"x")
     (store / f"{'0' * 31}4-nonempty").write_bytes(b"x")
     (store / f"{'0' * 31}5-link").symlink_to("/")
+    (store / f"{'0' * 31}6-script").write_bytes(b"")
+    (store / f"{'0' * 31}6-script").chmod(0o555)  # as image build and nix-snapshotter
+    (store / f"{'0' * 31}7-empty").write_bytes(b"")
+    (store / f"{'0' * 31}7-empty").chmod(0o444)  # a store path that is an empty file
     (store / "not-a-store-path").mkdir()
     assert nixlayer.scan_placeholders(tmp_path, "/nix/store") == [
         f"/nix/store/{H}-dir", f"/nix/store/{'0' * 31}2-file",
+        f"/nix/store/{'0' * 31}6-script",
     ]
     assert nixlayer.scan_placeholders(tmp_path / "nothing", "/nix/store") == []
 

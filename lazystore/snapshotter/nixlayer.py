@@ -7,13 +7,17 @@ store path each) or ``…/nix-closure`` (a closure-info store path whose
 
 Content: a layer whose ``nix/store/`` holds empty placeholders (empty
 directories or empty files) named like store paths; those names are the
-store paths a daemon view must show through the placeholders.
+store paths a daemon view must show through the placeholders. An empty file
+of mode 0444 is not one: that is how a store path that is an empty file looks
+in /nix/store, so a layer of real contents (``image build --layered``) holds
+it (placeholder files are 0555, as `image build` and nix-snapshotter write them).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +28,7 @@ from lazystore.snapshotter.errors import InvalidArgument
 
 SNAPSHOT_REF = "containerd.io/snapshot.ref"  # containerd's: the chain id a layer unpacks to
 
+STORE_FILE_MODE = 0o444  # a non-executable file in /nix/store: real content
 _INDEX = re.compile(r"0|[1-9][0-9]{0,8}")
 
 
@@ -75,7 +80,8 @@ def _is_placeholder(entry: os.DirEntry[str]) -> bool:
     if entry.is_symlink():
         return False
     if entry.is_file(follow_symlinks=False):
-        return entry.stat(follow_symlinks=False).st_size == 0
+        st = entry.stat(follow_symlinks=False)
+        return st.st_size == 0 and stat.S_IMODE(st.st_mode) != STORE_FILE_MODE
     if entry.is_dir(follow_symlinks=False):
         with os.scandir(entry.path) as it:
             return next(it, None) is None

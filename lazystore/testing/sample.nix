@@ -59,6 +59,7 @@ let
     mkdir -p $out/bin
     cat > $out/bin/prog <<EOS
     #!${busybox}/bin/sh
+    set -e
     ${busybox}/bin/cat ${text} ${textLink} ${libLink}/lib/data
     ${script}
     ${busybox}/bin/wc -c < ${empty}
