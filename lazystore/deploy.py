@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 DAEMON_UNIT = "lazystore.service"
 SNAPSHOTTER_UNIT = "lazystore-snapshotter.service"
 REGISTRY_UNIT = "lazystore-registry.service"
+IMAGE_SERVICE_UNIT = "lazystore-image-service.service"
 CONTAINERD_DROPIN = "containerd.service.d/lazystore.conf"
 PLUGIN_NAME = "lazystore"
 STANZA_HEADER = "# Added by `lazystore install-systemd`.\n"
@@ -101,6 +102,9 @@ class DeployConfig:
     registry_listen: str = "127.0.0.1:5000"
     registry_expression: str | None = None
     registry_cache_dir: str = "/var/cache/lazystore-registry"
+    image_service: bool = False
+    image_service_address: str = "/run/lazystore-image.sock"
+    runtime_endpoint: str = "/run/containerd/containerd.sock"
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"(\[[0-9A-Fa-f:]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}", self.registry_listen):
@@ -110,7 +114,8 @@ class DeployConfig:
             raise DeployError("registry expression must be an absolute path, "
                               f"not {self.registry_expression!r}")
         for name in ("executable", "mount_point", "cache_dir", "control_socket",
-                     "snapshotter_address", "snapshotter_root", "registry_cache_dir"):
+                     "snapshotter_address", "snapshotter_root", "registry_cache_dir",
+                     "image_service_address", "runtime_endpoint"):
             if not os.path.isabs(getattr(self, name)):
                 raise DeployError(f"{name.replace('_', ' ')} must be an absolute path, "
                                   f"not {getattr(self, name)!r}")
@@ -119,9 +124,14 @@ class DeployConfig:
                               "and the containerd wiring")
         if self.containerd and not self.snapshotter:
             raise DeployError("the containerd wiring needs the snapshotter")
+        if self.image_service and not self.cri_default_snapshotter:
+            raise DeployError("the image service needs lazystore as the CRI snapshotter "
+                              "(--cri-default-snapshotter): nix images are unpacked on it")
         if self.snapshotter:
-            for name in ("snapshotter_address", "snapshotter_root", "control_socket",
-                         "mount_point"):
+            shared = ["snapshotter_address", "snapshotter_root", "control_socket", "mount_point"]
+            if self.image_service:
+                shared += ["image_service_address", "runtime_endpoint"]
+            for name in shared:
                 path = os.path.normpath(getattr(self, name))
                 hidden = [d for d in SNAPSHOTTER_HIDDEN if path == d or path.startswith(d + "/")]
                 if hidden:
@@ -174,6 +184,12 @@ def registry_argv(cfg: DeployConfig) -> list[str]:
     if cfg.registry_expression is not None:
         argv += ["--expression", cfg.registry_expression]
     return argv
+
+
+def image_service_argv(cfg: DeployConfig) -> list[str]:
+    return [cfg.executable, "image-service", "--address", cfg.image_service_address,
+            "--runtime-endpoint", cfg.runtime_endpoint, "--control-socket", cfg.control_socket,
+            "--mount-point", cfg.mount_point]
 
 
 def exec_quote(arg: str) -> str:
@@ -324,6 +340,37 @@ def registry_unit(cfg: DeployConfig) -> str:
     return _unit_file(unit, service)
 
 
+def image_service_unit(cfg: DeployConfig) -> str:
+    """The image service needs no capability: it reads the mount, talks to
+    sockets root owns and runs ``ctr``; sandboxed like the snapshotter."""
+    service: dict[str, Any] = {
+        "Type": "notify",
+        "NotifyAccess": "main",
+        "ExecStart": exec_line(image_service_argv(cfg)),
+        "Restart": "on-failure",
+        "RestartSec": 2,
+        "TimeoutStopSec": 30,
+        "CapabilityBoundingSet": [],
+        **HARDENING,
+        **SNAPSHOTTER_SANDBOX,
+    }
+    socket_dir = os.path.dirname(cfg.image_service_address)
+    if socket_dir != "/run":
+        mkdir = shutil.which("mkdir") or "/bin/mkdir"
+        service["ExecStartPre"] = "+" + exec_line([mkdir, "-p", socket_dir])
+    service["ReadWritePaths"] = path_quote(socket_dir)
+    unit = {
+        "Description": "lazystore: CRI image service (nix:0 images) for the kubelet",
+        "Requires": DAEMON_UNIT,
+        "Wants": "containerd.service",
+        "After": f"{DAEMON_UNIT} {SNAPSHOTTER_UNIT} containerd.service",
+        "Before": "kubelet.service",
+    }
+    install = {"WantedBy": "multi-user.target"}
+    return "\n".join([HEADER + _section("Unit", unit), _section("Service", service),
+                      _section("Install", install)])
+
+
 def containerd_dropin() -> str:
     """containerd wants the snapshotter and starts after it (but still starts
     when it fails: other snapshotters keep working)."""
@@ -363,20 +410,28 @@ def _set(data: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
     data[path[-1]] = value
 
 
-def _wanted(data: dict[str, Any], address: str, cri_default: bool) -> dict[str, Any]:
-    """*data* with the lazystore proxy plugin (and CRI snapshotter) set."""
+def _cri_settings(cri_default: bool, cri_annotations: bool) -> dict[str, Any]:
+    """What the CRI plugin's snapshotter table must hold."""
+    wanted: dict[str, Any] = {"snapshotter": PLUGIN_NAME} if cri_default else {}
+    if cri_annotations:  # layer annotations reach the snapshotter as labels
+        wanted["disable_snapshot_annotations"] = False
+    return wanted
+
+
+def _wanted(data: dict[str, Any], address: str, cri: dict[str, Any]) -> dict[str, Any]:
+    """*data* with the lazystore proxy plugin (and the CRI settings *cri*) set."""
     want = copy.deepcopy(data)
     plugin = _get(data, ("proxy_plugins", PLUGIN_NAME))
     if plugin is not None and not isinstance(plugin, dict):
         raise DeployError(f"containerd config: proxy_plugins.{PLUGIN_NAME} is not a table")
     plugin = dict(plugin or {}) | {"type": "snapshot", "address": address}
     _set(want, ("proxy_plugins", PLUGIN_NAME), plugin)
-    if cri_default:
-        _set(want, (*_cri_path(data), "snapshotter"), PLUGIN_NAME)
+    for key, value in cri.items():
+        _set(want, (*_cri_path(data), key), value)
     return want
 
 
-def _stanzas(data: dict[str, Any], address: str, cri_default: bool) -> str | None:
+def _stanzas(data: dict[str, Any], address: str, cri: dict[str, Any]) -> str | None:
     """TOML text to append that defines only tables *data* does not have, or
     None when appending cannot express the change."""
     parts = []
@@ -386,16 +441,19 @@ def _stanzas(data: dict[str, Any], address: str, cri_default: bool) -> str | Non
                      f"  address = {_toml_string(address)}\n")
     elif plugin.get("type") != "snapshot" or plugin.get("address") != address:
         return None
-    if cri_default and _get(data, (*_cri_path(data), "snapshotter")) != PLUGIN_NAME:
+    if any(_get(data, (*_cri_path(data), k)) != v for k, v in cri.items()):
         if _get(data, _cri_path(data)) is not None:
             return None
-        parts.append(f"[{_dotted(_cri_path(data))}]\n  snapshotter = \"{PLUGIN_NAME}\"\n")
+        parts.append(f"[{_dotted(_cri_path(data))}]\n" + "".join(
+            f"  {k} = {_toml_value(v)}\n" for k, v in cri.items()))
     return "\n".join(parts)
 
 
-def merge_containerd_config(text: str, address: str, cri_default: bool = False) -> str | None:
+def merge_containerd_config(text: str, address: str, cri_default: bool = False,
+                            cri_annotations: bool = False) -> str | None:
     """containerd's config.toml *text* with the lazystore proxy plugin (and,
-    with *cri_default*, as the CRI plugin's snapshotter); None if it already is.
+    with *cri_default*, as the CRI plugin's snapshotter; with *cri_annotations*,
+    ``disable_snapshot_annotations = false`` beside it); None if it already is.
 
     Existing settings are kept. The stanza is appended when that is valid TOML
     (comments and layout survive); otherwise the document is written anew from
@@ -406,15 +464,16 @@ def merge_containerd_config(text: str, address: str, cri_default: bool = False) 
     except tomllib.TOMLDecodeError as exc:
         raise DeployError(f"not valid TOML ({exc}); nothing changed") from None
     _cri_path(data)  # a version containerd knows
-    want = _wanted(data, address, cri_default)
+    cri = _cri_settings(cri_default, cri_annotations)
+    want = _wanted(data, address, cri)
     if want == data:
         return None
     if not data:  # no file, or only comments: a version 2 config
-        want = _wanted({"version": 2}, address, cri_default)
+        want = _wanted({"version": 2}, address, cri)
         kept = text.rstrip("\n") + "\n\n" if text.strip() else ""
         candidate = kept + "version = 2\n\n" + STANZA_HEADER + (
-            _stanzas({"version": 2}, address, cri_default) or "")
-    elif (extra := _stanzas(data, address, cri_default)) is not None:
+            _stanzas({"version": 2}, address, cri) or "")
+    elif (extra := _stanzas(data, address, cri)) is not None:
         candidate = text.rstrip("\n") + "\n\n" + STANZA_HEADER + extra
     else:
         candidate = toml_dumps(want)
@@ -593,6 +652,8 @@ def install(cfg: DeployConfig, targets: Targets, dry_run: bool = False) -> list[
         paths += [targets.unit_dir / CONTAINERD_DROPIN, targets.containerd_config]
     if cfg.registry:
         paths.append(targets.unit_dir / REGISTRY_UNIT)
+    if cfg.image_service:
+        paths.append(targets.unit_dir / IMAGE_SERVICE_UNIT)
     targets.check(paths)
     config_text = ""
     if cfg.containerd and targets.containerd_config.exists():
@@ -608,7 +669,7 @@ def install(cfg: DeployConfig, targets: Targets, dry_run: bool = False) -> list[
     if cfg.containerd:
         try:
             merged = merge_containerd_config(config_text, cfg.snapshotter_address,
-                                             cfg.cri_default_snapshotter)
+                                             cfg.cri_default_snapshotter, cfg.image_service)
         except DeployError as exc:
             raise DeployError(f"{targets.containerd_config}: {exc}") from None
     changes = [_write(targets.unit_dir / DAEMON_UNIT, daemon_unit(cfg), dry_run)]
@@ -625,4 +686,7 @@ def install(cfg: DeployConfig, targets: Targets, dry_run: bool = False) -> list[
             changes.append(change)
     if cfg.registry:
         changes.append(_write(targets.unit_dir / REGISTRY_UNIT, registry_unit(cfg), dry_run))
+    if cfg.image_service:
+        changes.append(_write(targets.unit_dir / IMAGE_SERVICE_UNIT, image_service_unit(cfg),
+                              dry_run))
     return changes

@@ -8,6 +8,7 @@
 #     snapshotter.enable = true;
 #     containerd.enable = true;
 #     registry.enable = true;   # `lazystore registry` (no daemon needed)
+#     imageService.enable = true;   # kubelet: --image-service-endpoint=unix:///run/lazystore-image.sock
 #   };
 { config, lib, pkgs, utils, ... }:
 
@@ -114,6 +115,18 @@ let
     ReadWritePaths = [ cfg.registry.cacheDir ];
   });
   stateDirectory = managedDir "/var/lib" cfg.snapshotter.root;
+
+  imageServiceArgs =
+    [ exe "image-service"
+      "--address" cfg.imageService.address
+      "--runtime-endpoint" cfg.imageService.runtimeEndpoint
+      "--control-socket" cfg.controlSocket
+      "--mount-point" cfg.mountPoint ];
+  imageServiceSocketDir = dirOf cfg.imageService.address;
+  sharedWithImageService = {
+    "imageService.address" = cfg.imageService.address;
+    "imageService.runtimeEndpoint" = cfg.imageService.runtimeEndpoint;
+  };
 in
 {
   options.services.lazystore = {
@@ -234,6 +247,25 @@ in
       };
     };
 
+    imageService = {
+      enable = mkEnableOption ''
+        `lazystore image-service`, the CRI image service the kubelet's
+        `--image-service-endpoint` points at: `nix:0/<store path>` images
+        through the daemon, every other image through containerd's CRI'';
+
+      address = mkOption {
+        type = types.path;
+        default = "/run/lazystore-image.sock";
+        description = "The image service's gRPC socket (the kubelet's --image-service-endpoint).";
+      };
+
+      runtimeEndpoint = mkOption {
+        type = types.path;
+        default = "/run/containerd/containerd.sock";
+        description = "The CRI it forwards to and imports into (containerd's socket).";
+      };
+    };
+
     containerd = {
       enable = mkEnableOption "the lazystore snapshotter as containerd proxy plugin `lazystore`";
 
@@ -268,7 +300,15 @@ in
           assertion = cfg.containerd.makeDefaultCriSnapshotter -> cfg.containerd.enable;
           message = "services.lazystore.containerd.makeDefaultCriSnapshotter needs services.lazystore.containerd.enable.";
         }
-      ];
+        {
+          assertion = cfg.imageService.enable -> cfg.containerd.makeDefaultCriSnapshotter;
+          message = "services.lazystore.imageService.enable needs services.lazystore.containerd.makeDefaultCriSnapshotter.";
+        }
+      ] ++ lib.mapAttrsToList (name: path: {
+        assertion = cfg.imageService.enable -> !(hiddenFromSnapshotter (toString path));
+        message = "services.lazystore.${name} (${toString path}) is below a directory "
+          + "the image service's sandbox (ProtectHome, PrivateTmp) hides from it.";
+      }) sharedWithImageService;
     }
 
     (mkIf cfg.enable {
@@ -355,6 +395,34 @@ in
         } // lib.optionalAttrs (registryCacheDirectory ? dir) {
           CacheDirectory = registryCacheDirectory.dir;
           CacheDirectoryMode = "0700";
+        };
+      };
+    })
+
+    (mkIf (cfg.enable && cfg.imageService.enable) {
+      # Nix layers' annotations reach the snapshotter as labels (remote snapshots).
+      virtualisation.containerd.settings.plugins."io.containerd.grpc.v1.cri".containerd.disable_snapshot_annotations = false;
+      systemd.services.lazystore-image-service = {
+        description = "lazystore: CRI image service (nix:0 images) for the kubelet";
+        wantedBy = [ "multi-user.target" ];
+        requires = [ "lazystore.service" ];
+        wants = [ "containerd.service" ];
+        after = [ "lazystore.service" "lazystore-snapshotter.service" "containerd.service" ];
+        before = [ "kubelet.service" ];
+        path = [ pkgs.containerd ];  # ctr, for imports
+        # No capability: it reads the mount, talks to root's sockets and runs ctr.
+        serviceConfig = hardening // snapshotterSandbox // {
+          Type = "notify";
+          NotifyAccess = "main";
+          ExecStart = utils.escapeSystemdExecArgs imageServiceArgs;
+          Restart = "on-failure";
+          RestartSec = 2;
+          TimeoutStopSec = 30;
+          CapabilityBoundingSet = [ ];
+          ReadWritePaths = [ imageServiceSocketDir ];
+        } // lib.optionalAttrs (imageServiceSocketDir != "/run") {
+          ExecStartPre = "+" + utils.escapeSystemdExecArgs
+            [ "${pkgs.coreutils}/bin/mkdir" "-p" imageServiceSocketDir ];
         };
       };
     })

@@ -6,7 +6,8 @@ One stack per module: ``lazystore mount`` over real-Nix binary caches on
 own), ``lazystore snapshotter``, a private containerd whose CRI plugin uses
 it (sandbox image: a busybox ``sleep`` pause image built with ``--layered``
 and pushed to a local docker-registry; host-network pods, no CNI), and the
-image service under test. Tests run in file order.
+image service under test, run as its systemd unit would (setpriv: no
+capability, no_new_privs). Tests run in file order.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class Stack:
     hostile: dict[str, str]  # what is wrong -> store path of such an archive
     built: str  # SAMPLE_IMAGE (nix-closure form), built by Nix
     built_two: str  # the same with tag "two" (prog-two)
+    service_pid: int = 0
 
     def materialized(self) -> set[str]:
         return set(self.daemon.status()["paths_materialized"])
@@ -150,11 +152,16 @@ def stack(
                             "--runtime-endpoint", str(ctd.address),
                             "--control-socket", str(daemon.sock),
                             "--mount-point", str(daemon.mnt)]
-                    with lazystore_process(args, base_dir, base_dir / "image-service.log"), \
+                    # As its unit runs it: no capability at all, no_new_privs.
+                    wrapper = (["setpriv", "--no-new-privs", "--bounding-set=-all", "--"]
+                               if shutil.which("setpriv") else [])
+                    with lazystore_process(args, base_dir, base_dir / "image-service.log",
+                                           wrapper=wrapper) as proc, \
                             CriClient(base_dir / "img.sock") as service, \
                             CriClient(ctd.address) as direct:
                         yield Stack(base_dir, daemon, ctd, reg, service, direct, prog,
-                                    closure, archive, hostile, built, built_two)
+                                    closure, archive, hostile, built, built_two,
+                                    proc.pid)
             finally:
                 ctd.stop()
                 daemon.stop()
@@ -188,6 +195,15 @@ def test_nix_pull_imports_into_containerd_fetching_only_the_archive(stack: Stack
     assert stack.containerd.image_status(image_ref).id == image_ref  # type: ignore[union-attr]
     assert stack.materialized() - before == {base(stack.archive)}
     assert not {base(p) for p in stack.closure} & stack.materialized()
+
+
+def test_image_service_runs_with_its_units_privileges(stack: Stack) -> None:
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is not installed")
+    status = Path(f"/proc/{stack.service_pid}/status").read_text()
+    fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+    assert int(fields["CapEff"], 16) == int(fields["CapBnd"], 16) == 0
+    assert fields["NoNewPrivs"].strip() == "1"
 
 
 def test_nix_pull_again_is_a_noop(stack: Stack) -> None:

@@ -546,3 +546,47 @@ def test_script_installs_the_registry_unit(
 def test_registry_listen_address_is_checked(listen: str) -> None:
     with pytest.raises(DeployError, match="listen address"):
         config(registry=True, registry_listen=listen)
+
+
+def test_script_installs_the_image_service_unit(tmp_path: Path) -> None:
+    proc = run_script("--root", tmp_path, "--exec", LAZYSTORE, "--cri-default-snapshotter",
+                      "--image-service", "--image-service-address", "/run/k8s/lazystore.sock")
+    assert proc.returncode == 0, proc.stderr
+    unit = tmp_path / "etc/systemd/system" / deploy.IMAGE_SERVICE_UNIT
+    assert f"created {unit}" in proc.stdout.splitlines()
+    systemd_verify(unit)
+    text = unit.read_text()
+    exec_start = next(line for line in text.splitlines() if line.startswith("ExecStart="))
+    assert shlex.split(exec_start.removeprefix("ExecStart=")) == [
+        str(LAZYSTORE), "image-service", "--address", "/run/k8s/lazystore.sock",
+        "--runtime-endpoint", "/run/containerd/containerd.sock",
+        "--control-socket", "/run/lazystore.sock", "--mount-point", "/run/lazystore"]
+    assert "CapabilityBoundingSet=\n" in text and "ProtectSystem=strict" in text
+    assert "ReadWritePaths=/run/k8s\n" in text and "ExecStartPre=+" in text
+    assert "Before=kubelet.service\n" in text and "Requires=lazystore.service\n" in text
+    data = tomllib.loads((tmp_path / "etc/containerd/config.toml").read_text())
+    cri = data["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]
+    assert cri == {"snapshotter": "lazystore", "disable_snapshot_annotations": False}
+
+
+def test_image_service_needs_lazystore_as_the_cri_snapshotter(tmp_path: Path) -> None:
+    proc = run_script("--root", tmp_path, "--exec", LAZYSTORE, "--image-service")
+    assert proc.returncode == 1
+    assert "needs lazystore as the CRI snapshotter" in proc.stderr
+    assert not any(tmp_path.iterdir()), "nothing written"
+
+
+def test_real_containerd_reads_the_image_service_settings(tmp_path: Path) -> None:
+    if shutil.which("containerd") is None:
+        pytest.skip("containerd is not installed")
+    merged = deploy.merge_containerd_config(EXISTING, ADDRESS, cri_default=True,
+                                            cri_annotations=True)
+    assert merged is not None
+    path = tmp_path / "config.toml"
+    path.write_text(merged)
+    proc = subprocess.run(["containerd", "--config", str(path), "config", "dump"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    cri = tomllib.loads(proc.stdout)["plugins"]["io.containerd.grpc.v1.cri"]["containerd"]
+    assert cri["snapshotter"] == "lazystore" and cri["disable_snapshot_annotations"] is False
+    assert deploy.merge_containerd_config(merged, ADDRESS, True, True) is None

@@ -133,6 +133,9 @@ def test_options_declared_with_types_and_defaults() -> None:
         "registry.listen": ("string matching the pattern " + LISTEN_PATTERN, "127.0.0.1:5000"),
         "registry.expression": ("null or path", None),
         "registry.cacheDir": ("path", "/var/cache/lazystore-registry"),
+        "imageService.enable": ("boolean", False),
+        "imageService.address": ("path", "/run/lazystore-image.sock"),
+        "imageService.runtimeEndpoint": ("path", "/run/containerd/containerd.sock"),
     }
     flat_options = flat(options)
     assert flat_options["substituters"]["defaultText"] == "config.nix.settings.substituters"
@@ -245,6 +248,33 @@ def test_snapshotter_and_containerd_ordering() -> None:
     assert sc["ProtectSystem"] == "strict" and sc["ReadWritePaths"] == ["/run"]
 
 
+def test_image_service_unit_ordering_and_containerd_settings() -> None:
+    result = evaluate("""{
+      services.lazystore = { enable = true; snapshotter.enable = true;
+        containerd = { enable = true; makeDefaultCriSnapshotter = true; };
+        imageService.enable = true; };
+    }""")
+    unit = result["systemd"]["services"]["lazystore-image-service"]
+    sc = unit["serviceConfig"]
+    # daemon, snapshotter, containerd -> image service -> kubelet
+    assert unit["requires"] == ["lazystore.service"] and unit["wants"] == ["containerd.service"]
+    assert set(unit["after"]) == {"lazystore.service", "lazystore-snapshotter.service",
+                                  "containerd.service"}
+    assert unit["before"] == ["kubelet.service"] and unit["wantedBy"] == ["multi-user.target"]
+    assert argv(sc["ExecStart"]) == [
+        f"{result['package']['path']}/bin/lazystore", "image-service",
+        "--address", "/run/lazystore-image.sock",
+        "--runtime-endpoint", "/run/containerd/containerd.sock",
+        "--control-socket", "/run/lazystore.sock", "--mount-point", "/run/lazystore",
+    ]
+    assert sc["Type"] == "notify" and sc["CapabilityBoundingSet"] == []
+    assert sc["ProtectSystem"] == "strict" and sc["ReadWritePaths"] == ["/run"]
+    assert [p.rsplit("-", 2)[-2] for p in unit["path"]] == ["containerd"]  # ctr
+    cri = result["virtualisation"]["containerd"]["settings"]["plugins"][
+        "io.containerd.grpc.v1.cri"]["containerd"]
+    assert cri == {"snapshotter": "lazystore", "disable_snapshot_annotations": False}
+
+
 def test_snapshotter_root_outside_var_lib_is_made_writable() -> None:
     sc = services("""{
       services.lazystore = { enable = true; snapshotter.enable = true;
@@ -316,6 +346,15 @@ def test_cri_default_snapshotter_and_existing_settings_kept() -> None:
          "services.lazystore.snapshotter.enable needs services.lazystore.enable."),
         ("{ services.lazystore = { enable = true; containerd.enable = true; }; }",
          "services.lazystore.containerd.enable needs services.lazystore.snapshotter.enable."),
+        ("{ services.lazystore = { enable = true; snapshotter.enable = true; "
+         "containerd.enable = true; imageService.enable = true; }; }",
+         "services.lazystore.imageService.enable needs "
+         "services.lazystore.containerd.makeDefaultCriSnapshotter."),
+        ("{ services.lazystore = { enable = true; snapshotter.enable = true; "
+         "containerd = { enable = true; makeDefaultCriSnapshotter = true; }; "
+         'imageService = { enable = true; address = "/tmp/img.sock"; }; }; }',
+         "services.lazystore.imageService.address (/tmp/img.sock) is below a directory "
+         "the image service's sandbox (ProtectHome, PrivateTmp) hides from it."),
     ],
 )
 def test_inconsistent_settings_fail_assertions(config: str, message: str) -> None:
@@ -444,11 +483,14 @@ def test_nixos_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
         cacheSize = "20G";
         snapshotter.enable = true;
         containerd.enable = true;
+        containerd.makeDefaultCriSnapshotter = true;
         registry.enable = true;
+        imageService.enable = true;
       }};
     }}""")
     paths = []
-    for name in ("lazystore", "lazystore-snapshotter", "lazystore-registry"):
+    for name in ("lazystore", "lazystore-snapshotter", "lazystore-registry",
+                 "lazystore-image-service"):
         path = tmp_path / f"{name}.service"
         path.write_text(render_unit(units[name]))
         paths.append(str(path))
@@ -473,8 +515,10 @@ def _systemd_value(value: Any) -> str:
 ])
 def test_nixos_units_match_the_installer(registry: str) -> None:
     """The NixOS units and scripts/install-systemd's carry the same settings."""
-    units = services(ENABLED_ALL.replace("containerd.enable = true;",
-                                         f"containerd.enable = true; {registry}"))
+    units = services(ENABLED_ALL.replace(
+        "containerd.enable = true;",
+        "containerd.enable = true; containerd.makeDefaultCriSnapshotter = true; "
+        f"imageService.enable = true; {registry}"))
     reg = units["lazystore-registry"]["serviceConfig"]
     words = argv(reg["ExecStart"])
     cfg = deploy.DeployConfig(executable="/usr/bin/lazystore",
@@ -484,7 +528,8 @@ def test_nixos_units_match_the_installer(registry: str) -> None:
                               registry_listen=words[words.index("--listen") + 1],
                               registry_cache_dir=words[words.index("--cache-dir") + 1],
                               registry_expression=("/etc/images.nix" if "--expression" in words
-                                                   else None))
+                                                   else None),
+                              cri_default_snapshotter=True, image_service=True)
     if cfg.registry_expression:
         assert "ProtectSystem" not in reg and "CapabilityBoundingSet" not in reg
     else:
@@ -493,6 +538,8 @@ def test_nixos_units_match_the_installer(registry: str) -> None:
         ("lazystore", deploy.daemon_argv(cfg), deploy.daemon_unit(cfg)),
         ("lazystore-snapshotter", deploy.snapshotter_argv(cfg), deploy.snapshotter_unit(cfg)),
         ("lazystore-registry", deploy.registry_argv(cfg), deploy.registry_unit(cfg)),
+        ("lazystore-image-service", deploy.image_service_argv(cfg),
+         deploy.image_service_unit(cfg)),
     ]:
         nixos = units[name]["serviceConfig"]
         installed = configparser.ConfigParser(strict=False, interpolation=None)

@@ -58,6 +58,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--registry-expression", metavar="FILE",
                    help="the registry's --expression (absolute path)")
     p.add_argument("--registry-cache-dir", default="/var/cache/lazystore-registry")
+    p.add_argument("--image-service", action="store_true",
+                   help="also lazystore-image-service.service (`lazystore image-service`, "
+                   "the kubelet's --image-service-endpoint); needs --cri-default-snapshotter")
+    p.add_argument("--image-service-address", default="/run/lazystore-image.sock")
+    p.add_argument("--runtime-endpoint", default="/run/containerd/containerd.sock",
+                   help="the CRI the image service forwards to (default: %(default)s)")
     p.add_argument("--dry-run", action="store_true", help="show what would change, write nothing")
     p.set_defaults(func=_install)
 
@@ -104,6 +110,9 @@ def _install(args: argparse.Namespace) -> int:
         registry_listen=args.registry_listen,
         registry_expression=args.registry_expression,
         registry_cache_dir=args.registry_cache_dir,
+        image_service=args.image_service,
+        image_service_address=args.image_service_address,
+        runtime_endpoint=args.runtime_endpoint,
     )
     targets = deploy.Targets.under(args.root, args.unit_dir, args.containerd_config)
     changes = deploy.install(cfg, targets, dry_run=args.dry_run)
@@ -116,6 +125,8 @@ def _install(args: argparse.Namespace) -> int:
             units += " " + deploy.SNAPSHOTTER_UNIT
         if cfg.registry:
             units += " " + deploy.REGISTRY_UNIT
+        if cfg.image_service:
+            units += " " + deploy.IMAGE_SERVICE_UNIT
         print(f"next: systemctl daemon-reload && systemctl enable --now {units}"
               + (" && systemctl restart containerd.service" if cfg.containerd else ""))
     return 0

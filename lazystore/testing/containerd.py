@@ -255,15 +255,17 @@ def snapshotter_process(
 @contextmanager
 def lazystore_process(
     args: Sequence[str], notify_dir: Path, log_file: Path | None = None, timeout: float = 30,
+    wrapper: Sequence[str] = (),
 ) -> Iterator[subprocess.Popen]:
     """Run ``lazystore -v ARGS`` (a daemon that sends READY=1, with its
-    notify socket in *notify_dir*) until the context exits."""
+    notify socket in *notify_dir*) until the context exits; *wrapper* runs it
+    (e.g. ``setpriv ... --``)."""
     notify_path = notify_dir / f".notify-{os.getpid()}-{time.monotonic_ns()}"
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(notify_path))
     notify.settimeout(timeout)
     env = dict(os.environ, NOTIFY_SOCKET=str(notify_path))
-    argv = [sys.executable, "-m", "lazystore", "-v", *args]
+    argv = [*wrapper, sys.executable, "-m", "lazystore", "-v", *args]
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL
     proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:

@@ -43,6 +43,7 @@ let
     util-linux = fakeDerivation "util-linux" "2.39" { };
     coreutils = fakeDerivation "coreutils" "9.4" { };
     nix = fakeDerivation "nix" "2.18.1" { };
+    containerd = fakeDerivation "containerd" "1.7.27" { };
     bash = fakeDerivation "bash" "5.2" { };
     findutils = fakeDerivation "findutils" "4.9" { };
     gnutar = fakeDerivation "gnutar" "1.35" { };
