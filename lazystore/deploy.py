@@ -359,16 +359,13 @@ def image_service_unit(cfg: DeployConfig) -> str:
         mkdir = shutil.which("mkdir") or "/bin/mkdir"
         service["ExecStartPre"] = "+" + exec_line([mkdir, "-p", socket_dir])
     service["ReadWritePaths"] = path_quote(socket_dir)
-    unit = {
+    return _unit_file({
         "Description": "lazystore: CRI image service (nix:0 images) for the kubelet",
         "Requires": DAEMON_UNIT,
         "Wants": "containerd.service",
         "After": f"{DAEMON_UNIT} {SNAPSHOTTER_UNIT} containerd.service",
         "Before": "kubelet.service",
-    }
-    install = {"WantedBy": "multi-user.target"}
-    return "\n".join([HEADER + _section("Unit", unit), _section("Service", service),
-                      _section("Install", install)])
+    }, service)
 
 
 def containerd_dropin() -> str:
