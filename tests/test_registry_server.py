@@ -209,3 +209,20 @@ def test_a_request_head_too_large_is_refused_and_serving_goes_on(
     status, _, _ = client.request("/v2/", headers={"X-Big": "x" * 40_000})
     assert status == 431
     assert client.manifest(_hash(sample_closure), "latest")
+
+
+@pytest.mark.parametrize("listing", [True, False], ids=["listings", "no-listings"])
+def test_store_paths_that_are_files_or_symlinks_get_the_placeholders_image_build_writes(
+    test_key: nixcache.KeyPair, tmp_path: Path, listing: bool,
+) -> None:
+    top = nixcache.build(roots="1")
+    kinds = {Path(p).name: ("dir" if Path(p).is_dir() and not Path(p).is_symlink() else "file")
+             for p in nixcache.closure(top)}
+    assert set(kinds.values()) == {"dir", "file"}  # the closure has both kinds of root
+    cache = nixcache.make_cache(top, tmp_path / "cache", test_key, listing=listing)
+    with lazyregistry.running(tmp_path / "reg", [cache.url], test_key.public_key) as r:
+        manifests = {tag: Client(r).manifest(_hash(top), tag) for tag in ("latest", "layered")}
+    for tag, extra in (("latest", ()), ("layered", ("--layered", "100"))):
+        (tmp_path / tag).mkdir()
+        with _build(tmp_path / tag, top, *extra) as archive:
+            assert manifests[tag] == archive.read_blob(archive.manifest_descriptor), tag
