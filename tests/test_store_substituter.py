@@ -41,9 +41,9 @@ def config(url: str, key: str, **overrides: Any) -> SubstituterConfig:
 
 
 @asynccontextmanager
-async def store_over(url: str, key: str, cache_dir: Path, **store_args: Any,
-                     ) -> AsyncIterator[LocalStore]:
-    async with Substituters(config(url, key)) as subs:
+async def store_over(url: str, key: str, cache_dir: Path, positive_ttl: float = 3600.0,
+                     **store_args: Any) -> AsyncIterator[LocalStore]:
+    async with Substituters(config(url, key, positive_ttl=positive_ttl)) as subs:
         async with LocalStore(subs, cache_dir, **store_args) as store:
             yield store
 
@@ -56,10 +56,15 @@ def nar_url(cache: nixcache.BinaryCache, base: str) -> str:
     return "/" + NarInfo.parse(cache.narinfo_path(base).read_text()).url
 
 
+# positive_ttl ~0: the substituter remembers no narinfo, so every narinfo the
+# read needs after its lookup must be the one the store passed down.
+@pytest.mark.parametrize("positive_ttl", [3600.0, 1e-9])
 async def test_a_cold_read_is_one_narinfo_one_listing_one_nar_request(
-        binary_cache: nixcache.BinaryCache, server: FaultServer, tmp_path: Path) -> None:
+        binary_cache: nixcache.BinaryCache, server: FaultServer, tmp_path: Path,
+        positive_ttl: float) -> None:
     liba = basename(binary_cache, "liba")
-    async with store_over(server.url, binary_cache.key.public_key, tmp_path) as store:
+    async with store_over(server.url, binary_cache.key.public_key, tmp_path,
+                          positive_ttl) as store:
         assert await store.lookup(liba) is not None  # the mount's lookup of the name
         hint = await store.tree(liba)  # stat and readdir below it: the listing
         data = await store.materialize(liba) / "lib" / "data"  # the first read
