@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pty
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -51,6 +52,16 @@ def test_fetch_materialises_the_closure(binary_cache: nixcache.BinaryCache, http
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [err.strip()]  # one summary line, no progress bar
     assert err.startswith(f"fetched {len(binary_cache.paths)} paths;") and "\r" not in err
+
+
+def test_file_and_symlink_store_paths_are_fetched_as_what_they_are(
+        roots_cache: nixcache.BinaryCache, tmp_path: Path) -> None:
+    dest = tmp_path / "out"
+    assert main(base_args(roots_cache, roots_cache.url, dest, tmp_path) + [roots_cache.top]) == 0
+    for path in roots_cache.paths:
+        got = dest / Path(path).name
+        assert stat.S_IFMT(os.lstat(got).st_mode) == stat.S_IFMT(os.lstat(path).st_mode), path
+        assert nix_hash(got) == narinfo_hash(roots_cache, path)
 
 
 def test_no_closure_fetches_only_the_named_paths(binary_cache: nixcache.BinaryCache,

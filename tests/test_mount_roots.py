@@ -153,6 +153,10 @@ def test_every_root_type_reads_through_the_mount_as_in_the_nix_store(
         assert sorted(evicted["evicted"]) == sorted(expected_modes)
         assert not any(os.path.lexists(d.cache / "store" / b) for b in expected_modes)
         assert d.status()["cache_bytes"] < status["cache_bytes"]
+        # prefetched: in the cache again without a read
+        d.call("prefetch", paths=[f"/nix/store/{b}" for b in expected_modes])
+        assert set(expected_modes) <= set(d.status()["paths_materialized"])
+        assert d.status()["cache_bytes"] == status["cache_bytes"]
         for base in expected_modes:
             assert snapshot(mnt / base) == snapshot(Path("/nix/store") / base), base
     log = d.log.read_text()
