@@ -86,6 +86,7 @@ class Stack:
     hostile: dict[str, str]  # what is wrong -> store path of such an archive
     built: str  # SAMPLE_IMAGE (nix-closure form), built by Nix
     built_two: str  # the same with tag "two" (prog-two)
+    plain_archive: str = ""  # a valid archive of an ordinary (non-nix) layer
     service_pid: int = 0
 
     def materialized(self) -> set[str]:
@@ -127,8 +128,9 @@ def stack(
     built_two = nixcache.build(SAMPLE_IMAGE, tag="two")
     hostile = {what: add_to_store(path)
                for what, path in hostile_archives.write_all(work / "hostile").items()}
+    plain_archive = add_to_store(hostile_archives.layout(work / "plain-layer.tar"))
     archives = tmp_path_factory.mktemp("cache-archives")
-    for path in [archive, built, built_two, *hostile.values()]:
+    for path in [archive, built, built_two, plain_archive, *hostile.values()]:
         nixcache.make_cache(path, archives, test_key)
     base_dir = Path(tempfile.mkdtemp(prefix="lzk-", dir="/tmp"))  # short socket paths
     os.chmod(base_dir, 0o755)
@@ -161,7 +163,7 @@ def stack(
                             CriClient(ctd.address) as direct:
                         yield Stack(base_dir, daemon, ctd, reg, service, direct, prog,
                                     closure, archive, hostile, built, built_two,
-                                    proc.pid)
+                                    plain_archive, proc.pid)
             finally:
                 ctd.stop()
                 daemon.stop()
@@ -391,3 +393,28 @@ def test_built_image_by_content_with_ctr(stack: Stack) -> None:
     out = stack.ctd.ctr("run", "--snapshotter", SN, "--rm", "docker.io/library/sample-image:latest",
                         f"c{os.getpid()}", timeout=180).stdout
     assert out == "hello from liba\n"
+
+
+def test_behind_another_cri_proxy_and_nix_only(stack: Stack) -> None:
+    # A second image service whose runtime endpoint is the first one (as it would
+    # sit in front of stargz's or SOCI's proxy), importing into containerd directly.
+    sock = stack.base / "img2.sock"
+    args = ["image-service", "--address", str(sock),
+            "--runtime-endpoint", str(stack.base / "img.sock"),
+            "--containerd-address", str(stack.ctd.address), "--nix-only",
+            "--control-socket", str(stack.daemon.sock), "--mount-point", str(stack.daemon.mnt)]
+    with lazystore_process(args, stack.base, stack.base / "image-service-2.log"), \
+            CriClient(sock) as chained:
+        pause = f"{stack.registry.host}/pause:1"
+        assert chained.image_status(pause) == stack.containerd.image_status(pause)
+        image_ref = chained.pull(nix_ref(stack.archive))
+        assert stack.containerd.image_status(nix_ref(stack.archive)).id == image_ref  # type: ignore[union-attr]
+        images = stack.cri_images()
+        with pytest.raises(grpc.RpcError) as info:
+            chained.pull(nix_ref(stack.plain_archive))
+        err: Any = info.value
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "is not a nix layer (--nix-only)" in err.details()
+        assert stack.cri_images() == images
+        chained.remove(nix_ref(stack.archive))
+    assert stack.containerd.image_status(nix_ref(stack.archive)) is None

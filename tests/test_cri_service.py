@@ -1,0 +1,138 @@
+"""The image service over gRPC against a fake CRI upstream (no containerd):
+forwarding is byte for byte, errors come back as they were, refusals are
+mapped once. The real thing end to end is tests/test_cri_e2e.py."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from lazystore.cri.containerd import Ctr
+from lazystore.cri.proto import api_pb2 as api
+from lazystore.cri.service import Daemon, ImageService, Upstream, start_server
+
+IMAGES = "/runtime.v1.ImageService/"
+UNKNOWN_FIELD = b"\xf8\x06\x2a"  # field 111, varint 42: no .proto of ours knows it
+
+
+class FakeCri(grpc.GenericRpcHandler):
+    """Records every call's method, request bytes and metadata; answers from *replies*."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bytes, dict[str, str]]] = []
+        self.replies: dict[str, bytes | tuple[grpc.StatusCode, str]] = {}
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        method = details.method  # type: ignore[attr-defined]
+
+        async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            self.calls.append((method, raw, dict(context.invocation_metadata() or ())))
+            reply = self.replies.get(method, b"")
+            if isinstance(reply, tuple):
+                await context.abort(*reply)
+            return reply  # type: ignore[return-value]
+        return grpc.unary_unary_rpc_method_handler(handle)
+
+
+Body = Callable[[grpc.aio.Channel, FakeCri], Awaitable[None]]
+
+
+def serve(tmp_path: Path, body: Body) -> None:
+    async def main() -> None:
+        fake = FakeCri()
+        upstream_server = grpc.aio.server()
+        upstream_server.add_generic_rpc_handlers((fake,))
+        upstream_server.add_insecure_port(f"unix:{tmp_path}/cri.sock")
+        await upstream_server.start()
+        async with grpc.aio.insecure_channel(f"unix:{tmp_path}/cri.sock") as up:
+            service = ImageService(Upstream(up), Ctr(str(tmp_path / "cri.sock"), "k8s.io", "x"),
+                                   Daemon(str(tmp_path / "no-daemon.sock"), str(tmp_path)))
+            server = await start_server(service, str(tmp_path / "img.sock"))
+            try:
+                async with grpc.aio.insecure_channel(f"unix:{tmp_path}/img.sock") as ch:
+                    await body(ch, fake)
+            finally:
+                await server.stop(None)
+                await upstream_server.stop(None)
+    asyncio.run(main())
+
+
+def call(ch: grpc.aio.Channel, method: str, raw: bytes, **kw: Any) -> Awaitable[bytes]:
+    return ch.unary_unary(IMAGES + method)(raw, **kw)  # type: ignore[no-any-return]
+
+
+def test_forwarded_calls_arrive_byte_for_byte_with_auth_and_metadata(tmp_path: Path) -> None:
+    request = api.PullImageRequest(
+        image=api.ImageSpec(image="registry.example/app:1"),
+        auth=api.AuthConfig(username="u", password="secret"),
+    ).SerializeToString() + UNKNOWN_FIELD
+    reply = api.PullImageResponse(image_ref="sha256:" + "a" * 64).SerializeToString()
+
+    async def body(ch: grpc.aio.Channel, fake: FakeCri) -> None:
+        fake.replies[IMAGES + "PullImage"] = reply + UNKNOWN_FIELD
+        got = await call(ch, "PullImage", request, metadata=(("x-trace", "t1"),))
+        assert got == reply + UNKNOWN_FIELD
+        [(method, raw, metadata)] = fake.calls
+        assert (method, raw) == (IMAGES + "PullImage", request)
+        assert metadata["x-trace"] == "t1"
+    serve(tmp_path, body)
+
+
+def test_every_other_image_service_call_is_forwarded(tmp_path: Path) -> None:
+    async def body(ch: grpc.aio.Channel, fake: FakeCri) -> None:
+        for method in ("ListImages", "ImageStatus", "StreamingSomethingNewer"):
+            await call(ch, method, b"\x0a\x00" + UNKNOWN_FIELD)
+        assert [(m, r) for m, r, _ in fake.calls] == [
+            (IMAGES + m, b"\x0a\x00" + UNKNOWN_FIELD)
+            for m in ("ListImages", "ImageStatus", "StreamingSomethingNewer")]
+    serve(tmp_path, body)
+
+
+def test_upstream_errors_come_back_unchanged(tmp_path: Path) -> None:
+    async def body(ch: grpc.aio.Channel, fake: FakeCri) -> None:
+        fake.replies[IMAGES + "PullImage"] = (grpc.StatusCode.PERMISSION_DENIED, "no: bad token")
+        req = api.PullImageRequest(image=api.ImageSpec(image="r.example/a:1"))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call(ch, "PullImage", req.SerializeToString())
+        assert (info.value.code(), info.value.details()) == (
+            grpc.StatusCode.PERMISSION_DENIED, "no: bad token")
+    serve(tmp_path, body)
+
+
+def test_other_services_are_not_served(tmp_path: Path) -> None:
+    async def body(ch: grpc.aio.Channel, fake: FakeCri) -> None:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await ch.unary_unary("/runtime.v1.RuntimeService/Version")(b"")
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert fake.calls == []
+    serve(tmp_path, body)
+
+
+def test_nix_pull_without_the_daemon_is_unavailable(tmp_path: Path) -> None:
+    ref = "nix:0/nix/store/" + "1" * 32 + "-image.tar"
+
+    async def body(ch: grpc.aio.Channel, fake: FakeCri) -> None:
+        req = api.PullImageRequest(image=api.ImageSpec(image=ref))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call(ch, "PullImage", req.SerializeToString())
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "cannot reach the lazystore daemon" in (info.value.details() or "")
+        # containerd was asked whether it has the image, and nothing else
+        assert [m for m, _, _ in fake.calls] == [IMAGES + "ImageStatus"]
+        status = api.ImageStatusRequest.FromString(fake.calls[0][1])
+        assert status.image.image == ref + ":latest"
+    serve(tmp_path, body)
+
+
+def test_a_request_that_does_not_parse_is_invalid_argument(tmp_path: Path) -> None:
+    async def body(ch: grpc.aio.Channel, fake: FakeCri) -> None:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call(ch, "PullImage", b"\x0a\xff\xff")
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert fake.calls == []
+    serve(tmp_path, body)
