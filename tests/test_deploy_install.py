@@ -92,6 +92,13 @@ def systemd_verify(*units: Path) -> None:
     assert proc.stderr.strip() == "", proc.stderr
 
 
+def exec_start_words(unit_text: str) -> list[str]:
+    """The words of a unit file's ExecStart= line (systemd quoting, %% and $$)."""
+    exec_start = next(line for line in unit_text.splitlines() if line.startswith("ExecStart="))
+    return [w.replace("%%", "%").replace("$$", "$")
+            for w in shlex.split(exec_start.removeprefix("ExecStart="))]
+
+
 def test_installed_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     targets = Targets.under(tmp_path)
     deploy.install(config(cache_size="20G"), targets)
@@ -109,10 +116,7 @@ def test_units_with_unusual_paths_pass_verify(tmp_path: Path) -> None:
     systemd_verify(targets.unit_dir / deploy.DAEMON_UNIT,
                    targets.unit_dir / deploy.SNAPSHOTTER_UNIT)
     text = (targets.unit_dir / deploy.DAEMON_UNIT).read_text()
-    exec_start = next(line for line in text.splitlines() if line.startswith("ExecStart="))
-    words = [w.replace("%%", "%").replace("$$", "$")
-             for w in shlex.split(exec_start.removeprefix("ExecStart="))]
-    assert words == deploy.daemon_argv(cfg)
+    assert exec_start_words(text) == deploy.daemon_argv(cfg)
 
 
 def test_containerd_dropin_passes_verify(tmp_path: Path) -> None:
@@ -531,9 +535,7 @@ def test_script_installs_the_registry_unit(
     assert f"created {unit}" in proc.stdout.splitlines()
     systemd_verify(unit)
     text = unit.read_text()
-    exec_start = next(line for line in text.splitlines() if line.startswith("ExecStart="))
-    words = [w.replace("%%", "%").replace("$$", "$")
-             for w in shlex.split(exec_start.removeprefix("ExecStart="))]
+    words = exec_start_words(text)
     cache_dir = extra[1] if extra[:1] == ("--registry-cache-dir",) else \
         "/var/cache/lazystore-registry"
     assert words == [str(LAZYSTORE), "registry", "--listen", "0.0.0.0:5001",
