@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lazystore import defaults
 from lazystore.errors import LazystoreError
 from lazystore.nix.signing import PublicKey
 
@@ -84,27 +85,27 @@ class DeployConfig:
     """What the units run; defaults as in the NixOS module."""
 
     executable: str
-    mount_point: str = "/run/lazystore"
+    mount_point: str = defaults.MOUNT_POINT
     substituters: list[str] = field(default_factory=list)
     trusted_public_keys: list[str] = field(default_factory=list)
-    cache_dir: str = "/var/cache/lazystore"
+    cache_dir: str = defaults.CACHE_DIR
     cache_size: str | None = None
-    control_socket: str = "/run/lazystore.sock"
+    control_socket: str = defaults.CONTROL_SOCKET
     allow_other: bool = True
     extra_args: list[str] = field(default_factory=list)
     snapshotter: bool = True
-    snapshotter_address: str = "/run/lazystore-snapshotter.sock"
-    snapshotter_root: str = "/var/lib/lazystore/snapshotter"
+    snapshotter_address: str = defaults.SNAPSHOTTER_SOCKET
+    snapshotter_root: str = defaults.SNAPSHOTTER_ROOT
     snapshotter_extra_args: list[str] = field(default_factory=list)
     containerd: bool = True
     cri_default_snapshotter: bool = False
     registry: bool = False
     registry_listen: str = "127.0.0.1:5000"
     registry_expression: str | None = None
-    registry_cache_dir: str = "/var/cache/lazystore-registry"
+    registry_cache_dir: str = defaults.REGISTRY_CACHE_DIR
     image_service: bool = False
-    image_service_address: str = "/run/lazystore-image.sock"
-    runtime_endpoint: str = "/run/containerd/containerd.sock"
+    image_service_address: str = defaults.IMAGE_SERVICE_SOCKET
+    runtime_endpoint: str = defaults.CONTAINERD_SOCKET
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"(\[[0-9A-Fa-f:]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}", self.registry_listen):
@@ -624,7 +625,7 @@ class Targets:
 
     @classmethod
     def under(cls, root: Path, unit_dir: str = "/etc/systemd/system",
-              containerd_config: str = "/etc/containerd/config.toml") -> Targets:
+              containerd_config: str = defaults.CONTAINERD_CONFIG) -> Targets:
         """The targets below *root*; absolute paths are taken relative to it."""
         return cls(root / unit_dir.lstrip("/"), root / containerd_config.lstrip("/"), root)
 

@@ -3,24 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import grpc
 
+from lazystore import unixsocket
 from lazystore.errors import LazystoreError
-
-
-def _claim(address: str, error: type[LazystoreError]) -> None:
-    """Remove a stale socket at *address*; refuse one that a live process serves."""
-    if not os.path.exists(address):
-        return
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(address)
-        except OSError:
-            os.unlink(address)
-            return
-    raise error(f"another process already serves {address}")
 
 
 async def listen(
@@ -34,7 +21,7 @@ async def listen(
     parent = os.path.dirname(os.path.abspath(address))
     if not os.path.isdir(parent):
         raise error(f"cannot listen on {address}: no directory {parent}")
-    _claim(address, error)
+    unixsocket.claim(address, error, "another process already serves")
     old = os.umask(0o177)
     try:
         try:

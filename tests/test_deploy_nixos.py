@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 import lazystore
-from lazystore import deploy
+from lazystore import defaults, deploy
 from lazystore.cli.daemon import parse_size
 from lazystore.testing import nixcache
 
@@ -137,6 +137,12 @@ def test_options_declared_with_types_and_defaults() -> None:
         "imageService.address": ("path", "/run/lazystore-image.sock"),
         "imageService.runtimeEndpoint": ("path", "/run/containerd/containerd.sock"),
     }
+    # The same paths as the commands' own defaults and install-systemd's.
+    module_paths = ("mountPoint", "cacheDir", "controlSocket", "snapshotter.address",
+                    "snapshotter.root", "registry.cacheDir")
+    assert [got[name][1] for name in module_paths] == [
+        defaults.MOUNT_POINT, defaults.CACHE_DIR, defaults.CONTROL_SOCKET,
+        defaults.SNAPSHOTTER_SOCKET, defaults.SNAPSHOTTER_ROOT, defaults.REGISTRY_CACHE_DIR]
     flat_options = flat(options)
     assert flat_options["substituters"]["defaultText"] == "config.nix.settings.substituters"
     assert (flat_options["trustedPublicKeys"]["defaultText"]

@@ -9,11 +9,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from lazystore.control.client import DEFAULT_SOCKET, ControlClient
+from lazystore import defaults
+from lazystore.control.client import ControlClient
 from lazystore.errors import LazystoreError
 
-DEFAULT_MOUNTPOINT = "/run/lazystore"
-DEFAULT_CACHE_DIR = "/var/cache/lazystore"
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -27,8 +26,8 @@ def parse_size(text: str) -> int:
 
 def _socket_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--control-socket", default=DEFAULT_SOCKET, metavar="PATH",
-        help=f"the daemon's control socket (default {DEFAULT_SOCKET})",
+        "--control-socket", default=defaults.CONTROL_SOCKET, metavar="PATH",
+        help=f"the daemon's control socket (default {defaults.CONTROL_SOCKET})",
     )
 
 
@@ -37,9 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     from lazystore.cli import fetch as fetch_cli
 
     p = sub.add_parser("mount", help="mount the lazy store (foreground)")
-    p.add_argument("mountpoint", nargs="?", default=DEFAULT_MOUNTPOINT)
+    p.add_argument("mountpoint", nargs="?", default=defaults.MOUNT_POINT)
     fetch_cli.add_substituter_arguments(p)
-    p.add_argument("--cache-dir", type=Path, default=Path(DEFAULT_CACHE_DIR))
+    p.add_argument("--cache-dir", type=Path, default=Path(defaults.CACHE_DIR))
     p.add_argument("--cache-size", type=parse_size, default=None, metavar="SIZE",
                    help="evict least recently used paths above this (e.g. 20G)")
     p.add_argument("--store-dir", default=None, metavar="DIR",

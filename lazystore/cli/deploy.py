@@ -8,7 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from lazystore import deploy
+from lazystore import defaults, deploy
 from lazystore.cli.daemon import parse_size
 from lazystore.errors import LazystoreError
 
@@ -28,26 +28,26 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "nothing is written outside it")
     p.add_argument("--unit-dir", default="/etc/systemd/system",
                    help="below ROOT (default: %(default)s)")
-    p.add_argument("--containerd-config", default="/etc/containerd/config.toml",
+    p.add_argument("--containerd-config", default=defaults.CONTAINERD_CONFIG,
                    help="below ROOT (default: %(default)s)")
     p.add_argument("--exec", dest="executable",
                    help="the lazystore program the units run (default: this one)")
-    p.add_argument("--mount-point", default="/run/lazystore")
+    p.add_argument("--mount-point", default=defaults.MOUNT_POINT)
     p.add_argument("--substituter", action="append", default=[], metavar="URL",
                    help="binary cache (repeatable; default: the daemon reads nix.conf)")
     p.add_argument("--trusted-public-key", action="append", default=[], metavar="KEY",
                    help="name:base64 (repeatable; default: the daemon reads nix.conf)")
-    p.add_argument("--cache-dir", default="/var/cache/lazystore")
+    p.add_argument("--cache-dir", default=defaults.CACHE_DIR)
     p.add_argument("--cache-size", type=_size, help="e.g. 20G (default: no limit)")
-    p.add_argument("--control-socket", default="/run/lazystore.sock")
+    p.add_argument("--control-socket", default=defaults.CONTROL_SOCKET)
     p.add_argument("--no-allow-other", dest="allow_other", action="store_false",
                    help="only root may read the mount")
     p.add_argument("--daemon-arg", action="append", default=[], metavar="ARG",
                    help="a further argument for `lazystore mount` (repeatable)")
     p.add_argument("--no-snapshotter", dest="snapshotter", action="store_false",
                    help="only the FUSE daemon (implies --no-containerd)")
-    p.add_argument("--snapshotter-address", default="/run/lazystore-snapshotter.sock")
-    p.add_argument("--snapshotter-root", default="/var/lib/lazystore/snapshotter")
+    p.add_argument("--snapshotter-address", default=defaults.SNAPSHOTTER_SOCKET)
+    p.add_argument("--snapshotter-root", default=defaults.SNAPSHOTTER_ROOT)
     p.add_argument("--no-containerd", dest="containerd", action="store_false",
                    help="leave containerd's config and unit alone")
     p.add_argument("--cri-default-snapshotter", action="store_true",
@@ -57,12 +57,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--registry-listen", default="127.0.0.1:5000", metavar="HOST:PORT")
     p.add_argument("--registry-expression", metavar="FILE",
                    help="the registry's --expression (absolute path)")
-    p.add_argument("--registry-cache-dir", default="/var/cache/lazystore-registry")
+    p.add_argument("--registry-cache-dir", default=defaults.REGISTRY_CACHE_DIR)
     p.add_argument("--image-service", action="store_true",
                    help="also lazystore-image-service.service (`lazystore image-service`, "
                    "the kubelet's --image-service-endpoint); needs --cri-default-snapshotter")
-    p.add_argument("--image-service-address", default="/run/lazystore-image.sock")
-    p.add_argument("--runtime-endpoint", default="/run/containerd/containerd.sock",
+    p.add_argument("--image-service-address", default=defaults.IMAGE_SERVICE_SOCKET)
+    p.add_argument("--runtime-endpoint", default=defaults.CONTAINERD_SOCKET,
                    help="the CRI the image service forwards to (default: %(default)s)")
     p.add_argument("--dry-run", action="store_true", help="show what would change, write nothing")
     p.set_defaults(func=_install)

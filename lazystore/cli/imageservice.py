@@ -7,12 +7,7 @@ import asyncio
 import logging
 import signal
 
-from lazystore import sdnotify
-from lazystore.cli.snapshotter import DEFAULT_MOUNT_POINT
-from lazystore.control.client import DEFAULT_SOCKET
-
-DEFAULT_ADDRESS = "/run/lazystore-image.sock"
-DEFAULT_RUNTIME_ENDPOINT = "/run/containerd/containerd.sock"
+from lazystore import defaults, sdnotify
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +21,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "mount and imported into containerd; every other reference and call goes to "
         "the CRI at --runtime-endpoint unchanged.",
     )
-    p.add_argument("--address", default=DEFAULT_ADDRESS, help="gRPC unix socket (mode 0600)")
-    p.add_argument("--runtime-endpoint", default=DEFAULT_RUNTIME_ENDPOINT,
+    p.add_argument("--address", default=defaults.IMAGE_SERVICE_SOCKET,
+                   help="gRPC unix socket (mode 0600)")
+    p.add_argument("--runtime-endpoint", default=defaults.CONTAINERD_SOCKET,
                    help="containerd's socket (its CRI plugin), or another CRI image proxy's")
     p.add_argument("--containerd-address", default=None,
                    help="containerd's socket for imports (default: --runtime-endpoint)")
-    p.add_argument("--control-socket", default=DEFAULT_SOCKET, help="the daemon's control socket")
-    p.add_argument("--mount-point", default=DEFAULT_MOUNT_POINT, help="the daemon's mount point")
+    p.add_argument("--control-socket", default=defaults.CONTROL_SOCKET,
+                   help="the daemon's control socket")
+    p.add_argument("--mount-point", default=defaults.MOUNT_POINT, help="the daemon's mount point")
     p.add_argument("--namespace", default="k8s.io", help="containerd namespace of the CRI plugin")
     p.add_argument("--snapshotter", default="lazystore",
                    help="snapshotter nix images are unpacked on (the CRI plugin's)")

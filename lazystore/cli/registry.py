@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lazystore import defaults
+
 DEFAULT_LISTEN = "127.0.0.1:5000"
-DEFAULT_CACHE_DIR = "/var/cache/lazystore-registry"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,8 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "of its attributes a, b and c (built with Nix)")
     p.add_argument("--max-layers", type=fetch_cli._positive_int, default=100, metavar="N",
                    help="layers of a 'layered' image at most (default 100)")
-    p.add_argument("--cache-dir", type=Path, default=Path(DEFAULT_CACHE_DIR), metavar="DIR",
-                   help=f"blobs and built layers (default {DEFAULT_CACHE_DIR})")
+    p.add_argument("--cache-dir", type=Path, default=Path(defaults.REGISTRY_CACHE_DIR),
+                   metavar="DIR",
+                   help=f"blobs and built layers (default {defaults.REGISTRY_CACHE_DIR})")
     p.set_defaults(func=cmd_registry)
 
 

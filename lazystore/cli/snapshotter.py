@@ -9,13 +9,8 @@ import logging
 import signal
 from pathlib import Path
 
-from lazystore import sdnotify
-from lazystore.control.client import DEFAULT_SOCKET
+from lazystore import defaults, sdnotify
 from lazystore.errors import SnapshotterError
-
-DEFAULT_ADDRESS = "/run/lazystore-snapshotter.sock"
-DEFAULT_ROOT = "/var/lib/lazystore/snapshotter"
-DEFAULT_MOUNT_POINT = "/run/lazystore"
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +41,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="containerd proxy snapshotter: overlayfs snapshots; nix layers are "
         "shown through views of the lazystore daemon.",
     )
-    p.add_argument("--address", default=DEFAULT_ADDRESS, help="gRPC unix socket (mode 0600)")
-    p.add_argument("--root", default=DEFAULT_ROOT, help="metadata and overlay directories")
-    p.add_argument("--control-socket", default=DEFAULT_SOCKET, help="the daemon's control socket")
-    p.add_argument("--mount-point", default=DEFAULT_MOUNT_POINT, help="the daemon's mount point")
+    p.add_argument("--address", default=defaults.SNAPSHOTTER_SOCKET,
+                   help="gRPC unix socket (mode 0600)")
+    p.add_argument("--root", default=defaults.SNAPSHOTTER_ROOT,
+                   help="metadata and overlay directories")
+    p.add_argument("--control-socket", default=defaults.CONTROL_SOCKET,
+                   help="the daemon's control socket")
+    p.add_argument("--mount-point", default=defaults.MOUNT_POINT, help="the daemon's mount point")
     p.add_argument(
         "--print-containerd-config", action="store_true",
         help="print the [proxy_plugins.lazystore] stanza for containerd's config.toml and exit",

@@ -8,11 +8,9 @@ from typing import Any
 from lazystore.control import protocol
 from lazystore.errors import ControlError
 
-DEFAULT_SOCKET = "/run/lazystore.sock"
-
 
 class ControlClient:
-    def __init__(self, path: str = DEFAULT_SOCKET, timeout: float | None = None) -> None:
+    def __init__(self, path: str, timeout: float | None = None) -> None:
         self.path = path
         self.timeout = timeout
         self._sock: socket.socket | None = None

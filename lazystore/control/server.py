@@ -7,16 +7,14 @@ or raises LazystoreError, whose one-line message goes back to the client.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import socket as _socket
-import stat
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 
+from lazystore import unixsocket
 from lazystore.control import protocol
 from lazystore.errors import ControlError, LazystoreError
 
@@ -27,23 +25,7 @@ Handler = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
 def claim_socket_path(path: str) -> None:
     """Remove a stale socket at *path*; refuse if a live daemon answers there."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ControlError(f"{path} exists and is not a socket")
-    probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError as exc:
-        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-            raise ControlError(f"control socket {path}: {exc.strerror}") from None
-        os.unlink(path)
-        return
-    finally:
-        probe.close()
-    raise ControlError(f"another lazystore daemon is listening on {path}")
+    unixsocket.claim(path, ControlError, "another lazystore daemon is listening on")
 
 
 async def open_listener(path: str) -> trio.SocketListener:
