@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 CHUNK = 1 << 16
 IDLE_TIMEOUT = 60.0  # a kept-alive connection with no request is closed after this
 MAX_HEADER = 16 * 1024  # larger request heads are refused (431)
+MAX_CONNECTIONS = 512  # open at once; idle ones close after IDLE_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -42,23 +43,36 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 async def serve(handler: Handler, listeners: list[trio.SocketListener],
+                max_connections: int = MAX_CONNECTIONS,
                 task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve *handler* on *listeners* until cancelled."""
+    """Serve *handler* on *listeners* until cancelled; beyond *max_connections*
+    open connections, new ones wait in the listen backlog."""
+    limiter = trio.CapacityLimiter(max_connections)
     async with trio.open_nursery() as nursery:
         for listener in listeners:
-            nursery.start_soon(_accept, handler, listener, nursery)
+            nursery.start_soon(_accept, handler, listener, limiter, nursery)
         task_status.started()
 
 
 async def _accept(handler: Handler, listener: trio.SocketListener,
-                  nursery: trio.Nursery) -> None:
+                  limiter: trio.CapacityLimiter, nursery: trio.Nursery) -> None:
     async with listener:
         while True:
+            token = object()
+            await limiter.acquire_on_behalf_of(token)
             stream = await listener.accept()
-            nursery.start_soon(_connection, handler, stream)
+            nursery.start_soon(_connection, handler, stream, limiter, token)
 
 
-async def _connection(handler: Handler, stream: trio.SocketStream) -> None:
+async def _connection(handler: Handler, stream: trio.SocketStream,
+                      limiter: trio.CapacityLimiter, token: object) -> None:
+    try:
+        await _exchanges(handler, stream)
+    finally:
+        limiter.release_on_behalf_of(token)
+
+
+async def _exchanges(handler: Handler, stream: trio.SocketStream) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER)
     async with stream:
         try:
