@@ -288,6 +288,12 @@ def test_remove_image_removes_it_and_unpins_its_paths(stack: Stack) -> None:
     assert stack.containerd.image_status(image_ref) is None
     assert not [v for v in stack.daemon.status()["views"] if v.startswith("cri-")]
     stack.service.remove(nix_ref(stack.archive))  # idempotent, as the CRI wants
+    # the kubelet's image GC removes by id
+    assert stack.service.pull(nix_ref(stack.archive)) == image_ref
+    assert [v for v in stack.daemon.status()["views"] if v.startswith("cri-")] == pins
+    stack.service.remove(image_ref)
+    assert stack.containerd.image_status(nix_ref(stack.archive)) is None
+    assert not [v for v in stack.daemon.status()["views"] if v.startswith("cri-")]
 
 
 @pytest.mark.parametrize("ref, message", [

@@ -103,3 +103,10 @@ def test_import_layout_holds_only_the_verified_blobs_and_names_the_image(tmp_pat
     assert desc["digest"] == image.manifest.digest
     assert desc["annotations"] == {"io.containerd.image.name": "nix:0/nix/store/x:latest"}
     assert archive.inspect(dest).id == image.id
+
+
+def test_a_symlink_is_no_archive_even_to_a_valid_one(tmp_path: Path) -> None:
+    target = hostile_archives.layout(tmp_path / "ok.tar", hostile_archives.NIX_NOTES)
+    (tmp_path / "link.tar").symlink_to(target)
+    with pytest.raises(BadArchive, match="a symlink"):
+        archive.inspect(tmp_path / "link.tar")

@@ -14,10 +14,12 @@ file I/O: call both from a worker thread.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import os
+import stat
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -152,15 +154,30 @@ def _nix_layer(path: Path, image: Image, layer: oci.Descriptor, store_dir: str) 
     return True
 
 
+def _open(path: Path) -> Any:
+    """The archive file itself, never what a symlink store path points at
+    (the host's files are not the store's)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise BadArchive(f"{path}: not an image archive (a symlink)") from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise BadArchive(f"{path}: not an image archive ({kind})")
+    return os.fdopen(fd, "rb")
+
+
 def inspect(path: Path, nix_only: bool = False, store_dir: str = DEFAULT_STORE_DIR) -> Image:
     """Verify the archive at *path*; BadArchive says what is wrong with it."""
     try:
-        with tarfile.open(path, mode="r:") as tar:
+        with _open(path) as src, tarfile.open(fileobj=src, mode="r:") as tar:
             return _inspect(_Reader(path, tar), nix_only, store_dir)
     except tarfile.TarError as exc:
         raise BadArchive(f"{path}: not an image archive (tar: {exc})") from None
-    except IsADirectoryError:
-        raise BadArchive(f"{path}: not an image archive (a directory)") from None
 
 
 def _inspect(reader: _Reader, nix_only: bool, store_dir: str) -> Image:
@@ -204,7 +221,7 @@ def import_index(image: Image, name: str) -> bytes:
 def write_import(src: Path, image: Image, name: str, dest: Path) -> None:
     """Write the layout containerd imports to *dest*: the verified blobs of
     *image* (checked again as they are copied) and :func:`import_index`."""
-    with tarfile.open(src, mode="r:") as tar:
+    with _open(src) as fileobj, tarfile.open(fileobj=fileobj, mode="r:") as tar:
         reader = _Reader(src, tar)
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as out, tarfile.open(fileobj=out, mode="w") as dst:

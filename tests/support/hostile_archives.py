@@ -29,6 +29,7 @@ MESSAGES = {
     "no-index": "no index.json",
     "two-images": "exactly one image",
     "missing-layer": "is missing",
+    "symlink-path": "a symlink",  # a store path that is a symlink (to a host file)
 }
 
 
@@ -109,6 +110,9 @@ def _broken(what: str) -> Callable[[Path], Path]:
         layer_name = files[2][0]
         if what == "not-a-tar":
             dest.write_text("just some text, not a tar\n" * 40)
+            return dest
+        if what == "symlink-path":
+            dest.symlink_to("/etc/hostname")
             return dest
         if what == "escaping-entry":
             files.append(("blobs/../../evil", b"x", ""))
