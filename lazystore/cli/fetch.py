@@ -19,6 +19,7 @@ from typing import TypeVar
 import trio
 
 from lazystore.errors import FormatError, LazystoreError, UnpackError
+from lazystore.nix import fsio
 from lazystore.nix.fsio import NarUnpacker
 from lazystore.nix.narinfo import NarInfo
 from lazystore.nix.storepath import StorePath
@@ -286,7 +287,7 @@ class DirSink:
         try:
             return step()
         except (UnpackError, OSError) as exc:
-            raise LazystoreError(f"cannot write {self.dest}: {exc}") from None
+            raise LazystoreError(f"cannot write {self.dest}: {fsio.reason(exc)}") from None
 
 
 def _exists(path: Path) -> bool:

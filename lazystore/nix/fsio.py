@@ -363,6 +363,15 @@ def unpack(
     unpacker.finish()
 
 
+def reason(exc: BaseException) -> str:
+    """What went wrong writing, in the OS's words when an OSError is behind
+    *exc* (an UnpackError names the temporary, which a user has no use for)."""
+    cause = exc if isinstance(exc, OSError) else exc.__cause__
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    return str(exc)
+
+
 # --- removal ----------------------------------------------------------------
 
 

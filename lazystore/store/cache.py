@@ -231,10 +231,7 @@ class LocalStore:
         return self.records[base]
 
     async def _query(self, sp: StorePath) -> NarInfo:
-        try:
-            info = await self.subs.query(sp)
-        except LazystoreError as exc:  # its message names the path already
-            raise StoreError(str(exc)) from None
+        info = await self.subs.query(sp)  # its errors: mapped by _store_errors
         if info is None:
             self._negative[sp.basename] = True
             raise PathNotFound(f"{sp.basename} is in none of the substituters")
@@ -338,12 +335,9 @@ class LocalStore:
             sinks.append(StoreSink(base, self.tmp_dir, self.data_dir))
             return sinks[-1]
 
-        try:
-            await self.subs.fetch(info, open_sink)
-        except StoreError:  # the sink's: the cache directory's trouble
-            raise
-        except LazystoreError as exc:  # its message names the path already
-            raise StoreError(str(exc)) from None
+        # A substituter's error is mapped by _store_errors; a StoreSink's is
+        # a StoreError already (the cache directory's trouble).
+        await self.subs.fetch(info, open_sink)
         done = sinks[-1]  # only the attempt that verified was finished
         assert done.tree is not None, "fetch returned without finishing a sink"
         return done.tree, done.disk_bytes
@@ -482,7 +476,8 @@ def _flight_cancelled(key: Any) -> StoreError:
 
 async def _store_errors(kind: str, key: str, fn: Callable[[], Awaitable[Any]]) -> Any:
     """Run a flight's work, its failure mapped once to a StoreError (whoever
-    waits reports it: EIO, a control error) and logged once."""
+    waits reports it: EIO, a control error) and logged once. The messages of
+    the substituter's errors name the path already."""
     try:
         return await fn()
     except PathNotFound:

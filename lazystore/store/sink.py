@@ -71,7 +71,5 @@ class StoreSink:
         try:
             return step()
         except (UnpackError, OSError) as exc:
-            cause = exc if isinstance(exc, OSError) else exc.__cause__
-            why = cause.strerror if isinstance(cause, OSError) and cause.strerror else exc
             raise CacheWriteError(f"cannot write {self.base} into the cache "
-                                  f"{self.dest.parent.parent}: {why}") from None
+                                  f"{self.dest.parent.parent}: {fsio.reason(exc)}") from None
