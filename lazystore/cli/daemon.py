@@ -11,7 +11,6 @@ from typing import Any
 
 from lazystore import defaults
 from lazystore.control.client import ControlClient
-from lazystore.errors import LazystoreError
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -70,6 +69,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
     from lazystore.cli import fetch as fetch_cli
     from lazystore.daemon import process
+    from lazystore.nurseries import first_error
     from lazystore.substituter.client import Substituters
 
     config = fetch_cli.config_from_args(args)
@@ -87,16 +87,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
             substituter_urls=list(config.urls),
         ))
     except BaseExceptionGroup as group:
-        raise _first_error(group) from None
+        raise first_error(group) from None
     return 0
-
-
-def _first_error(group: BaseExceptionGroup) -> BaseException:
-    """The LazystoreError inside a nursery's exception group, else the group."""
-    match, _ = group.split(LazystoreError)
-    while isinstance(match, BaseExceptionGroup):
-        match = match.exceptions[0]
-    return match if match is not None else group
 
 
 def _human(n: float) -> str:

@@ -23,9 +23,10 @@ from lazystore.nix import fsio
 from lazystore.nix.fsio import NarUnpacker
 from lazystore.nix.narinfo import NarInfo
 from lazystore.nix.storepath import StorePath
+from lazystore.nurseries import first_error
 from lazystore.substituter.client import Substituters
 from lazystore.substituter.config import NIX_CONF, SubstituterConfig
-from lazystore.substituter.download import OpenSink, remove_tree, single_error
+from lazystore.substituter.download import OpenSink
 from lazystore.substituter.errors import SubstituterError
 
 T = TypeVar("T")
@@ -115,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         trio.run(job.run)
     except BaseExceptionGroup as group:
-        raise single_error(group) from None
+        raise first_error(group) from None
     if job.terminated:
         print(f"lazystore: error: terminated (SIGTERM); {job.summary()}", file=sys.stderr)
         return 128 + signal.SIGTERM
@@ -162,7 +163,7 @@ class _Job:
                     await self._work(tmp_dir)
                     nursery.cancel_scope.cancel()
         finally:
-            remove_tree(tmp_dir)
+            fsio.remove_tree(tmp_dir, ignore_errors=True)
 
     async def _work(self, tmp_dir: Path) -> None:
         async with Substituters(self.config) as subs:
@@ -271,12 +272,12 @@ class DirSink:
         self._local(self._unpacker.finish)
         tmp = self._unpacker.dest
         if _exists(self.dest):
-            remove_tree(tmp)
+            fsio.remove_tree(tmp, ignore_errors=True)
             raise LazystoreError(f"{self.dest} already exists")
         try:
             os.rename(tmp, self.dest)
         except OSError as exc:
-            remove_tree(tmp)
+            fsio.remove_tree(tmp, ignore_errors=True)
             raise LazystoreError(f"cannot move {self.dest} into place: {exc.strerror}"
                                  ) from None
 

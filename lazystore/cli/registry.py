@@ -37,7 +37,7 @@ def cmd_registry(args: argparse.Namespace) -> int:
 
     from lazystore.cli import Stdout
     from lazystore.cli import fetch as fetch_cli
-    from lazystore.cli.daemon import _first_error
+    from lazystore.nurseries import first_error
     from lazystore.registry import server
     from lazystore.substituter.client import Substituters
 
@@ -51,5 +51,5 @@ def cmd_registry(args: argparse.Namespace) -> int:
         trio.run(lambda: server.run(Substituters(config), args.listen, args.cache_dir,
                                     args.max_layers, args.expression, ready))
     except BaseExceptionGroup as group:
-        raise _first_error(group) from None
+        raise first_error(group) from None
     return 0

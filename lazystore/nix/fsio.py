@@ -375,15 +375,23 @@ def reason(exc: BaseException) -> str:
 # --- removal ----------------------------------------------------------------
 
 
-def remove_tree(path: str | os.PathLike[str]) -> None:
-    """Remove *path* (any depth, read-only directories too) without following
-    symlinks. Missing *path* is fine. Raises OSError."""
-    path = Path(path).absolute()
-    parent, name = _split(path)
+def remove_tree(path: str | os.PathLike[str], ignore_errors: bool = False) -> None:
+    """Remove *path* (a tree of any depth, read-only directories too, a file or
+    a symlink) without following symlinks. Missing *path* is fine. Raises
+    OSError, unless *ignore_errors* (then as much as can go goes)."""
+    try:
+        parent, name = _split(Path(path).absolute())
+    except OSError:
+        if ignore_errors:
+            return
+        raise
     try:
         _remove(parent, name)
     except FileNotFoundError:
         pass
+    except OSError:
+        if not ignore_errors:
+            raise
     finally:
         os.close(parent)
 

@@ -31,6 +31,7 @@ from lazystore.image.closure import PathInfo, path_info
 from lazystore.nix import fsio
 from lazystore.nix.narinfo import NarInfo
 from lazystore.nix.storepath import StorePath
+from lazystore.nurseries import first_error
 from lazystore.registry import manifest as media
 from lazystore.registry.blobs import BlobStore
 from lazystore.registry.errors import (
@@ -42,7 +43,6 @@ from lazystore.registry.errors import (
 from lazystore.registry.expression import Expression, bin_entries
 from lazystore.registry.names import TAGS, Name
 from lazystore.substituter.client import Substituters
-from lazystore.substituter.download import single_error
 from lazystore.substituter.errors import NotAvailableError, SubstituterError
 
 log = logging.getLogger(__name__)
@@ -344,4 +344,4 @@ async def _all(jobs: Sequence[Callable[[], Awaitable[None]]]) -> None:
             for job in jobs:
                 nursery.start_soon(job)
     except BaseExceptionGroup as group:
-        raise single_error(group) from None
+        raise first_error(group) from None

@@ -11,9 +11,10 @@ the kernel accepts to paths relative to that common directory.
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from lazystore.nix import fsio
 
 # The kernel copies mount options into a single page.
 MOUNT_OPTIONS_LIMIT = 4096
@@ -64,11 +65,9 @@ class Layout:
     def create(self, id_: int, active: bool) -> None:
         """Make the snapshot's directories (blocking); a leftover of a crash is replaced."""
         path = self.dir(id_)
-        if path.exists():
-            shutil.rmtree(path)
+        fsio.remove_tree(path)
         tmp = self.snapshots / f"new-{id_}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        fsio.remove_tree(tmp)
         (tmp / "fs").mkdir(parents=True)
         os.chmod(tmp / "fs", 0o755)
         if active:
@@ -82,7 +81,7 @@ class Layout:
             self.dir(id_).rename(doomed)
         except FileNotFoundError:
             return  # never made, or a Cleanup running meanwhile took it as an orphan
-        shutil.rmtree(doomed, ignore_errors=True)
+        fsio.remove_tree(doomed, ignore_errors=True)
 
     def orphans(self, known: set[int]) -> list[Path]:
         """Directories that no snapshot row owns (crash leftovers)."""

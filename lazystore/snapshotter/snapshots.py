@@ -23,12 +23,12 @@ import fcntl
 import hashlib
 import logging
 import os
-import shutil
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 from lazystore.errors import ControlError
+from lazystore.nix import fsio
 from lazystore.nix.storepath import DEFAULT_STORE_DIR
 from lazystore.snapshotter import filters, nixlayer, overlay
 from lazystore.snapshotter.errors import (
@@ -396,11 +396,5 @@ class Snapshotter:
         # so at any await every directory without a row is an orphan.
         for path in self.layout.orphans(self.meta.ids()):
             log.info("cleanup: removing %s", path)
-            await asyncio.to_thread(_rmtree, path)
+            await asyncio.to_thread(fsio.remove_tree, path, True)
 
-
-def _rmtree(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)

@@ -132,7 +132,7 @@ class LocalStore:
         for d in (self.data_dir, self.tmp_dir):
             d.mkdir(parents=True, exist_ok=True)
         for child in self.tmp_dir.iterdir():
-            _remove(child)
+            fsio.remove_tree(child)
         self.records = index.load(self.index_file)
         self._reconcile()
 
@@ -158,13 +158,13 @@ class LocalStore:
             StorePath.from_basename(base)
         except FormatError:
             log.info("removing %s from the cache: not a store path", base)
-            _remove(self.data_dir / base)
+            fsio.remove_tree(self.data_dir / base)
             return
         try:
             scanned = _scan(self.data_dir / base)
         except StoreError as exc:
             log.info("removing %s from the cache: %s", base, exc)
-            _remove(self.data_dir / base)
+            fsio.remove_tree(self.data_dir / base)
             self.records.pop(base, None)
             return
         rec = rec or self.records.setdefault(base, Record())
@@ -312,7 +312,7 @@ class LocalStore:
             try:
                 node, usage = await trio.to_thread.run_sync(_scan, dest)
             except StoreError:
-                await trio.to_thread.run_sync(_remove, dest)
+                await trio.to_thread.run_sync(fsio.remove_tree, dest)
                 raise
         else:
             node, usage = await self._substitute(base)
@@ -395,7 +395,7 @@ class LocalStore:
         self._changed()
         log.info("evicted %s", base)
         if grave is not None:
-            await trio.to_thread.run_sync(_remove, grave)
+            await trio.to_thread.run_sync(fsio.remove_tree, grave)
 
     async def evict(self, paths: list[str]) -> list[str]:
         """Evict the data of *paths* (all evictable when empty); pinned ones stay."""
@@ -501,11 +501,6 @@ def _scan(path: Path) -> tuple[Node, int]:
     there behind the index); fetched paths get theirs from the NAR."""
     node = tree.from_disk(path)
     return node, tree.footprint(node)
-
-
-def _remove(path: Path) -> None:
-    """Remove *path* whatever it is: read-only store trees of any depth included."""
-    fsio.remove_tree(path)
 
 
 async def _each(bases: list[str], fn: Callable[[str], Awaitable[Any]], parallel: int) -> None:

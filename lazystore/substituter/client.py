@@ -30,9 +30,10 @@ from lazystore.nix.listing import ListingError
 from lazystore.nix.narinfo import NarInfo
 from lazystore.nix.signing import PublicKey, verify_narinfo
 from lazystore.nix.storepath import StorePath
+from lazystore.nurseries import first_error
 from lazystore.substituter import retry
 from lazystore.substituter.config import SubstituterConfig
-from lazystore.substituter.download import OpenSink, download, single_error
+from lazystore.substituter.download import OpenSink, download
 from lazystore.substituter.errors import (
     CacheInfoError,
     NotAvailableError,
@@ -403,7 +404,7 @@ class Substituters:
                 for path in paths:
                     nursery.start_soon(one, path)
         except BaseExceptionGroup as group:
-            raise single_error(group) from None
+            raise first_error(group) from None
         return answers
 
     def _missing(self, path: StorePath, needed_by: dict[StorePath, StorePath | None]) -> str:

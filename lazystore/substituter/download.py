@@ -11,14 +11,13 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import Protocol
 
 import trio
 
 from lazystore.errors import NarError
-from lazystore.nix import fsio
 from lazystore.nix.narinfo import NarInfo
+from lazystore.nurseries import first_error
 from lazystore.substituter import decompress
 from lazystore.substituter.errors import VerificationError
 from lazystore.substituter.transport import Reader, Transport
@@ -119,33 +118,6 @@ class _Pipeline:
         self.sink.abort()
 
 
-def single_error(group: BaseExceptionGroup) -> BaseException:
-    """The error to report from a nursery's group: the first that is not a
-    cancellation (the sibling tasks of a failed task end Cancelled)."""
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        else:
-            leaves.append(exc)
-
-    walk(group)
-    for leaf in leaves:
-        if not isinstance(leaf, trio.Cancelled):
-            return leaf
-    return leaves[0] if leaves else group
-
-
-def remove_tree(path: Path) -> None:
-    """Remove *path* (a tree, file or symlink) if it exists; best effort."""
-    try:
-        fsio.remove_tree(path)  # any depth, read-only directories included
-    except OSError as exc:
-        log.debug("cannot remove %s: %s", path, exc)
-
-
 async def download(
     transport: Transport,
     info: NarInfo,
@@ -168,7 +140,7 @@ async def download(
                     nursery.start_soon(_read_into, reader, send, count_bytes)
                     await _drain(receive, pipeline, limiter)
             except BaseExceptionGroup as group:
-                raise single_error(group) from None
+                raise first_error(group) from None
         await trio.to_thread.run_sync(pipeline.finish, limiter=limiter)
     except BaseException:
         with trio.CancelScope(shield=True):
