@@ -332,7 +332,7 @@ def test_readdir_keys_are_stable_and_distinct() -> None:
 async def test_data_removed_behind_the_daemon_is_fetched_again(
     tmp_path: Path, subs: FakeSubstituters
 ) -> None:
-    from lazystore.store.cache import _remove
+    from lazystore.nix.fsio import remove_tree as _remove
 
     async with LocalStore(subs, tmp_path) as store:
         await store.materialize(B)
