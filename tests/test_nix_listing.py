@@ -97,6 +97,16 @@ def test_parse_reads_a_document_and_events_walk_any_depth() -> None:
         list(listing.events({"root": node}, max_depth=100))
 
 
+def test_names_and_targets_that_are_not_utf8_are_read_back_as_their_bytes() -> None:
+    # Nix (2.8) writes them raw into the JSON, as to_json does; a symlink root included.
+    for tree in (TreeSymlink(b"\x87\xd0"),
+                 TreeDir({b"caf\xe9": TreeFile(b"x"), b"l": TreeSymlink(b"\xff\xfe")})):
+        data = nartree.pack(tree)
+        written = listing.to_json(listing.from_nar([data]))
+        from_nar = [e for e in nar.parse([data]) if not isinstance(e, nar.FileData)]
+        assert list(listing.events(listing.parse(written))) == from_nar
+
+
 @pytest.mark.parametrize(("data", "message"), [
     (b"not json", "malformed listing: "),
     (b"[]", "no 'root' object"),

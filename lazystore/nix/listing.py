@@ -119,9 +119,11 @@ def to_json(value: object) -> bytes:
 
 
 def parse(data: bytes) -> dict[str, Any]:
-    """The document of a ``.ls`` file: JSON with a ``root`` object."""
+    """The document of a ``.ls`` file: JSON with a ``root`` object. Names and
+    targets that are not UTF-8 are there as their raw bytes (Nix writes them
+    so, as :func:`to_json` does) and are read back surrogate-escaped."""
     try:
-        document = json.loads(data)
+        document = json.loads(data.decode("utf-8", "surrogateescape"))
     except (ValueError, RecursionError) as exc:
         raise ListingError(f"malformed listing: {str(exc)[:200]}") from None
     _root(document)
