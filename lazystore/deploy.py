@@ -435,8 +435,7 @@ def _stanzas(data: dict[str, Any], address: str, cri: dict[str, Any]) -> str | N
     parts = []
     plugin = _get(data, ("proxy_plugins", PLUGIN_NAME))
     if plugin is None:
-        parts.append(f"[proxy_plugins.{PLUGIN_NAME}]\n  type = \"snapshot\"\n"
-                     f"  address = {_toml_string(address)}\n")
+        parts.append(proxy_plugin_stanza(address))
     elif plugin.get("type") != "snapshot" or plugin.get("address") != address:
         return None
     if any(_get(data, (*_cri_path(data), k)) != v for k, v in cri.items()):
@@ -484,6 +483,12 @@ def merge_containerd_config(text: str, address: str, cri_default: bool = False,
     if tomllib.loads(candidate) != want:
         raise DeployError("cannot express the merged containerd config as TOML")
     return candidate
+
+
+def proxy_plugin_stanza(address: str, name: str = PLUGIN_NAME) -> str:
+    """The containerd config.toml stanza that makes *address* the snapshotter
+    proxy plugin *name* (a bare key); *address* is written as a TOML string."""
+    return f'[proxy_plugins.{name}]\n  type = "snapshot"\n  address = {_toml_string(address)}\n'
 
 
 # A TOML writer for what tomllib reads (containerd configs need no more).

@@ -4,33 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import signal
 from pathlib import Path
 
-from lazystore import defaults, sdnotify
+from lazystore import defaults, deploy, sdnotify
 from lazystore.errors import SnapshotterError
 
 log = logging.getLogger(__name__)
-
-
-def containerd_config(address: str, name: str = "lazystore") -> str:
-    """The containerd config.toml stanza that makes *address* the proxy plugin *name*.
-
-    *name* is a bare key; *address* is written as a TOML basic string.
-    """
-    return (
-        f"[proxy_plugins.{name}]\n"
-        f'  type = "snapshot"\n'
-        f"  address = {_toml_string(address)}\n"
-    )
-
-
-def _toml_string(text: str) -> str:
-    # JSON's escapes are valid in TOML (not its surrogate pairs: no ensure_ascii);
-    # TOML also wants DEL escaped.
-    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -57,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.print_containerd_config:
-        print(containerd_config(args.address), end="")
+        print(deploy.proxy_plugin_stanza(args.address), end="")
         return 0
     asyncio.run(_serve(args))
     return 0

@@ -27,6 +27,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from lazystore import deploy
+
 NAMESPACE_PREFIX = "lazystore-test"
 # runc v2 keeps container state in /run/containerd/runc/<namespace>/ whatever
 # containerd's own root and state are: each instance gets its own namespace so
@@ -88,9 +90,8 @@ def config_toml(root: Path, state: Path, address: Path,
     ]
     if cri is not None:
         lines += cri.toml(root.parent)
-    for name, sock in proxy_plugins.items():
-        lines += [f"[proxy_plugins.{name}]", '  type = "snapshot"', f'  address = "{sock}"']
-    return "\n".join(lines) + "\n"
+    stanzas = [deploy.proxy_plugin_stanza(str(sock), name) for name, sock in proxy_plugins.items()]
+    return "\n".join(lines) + "\n" + "".join(stanzas)
 
 
 def _wait_for_socket(path: Path, proc: subprocess.Popen, timeout: float, what: str) -> None:
