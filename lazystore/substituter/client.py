@@ -287,6 +287,8 @@ class Substituters:
                         info.store_path)
             return None
         if self.config.require_sigs and not self._signed(info):
+            # As Nix: not an error, the path is as missing from this cache (the
+            # next one is asked); untrusted data never leaves this method.
             log.warning("ignoring the narinfo of %s from %s: no valid signature by a "
                         "trusted key", info.store_path, cache.url)
             return None

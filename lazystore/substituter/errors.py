@@ -22,7 +22,6 @@ __all__ = [
     "RequestError",
     "NotFoundError",
     "CacheInfoError",
-    "UntrustedError",
     "VerificationError",
     "NotAvailableError",
     "map_httpx_error",
@@ -87,10 +86,6 @@ class NotFoundError(TransportError):
 
 class CacheInfoError(SubstituterError):
     """A binary cache's nix-cache-info is unusable (e.g. another store directory)."""
-
-
-class UntrustedError(SubstituterError):
-    """A narinfo has no valid signature by a trusted key."""
 
 
 class VerificationError(SubstituterError):
