@@ -1,21 +1,16 @@
 """End to end through containerd 1.6's CRI plugin: `lazystore image-service`
 in front of it, pods and containers started on containerd's RuntimeService.
 
-One stack per module: ``lazystore mount`` over real-Nix binary caches on
-127.0.0.1 (the sample closure; the image archives as store paths of their
-own), ``lazystore snapshotter``, a private containerd whose CRI plugin uses
-it (sandbox image: a busybox ``sleep`` pause image built with ``--layered``
-and pushed to a local docker-registry; host-network pods, no CNI), and the
-image service under test, run as its systemd unit would (setpriv: no
-capability, no_new_privs). Tests run in file order.
+One node per module (lazystore.testing.cri.node: the daemon, the snapshotter,
+containerd with its CRI plugin, the image service under test as its unit runs
+it) over real-Nix binary caches on 127.0.0.1: the sample closure, and the
+image archives as store paths of their own. Tests run in file order.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,20 +19,11 @@ from typing import Any
 import grpc
 import pytest
 
-from lazystore.testing import nixcache, registry
-from lazystore.testing.containerd import (
-    CRI_NAMESPACE,
-    Containerd,
-    Cri,
-    have_containerd,
-    lazystore_process,
-    snapshotter_process,
-)
-from lazystore.testing.daemon import LAZYSTORE, Daemon
+from lazystore.testing import cri, nixcache, registry
+from lazystore.testing.containerd import CRI_NAMESPACE, have_containerd, lazystore_process
+from lazystore.testing.cri import SN, CriClient, Pod, lazystore
 from lazystore.testing.httpserver import serve_directory
-from tests.support.cri import CriClient, Pod
 
-SN = "lazystore"
 SAMPLE_IMAGE = Path(__file__).with_name("support") / "sample-image.nix"
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -51,12 +37,6 @@ def _need_tools() -> None:
         pytest.skip("docker-registry is not installed")
     if not nixcache.have_nix():
         pytest.skip("real Nix (nix-bin) is not installed")
-
-
-def lazystore(*args: str) -> str:
-    proc = subprocess.run([LAZYSTORE, *args], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
 
 
 def add_to_store(path: Path) -> str:
@@ -73,37 +53,14 @@ def named(paths: list[str], name: str) -> str:
 
 
 @dataclass
-class Stack:
-    base: Path
-    daemon: Daemon
-    ctd: Containerd
-    registry: registry.Registry
-    service: CriClient  # lazystore's image service
-    containerd: CriClient  # containerd's own CRI (images and runtime)
+class Stack(cri.Node):
     prog: str  # the sample program's store path
     closure: list[str]
     archive: str  # store path of the nix image archive of prog
     hostile: dict[str, str]  # what is wrong -> store path of such an archive
     built: str  # SAMPLE_IMAGE (nix-closure form), built by Nix
     built_two: str  # the same with tag "two" (prog-two)
-    plain_archive: str = ""  # a valid archive of an ordinary (non-nix) layer
-    service_pid: int = 0
-
-    def materialized(self) -> set[str]:
-        return set(self.daemon.status()["paths_materialized"])
-
-    def cri_images(self) -> set[str]:
-        out = self.ctd.ctr("images", "ls", "-q", namespace=CRI_NAMESPACE).stdout
-        return set(out.split())
-
-    def logs(self) -> str:
-        parts = []
-        for name in ("image-service.log", "snapshotter.log", "daemon.log"):
-            p = self.base / name
-            if p.exists():
-                parts.append(f"--- {name}\n" + p.read_text(errors="replace")[-3000:])
-        parts.append("--- containerd\n" + self.ctd.log_tail())
-        return "\n".join(parts)
+    plain_archive: str  # a valid archive of an ordinary (non-nix) layer
 
 
 def nix_image(dest: Path, top: str, name: str) -> str:
@@ -132,51 +89,11 @@ def stack(
     archives = tmp_path_factory.mktemp("cache-archives")
     for path in [archive, built, built_two, plain_archive, *hostile.values()]:
         nixcache.make_cache(path, archives, test_key)
-    base_dir = Path(tempfile.mkdtemp(prefix="lzk-", dir="/tmp"))  # short socket paths
-    os.chmod(base_dir, 0o755)
-    try:
-        with serve_directory(archives) as server, registry.running(base_dir / "reg") as reg:
-            pause = work / "pause.tar"
-            busybox = named(closure, "busybox")
-            lazystore("image", "build", busybox, "-o", str(pause), "--name", "pause:1",
-                      "--layered", "1", "--entrypoint", f"{busybox}/bin/sleep 1000000")
-            lazystore("image", "push", str(pause), f"{reg.host}/pause:1", "--plain-http")
-            daemon = Daemon(base_dir, [http_cache, server.url], test_key.public_key,  # type: ignore[attr-defined]
-                            "--allow-other")
-            daemon.start()
-            ctd = Containerd(base_dir / "ctd", {SN: str(base_dir / "sn.sock")},
-                             cri=Cri(f"{reg.host}/pause:1", SN, (reg.host,)))
-            try:
-                with snapshotter_process(base_dir / "sn", base_dir / "sn.sock", daemon.sock,
-                                         daemon.mnt, log_file=base_dir / "snapshotter.log"):
-                    ctd.start()
-                    args = ["image-service", "--address", str(base_dir / "img.sock"),
-                            "--runtime-endpoint", str(ctd.address),
-                            "--control-socket", str(daemon.sock),
-                            "--mount-point", str(daemon.mnt)]
-                    # As its unit runs it: no capability at all, no_new_privs.
-                    wrapper = (["setpriv", "--no-new-privs", "--bounding-set=-all", "--"]
-                               if shutil.which("setpriv") else [])
-                    with lazystore_process(args, base_dir, base_dir / "image-service.log",
-                                           wrapper=wrapper) as proc, \
-                            CriClient(base_dir / "img.sock") as service, \
-                            CriClient(ctd.address) as direct:
-                        yield Stack(base_dir, daemon, ctd, reg, service, direct, prog,
-                                    closure, archive, hostile, built, built_two,
-                                    plain_archive, proc.pid)
-            finally:
-                ctd.stop()
-                daemon.stop()
-    finally:
-        _unmount_below(base_dir)
-        shutil.rmtree(base_dir, ignore_errors=True)
-
-
-def _unmount_below(path: Path) -> None:
-    with open("/proc/self/mounts") as f:
-        targets = [line.split()[1] for line in f if line.split()[1].startswith(str(path) + "/")]
-    for t in sorted(targets, reverse=True):
-        subprocess.run(["umount", "-l", t], capture_output=True)
+    with serve_directory(archives) as server, \
+            cri.node([http_cache, server.url], test_key.public_key,  # type: ignore[attr-defined]
+                     named(closure, "busybox"), work) as n:
+        yield Stack(**vars(n), prog=prog, closure=closure, archive=archive, hostile=hostile,
+                    built=built, built_two=built_two, plain_archive=plain_archive)
 
 
 def nix_ref(path: str) -> str:
