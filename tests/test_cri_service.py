@@ -26,6 +26,7 @@ class FakeCri(grpc.GenericRpcHandler):
     def __init__(self) -> None:
         self.calls: list[tuple[str, bytes, dict[str, str]]] = []
         self.replies: dict[str, bytes | tuple[grpc.StatusCode, str]] = {}
+        self.under_test: ImageService | None = None  # the service under test, for its state
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         method = details.method  # type: ignore[attr-defined]
@@ -52,6 +53,7 @@ def serve(tmp_path: Path, body: Body) -> None:
         async with grpc.aio.insecure_channel(f"unix:{tmp_path}/cri.sock") as up:
             service = ImageService(Upstream(up), Ctr(str(tmp_path / "cri.sock"), "k8s.io", "x"),
                                    Daemon(str(tmp_path / "no-daemon.sock"), str(tmp_path)))
+            fake.under_test = service
             server = await start_server(service, str(tmp_path / "img.sock"))
             try:
                 async with grpc.aio.insecure_channel(f"unix:{tmp_path}/img.sock") as ch:
@@ -135,4 +137,45 @@ def test_a_request_that_does_not_parse_is_invalid_argument(tmp_path: Path) -> No
             await call(ch, "PullImage", b"\x0a\xff\xff")
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert fake.calls == []
+    serve(tmp_path, body)
+
+
+@pytest.mark.allow_log
+def test_image_fs_info_without_the_daemon_is_containerds_answer(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    usage = api.ImageFsInfoResponse(image_filesystems=[api.FilesystemUsage(
+        fs_id=api.FilesystemIdentifier(mountpoint="/var/lib/containerd"),
+        used_bytes=api.UInt64Value(value=123))]).SerializeToString()
+
+    async def body(ch: grpc.aio.Channel, fake: FakeCri) -> None:
+        fake.replies[IMAGES + "ImageFsInfo"] = usage
+        assert await call(ch, "ImageFsInfo", b"") == usage
+    serve(tmp_path, body)
+    assert any("ImageFsInfo without the lazystore cache" in r.getMessage()
+               for r in caplog.records if r.levelname == "WARNING")
+
+
+def test_remove_image_is_forwarded_when_its_status_fails(tmp_path: Path) -> None:
+    async def body(ch: grpc.aio.Channel, fake: FakeCri) -> None:
+        fake.replies[IMAGES + "ImageStatus"] = (grpc.StatusCode.INTERNAL, "status broken")
+        req = api.RemoveImageRequest(image=api.ImageSpec(image="r.example/a:1"))
+        await call(ch, "RemoveImage", req.SerializeToString())
+        assert [m for m, _, _ in fake.calls] == [IMAGES + "ImageStatus", IMAGES + "RemoveImage"]
+    serve(tmp_path, body)
+
+
+def test_concurrent_nix_pulls_of_one_image_all_answer_and_leave_no_lock_behind(
+    tmp_path: Path,
+) -> None:
+    ref = "nix:0/nix/store/" + "1" * 32 + "-image.tar"
+
+    async def body(ch: grpc.aio.Channel, fake: FakeCri) -> None:
+        req = api.PullImageRequest(image=api.ImageSpec(image=ref)).SerializeToString()
+        results = await asyncio.gather(*(call(ch, "PullImage", req) for _ in range(3)),
+                                       return_exceptions=True)
+        assert all(isinstance(r, grpc.aio.AioRpcError) and
+                   r.code() == grpc.StatusCode.UNAVAILABLE for r in results)
+        assert [m for m, _, _ in fake.calls] == [IMAGES + "ImageStatus"] * 3
+        assert fake.under_test is not None and fake.under_test._pulls == {}
     serve(tmp_path, body)

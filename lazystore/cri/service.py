@@ -23,11 +23,12 @@ Errors are mapped to gRPC codes here only (:func:`status_code`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +141,7 @@ class ImageService:
     def __init__(self, upstream: Upstream, ctr: Ctr, daemon: Daemon,
                  nix_only: bool = False) -> None:
         self.upstream, self.ctr, self.daemon, self.nix_only = upstream, ctr, daemon, nix_only
-        self._pulls: dict[str, asyncio.Lock] = {}
+        self._pulls: dict[str, tuple[asyncio.Lock, list[int]]] = {}  # name -> lock, users
         self._inodes: tuple[float, int] | None = None
 
     # -- PullImage ------------------------------------------------------------
@@ -152,9 +153,21 @@ class ImageService:
         image_id = await self.pull_nix(reference.parse(ref))
         return api.PullImageResponse(image_ref=image_id).SerializeToString()
 
+    @contextlib.asynccontextmanager
+    async def _pulling(self, name: str) -> AsyncIterator[None]:
+        """One pull of *name* at a time; the lock lives while someone holds or waits."""
+        lock, users = self._pulls.setdefault(name, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if users[0] == 0:
+                del self._pulls[name]
+
     async def pull_nix(self, ref: reference.NixReference) -> str:
-        lock = self._pulls.setdefault(ref.image_name, asyncio.Lock())
-        async with lock:
+        async with self._pulling(ref.image_name):
             present = await self.upstream.image_id(ref.image_name)
             if present is not None:
                 log.info("%s is present (%s)", ref.image_name, present)
@@ -203,7 +216,10 @@ class ImageService:
 
     async def remove(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
         ref = api.RemoveImageRequest.FromString(raw).image.image
-        image_id = await self.upstream.image_id(ref) if ref else None
+        try:
+            image_id = await self.upstream.image_id(ref) if ref else None
+        except UpstreamError:
+            image_id = None  # RemoveImage itself will say what is wrong
         answer = await self.upstream.call("RemoveImage", raw, context)
         if image_id is not None:
             await self._unpin(image_id)
@@ -223,9 +239,13 @@ class ImageService:
     # -- ImageFsInfo ----------------------------------------------------------
 
     async def fs_info(self, raw: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        resp = api.ImageFsInfoResponse.FromString(
-            await self.upstream.call("ImageFsInfo", raw, context))
-        status = await self.daemon.call("status")
+        answer = await self.upstream.call("ImageFsInfo", raw, context)
+        try:
+            status = await self.daemon.call("status")
+        except LazystoreError as exc:
+            log.warning("ImageFsInfo without the lazystore cache: %s", exc)
+            return answer
+        resp = api.ImageFsInfoResponse.FromString(answer)
         store = Path(status["cache_dir"]) / "store"
         resp.image_filesystems.append(api.FilesystemUsage(
             timestamp=time.time_ns(),
