@@ -35,6 +35,7 @@ REGISTRY_UNIT = "lazystore-registry.service"
 IMAGE_SERVICE_UNIT = "lazystore-image-service.service"
 CONTAINERD_DROPIN = "containerd.service.d/lazystore.conf"
 PLUGIN_NAME = "lazystore"
+LISTEN = re.compile(r"(\[[0-9A-Fa-f:]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}")  # HOST:PORT
 STANZA_HEADER = "# Added by `lazystore install-systemd`.\n"
 HEADER = "# Written by `lazystore install-systemd`; run it again to change this file.\n"
 
@@ -92,10 +93,12 @@ class DeployConfig:
     cache_size: str | None = None
     control_socket: str = defaults.CONTROL_SOCKET
     allow_other: bool = True
+    metrics_address: str | None = None
     extra_args: list[str] = field(default_factory=list)
     snapshotter: bool = True
     snapshotter_address: str = defaults.SNAPSHOTTER_SOCKET
     snapshotter_root: str = defaults.SNAPSHOTTER_ROOT
+    snapshotter_metrics_address: str | None = None
     snapshotter_extra_args: list[str] = field(default_factory=list)
     containerd: bool = True
     cri_default_snapshotter: bool = False
@@ -108,9 +111,11 @@ class DeployConfig:
     runtime_endpoint: str = defaults.CONTAINERD_SOCKET
 
     def __post_init__(self) -> None:
-        if not re.fullmatch(r"(\[[0-9A-Fa-f:]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}", self.registry_listen):
-            raise DeployError(f"registry listen address {self.registry_listen!r}: "
-                              "expected HOST:PORT")
+        for what, address in (("registry listen", self.registry_listen),
+                              ("metrics", self.metrics_address),
+                              ("snapshotter metrics", self.snapshotter_metrics_address)):
+            if address is not None and not LISTEN.fullmatch(address):
+                raise DeployError(f"{what} address {address!r}: expected HOST:PORT")
         if self.registry_expression is not None and not os.path.isabs(self.registry_expression):
             raise DeployError("registry expression must be an absolute path, "
                               f"not {self.registry_expression!r}")
@@ -166,13 +171,18 @@ def daemon_argv(cfg: DeployConfig) -> list[str]:
         argv += ["--cache-size", cfg.cache_size]
     if cfg.allow_other:
         argv.append("--allow-other")
+    if cfg.metrics_address is not None:
+        argv += ["--metrics-address", cfg.metrics_address]
     return argv + cfg.extra_args
 
 
 def snapshotter_argv(cfg: DeployConfig) -> list[str]:
-    return [cfg.executable, "snapshotter", "--address", cfg.snapshotter_address,
+    argv = [cfg.executable, "snapshotter", "--address", cfg.snapshotter_address,
             "--root", cfg.snapshotter_root, "--control-socket", cfg.control_socket,
-            "--mount-point", cfg.mount_point, *cfg.snapshotter_extra_args]
+            "--mount-point", cfg.mount_point]
+    if cfg.snapshotter_metrics_address is not None:
+        argv += ["--metrics-address", cfg.snapshotter_metrics_address]
+    return argv + cfg.snapshotter_extra_args
 
 
 def registry_argv(cfg: DeployConfig) -> list[str]:

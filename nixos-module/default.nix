@@ -24,6 +24,7 @@ let
     ++ lib.concatMap (key: [ "--trusted-public-key" key ]) cfg.trustedPublicKeys
     ++ optionals (cfg.cacheSize != null) [ "--cache-size" cfg.cacheSize ]
     ++ optional cfg.allowOther "--allow-other"
+    ++ optionals (cfg.metricsAddress != null) [ "--metrics-address" cfg.metricsAddress ]
     ++ cfg.extraArgs;
 
   snapshotterArgs =
@@ -32,6 +33,8 @@ let
       "--root" cfg.snapshotter.root
       "--control-socket" cfg.controlSocket
       "--mount-point" cfg.mountPoint ]
+    ++ optionals (cfg.snapshotter.metricsAddress != null)
+      [ "--metrics-address" cfg.snapshotter.metricsAddress ]
     ++ cfg.snapshotter.extraArgs;
 
   # Hardening that keeps FUSE working. Deliberately absent for the daemon:
@@ -43,6 +46,15 @@ let
   # views under it that containers use as overlay lowerdirs) would be
   # invisible to containerd and to users. The capability bounding set and the
   # system call filter take away what those options would.
+  # HOST:PORT, as the daemons' --listen / --metrics-address read it.
+  listenType = types.strMatching "([[][0-9A-Fa-f:]+]|[A-Za-z0-9.-]+):[0-9]{1,5}";
+  metricsOption = what: mkOption {
+    type = types.nullOr listenType;
+    default = null;
+    example = "127.0.0.1:9464";
+    description = "HOST:PORT where ${what} serves Prometheus metrics (plain HTTP); `null`: off.";
+  };
+
   hardening = {
     DevicePolicy = "closed";
     NoNewPrivileges = true;
@@ -191,6 +203,8 @@ in
       '';
     };
 
+    metricsAddress = metricsOption "the daemon";
+
     extraArgs = mkOption {
       type = types.listOf types.str;
       default = [ ];
@@ -213,6 +227,8 @@ in
         description = "The snapshotter's state: metadata and overlay directories.";
       };
 
+      metricsAddress = metricsOption "the snapshotter";
+
       extraArgs = mkOption {
         type = types.listOf types.str;
         default = [ ];
@@ -224,7 +240,7 @@ in
       enable = mkEnableOption "`lazystore registry`, an OCI registry of images of the substituters' store paths, made on request";
 
       listen = mkOption {
-        type = types.strMatching "([[][0-9A-Fa-f:]+]|[A-Za-z0-9.-]+):[0-9]{1,5}";
+        type = listenType;
         default = "127.0.0.1:5000";
         description = "HOST:PORT the registry serves on (plain HTTP).";
       };

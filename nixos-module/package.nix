@@ -39,6 +39,7 @@ python3Packages.buildPythonApplication {
     cryptography
     grpcio
     protobuf
+    prometheus-client
   ];
 
   # fusermount3 for clearing a stale mount when the host has none on PATH

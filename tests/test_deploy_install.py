@@ -293,6 +293,18 @@ def test_changed_options_update_units_with_backup(tmp_path: Path) -> None:
     assert [b.read_text() for b in backups(unit)] == [before]
 
 
+def test_metrics_addresses_reach_both_units(tmp_path: Path) -> None:
+    targets = Targets.under(tmp_path)
+    deploy.install(config(metrics_address="127.0.0.1:9464",
+                          snapshotter_metrics_address="[::1]:9465"), targets)
+    assert "--metrics-address 127.0.0.1:9464" in (
+        targets.unit_dir / deploy.DAEMON_UNIT).read_text()
+    assert "--metrics-address \"[::1]:9465\"" in (
+        targets.unit_dir / deploy.SNAPSHOTTER_UNIT).read_text()
+    deploy.install(config(), targets)
+    assert "--metrics-address" not in (targets.unit_dir / deploy.DAEMON_UNIT).read_text()
+
+
 def test_symlinked_config_keeps_its_link(tmp_path: Path) -> None:
     targets = Targets.under(tmp_path)
     real = tmp_path / "managed" / "containerd.toml"
@@ -503,6 +515,9 @@ def test_symlink_out_of_root_is_refused_and_nothing_written(
         (["--substituter", "cache.example.org"], "is not an http, https or file URL"),
         (["--substituter", "ftp://cache.example.org"], "is not an http, https or file URL"),
         (["--cache-size", "lots"], "invalid size 'lots'"),
+        (["--metrics-address", "9464"], "metrics address '9464': expected HOST:PORT"),
+        (["--snapshotter-metrics-address", "host:"],
+         "snapshotter metrics address 'host:': expected HOST:PORT"),
     ],
 )
 def test_what_the_daemon_would_refuse_is_refused_now(

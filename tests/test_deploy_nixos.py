@@ -122,10 +122,13 @@ def test_options_declared_with_types_and_defaults() -> None:
         "cacheSize": ("null or string matching the pattern " + SIZE_PATTERN, None),
         "controlSocket": ("path", "/run/lazystore.sock"),
         "allowOther": ("boolean", True),
+        "metricsAddress": ("null or string matching the pattern " + LISTEN_PATTERN, None),
         "extraArgs": ("list of string", []),
         "snapshotter.enable": ("boolean", False),
         "snapshotter.address": ("path", "/run/lazystore-snapshotter.sock"),
         "snapshotter.root": ("path", "/var/lib/lazystore/snapshotter"),
+        "snapshotter.metricsAddress": ("null or string matching the pattern "
+                                       + LISTEN_PATTERN, None),
         "snapshotter.extraArgs": ("list of string", []),
         "containerd.enable": ("boolean", False),
         "containerd.makeDefaultCriSnapshotter": ("boolean", False),
@@ -203,6 +206,7 @@ def test_flags_follow_options() -> None:
         cacheSize = "20G";
         controlSocket = "/run/ls.sock";
         allowOther = false;
+        metricsAddress = "127.0.0.1:9464";
         extraArgs = [ "--store-dir" "/nix/store" ];
       };
     }""")["lazystore"]["serviceConfig"]
@@ -214,6 +218,7 @@ def test_flags_follow_options() -> None:
         "--substituter", "https://cache.example.org/100%",
         "--trusted-public-key", "a-1:AAAA",
         "--cache-size", "20G",
+        "--metrics-address", "127.0.0.1:9464",
         "--store-dir", "/nix/store",
     ]
     assert "CacheDirectory" not in sc, "a cache outside /var/cache is not systemd's to manage"
@@ -517,7 +522,8 @@ def _systemd_value(value: Any) -> str:
 @pytest.mark.parametrize("registry", [
     "registry.enable = true;",
     'registry = { enable = true; expression = "/etc/images.nix"; listen = "[::1]:5001"; '
-    'cacheDir = "/srv/registry"; };',
+    'cacheDir = "/srv/registry"; }; metricsAddress = "[::1]:9464"; '
+    'snapshotter.metricsAddress = "127.0.0.1:9465";',
 ])
 def test_nixos_units_match_the_installer(registry: str) -> None:
     """The NixOS units and scripts/install-systemd's carry the same settings."""
@@ -527,6 +533,12 @@ def test_nixos_units_match_the_installer(registry: str) -> None:
         f"imageService.enable = true; {registry}"))
     reg = units["lazystore-registry"]["serviceConfig"]
     words = argv(reg["ExecStart"])
+
+    def metrics_of(unit: str) -> str | None:
+        daemon = argv(units[unit]["serviceConfig"]["ExecStart"])
+        flag = "--metrics-address"
+        return daemon[daemon.index(flag) + 1] if flag in daemon else None
+
     cfg = deploy.DeployConfig(executable="/usr/bin/lazystore",
                               substituters=["https://cache.nixos.org/"],
                               trusted_public_keys=[CACHE_NIXOS_KEY],
@@ -535,7 +547,10 @@ def test_nixos_units_match_the_installer(registry: str) -> None:
                               registry_cache_dir=words[words.index("--cache-dir") + 1],
                               registry_expression=("/etc/images.nix" if "--expression" in words
                                                    else None),
-                              cri_default_snapshotter=True, image_service=True)
+                              cri_default_snapshotter=True, image_service=True,
+                              metrics_address=metrics_of("lazystore"),
+                              snapshotter_metrics_address=metrics_of("lazystore-snapshotter"))
+    assert (cfg.metrics_address is None) == ("metricsAddress" not in registry)
     if cfg.registry_expression:
         assert "ProtectSystem" not in reg and "CapabilityBoundingSet" not in reg
     else:

@@ -30,6 +30,24 @@ def _socket_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def metrics_address(text: str) -> str:
+    from lazystore.metrics import parse_address
+
+    try:
+        parse_address(text)
+    except LazystoreError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def metrics_arg(p: argparse.ArgumentParser) -> None:
+    """``--metrics-address``, for every long-running command."""
+    p.add_argument(
+        "--metrics-address", type=metrics_address, default=None, metavar="HOST:PORT",
+        help="serve Prometheus metrics over HTTP there (default: off)",
+    )
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this module's sub-commands to *sub*."""
     from lazystore.cli import fetch as fetch_cli
@@ -44,6 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the store directory the caches serve (default: nix.conf's, /nix/store)")
     p.add_argument("--allow-other", action="store_true",
                    help="let other users (containers) read the mount")
+    metrics_arg(p)
     _socket_arg(p)
     p.set_defaults(func=cmd_mount)
 
@@ -85,6 +104,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             store_dir=config.store_dir,
             allow_other=args.allow_other,
             substituter_urls=list(config.urls),
+            metrics_address=args.metrics_address,
         ))
     except BaseExceptionGroup as group:
         raise first_error(group) from None

@@ -42,12 +42,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--control-socket", default=defaults.CONTROL_SOCKET)
     p.add_argument("--no-allow-other", dest="allow_other", action="store_false",
                    help="only root may read the mount")
+    p.add_argument("--metrics-address", metavar="HOST:PORT",
+                   help="the daemon serves Prometheus metrics there (default: off)")
     p.add_argument("--daemon-arg", action="append", default=[], metavar="ARG",
                    help="a further argument for `lazystore mount` (repeatable)")
     p.add_argument("--no-snapshotter", dest="snapshotter", action="store_false",
                    help="only the FUSE daemon (implies --no-containerd)")
     p.add_argument("--snapshotter-address", default=defaults.SNAPSHOTTER_SOCKET)
     p.add_argument("--snapshotter-root", default=defaults.SNAPSHOTTER_ROOT)
+    p.add_argument("--snapshotter-metrics-address", metavar="HOST:PORT",
+                   help="the snapshotter serves Prometheus metrics there (default: off)")
     p.add_argument("--no-containerd", dest="containerd", action="store_false",
                    help="leave containerd's config and unit alone")
     p.add_argument("--cri-default-snapshotter", action="store_true",
@@ -100,10 +104,12 @@ def _install(args: argparse.Namespace) -> int:
         cache_size=args.cache_size,
         control_socket=args.control_socket,
         allow_other=args.allow_other,
+        metrics_address=args.metrics_address,
         extra_args=args.daemon_arg,
         snapshotter=args.snapshotter,
         snapshotter_address=args.snapshotter_address,
         snapshotter_root=args.snapshotter_root,
+        snapshotter_metrics_address=args.snapshotter_metrics_address,
         containerd=args.containerd and args.snapshotter,
         cri_default_snapshotter=args.cri_default_snapshotter,
         registry=args.registry,

@@ -7,8 +7,10 @@ import asyncio
 import logging
 import signal
 from pathlib import Path
+from typing import Any
 
 from lazystore import defaults, deploy, sdnotify
+from lazystore.cli.daemon import metrics_arg
 from lazystore.errors import SnapshotterError
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--control-socket", default=defaults.CONTROL_SOCKET,
                    help="the daemon's control socket")
     p.add_argument("--mount-point", default=defaults.MOUNT_POINT, help="the daemon's mount point")
+    metrics_arg(p)
     p.add_argument(
         "--print-containerd-config", action="store_true",
         help="print the [proxy_plugins.lazystore] stanza for containerd's config.toml and exit",
@@ -46,7 +49,6 @@ def run(args: argparse.Namespace) -> int:
 
 async def _serve(args: argparse.Namespace) -> None:
     # Imported here so that `lazystore --help` does not load grpc.
-    from lazystore.snapshotter.service import start_server
     from lazystore.snapshotter.snapshots import Snapshotter
     from lazystore.snapshotter.views import DaemonViews
 
@@ -58,16 +60,56 @@ async def _serve(args: argparse.Namespace) -> None:
         raise SnapshotterError(f"snapshotter root {args.root}: {exc.strerror or exc}") from None
     try:
         await sn.restore_views()
-        server = await start_server(sn, args.address)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        log.info("serving containerd snapshots on %s (root %s)", args.address, args.root)
-        sdnotify.notify(f"READY=1\nSTATUS=serving containerd snapshots on {args.address}")
-        await stop.wait()
-        sdnotify.notify("STOPPING=1\nSTATUS=stopping")
-        await server.stop(grace=2)
+        if args.metrics_address is None:
+            await _run(sn, args, [])
+        else:
+            from lazystore import metrics
+
+            registry, interceptors = _metrics(sn)
+            with metrics.exporter(registry, args.metrics_address):
+                await _run(sn, args, interceptors)
     finally:
         sn.close()
         views.close()
+
+
+async def _run(sn: Any, args: argparse.Namespace, interceptors: list[Any]) -> None:
+    from lazystore.snapshotter.service import start_server
+
+    server = await start_server(sn, args.address, interceptors)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("serving containerd snapshots on %s (root %s)", args.address, args.root)
+    sdnotify.notify(f"READY=1\nSTATUS=serving containerd snapshots on {args.address}")
+    await stop.wait()
+    sdnotify.notify("STOPPING=1\nSTATUS=stopping")
+    await server.stop(grace=2)
+
+
+def _metrics(sn: Any) -> tuple[Any, list[Any]]:
+    """The snapshotter's registry: RPCs by method and code (counted by an
+    interceptor), snapshots by kind (read on the event loop at each scrape)."""
+    from lazystore import grpcunix, metrics
+    from lazystore.snapshotter.metadata import Kind
+
+    registry = metrics.Metrics()
+    rpcs = registry.counter("snapshotter_rpcs_total", "Snapshots RPCs served, by method "
+                            "and gRPC status code", ["method", "code"])
+    loop = asyncio.get_running_loop()
+
+    async def kinds() -> list[Any]:
+        counts = {kind.name.lower(): 0 for kind in (Kind.ACTIVE, Kind.VIEW, Kind.COMMITTED)}
+        for snap in sn.list([]):
+            name = Kind(snap.kind).name.lower()
+            counts[name] = counts.get(name, 0) + 1
+        family = metrics.GaugeMetricFamily(
+            "lazystore_snapshotter_snapshots", "snapshots by kind (active: containers' "
+            "root filesystems being served)", labels=["kind"])
+        for name, n in sorted(counts.items()):
+            family.add_metric([name], n)
+        return [family]
+
+    registry.collect(lambda: asyncio.run_coroutine_threadsafe(kinds(), loop).result(30))
+    return registry, [grpcunix.RpcCounter(lambda m, c: rpcs.labels(m, c).inc())]

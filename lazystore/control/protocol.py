@@ -72,7 +72,10 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
         "map: mount_point, substituters (URLs), cache_dir, cache_bytes, cache_limit "
         "(nil: none), paths_known, paths_materialized (base names), in_flight, "
         "bytes_downloaded, nars_fetched, hits, misses, pinned (base names), views (ids), "
-        "inodes, open_files, requests (operation -> requests served since start)"
+        "inodes, open_files, requests (operation -> requests served since start), "
+        "bytes_served (read through the mount), evictions, retries, requests_by_cache "
+        "([kind narinfo|nar, substituter URL, outcome, count]), fetch_seconds and "
+        "wait_seconds (histograms: bounds, counts per bucket and one for +Inf, sum, count)"
     )),
     Operation(
         "prefetch",

@@ -58,6 +58,7 @@ class ControlOperations:
             views=sorted(self.vfs.views),
             inodes=len(self.vfs.inodes),
             open_files=len(self.vfs.handles),
+            bytes_served=self.vfs.bytes_served,
             requests=dict(self.requests),
         )
         return status

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from contextlib import AsyncExitStack
+from contextlib import AbstractContextManager, AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -97,8 +97,10 @@ async def run(
     store_dir: str,
     allow_other: bool,
     substituter_urls: list[str],
+    metrics_address: str | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT or an external unmount."""
+    """Serve until SIGTERM/SIGINT or an external unmount (with Prometheus
+    metrics on *metrics_address* when given)."""
     async with AsyncExitStack() as stack:
         subs = await stack.enter_async_context(substituters)
         store = await stack.enter_async_context(
@@ -108,5 +110,18 @@ async def run(
         daemon = Daemon(
             store, mountpoint, control_socket, store_dir, allow_other, substituter_urls
         )
+        if metrics_address is not None:
+            stack.enter_context(_metrics(daemon, metrics_address))
         await daemon.run()
+
+
+def _metrics(daemon: Daemon, address: str) -> AbstractContextManager[object]:
+    """The exporter: each scrape reads the control ``status`` map on the trio thread."""
+    from lazystore import metrics
+
+    token = trio.lowlevel.current_trio_token()
+    registry = metrics.Metrics()
+    registry.collect(lambda: metrics.daemon_families(
+        trio.from_thread.run(daemon.operations.status, trio_token=token)))
+    return metrics.exporter(registry, address)
 

@@ -134,6 +134,7 @@ class Vfs:
         self.store_dir_parts = tuple(p for p in store_dir.split("/") if p)
         self._next_ino = itertools.count(VIEWS_INODE + 1)
         self._next_fh = itertools.count(1)
+        self.bytes_served = 0  # bytes read through the mount
         self.inodes: dict[int, Inode] = {
             ROOT_INODE: Inode(ROOT_INODE, "root", lookups=1),
             VIEWS_INODE: Inode(VIEWS_INODE, "views", lookups=1),
@@ -371,8 +372,11 @@ class Vfs:
         if handle is None:
             raise BadHandle(f"file handle {fh}")
         if size > 1 << 20:
-            return await trio.to_thread.run_sync(os.pread, handle.fd, size, offset)
-        return os.pread(handle.fd, size, offset)
+            data = await trio.to_thread.run_sync(os.pread, handle.fd, size, offset)
+        else:
+            data = os.pread(handle.fd, size, offset)
+        self.bytes_served += len(data)
+        return data
 
     def release(self, fh: int) -> None:
         handle = self.handles.pop(fh, None)

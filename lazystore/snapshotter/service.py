@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -146,9 +146,11 @@ class SnapshotsService(snapshots_pb2_grpc.SnapshotsServicer):
         return empty_pb2.Empty()
 
 
-async def start_server(snapshotter: Snapshotter, address: str) -> grpc.aio.Server:
+async def start_server(snapshotter: Snapshotter, address: str,
+                       interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+                       ) -> grpc.aio.Server:
     """Serve on the unix socket *address* (mode 0600, replacing a stale socket)."""
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=list(interceptors))
     snapshots_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsService(snapshotter), server)
     await grpcunix.listen(server, address, errors.Unavailable, errors.InvalidArgument)
     return server

@@ -41,6 +41,7 @@ from lazystore.store.sink import StoreSink
 from lazystore.store.tree import Node
 from lazystore.substituter.config import NEGATIVE_TTL
 from lazystore.substituter.download import NarSink, OpenSink
+from lazystore.substituter.timings import Timings
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ class LocalStore:
         self.cache_bytes = 0
         self.hits = 0
         self.misses = 0
+        self.evictions = 0
+        self.wait_seconds = Timings()  # readers waiting for a path's data to arrive
         self._pins: Counter[str] = Counter()
         # The one negative cache of lazystore: which names no substituter has.
         self._negative: cachetools.TTLCache[str, bool] = cachetools.TTLCache(
@@ -303,7 +306,11 @@ class LocalStore:
             rec.last_used = time.time()
             return self.data_path(base)
         self.misses += 1
-        await self._single("fetch", base, lambda: self._fetch(base, rec))
+        started = trio.current_time()
+        try:
+            await self._single("fetch", base, lambda: self._fetch(base, rec))
+        finally:
+            self.wait_seconds.observe(trio.current_time() - started)
         return self.data_path(base)
 
     async def _fetch(self, base: str, rec: Record) -> None:
@@ -393,6 +400,7 @@ class LocalStore:
         self.cache_bytes -= rec.disk_bytes
         rec.disk_bytes = 0
         self._changed()
+        self.evictions += 1
         log.info("evicted %s", base)
         if grave is not None:
             await trio.to_thread.run_sync(fsio.remove_tree, grave)
@@ -463,8 +471,14 @@ class LocalStore:
             "in_flight": self.in_flight,
             "bytes_downloaded": int(getattr(stats, "bytes_downloaded", 0)),
             "nars_fetched": int(getattr(stats, "nars_fetched", 0)),
+            "retries": int(getattr(stats, "retries", 0)),
+            "requests_by_cache": [[*key, n] for key, n in
+                                  sorted(getattr(stats, "requests", {}).items())],
+            "fetch_seconds": getattr(stats, "fetch_seconds", Timings()).to_dict(),
+            "wait_seconds": self.wait_seconds.to_dict(),
             "hits": self.hits,
             "misses": self.misses,
+            "evictions": self.evictions,
             "pinned": sorted(self._pins),
         }
 

@@ -11,10 +11,11 @@ CapacityLimiter bounds the worker threads that decompress and hash.
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -41,6 +42,7 @@ from lazystore.substituter.errors import (
     TransportError,
     VerificationError,
 )
+from lazystore.substituter.timings import Timings
 from lazystore.substituter.transport import Transport, make_client, make_transport
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,13 @@ class Stats:
     narinfo_requests: int = 0  # narinfo files asked of a substituter
     retries: int = 0
     failures: int = 0  # NAR downloads that failed at one substituter
+    # (kind "narinfo"/"nar", substituter URL, outcome) -> requests
+    requests: collections.Counter[tuple[str, str, str]] = field(
+        default_factory=collections.Counter)
+    fetch_seconds: Timings = field(default_factory=Timings)  # NAR fetches that succeeded
+
+    def count(self, kind: str, url: str, outcome: str) -> None:
+        self.requests[kind, url, outcome] += 1
 
 
 @dataclass(eq=False)
@@ -269,8 +278,14 @@ class Substituters:
         """The narinfo *cache* has for *hash_part*, if trusted; caches the answer."""
         self.stats.narinfo_requests += 1
         name = f"{hash_part}.narinfo"
-        text = await self._retry(lambda: cache.transport.get(name), f"{cache.url}/{name}")
-        info = None if text is None else self._trusted(cache, hash_part, text)
+        try:
+            text = await self._retry(lambda: cache.transport.get(name), f"{cache.url}/{name}")
+            info = None if text is None else self._trusted(cache, hash_part, text)
+        except SubstituterError:
+            self.stats.count("narinfo", cache.url, "error")
+            raise
+        outcome = "missing" if text is None else "found" if info is not None else "untrusted"
+        self.stats.count("narinfo", cache.url, outcome)
         if info is not None:
             cache.positive[hash_part] = info
         return info
@@ -344,16 +359,20 @@ class Substituters:
         while found is not None:
             cache, info = found
             tried.append(cache)
+            started = trio.current_time()
             try:
                 await self._download(cache, info, open_sink)
             except SubstituterError as exc:
                 self.stats.failures += 1
+                self.stats.count("nar", cache.url, "failed")
                 log.warning("cannot substitute %s from %s: %s", full, cache.url, exc)
                 errors.append(str(exc))
                 found = await self._find(path, errors, tried)
                 continue
             self.stats.nars_fetched += 1
             self.stats.nar_bytes += info.nar_size
+            self.stats.count("nar", cache.url, "ok")
+            self.stats.fetch_seconds.observe(trio.current_time() - started)
             return info
         why = "; ".join(errors) if errors else "no substituter has it"
         raise NotAvailableError(f"cannot substitute {full}: {why}")

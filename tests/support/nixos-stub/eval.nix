@@ -23,7 +23,7 @@ let
 
   python3Packages = builtins.listToAttrs (map (name: { inherit name; value = fakeDerivation name "1.0" { }; }) [
     "pyfuse3" "trio" "httpx" "h2" "h11" "zstandard" "brotli" "lz4" "cachetools" "msgpack"
-    "cryptography" "grpcio" "protobuf" "setuptools" "wheel"
+    "cryptography" "grpcio" "protobuf" "prometheus-client" "setuptools" "wheel"
   ]) // {
     # Records its arguments so the tests can check the package's dependencies.
     buildPythonApplication = args:
