@@ -3,8 +3,10 @@ and a real daemon scraped over HTTP while it fetches."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
@@ -18,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from lazystore import metrics
 from lazystore.substituter.timings import Timings, quantile
 from lazystore.testing import nixcache, proxies
-from lazystore.testing.daemon import Daemon, fuse_missing
+from lazystore.testing.daemon import LAZYSTORE, Daemon, fuse_missing
 from tests.support.faultserver import Fault, FaultServer
 
 
@@ -142,7 +144,9 @@ def test_daemon_metrics_move_as_a_fetch_happens(
                 during = scrape(url)
             reader.join(timeout=60)
             after = scrape(url)
-            status = d.status()
+            status = json.loads(_cli("status", "--json", "--control-socket", str(d.sock)))
+            watched = _cli("status", "--watch", "--iterations", "2", "--interval", "0.2",
+                           "--control-socket", str(d.sock))
         finally:
             d.stop()
     cache = origin.url
@@ -161,6 +165,20 @@ def test_daemon_metrics_move_as_a_fetch_happens(
     assert value(after, "lazystore_reader_wait_seconds_bucket", le="2.5") == 0
     assert value(after, "lazystore_cache_bytes") == status["cache_bytes"] > 0
     assert "WARNING: lazystore.metrics" not in d.log.read_text()  # every scrape read it
+    # `lazystore status` shows the same figures
+    for kind, cache_url, outcome, n in status["requests_by_cache"]:
+        assert value(after, f"lazystore_{kind}_requests_total", cache=cache_url,
+                     outcome=outcome) == n
+    assert value(after, "lazystore_served_bytes_total") == status["bytes_served"]
+    assert value(after, "lazystore_paths_known") == status["paths_known"]
+    assert value(after, "lazystore_fetch_seconds_sum") == status["fetch_seconds"]["sum"]
+    assert watched.count("lazystore status, every 0.2 s") == 2 and "\x1b" not in watched
+    assert f"{origin.url} nar: ok 1" in watched
+
+
+def _cli(*args: str) -> str:
+    return subprocess.run([LAZYSTORE, *args], capture_output=True, text=True, check=True,
+                          timeout=60).stdout
 
 
 def test_snapshotter_metrics_count_rpcs_by_method_and_code(tmp_path: Path) -> None:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import re
 from pathlib import Path
-from typing import Any
 
 from lazystore import defaults
 from lazystore.control.client import ControlClient
@@ -28,6 +26,16 @@ def _socket_arg(p: argparse.ArgumentParser) -> None:
         "--control-socket", default=defaults.CONTROL_SOCKET, metavar="PATH",
         help=f"the daemon's control socket (default {defaults.CONTROL_SOCKET})",
     )
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"invalid interval {text!r} (seconds, above 0)")
+    return value
 
 
 def metrics_address(text: str) -> str:
@@ -66,10 +74,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     _socket_arg(p)
     p.set_defaults(func=cmd_mount)
 
+    from lazystore.cli import status
+
     p = sub.add_parser("status", help="what the daemon has fetched and serves")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--watch", action="store_true",
+                   help="refresh until Ctrl-C, as top does (with rates)")
+    p.add_argument("--interval", type=_positive, default=2.0, metavar="SECONDS",
+                   help="seconds between refreshes with --watch (default 2)")
+    p.add_argument("--iterations", type=int, default=None, metavar="N",
+                   help="with --watch: stop after N refreshes")
     _socket_arg(p)
-    p.set_defaults(func=cmd_status)
+    p.set_defaults(func=status.cmd_status)
 
     p = sub.add_parser("prefetch", help="fetch store paths ahead of use")
     p.add_argument("paths", nargs="+", metavar="STOREPATH")
@@ -111,34 +127,6 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return 0
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    with ControlClient(args.control_socket) as client:
-        st: dict[str, Any] = client.call("status")
-    if args.json:
-        print(json.dumps(st, indent=2, sort_keys=True))
-        return 0
-    limit = st.get("cache_limit")
-    print(f"mount:           {st.get('mount_point')}")
-    print(f"substituters:    {' '.join(st.get('substituters', [])) or '-'}")
-    print(f"cache:           {st.get('cache_dir')}: {_human(st['cache_bytes'])}"
-          f" {f'of {_human(limit)}' if limit is not None else '(no limit)'}")
-    print(f"paths known:     {st.get('paths_known')}")
-    print(f"materialised:    {len(st['paths_materialized'])}")
-    for base in st["paths_materialized"]:
-        print(f"  {base}")
-    print(f"in flight:       {st['in_flight']}")
-    print(f"downloaded:      {_human(st['bytes_downloaded'])} in {st.get('nars_fetched', 0)} NARs")
-    print(f"hits / misses:   {st.get('hits', 0)} / {st.get('misses', 0)}")
-    print(f"views:           {' '.join(st.get('views', [])) or '-'}")
-    return 0
 
 
 def cmd_prefetch(args: argparse.Namespace) -> int:
