@@ -39,11 +39,11 @@ def _positive(text: str) -> float:
 
 
 def metrics_address(text: str) -> str:
-    from lazystore.metrics import parse_address
+    from lazystore.metrics import MetricsError, parse_address
 
     try:
         parse_address(text)
-    except LazystoreError as exc:
+    except MetricsError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
 
@@ -125,8 +125,6 @@ def cmd_mount(args: argparse.Namespace) -> int:
     except BaseExceptionGroup as group:
         raise first_error(group) from None
     return 0
-
-
 
 
 def cmd_prefetch(args: argparse.Namespace) -> int:
