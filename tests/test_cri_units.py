@@ -110,3 +110,20 @@ def test_a_symlink_is_no_archive_even_to_a_valid_one(tmp_path: Path) -> None:
     (tmp_path / "link.tar").symlink_to(target)
     with pytest.raises(BadArchive, match="a symlink"):
         archive.inspect(tmp_path / "link.tar")
+
+
+def test_the_layout_nix_snapshotter_writes_is_read(tmp_path: Path) -> None:
+    # containerd's archive.Export (nix-snapshotter's buildImage): "blobs/" and
+    # "blobs/sha256/" directory entries, blobs 0444, a Docker manifest.json, the
+    # index naming the image; entries sorted by name.
+    index, blobs = hostile_archives.documents(hostile_archives.NIX_NOTES)
+    index["manifests"][0]["annotations"] = {
+        "io.containerd.image.name": "docker.io/library/redis:latest",
+        "org.opencontainers.image.ref.name": "latest"}
+    docker = [{"Config": "blobs/sha256/x", "RepoTags": ["redis:latest"], "Layers": []}]
+    files = hostile_archives.entries(index, blobs) + [
+        ("blobs/", None, ""), ("blobs/sha256/", None, ""),
+        ("manifest.json", json.dumps(docker).encode(), "")]
+    src = hostile_archives.write_tar(tmp_path / "export.tar", sorted(files))
+    image = archive.inspect(src, nix_only=True)
+    assert image.store_paths == [hostile_archives.NIX_NOTES[labels.NIX_STORE_PATH + "0"]]
