@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "image",
     "deploy",
     "registry",
+    "cache",
 )
 
 # Command words registered by a module of another name (see build_parser).

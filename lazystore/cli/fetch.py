@@ -24,6 +24,7 @@ from lazystore.nix.fsio import NarUnpacker
 from lazystore.nix.narinfo import NarInfo
 from lazystore.nix.storepath import StorePath
 from lazystore.nurseries import first_error
+from lazystore.progress import Progress, mib
 from lazystore.substituter.client import Substituters
 from lazystore.substituter.config import NIX_CONF, SubstituterConfig
 from lazystore.substituter.download import OpenSink
@@ -149,6 +150,7 @@ class _Job:
     started: float = field(default_factory=time.monotonic)
     subs: Substituters | None = None
     terminated: bool = False
+    _bar: Progress | None = None
 
     async def run(self) -> None:
         try:
@@ -229,15 +231,9 @@ class _Job:
 
     def _draw(self, total: int, final: bool = False) -> None:
         assert self.subs is not None
-        got = self.subs.stats.bytes_downloaded
-        elapsed = max(time.monotonic() - self.started, 1e-6)
-        width = 30
-        filled = width * self.done // total if total else width
-        bar = "#" * filled + "-" * (width - filled)
-        line = (f"\r[{bar}] {self.done}/{total} paths, {_mib(got)} MiB, "
-                f"{_mib(got / elapsed)} MiB/s")
-        sys.stderr.write(line + ("\n" if final else "\x1b[K"))
-        sys.stderr.flush()
+        if self._bar is None:
+            self._bar = Progress(total, started=self.started)
+        self._bar.draw(self.done, self.subs.stats.bytes_downloaded, final)
 
     def summary(self) -> str:
         got = self.subs.stats.bytes_downloaded if self.subs else 0
@@ -247,7 +243,7 @@ class _Job:
             parts.append(f"{self.present} already present")
         if self.failures:
             parts.append(f"{len(self.failures)} failed")
-        return f"{', '.join(parts)}; {_mib(got)} MiB downloaded in {elapsed:.1f} s"
+        return f"{', '.join(parts)}; {mib(got)} MiB downloaded in {elapsed:.1f} s"
 
 
 def unpack_into(dest: Path, tmp_dir: Path) -> OpenSink:
@@ -295,5 +291,3 @@ def _exists(path: Path) -> bool:
     return path.exists() or path.is_symlink()
 
 
-def _mib(n: float) -> str:
-    return f"{n / (1 << 20):.1f}"

@@ -118,6 +118,9 @@ class _Pipeline:
         self.sink.abort()
 
 
+NarPipeline = _Pipeline  # what `lazystore cache index` reads a cache's NARs through
+
+
 async def download(
     transport: Transport,
     info: NarInfo,
