@@ -6,7 +6,9 @@ used by the mount tests.
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -321,11 +323,54 @@ def test_malformed_listing_is_a_store_error(doc: Any) -> None:
         tree.from_listing(doc)
 
 
-def test_readdir_keys_are_stable_and_distinct() -> None:
+def test_readdir_keys_are_distinct_and_positive() -> None:
     names = [f"name{i}" for i in range(10000)]
     keys = {tree.name_key(n) for n in names}
     assert len(keys) == len(names) and all(0 < k < 2**63 for k in keys)
-    assert tree.name_key("same") == tree.name_key("same")
+
+
+# Every directory's (readdir key, name) pairs of every tree in a cache dir's index.
+_INDEX_KEYS = """
+import json, sys
+from pathlib import Path
+from lazystore.store import index
+out = {}
+for base, rec in sorted(index.load(Path(sys.argv[1]) / "index").items()):
+    stack = [(base, rec.tree)]
+    while stack:
+        path, node = stack.pop()
+        if node.entries is not None:
+            out[path] = node.sorted_keys()
+            stack.extend((f"{path}/{n}", c) for n, c in node.entries.items())
+print(json.dumps(out, sort_keys=True))
+"""
+
+
+async def test_readdir_keys_are_the_same_in_every_process(
+    tmp_path: Path, subs: FakeSubstituters
+) -> None:
+    """Readdir offsets outlive the daemon: two other processes (with other
+    string hash seeds) reading the same cache dir give every entry the key it
+    had in the process that fetched it."""
+    async with LocalStore(subs, tmp_path) as store:
+        for base in (A, B):
+            await store.materialize(base)
+        trees = {base: store.records[base].tree for base in (A, B)}
+    here: dict[str, Any] = {}
+    stack = list(trees.items())
+    while stack:
+        path, node = stack.pop()
+        if node is not None and node.entries is not None:
+            here[path] = [list(pair) for pair in node.sorted_keys()]
+            stack.extend((f"{path}/{n}", c) for n, c in node.entries.items())
+    assert len(here) >= 3  # A, A/lib, A/share, B
+    outputs = []
+    for seed in ("1", "2"):
+        proc = await trio.run_process(
+            [sys.executable, "-c", _INDEX_KEYS, str(tmp_path)], capture_stdout=True,
+            env=dict(os.environ, PYTHONHASHSEED=seed))
+        outputs.append(json.loads(proc.stdout))
+    assert outputs[0] == outputs[1] == here
 
 
 @pytest.mark.allow_log
