@@ -1,9 +1,12 @@
-"""Shared fixtures. Unexpected WARNING/ERROR log records fail a test unless it
-is marked ``@pytest.mark.allow_log`` (then it should assert on them itself)."""
+"""Shared fixtures. A WARNING/ERROR log record of lazystore fails a test unless
+the test expects it: ``@pytest.mark.allow_log("regex", ...)`` names the records
+it expects (searched in each record's message); each must have been logged,
+and every other WARNING/ERROR record still fails the test."""
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +19,8 @@ CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance"
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "allow_log: the test expects WARNING/ERROR log records")
+    config.addinivalue_line(
+        "markers", "allow_log(*patterns): the WARNING/ERROR log records the test expects")
 
 
 @pytest.fixture(autouse=True)
@@ -25,15 +29,21 @@ def _fail_on_unexpected_logs(
 ) -> Iterator[None]:
     caplog.set_level(logging.INFO, logger="lazystore")
     yield
-    if request.node.get_closest_marker("allow_log"):
-        return
-    bad = [
+    marker = request.node.get_closest_marker("allow_log")
+    patterns = [re.compile(p) for p in marker.args] if marker else []
+    if marker and not patterns:
+        pytest.fail("allow_log names no expected record (give the patterns it expects)")
+    records = [
         r for r in caplog.get_records("call")
         if r.levelno >= logging.WARNING and r.name.startswith("lazystore")
     ]
+    missing = [p.pattern for p in patterns if not any(p.search(r.getMessage()) for r in records)]
+    bad = [r for r in records if not any(p.search(r.getMessage()) for p in patterns)]
     if bad:
         lines = "\n".join(f"{r.levelname} {r.name}: {r.getMessage()}" for r in bad)
         pytest.fail(f"unexpected log records:\n{lines}")
+    if missing:
+        pytest.fail(f"expected log records not logged: {missing}")
 
 
 @pytest.fixture(scope="session")

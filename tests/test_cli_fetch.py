@@ -113,7 +113,7 @@ def test_defaults_come_from_nix_conf(binary_cache: nixcache.BinaryCache,
     assert len(list(dest.iterdir())) == len(binary_cache.paths)
 
 
-@pytest.mark.allow_log
+@pytest.mark.allow_log('no valid signature by a trusted key')
 def test_untrusted_cache_fails_with_one_line(binary_cache: nixcache.BinaryCache,
                                              tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:

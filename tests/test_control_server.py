@@ -51,7 +51,7 @@ async def test_socket_is_private(tmp_path: Path) -> None:
     assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
 
 
-@pytest.mark.allow_log
+@pytest.mark.allow_log('control request failed unexpectedly')
 async def test_errors_come_back_as_one_line(tmp_path: Path) -> None:
     sock = tmp_path / "ctl.sock"
 

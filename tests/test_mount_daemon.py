@@ -188,7 +188,6 @@ class Proxy:
         self.listener.close()
 
 
-@pytest.mark.allow_log
 @pytest.mark.parametrize("failure", ["corrupt NAR", "server down"])
 def test_fetch_failure_is_eio_in_bounded_time_then_recovers(
     tmp_path: Path, binary_cache: nixcache.BinaryCache, failure: str

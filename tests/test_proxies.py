@@ -159,7 +159,6 @@ def _cache_file(proxy: proxies.Proxy, key: str) -> tuple[Path, int]:
     raise AssertionError(f"no cache file for {key}: {proxy.cache_files()}")
 
 
-@pytest.mark.allow_log
 @pytest.mark.parametrize("damage", ["corrupt", "truncate"])
 def test_a_damaged_proxy_cache_file_is_caught_by_every_daemon(
     damage: str, tmp_path: Path, binary_cache: nixcache.BinaryCache, origin: FaultServer

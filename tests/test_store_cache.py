@@ -188,7 +188,6 @@ async def _append(out: list[Any], coro: Any) -> None:
     out.append(await coro)
 
 
-@pytest.mark.allow_log
 async def test_failed_fetch_errors_all_waiters_then_retries(
     tmp_path: Path, subs: FakeSubstituters
 ) -> None:
@@ -306,7 +305,7 @@ def test_index_roundtrip_and_compression(tmp_path: Path) -> None:
     assert loaded[A].tree == node and loaded[A].references == (B,)
 
 
-@pytest.mark.allow_log
+@pytest.mark.allow_log('corrupt cache index')
 def test_corrupt_index_starts_empty(tmp_path: Path) -> None:
     (tmp_path / "index").write_bytes(b"Lgarbage")
     assert index.load(tmp_path / "index") == {}
@@ -373,7 +372,7 @@ async def test_readdir_keys_are_the_same_in_every_process(
     assert outputs[0] == outputs[1] == here
 
 
-@pytest.mark.allow_log
+@pytest.mark.allow_log('vanished from the cache directory')
 async def test_data_removed_behind_the_daemon_is_fetched_again(
     tmp_path: Path, subs: FakeSubstituters
 ) -> None:
@@ -389,7 +388,7 @@ async def test_data_removed_behind_the_daemon_is_fetched_again(
         assert store.cache_bytes == 0
 
 
-@pytest.mark.allow_log
+@pytest.mark.allow_log('cannot write the cache index')
 async def test_unwritable_index_is_a_warning_not_a_crash(
     tmp_path: Path, subs: FakeSubstituters, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -192,7 +192,6 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", str(where)], check=True)
 
 
-@pytest.mark.allow_log
 async def test_a_full_cache_disk_is_a_store_error_and_leaves_nothing(
         binary_cache: nixcache.BinaryCache, server: FaultServer, small_disk: Path,
         caplog: pytest.LogCaptureFixture) -> None:

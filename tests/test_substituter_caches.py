@@ -124,7 +124,7 @@ async def test_priority_orders_substituters_stably(
         assert f"/{top.hash_part}.narinfo" not in first_server.requests  # type: ignore[attr-defined]
 
 
-@pytest.mark.allow_log
+@pytest.mark.allow_log('is a binary cache for store /gnu/store, not /nix/store')
 async def test_store_dir_mismatch_is_a_clear_error(
         tmp_path: Path, binary_cache: nixcache.BinaryCache,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -171,7 +171,7 @@ async def test_credentials_in_a_url_are_refused_without_echoing_them() -> None:
     assert "s3cret" not in str(caught.value) and "alice" not in str(caught.value)
 
 
-@pytest.mark.allow_log
+@pytest.mark.allow_log('is unreachable')
 async def test_missing_cache_folder_is_an_error_not_an_empty_cache(
         binary_cache: nixcache.BinaryCache, tmp_path: Path) -> None:
     top = StorePath.parse(binary_cache.top)

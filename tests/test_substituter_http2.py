@@ -173,7 +173,7 @@ async def test_closure_over_http2_uses_one_multiplexed_connection(
     assert server.connections == 1  # every request multiplexed on one h2 connection
 
 
-@pytest.mark.allow_log
+@pytest.mark.allow_log('is unreachable: .*CERTIFICATE_VERIFY_FAILED')
 async def test_untrusted_certificate_is_a_clear_error(
         binary_cache: nixcache.BinaryCache, h2_cache: tuple[H2Server, Path]) -> None:
     server, _ = h2_cache
