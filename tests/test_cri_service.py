@@ -140,7 +140,7 @@ def test_a_request_that_does_not_parse_is_invalid_argument(tmp_path: Path) -> No
     serve(tmp_path, body)
 
 
-@pytest.mark.allow_log
+@pytest.mark.allow_log("ImageFsInfo without the lazystore cache")
 def test_image_fs_info_without_the_daemon_is_containerds_answer(
     tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
