@@ -142,34 +142,21 @@ def events(document: Any, max_depth: int = nar.MAX_DEPTH) -> Iterator[Event]:
     """The events a NAR with this listing's tree gives (no FileData; entries
     in NAR order), checking every node as the NAR parser checks a NAR;
     ListingError for anything else. Iterative, so no depth exhausts the stack."""
-    stack: list[Iterator[tuple[bytes, Any]]] = []
-    name: bytes | None = None
-    node = _root(document)
-    while True:
+    def visit(name: bytes | None, node: Any, depth: int) -> tuple[list[Event], Any]:
         if not isinstance(node, dict):
             raise ListingError("malformed listing: a node is not an object")
         kind = node.get("type")
         if kind == "directory":
-            if len(stack) >= max_depth:
+            if depth >= max_depth:
                 raise ListingError(f"malformed listing: deeper than {max_depth} directories")
-            yield DirStart(name)
-            stack.append(iter(_entries(node)))
-        elif kind == "regular":
-            yield _file(name, node)
-            yield FileEnd()
-        elif kind == "symlink":
-            yield Symlink(name, _target(node.get("target")))
-        else:
-            raise ListingError(f"malformed listing: unknown node type {str(kind)[:40]!r}")
-        while stack:
-            item = next(stack[-1], None)
-            if item is not None:
-                name, node = item
-                break
-            stack.pop()
-            yield DirEnd()
-        else:
-            return
+            return [DirStart(name)], _entries(node)
+        if kind == "regular":
+            return [_file(name, node), FileEnd()], None
+        if kind == "symlink":
+            return [Symlink(name, _target(node.get("target")))], None
+        raise ListingError(f"malformed listing: unknown node type {str(kind)[:40]!r}")
+
+    return nar.walk(_root(document), visit)
 
 
 def _entries(node: dict[str, Any]) -> list[tuple[bytes, Any]]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 from lazystore.errors import NarError
 
@@ -450,6 +450,35 @@ def parse(chunks: Iterable[bytes], allow_trailing: bool = False) -> Iterator[Eve
         if allow_trailing and parser.done:
             break
     parser.close()
+
+
+N = TypeVar("N")
+# What a tree walk learns of one node: its own events and, for a directory,
+# its (name, child) entries in NAR order.
+Visit = Callable[[bytes | None, N, int], tuple[list[Event], Iterable[tuple[bytes, N]] | None]]
+
+
+def walk(root: N, visit: Visit[N]) -> Iterator[Event]:
+    """The events of a tree of any representation, depth first and without
+    recursion: *visit(name, node, depth)* gives each node's own events (and a
+    directory's entries), DirEnd follows a directory's last entry."""
+    stack: list[Iterator[tuple[bytes, N]]] = []
+    name: bytes | None = None
+    node = root
+    while True:
+        events, entries = visit(name, node, len(stack))
+        yield from events
+        if entries is not None:
+            stack.append(iter(entries))
+        while stack:
+            item = next(stack[-1], None)
+            if item is not None:
+                name, node = item
+                break
+            stack.pop()
+            yield DirEnd()
+        else:
+            return
 
 
 # --- writer -----------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from lazystore.nix.nar import (
     DirEnd,
@@ -16,6 +17,7 @@ from lazystore.nix.nar import (
     Symlink,
     parse,
     serialize,
+    walk,
 )
 
 
@@ -40,29 +42,16 @@ Tree = TreeFile | TreeSymlink | TreeDir
 
 def tree_events(tree: Tree) -> Iterator[Event]:
     """Events for an in-memory tree, entries in NAR (byte) order; no recursion."""
-    stack: list[Iterator[tuple[bytes, Tree]]] = []
-    name: bytes | None = None
-    node = tree
-    while True:
-        if isinstance(node, TreeDir):
-            yield DirStart(name)
-            stack.append(iter(sorted(node.entries.items())))
-        elif isinstance(node, TreeFile):
-            yield FileStart(name, node.executable, len(node.contents))
-            if node.contents:
-                yield FileData(node.contents)
-            yield FileEnd()
-        else:
-            yield Symlink(name, node.target)
-        while stack:
-            item = next(stack[-1], None)
-            if item is not None:
-                name, node = item
-                break
-            stack.pop()
-            yield DirEnd()
-        else:
-            return
+    return walk(tree, _visit)
+
+
+def _visit(name: bytes | None, node: Tree, depth: int) -> tuple[list[Event], Any]:
+    if isinstance(node, TreeDir):
+        return [DirStart(name)], sorted(node.entries.items())
+    if isinstance(node, TreeFile):
+        data: list[Event] = [FileData(node.contents)] if node.contents else []
+        return [FileStart(name, node.executable, len(node.contents)), *data, FileEnd()], None
+    return [Symlink(name, node.target)], None
 
 
 def pack(tree: Tree) -> bytes:
