@@ -78,6 +78,10 @@ def test_runs_report_plausible_values(quick_run: tuple[dict[str, Any], Path]) ->
         if run["mode"] == "lazystore-fuse":
             # the program leaves referenced paths unread, so they stay unfetched
             assert run["store_paths_fetched"] < closure["store_paths"]
+        if "stargz" in run["mode"]:
+            # the peer mounted its layers lazily (a failed remote mount unpacks instead)
+            assert run["remote_layers_mounted"] > 0, run
+            assert run["peer_settings"]["optimized_image"] == (run["mode"] == "stargz-prefetch")
     assert result["workloads"]["wide"]["first"]["store_paths"] >= 40
 
 
@@ -92,6 +96,28 @@ def test_ratios_pair_repetitions() -> None:
     [row] = report.ratios(runs)
     assert (row["mode"], row["baseline"], row["pairs"]) == ("lazystore-fuse", "nix-eager", 2)
     assert row["time"] == {"median": 0.3, "min": 0.1, "max": 0.5}
+
+
+def test_peer_targets_compare_with_stargz_in_the_same_run() -> None:
+    def run(mode: str, profile: str, rep: int, t: float, nbytes: int) -> dict[str, Any]:
+        return {"workload": "wide", "profile": profile, "compression": "zstd", "mode": mode,
+                "rep": rep, "status": "ok", "time_to_first_output": t, "bytes": nbytes,
+                "store_paths_fetched": 1}
+
+    runs = [run("stargz", "100mbit", 0, 10.0, 100), run("lazystore-snapshotter", "100mbit", 0,
+                                                         7.0, 50),
+            run("stargz", "1gbit", 0, 2.0, 100), run("lazystore-snapshotter", "1gbit", 0, 2.0, 50),
+            run("delta-stargz", "1gbit", 0, 1.0, 100),
+            run("delta-lazystore-snapshotter", "1gbit", 0, 1.0, 60)]
+    summary, ratios = report.summarize(runs), report.ratios(runs)
+    got = {(t["target"], t["reached"], t["value"]) for t in report.peer_targets(summary, ratios)}
+    assert ("lazystore-snapshotter <= 0.8x stargz (wide, 100mbit, time to first output)",
+            True, 0.7) in got
+    assert ("lazystore-snapshotter <= 0.8x stargz (wide, 1gbit, time to first output)",
+            False, 1.0) in got
+    assert ("delta: lazystore bytes <= 0.5x stargz bytes", False, 0.6) in got
+    assert ("lazystore-snapshotter <= 0.8x stargz (python, 100mbit, time to first output)",
+            None, None) in got
 
 
 def test_proxy_counts_what_crosses_it(tmp_path: Path) -> None:

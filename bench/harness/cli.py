@@ -24,13 +24,14 @@ from bench.harness import report
 from bench.harness.containers import CONTAINER_MODES
 from bench.harness.measure import RunFailed, Skip
 from bench.harness.modes import HOST_MODES, Context
+from bench.harness.peer import PEER_MODES
 from bench.harness.workloads import BENCH, Workload, bench_key, build, write_caches
 from bench.proxy import PROFILES, shaping_proxy
 from lazystore.testing.httpserver import serve_directory
 
 log = logging.getLogger(__name__)
 
-MODES = {**HOST_MODES, **CONTAINER_MODES}
+MODES = {**HOST_MODES, **CONTAINER_MODES, **PEER_MODES}
 ALL_WORKLOADS = ("python", "busybox", "wide")
 QUICK_WORKLOADS = ("busybox", "wide")
 

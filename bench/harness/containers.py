@@ -54,6 +54,11 @@ class Images:
 
     proxy: ShapingProxy  # in front of the registry
     refs: dict[tuple[str, str], str]  # (kind, variant) -> HOST:PORT/REPO:TAG
+    registry_host: str  # the registry itself, unshaped (for setting up, not measuring)
+
+    def repo(self, kind: str, variant: str) -> str:
+        """REPO:TAG of an image (without the host)."""
+        return self.refs[(kind, variant)].split("/", 1)[1]
 
 
 def _image_archive(wl: Workload, kind: str) -> Path:
@@ -97,10 +102,10 @@ def start_registry(stack: ExitStack, workdir: Path, first: Workload, second: Wor
             if proc.returncode != 0:
                 raise RunFailed(f"lazystore image push failed: {proc.stderr.strip()[-500:]}")
             refs[(kind, variant)] = f"{proxy.address}/{repo}"
-    return Images(proxy, refs)
+    return Images(proxy, refs, reg.host)
 
 
-def _images(ctx: Context) -> Images:
+def images_for(ctx: Context) -> Images:
     """The registry for this context, started on first use (Skip is remembered)."""
     if "images" not in ctx.extra:
         try:
@@ -115,7 +120,7 @@ def _images(ctx: Context) -> Images:
     return found
 
 
-class _Pull:
+class Pull:
     """pull + create + start of one image in a running containerd."""
 
     def __init__(self, ctd: Any, snapshotter: str, timeout: float) -> None:
@@ -123,23 +128,26 @@ class _Pull:
         self.snapshotter = snapshotter
         self.timeout = timeout
 
-    def _ctr(self, *args: str) -> list[str]:
+    def ctr_args(self, *args: str) -> list[str]:
         return ["ctr", "--address", str(self.ctd.address), "--namespace", self.ctd.namespace,
                 *args]
+
+    def pull_argv(self, ref: str) -> list[str]:
+        return self.ctr_args("images", "pull", "--plain-http", "--snapshotter",
+                             self.snapshotter, ref)
 
     def run(self, ref: str, name: str, expect: str,
             argv: tuple[str, ...] = ()) -> tuple[Output, dict[str, float]]:
         start = time.monotonic()
-        pull = run_until_exit(self._ctr("images", "pull", "--plain-http", "--snapshotter",
-                                        self.snapshotter, ref), start, self.timeout)
+        pull = run_until_exit(self.pull_argv(ref), start, self.timeout)
         if pull.returncode != 0:
             raise RunFailed(f"ctr image pull failed: {pull.stderr.strip()[-500:]}")
-        create = run_until_exit(self._ctr("containers", "create", "--snapshotter",
+        create = run_until_exit(self.ctr_args("containers", "create", "--snapshotter",
                                           self.snapshotter, ref, name, *argv), start,
                                 self.timeout)
         if create.returncode != 0:
             raise RunFailed(f"ctr container create failed: {create.stderr.strip()[-500:]}")
-        prog = run_until_exit(self._ctr("tasks", "start", name), start, self.timeout)
+        prog = run_until_exit(self.ctr_args("tasks", "start", name), start, self.timeout)
         check(prog, expect, f"container {name}")
         split = {"pull": pull.finished, "create": create.finished - pull.finished,
                  "run": prog.first_output - create.finished}
@@ -148,7 +156,7 @@ class _Pull:
         return prog, split
 
 
-def _record(prog: Output, split: dict[str, float], proxies: list[ShapingProxy],
+def record_of(prog: Output, split: dict[str, float], proxies: list[ShapingProxy],
             cache_stats: Any = None) -> Record:
     stats = [p.reset() for p in proxies]
     return {
@@ -163,22 +171,22 @@ def _record(prog: Output, split: dict[str, float], proxies: list[ShapingProxy],
 
 def oci_overlayfs(ctx: Context, delta: bool = False) -> Record:
     """The --layered image on containerd's own overlayfs snapshotter."""
-    images = _images(ctx)
+    images = images_for(ctx)
     with containerd.Containerd(ctx.fresh_dir("containerd-oci")) as ctd:
-        puller = _Pull(ctd, "overlayfs", ctx.timeout)
+        puller = Pull(ctd, "overlayfs", ctx.timeout)
         new_nar = None
         if delta:
             puller.run(images.refs[("layered", "v1")], "first", ctx.workload.expect)
-            new_nar = _new_nar_bytes(ctx)
+            new_nar = new_nar_bytes(ctx)
         dropped = drop_caches()
         for p in (images.proxy, ctx.cache_proxy):
             p.reset()
         prog, split = puller.run(images.refs[("layered", "v2" if delta else "v1")], "bench",
                                  ctx.extra["delta"].expect if delta else ctx.workload.expect)
         layers = len([t for t in images.proxy.stats.targets("/v2/") if "/blobs/" in t])
-        record = _record(prog, split, [images.proxy, ctx.cache_proxy])
+        record = record_of(prog, split, [images.proxy, ctx.cache_proxy])
         rss = proc_peak_rss_kib(ctd.proc)
-    record.update({"store_paths_fetched": _paths_in_layers(ctx, delta),
+    record.update({"store_paths_fetched": paths_in_layers(ctx, delta),
                    "blobs_fetched": layers, "daemon_peak_rss_kib": rss,
                    "page_cache_dropped": dropped})
     if new_nar is not None:
@@ -186,14 +194,14 @@ def oci_overlayfs(ctx: Context, delta: bool = False) -> Record:
     return record
 
 
-def _paths_in_layers(ctx: Context, delta: bool) -> int:
+def paths_in_layers(ctx: Context, delta: bool) -> int:
     """A layered pull brings every store path of the image (or of the new layers)."""
     first = set(ctx.workload.paths)
     second = set(ctx.extra["delta"].paths)
     return len(second - first) if delta else len(first)
 
 
-def _new_nar_bytes(ctx: Context) -> int:
+def new_nar_bytes(ctx: Context) -> int:
     second: Workload = ctx.extra["delta"]
     new = set(second.paths) - set(ctx.workload.paths)
     return sum(second.nar_sizes[p] for p in new)
@@ -202,17 +210,17 @@ def _new_nar_bytes(ctx: Context) -> int:
 def lazystore_snapshotter(ctx: Context, delta: bool = False) -> Record:
     """The nix image through lazystore's snapshotter (fresh daemon, snapshotter
     and containerd, empty caches)."""
-    images = _images(ctx)
+    images = images_for(ctx)
     if not cli_has("snapshotter"):
         raise Skip("`lazystore snapshotter` has not landed yet (issue 5)")
     with ExitStack() as stack:
         daemon, snap, ctd, base = _lazy_node(ctx, stack)
-        puller = _Pull(ctd, "lazystore", ctx.timeout)
+        puller = Pull(ctd, "lazystore", ctx.timeout)
         new_nar = None
         before: set[str] = set()
         if delta:
             puller.run(images.refs[("nix", "v1")], "first", ctx.workload.expect)
-            new_nar = _new_nar_bytes(ctx)
+            new_nar = new_nar_bytes(ctx)
             before = set(lazystore_status(daemon.sock).get("paths_materialized", []))
         dropped = drop_caches()
         for p in (images.proxy, ctx.cache_proxy):
@@ -220,7 +228,7 @@ def lazystore_snapshotter(ctx: Context, delta: bool = False) -> Record:
         prog, split = puller.run(images.refs[("nix", "v2" if delta else "v1")], "bench",
                                  ctx.extra["delta"].expect if delta else ctx.workload.expect)
         nars = nar_fetches(ctx.cache_proxy.stats)
-        record = _record(prog, split, [images.proxy, ctx.cache_proxy])
+        record = record_of(prog, split, [images.proxy, ctx.cache_proxy])
         status = lazystore_status(daemon.sock)
         fetched = set(status.get("paths_materialized", [])) - before
         record.update({
@@ -271,12 +279,12 @@ def registry_lazystore_snapshotter(ctx: Context) -> Record:
         dropped = drop_caches()
         for p in (proxy, ctx.cache_proxy):
             p.reset()
-        prog, split = _Pull(ctd, "lazystore", ctx.timeout).run(
+        prog, split = Pull(ctd, "lazystore", ctx.timeout).run(
             ref, "bench", ctx.workload.expect, tuple(ctx.workload.argv))
         made = _MADE.search(reg.log())
         if made is None:
             raise RunFailed(f"the registry did not log making the image: {reg.log()[-500:]}")
-        record = _record(prog, split, [proxy, ctx.cache_proxy])
+        record = record_of(prog, split, [proxy, ctx.cache_proxy])
         status = lazystore_status(daemon.sock)
         record.update({
             "manifest_seconds": float(made[2]),

@@ -15,10 +15,11 @@ log = logging.getLogger(__name__)
 
 Record = dict[str, Any]
 Key = tuple[str, str, str]  # workload, profile, compression
-BASELINES = ("nix-eager", "oci-overlayfs")
+BASELINES = ("nix-eager", "oci-overlayfs", "stargz")
 MODE_ORDER = (
-    "nix-eager", "lazystore-fuse", "oci-overlayfs", "lazystore-snapshotter",
-    "delta-oci-overlayfs", "delta-lazystore-snapshotter", "registry-lazystore-snapshotter",
+    "nix-eager", "lazystore-fuse", "oci-overlayfs", "lazystore-snapshotter", "stargz",
+    "stargz-prefetch", "delta-oci-overlayfs", "delta-lazystore-snapshotter", "delta-stargz",
+    "registry-lazystore-snapshotter",
 )
 
 
@@ -132,6 +133,43 @@ def targets(summary: list[Record], ratio_rows: list[Record]) -> list[Record]:
         if other:
             note += f"; oci-overlayfs: {other['bytes']['median'] / s['new_nar_bytes']:.2f}x"
         out.append({"target": name, "reached": value <= 1.1, "value": value, "note": note})
+    return out + peer_targets(summary, ratio_rows)
+
+
+PEER_TIME_LIMIT = 0.8  # lazystore-snapshotter / stargz, python and wide, 100mbit and 1gbit
+PEER_DELTA_BYTES_LIMIT = 0.5  # delta-lazystore-snapshotter / delta-stargz bytes
+
+
+def peer_targets(summary: list[Record], ratio_rows: list[Record]) -> list[Record]:
+    """The peer's targets (issue 16), for each (workload, link) measured."""
+    out = []
+    for workload in ("python", "wide"):
+        for profile in ("100mbit", "1gbit"):
+            name = (f"lazystore-snapshotter <= {PEER_TIME_LIMIT}x stargz ({workload}, {profile}, "
+                    "time to first output)")
+            found = [r for r in ratio_rows if (r["workload"], r["profile"], r["mode"],
+                     r["baseline"]) == (workload, profile, "lazystore-snapshotter", "stargz")]
+            if not found:
+                out.append({"target": name, "reached": None, "value": None,
+                            "note": "not measured in this run (see skipped)"})
+            for r in found:
+                value = r["time"]["median"]
+                out.append({"target": name, "reached": value <= PEER_TIME_LIMIT, "value": value,
+                            "note": f"median of {r['pairs']} paired ratios"})
+    stargz = {(s["workload"], s["profile"], s["compression"]): s for s in summary
+              if s["mode"] == "delta-stargz"}
+    name = f"delta: lazystore bytes <= {PEER_DELTA_BYTES_LIMIT}x stargz bytes"
+    pairs = [(s, stargz[key]) for s in summary if s["mode"] == "delta-lazystore-snapshotter"
+             and (key := (s["workload"], s["profile"], s["compression"])) in stargz]
+    if not pairs:
+        out.append({"target": name, "reached": None, "value": None,
+                    "note": "not measured in this run (see skipped)"})
+    for ours, theirs in pairs:
+        mine, peer = ours["bytes"]["median"], theirs["bytes"]["median"]
+        value = mine / peer if peer else float("inf")
+        out.append({"target": name, "reached": value <= PEER_DELTA_BYTES_LIMIT, "value": value,
+                    "note": f"{ours['workload']}, {ours['profile']}: "
+                            f"{_mb(mine)} vs {_mb(peer)} MB"})
     return out
 
 
@@ -155,8 +193,9 @@ def markdown(result: Record) -> str:
         f"({result['machine']['cpus']} CPUs); command: `{result['command']}`",
         "",
         "| workload | link | mode | n | time to first output, s: median (min–max) "
-        "| × nix-eager | × oci-overlayfs | MB transferred | paths fetched | daemon peak RSS, MB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| × nix-eager | × oci-overlayfs | × stargz | MB transferred | paths fetched "
+        "| daemon peak RSS, MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rat = {(r["workload"], r["profile"], r["compression"], r["mode"], r["baseline"]): r
            for r in result["ratios"]}
@@ -168,7 +207,7 @@ def markdown(result: Record) -> str:
         rss_cell = "–" if not rss else f"{rss['median'] / 1024:.0f}"
         lines.append(
             f"| {s['workload']} | {s['profile']} ({s['compression']}) | {s['mode']} | {s['n']} "
-            f"| {t['median']:.2f} ({t['min']:.2f}–{t['max']:.2f}) | {cells[0]} | {cells[1]} "
+            f"| {t['median']:.2f} ({t['min']:.2f}–{t['max']:.2f}) | {' | '.join(cells)} "
             f"| {_mb(s['bytes']['median'])} | {s['store_paths_fetched']['median']:g} "
             f"| {rss_cell} |"
         )
@@ -259,6 +298,7 @@ def rst_table(result: Record, profiles: tuple[str, ...] = ("100mbit",)) -> str:
         "     - time to first output, s: median (min-max)",
         "     - x nix-eager",
         "     - x oci-overlayfs",
+        "     - x stargz",
         "     - MB transferred",
         "     - paths fetched",
     ]
@@ -272,8 +312,7 @@ def rst_table(result: Record, profiles: tuple[str, ...] = ("100mbit",)) -> str:
             f"   * - {s['workload']}, {s['profile']}",
             f"     - {s['mode']}",
             f"     - {t['median']:.2f} ({t['min']:.2f}-{t['max']:.2f})",
-            f"     - {cells[0]}",
-            f"     - {cells[1]}",
+            *(f"     - {cell}" for cell in cells),
             f"     - {_mb(s['bytes']['median'])}",
             f"     - {s['store_paths_fetched']['median']:g}",
         ]
