@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import time
 from contextlib import ExitStack, contextmanager
@@ -104,7 +105,7 @@ def _archive(ctx: Context, images: Images, wl: Workload, variant: str, optimized
                         "--entrypoint", json.dumps(wl.argv), src, dst)
         else:
             _ctr_remote(ctd, "images", "convert", "--estargz", "--oci", src, dst)
-        tmp = dest.with_suffix(".tmp")
+        tmp = dest.with_suffix(f".tmp-{os.getpid()}")  # concurrent runs: each its own
         _ctr_remote(ctd, "images", "export", str(tmp), dst)
     tmp.rename(dest)
     return dest
