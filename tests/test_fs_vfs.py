@@ -165,12 +165,41 @@ async def test_view_asked_twice_at_once_is_one_view(
         assert not store.pinned(A) and not store.pinned(B)
 
 
-async def test_view_of_unknown_path_fails(tmp_path: Path, subs: FakeSubstituters) -> None:
+@pytest.mark.allow_log(r"view v: .* is in none of the substituters")
+async def test_view_of_an_unknown_path_is_made_at_once_and_the_path_is_absent(
+        tmp_path: Path, subs: FakeSubstituters, caplog: pytest.LogCaptureFixture) -> None:
     async with LocalStore(subs, tmp_path) as store:
         vfs = Vfs(store)
-        with pytest.raises(StoreError):
-            await vfs.create_view("v", [A, MISSING])
-        assert vfs.views == {} and not store.pinned(A)
+        await vfs.create_view("v", [A, MISSING])  # nothing asked yet: made at once
+        store_dir = await _walk(vfs, ".views", "v", "nix", "store")
+        assert (await vfs.lookup(store_dir, A)).kind == "d"
+        with pytest.raises(NoEntry):
+            await vfs.lookup(store_dir, MISSING)
+        assert store.pinned(A)
+    assert any(MISSING in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
+async def test_view_is_made_before_any_narinfo_arrives(
+        tmp_path: Path, subs: FakeSubstituters) -> None:
+    # Every query waits for the gate; the view exists anyway, and a lookup of
+    # one of its paths waits only for that path's narinfo.
+    gate: dict[str, trio.Event] = {A: trio.Event(), B: trio.Event()}
+    plain_query = subs.query
+
+    async def gated_query(path):  # type: ignore[no-untyped-def]
+        await gate[path.basename].wait()
+        return await plain_query(path)
+
+    subs.query = gated_query  # type: ignore[method-assign]
+    async with LocalStore(subs, tmp_path) as store:
+        vfs = Vfs(store)
+        with trio.fail_after(10):
+            await vfs.create_view("v", [A, B])
+            store_dir = await _walk(vfs, ".views", "v", "nix", "store")
+            gate[A].set()
+            assert (await vfs.lookup(store_dir, A)).kind == "d"  # B still waits
+            assert B not in store.records
+            gate[B].set()
 
 
 async def test_forget_drops_unreferenced_inodes(tmp_path: Path, subs: FakeSubstituters) -> None:

@@ -18,6 +18,7 @@ from lazystore.substituter.config import SubstituterConfig
 from lazystore.substituter.errors import NotAvailableError, SubstituterError
 from lazystore.testing import nixcache
 from lazystore.testing.httpserver import serve_directory
+from tests.support.faultserver import Fault, FaultServer
 
 
 def test_config(urls: list[str], key: str, **overrides: object) -> SubstituterConfig:
@@ -118,10 +119,61 @@ async def test_priority_orders_substituters_stably(
         urls = [first_server.url, second_server.url]  # type: ignore[attr-defined]
         async with Substituters(test_config(urls, test_key.public_key)) as subs:
             ordered = [c.url for c in await subs.substituters()]
-            assert await subs.query(top) is not None
+            info = await subs.query(top)
         assert ordered == [urls[1], urls[0]]
-        assert f"/{top.hash_part}.narinfo" in second_server.requests  # type: ignore[attr-defined]
-        assert f"/{top.hash_part}.narinfo" not in first_server.requests  # type: ignore[attr-defined]
+        assert info is not None and info.substituter == urls[1]  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def two_caches(binary_cache: nixcache.BinaryCache, tmp_path: Path, sample_closure: str,
+               test_key: nixcache.KeyPair) -> Path:
+    """One directory holding two caches of the sample closure: worse/ (priority
+    50) and best/ (priority 10), so one fault server can hold both's requests."""
+    shutil.copytree(binary_cache.root, tmp_path / "worse")
+    nixcache.make_cache(sample_closure, tmp_path / "best", test_key)
+    (tmp_path / "best" / "nix-cache-info").write_text("StoreDir: /nix/store\nPriority: 10\n")
+    return tmp_path
+
+
+async def test_every_substituter_is_asked_at_once(
+        binary_cache: nixcache.BinaryCache, two_caches: Path, test_key: nixcache.KeyPair) -> None:
+    # Each narinfo is held until both are held: asked one after another, the
+    # query would wait for the gather's 60 s timeout.
+    top = StorePath.parse(binary_cache.top)
+    with FaultServer(two_caches) as server:
+        for cache in ("worse", "best"):
+            server.always(f"/{cache}/{top.hash_part}.narinfo", Fault.gather(2))
+        urls = [f"{server.url}/worse", f"{server.url}/best"]
+        async with Substituters(test_config(urls, test_key.public_key)) as subs:
+            with trio.fail_after(30):
+                info = await subs.query(top)
+        assert server.most_held == 2
+        assert info is not None and info.substituter == urls[1]  # type: ignore[attr-defined]
+        for cache in ("worse", "best"):
+            assert server.count(f"/{cache}/{top.hash_part}.narinfo") == 1
+
+
+async def test_the_best_priority_wins_when_it_answers_last(
+        binary_cache: nixcache.BinaryCache, two_caches: Path, test_key: nixcache.KeyPair) -> None:
+    top = StorePath.parse(binary_cache.top)
+    with FaultServer(two_caches) as server:
+        server.always(f"/best/{top.hash_part}.narinfo", Fault.delay(0.5))
+        urls = [f"{server.url}/worse", f"{server.url}/best"]
+        async with Substituters(test_config(urls, test_key.public_key)) as subs:
+            info = await subs.query(top)
+        assert info is not None and info.substituter == urls[1]  # type: ignore[attr-defined]
+
+
+async def test_substituters_ranked_below_a_held_answer_are_not_asked(
+        binary_cache: nixcache.BinaryCache, two_caches: Path, test_key: nixcache.KeyPair) -> None:
+    top = StorePath.parse(binary_cache.top)
+    with FaultServer(two_caches) as server:
+        urls = [f"{server.url}/worse", f"{server.url}/best"]
+        async with Substituters(test_config(urls, test_key.public_key)) as subs:
+            assert await subs.query(top) is not None
+            assert await subs.query(top) is not None  # the best's answer is held
+        for cache in ("worse", "best"):  # the first query asked both, the second none
+            assert server.count(f"/{cache}/{top.hash_part}.narinfo") == 1
 
 
 @pytest.mark.allow_log('is a binary cache for store /gnu/store, not /nix/store')

@@ -209,6 +209,9 @@ async def test_corrupted_byte_skips_to_the_next_substituter(
             info = await subs.fetch(busybox, unpack_into(dest / busybox.basename, tmp))
         assert bad.count(url) == 1  # a hash mismatch is not retried at the same cache
         assert good.count(url) == 1
+        # both asked at once for the narinfo, each once: the fallback asks nothing again
+        assert bad.count(f"/{busybox.hash_part}.narinfo") == 1
+        assert good.count(f"/{busybox.hash_part}.narinfo") == 1
     assert_fetched(dest, tmp, info)
     [warning] = warnings(caplog)
     assert "does not match its NarHash" in warning and bad.url in warning

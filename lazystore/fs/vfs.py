@@ -27,8 +27,8 @@ from pathlib import Path
 
 import trio
 
-from lazystore.errors import LazystoreError, StoreError
-from lazystore.store.cache import LocalStore
+from lazystore.errors import LazystoreError
+from lazystore.store.cache import LocalStore, PathNotFound
 from lazystore.store.tree import DIRECTORY, REGULAR, SYMLINK, Node, name_key, resolve
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ LONG_TIMEOUT = 86400.0
 ROOT_ATTR_TIMEOUT = 1.0
 HINT_TIMEOUT = 1.0
 DIR_ROWS_CACHE = 1024  # directories whose readdir rows are kept
+LEARN_PARALLEL = 32  # lookups at once while listing a directory of store paths
 
 
 class FsError(LazystoreError):
@@ -260,7 +261,11 @@ class Vfs:
             return Attr(view.dirs[parent.level + 1], DIRECTORY)
         if name not in view.bases:
             raise NoEntry(name)
-        return await self._store_root(name)
+        try:
+            return await self._store_root(name)
+        except PathNotFound as exc:  # the view was made without waiting to know
+            log.warning("view %s: %s", view.id, exc)
+            raise NoEntry(name) from None
 
     async def listdir(self, ino: int, start: int) -> Iterator[tuple[int, str, Attr]]:
         """Entries of directory *ino* whose readdir key is above *start*, in key
@@ -278,11 +283,7 @@ class Vfs:
         else:
             names = self._viewdir_names(inode)
         wanted = [(k, n) for k, n in sorted((name_key(n), n) for n in names) if k > start]
-        for _, name in wanted:  # first learn every tree (this may wait) ...
-            try:
-                await self._lookup(inode, name)
-            except NoEntry:
-                pass
+        await self._learn(inode, [n for _, n in wanted])  # first every tree (this may wait) ...
         out = []
         for key, name in wanted:  # ... then take the inodes without waiting in between
             try:
@@ -290,6 +291,22 @@ class Vfs:
             except NoEntry:
                 continue
         return iter(out)
+
+    async def _learn(self, inode: Inode, names: list[str]) -> None:
+        """Look up *names* in *inode* at once (their narinfos and listings are
+        asked in parallel); errors are left for the lookups that follow."""
+        limiter = trio.CapacityLimiter(LEARN_PARALLEL)
+
+        async def one(name: str) -> None:
+            async with limiter:
+                try:
+                    await self._lookup(inode, name)
+                except LazystoreError:
+                    pass
+
+        async with trio.open_nursery() as nursery:
+            for name in names:
+                nursery.start_soon(one, name)
 
     def _viewdir_names(self, inode: Inode) -> list[str]:
         assert inode.view is not None
@@ -415,14 +432,10 @@ class Vfs:
         wanted = tuple(dict.fromkeys(bases))
         if self._existing_view(view_id, wanted):
             return f"{VIEWS_NAME}/{view_id}"
-        try:
-            await self.store.require_all(list(wanted))
-        except StoreError as exc:
-            raise StoreError(f"cannot create view {view_id}: {exc}") from None
-        # Asked twice at once, the second must not replace the view the first
-        # caller may already have mounted (its lookups would all be ENOENT).
-        if self._existing_view(view_id, wanted):
-            return f"{VIEWS_NAME}/{view_id}"
+        # The view exists at once; its paths' narinfos and listings come in the
+        # background, and a lookup of one waits only for that one.
+        for base in wanted:
+            self.store.parse(base)  # a name that is no store path: refused now
         view = View(view_id, wanted)
         for level in range(len(self.store_dir_parts) + 1):
             ino = next(self._next_ino)
@@ -431,6 +444,7 @@ class Vfs:
         for base in wanted:
             self.store.pin(base)
         self.views[view_id] = view
+        self.store.resolve_soon(list(wanted))
         log.info("view %s created with %d store paths", view_id, len(wanted))
         return f"{VIEWS_NAME}/{view_id}"
 

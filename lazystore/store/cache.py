@@ -447,6 +447,26 @@ class LocalStore:
         """:meth:`require` every one of *bases*, their narinfo queries in parallel."""
         await _each(bases, self.require, QUERY_PARALLEL)
 
+    def resolve_soon(self, bases: list[str]) -> None:
+        """Learn the narinfos and listings of *bases* in the background (a task
+        of the store's nursery, *QUERY_PARALLEL* at once): each listing is
+        asked as soon as its narinfo arrives, no NAR is fetched. A reader of
+        one of them meanwhile waits only for that one (the same flights);
+        failures are the reader's to see, here they are only logged."""
+        assert self._nursery is not None, "LocalStore used outside its context"
+        self._nursery.start_soon(self._resolve, bases)
+
+    async def _resolve(self, bases: list[str]) -> None:
+        try:
+            await _each(bases, self._hint, QUERY_PARALLEL)
+        except StoreError as exc:
+            log.info("resolving %d store paths: %s", len(bases), exc)
+
+    async def _hint(self, base: str) -> None:
+        rec = await self.require(base)
+        if rec.tree is None:
+            await self._single("listing", base, lambda: self._load_listing(base))
+
     async def read_small_file(self, base: str, rel: str, limit: int = 64 << 20) -> bytes:
         """Contents of file *rel* inside store path *base* (fetched if needed)."""
         self.pin(base)

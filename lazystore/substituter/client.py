@@ -245,22 +245,17 @@ class Substituters:
         return found
 
     async def _find(self, path: StorePath | str, errors: list[str],
-                    tried: Collection[_Cache] = ()) -> tuple[_Cache, NarInfo] | None:
+                    tried: Collection[_Cache] = (),
+                    asking: _Asking | None = None) -> tuple[_Cache, NarInfo] | None:
         """The first substituter (by priority) not in *tried* with a trusted
-        narinfo of *path*. Substituters that could not be asked are skipped,
-        their errors appended to *errors*. The one loop over substituters:
-        lookups and fetches both go through it."""
-        for cache in await self.substituters():
-            if cache in tried:
-                continue
-            try:
-                info = await self._query_one(cache, path)
-            except SubstituterError as exc:
-                errors.append(str(exc))
-                continue
-            if info is not None:
-                return cache, info
-        return None
+        narinfo of *path*. Every substituter that may matter is asked at once
+        (not one after another); the answer of the best priority that has it
+        wins, without waiting for those below it. Substituters that could not
+        be asked are skipped, their errors appended to *errors*. The one loop
+        over substituters: lookups and fetches both go through it; a fetch
+        passes the same *asking* each time, so no substituter is asked twice."""
+        asking = asking or _Asking(self, path, await self.substituters())
+        return await asking.best(errors, tried)
 
     async def _query_one(self, cache: _Cache, path: StorePath | str) -> NarInfo | None:
         """*path* is a store path, or a hash part alone (any name matches)."""
@@ -355,7 +350,8 @@ class Substituters:
         full = path.path(self.config.store_dir)
         errors = await self._disabled_reasons()
         tried: list[_Cache] = []
-        found = self._offered(what) or await self._find(path, errors, tried)
+        asking = _Asking(self, path, await self.substituters())
+        found = self._offered(what) or await self._find(path, errors, tried, asking)
         while found is not None:
             cache, info = found
             tried.append(cache)
@@ -367,7 +363,7 @@ class Substituters:
                 self.stats.count("nar", cache.url, "failed")
                 log.warning("cannot substitute %s from %s: %s", full, cache.url, exc)
                 errors.append(str(exc))
-                found = await self._find(path, errors, tried)
+                found = await self._find(path, errors, tried, asking)
                 continue
             self.stats.nars_fetched += 1
             self.stats.nar_bytes += info.nar_size
@@ -443,6 +439,61 @@ class Substituters:
             self.stats.retries += 1
 
         return await retry.call(operation, self._policy, what, on_retry=count)
+
+
+class _Asking:
+    """One path asked of several substituters at once, for one query or fetch.
+
+    Each substituter's answer is asked by a task of the client's nursery and
+    kept here, so that a caller who took the best answer and later needs the
+    next one (a fetch falling back) does not ask again. Substituters ranked
+    below one that already holds a trusted narinfo of the path are not asked."""
+
+    def __init__(self, subs: Substituters, path: StorePath | str,
+                 ordered: list[_Cache]) -> None:
+        self._subs = subs
+        self._path = path
+        self._ordered = ordered
+        self._answers: dict[_Cache, NarInfo | None | Exception] = {}
+        self._done: dict[_Cache, trio.Event] = {}
+
+    def _start(self, caches: list[_Cache]) -> None:
+        nursery = self._subs._nursery
+        assert nursery is not None, "Substituters used outside its context"
+        for cache in caches:
+            if cache not in self._done:
+                self._done[cache] = trio.Event()
+                nursery.start_soon(self._ask, cache)
+
+    async def _ask(self, cache: _Cache) -> None:
+        key = self._path if isinstance(self._path, str) else self._path.hash_part
+        self._answers[cache] = _request_cancelled((cache.url, key))  # unless answered
+        try:
+            self._answers[cache] = await self._subs._query_one(cache, self._path)
+        except Exception as exc:  # the waiter raises it (a SubstituterError, or a bug)
+            self._answers[cache] = exc
+        finally:
+            self._done[cache].set()
+
+    async def best(self, errors: list[str],
+                   tried: Collection[_Cache]) -> tuple[_Cache, NarInfo] | None:
+        wanted = [c for c in self._ordered if c not in tried]
+        key = self._path if isinstance(self._path, str) else self._path.hash_part
+        held = next((i for i, c in enumerate(wanted) if key in c.positive), None)
+        self._start(wanted if held is None else wanted[:held + 1])
+        for cache in wanted:
+            if cache not in self._done:  # below one that had it: never asked
+                self._start([cache])
+            await self._done[cache].wait()
+            answer = self._answers[cache]
+            if isinstance(answer, SubstituterError):
+                errors.append(str(answer))
+                continue
+            if isinstance(answer, Exception):
+                raise answer
+            if answer is not None:
+                return cache, answer
+        return None
 
 
 def _parse_keys(keys: Iterable[str]) -> list[PublicKey]:
