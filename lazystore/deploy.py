@@ -106,14 +106,18 @@ class DeployConfig:
     registry_listen: str = "127.0.0.1:5000"
     registry_expression: str | None = None
     registry_cache_dir: str = defaults.REGISTRY_CACHE_DIR
+    registry_metrics_address: str | None = None
     image_service: bool = False
     image_service_address: str = defaults.IMAGE_SERVICE_SOCKET
     runtime_endpoint: str = defaults.CONTAINERD_SOCKET
+    image_service_metrics_address: str | None = None
 
     def __post_init__(self) -> None:
         for what, address in (("registry listen", self.registry_listen),
                               ("metrics", self.metrics_address),
-                              ("snapshotter metrics", self.snapshotter_metrics_address)):
+                              ("snapshotter metrics", self.snapshotter_metrics_address),
+                              ("registry metrics", self.registry_metrics_address),
+                              ("image service metrics", self.image_service_metrics_address)):
             if address is not None and not LISTEN.fullmatch(address):
                 raise DeployError(f"{what} address {address!r}: expected HOST:PORT")
         if self.registry_expression is not None and not os.path.isabs(self.registry_expression):
@@ -171,18 +175,14 @@ def daemon_argv(cfg: DeployConfig) -> list[str]:
         argv += ["--cache-size", cfg.cache_size]
     if cfg.allow_other:
         argv.append("--allow-other")
-    if cfg.metrics_address is not None:
-        argv += ["--metrics-address", cfg.metrics_address]
-    return argv + cfg.extra_args
+    return argv + _metrics_flag(cfg.metrics_address) + cfg.extra_args
 
 
 def snapshotter_argv(cfg: DeployConfig) -> list[str]:
     argv = [cfg.executable, "snapshotter", "--address", cfg.snapshotter_address,
             "--root", cfg.snapshotter_root, "--control-socket", cfg.control_socket,
             "--mount-point", cfg.mount_point]
-    if cfg.snapshotter_metrics_address is not None:
-        argv += ["--metrics-address", cfg.snapshotter_metrics_address]
-    return argv + cfg.snapshotter_extra_args
+    return argv + _metrics_flag(cfg.snapshotter_metrics_address) + cfg.snapshotter_extra_args
 
 
 def registry_argv(cfg: DeployConfig) -> list[str]:
@@ -194,13 +194,18 @@ def registry_argv(cfg: DeployConfig) -> list[str]:
         argv += ["--trusted-public-key", key]
     if cfg.registry_expression is not None:
         argv += ["--expression", cfg.registry_expression]
-    return argv
+    return argv + _metrics_flag(cfg.registry_metrics_address)
 
 
 def image_service_argv(cfg: DeployConfig) -> list[str]:
     return [cfg.executable, "image-service", "--address", cfg.image_service_address,
             "--runtime-endpoint", cfg.runtime_endpoint, "--control-socket", cfg.control_socket,
-            "--mount-point", cfg.mount_point]
+            "--mount-point", cfg.mount_point,
+            *_metrics_flag(cfg.image_service_metrics_address)]
+
+
+def _metrics_flag(address: str | None) -> list[str]:
+    return [] if address is None else ["--metrics-address", address]
 
 
 def exec_quote(arg: str) -> str:

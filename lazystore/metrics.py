@@ -133,21 +133,40 @@ def histogram(name: str, doc: str, timings: dict[str, Any]) -> HistogramMetricFa
     return HistogramMetricFamily(PREFIX + name, doc, buckets=buckets, sum_value=timings["sum"])
 
 
-def daemon_families(status: dict[str, Any]) -> list[Metric]:
-    """The daemon's metrics, from the same map ``lazystore status`` shows."""
+def substituter_families(figures: dict[str, Any]) -> list[Metric]:
+    """A substituter client's metrics, from ``Stats.figures()`` (or a status map
+    holding them)."""
     requests = {kind: CounterMetricFamily(
         f"{PREFIX}{kind}_requests", f"{kind} requests to each substituter, by outcome",
         labels=["cache", "outcome"]) for kind in ("narinfo", "nar")}
-    for kind, cache, outcome, n in status.get("requests_by_cache", []):
+    for kind, cache, outcome, n in figures.get("requests_by_cache", []):
         requests[kind].add_metric([cache, outcome], n)
-    families: list[Metric] = [*requests.values()]
-    families += [
+    families: list[Metric] = [
+        *requests.values(),
         counter("downloaded_bytes", "NAR bytes received from substituters (as sent)",
-                status["bytes_downloaded"]),
+                figures["bytes_downloaded"]),
+        counter("retries", "retried substituter requests", figures.get("retries", 0)),
+    ]
+    if "fetch_seconds" in figures:
+        families.append(histogram("fetch_seconds", "NAR fetches (download, verification, "
+                                  "unpacking) that succeeded", figures["fetch_seconds"]))
+    return families
+
+
+def rpc_counter(metrics: Metrics, name: str) -> Callable[[str, str], None]:
+    """``count(method, code)`` for ``grpcunix.RpcCounter``: *name*_rpcs_total."""
+    rpcs = metrics.counter(f"{name}_rpcs_total", "RPCs served, by method and gRPC status code",
+                           ["method", "code"])
+    return lambda method, code: rpcs.labels(method, code).inc()
+
+
+def daemon_families(status: dict[str, Any]) -> list[Metric]:
+    """The daemon's metrics, from the same map ``lazystore status`` shows."""
+    families = substituter_families(status)
+    families += [
         counter("served_bytes", "bytes read through the mount", status.get("bytes_served", 0)),
         counter("evictions", "store paths evicted from the local cache",
                 status.get("evictions", 0)),
-        counter("retries", "retried substituter requests", status.get("retries", 0)),
         gauge("cache_bytes", "bytes of store paths in the local cache", status["cache_bytes"]),
         gauge("paths_known", "store paths whose narinfo is known", status["paths_known"]),
         gauge("paths_materialised", "store paths whose data is in the local cache",
@@ -159,9 +178,6 @@ def daemon_families(status: dict[str, Any]) -> list[Metric]:
     if status.get("cache_limit") is not None:
         families.append(gauge("cache_quota_bytes", "the local cache's size limit",
                               status["cache_limit"]))
-    if "fetch_seconds" in status:
-        families.append(histogram("fetch_seconds", "NAR fetches (download, verification, "
-                                  "unpacking) that succeeded", status["fetch_seconds"]))
     if "wait_seconds" in status:
         families.append(histogram("reader_wait_seconds", "time readers waited for a store "
                                   "path's data to arrive", status["wait_seconds"]))

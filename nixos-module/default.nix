@@ -115,7 +115,9 @@ let
     [ exe "registry" "--listen" cfg.registry.listen "--cache-dir" cfg.registry.cacheDir ]
     ++ lib.concatMap (url: [ "--substituter" url ]) cfg.substituters
     ++ lib.concatMap (key: [ "--trusted-public-key" key ]) cfg.trustedPublicKeys
-    ++ optionals (cfg.registry.expression != null) [ "--expression" (toString cfg.registry.expression) ];
+    ++ optionals (cfg.registry.expression != null) [ "--expression" (toString cfg.registry.expression) ]
+    ++ optionals (cfg.registry.metricsAddress != null)
+      [ "--metrics-address" cfg.registry.metricsAddress ];
   # Without an expression the registry needs no privilege and writes only its
   # cache; building an expression runs Nix as root (/nix/store, /tmp).
   registrySandbox = lib.optionalAttrs (cfg.registry.expression == null) (
@@ -133,7 +135,9 @@ let
       "--address" cfg.imageService.address
       "--runtime-endpoint" cfg.imageService.runtimeEndpoint
       "--control-socket" cfg.controlSocket
-      "--mount-point" cfg.mountPoint ];
+      "--mount-point" cfg.mountPoint ]
+    ++ optionals (cfg.imageService.metricsAddress != null)
+      [ "--metrics-address" cfg.imageService.metricsAddress ];
   imageServiceSocketDir = dirOf cfg.imageService.address;
   sharedWithImageService = {
     "imageService.address" = cfg.imageService.address;
@@ -261,6 +265,8 @@ in
         default = "/var/cache/lazystore-registry";
         description = "Blobs and built layers of the registry's images.";
       };
+
+      metricsAddress = metricsOption "the registry";
     };
 
     imageService = {
@@ -280,6 +286,8 @@ in
         default = "/run/containerd/containerd.sock";
         description = "The CRI it forwards to and imports into (containerd's socket).";
       };
+
+      metricsAddress = metricsOption "the image service";
     };
 
     containerd = {

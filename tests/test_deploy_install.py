@@ -293,7 +293,7 @@ def test_changed_options_update_units_with_backup(tmp_path: Path) -> None:
     assert [b.read_text() for b in backups(unit)] == [before]
 
 
-def test_metrics_addresses_reach_both_units(tmp_path: Path) -> None:
+def test_metrics_addresses_reach_the_units(tmp_path: Path) -> None:
     targets = Targets.under(tmp_path)
     deploy.install(config(metrics_address="127.0.0.1:9464",
                           snapshotter_metrics_address="[::1]:9465"), targets)
@@ -303,6 +303,13 @@ def test_metrics_addresses_reach_both_units(tmp_path: Path) -> None:
         targets.unit_dir / deploy.SNAPSHOTTER_UNIT).read_text()
     deploy.install(config(), targets)
     assert "--metrics-address" not in (targets.unit_dir / deploy.DAEMON_UNIT).read_text()
+    deploy.install(config(registry=True, registry_metrics_address="127.0.0.1:9466",
+                          cri_default_snapshotter=True, image_service=True,
+                          image_service_metrics_address="127.0.0.1:9467"), targets)
+    assert "--metrics-address 127.0.0.1:9466" in (
+        targets.unit_dir / deploy.REGISTRY_UNIT).read_text()
+    assert "--metrics-address 127.0.0.1:9467" in (
+        targets.unit_dir / deploy.IMAGE_SERVICE_UNIT).read_text()
 
 
 def test_symlinked_config_keeps_its_link(tmp_path: Path) -> None:

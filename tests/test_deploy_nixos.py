@@ -136,9 +136,13 @@ def test_options_declared_with_types_and_defaults() -> None:
         "registry.listen": ("string matching the pattern " + LISTEN_PATTERN, "127.0.0.1:5000"),
         "registry.expression": ("null or path", None),
         "registry.cacheDir": ("path", "/var/cache/lazystore-registry"),
+        "registry.metricsAddress": ("null or string matching the pattern " + LISTEN_PATTERN,
+                                    None),
         "imageService.enable": ("boolean", False),
         "imageService.address": ("path", "/run/lazystore-image.sock"),
         "imageService.runtimeEndpoint": ("path", "/run/containerd/containerd.sock"),
+        "imageService.metricsAddress": ("null or string matching the pattern "
+                                        + LISTEN_PATTERN, None),
     }
     # The same paths as the commands' own defaults and install-systemd's.
     module_paths = ("mountPoint", "cacheDir", "controlSocket", "snapshotter.address",
@@ -522,8 +526,9 @@ def _systemd_value(value: Any) -> str:
 @pytest.mark.parametrize("registry", [
     "registry.enable = true;",
     'registry = { enable = true; expression = "/etc/images.nix"; listen = "[::1]:5001"; '
-    'cacheDir = "/srv/registry"; }; metricsAddress = "[::1]:9464"; '
-    'snapshotter.metricsAddress = "127.0.0.1:9465";',
+    'cacheDir = "/srv/registry"; metricsAddress = "127.0.0.1:9466"; }; '
+    'metricsAddress = "[::1]:9464"; snapshotter.metricsAddress = "127.0.0.1:9465"; '
+    'imageService.metricsAddress = "127.0.0.1:9467";',
 ])
 def test_nixos_units_match_the_installer(registry: str) -> None:
     """The NixOS units and scripts/install-systemd's carry the same settings."""
@@ -549,7 +554,11 @@ def test_nixos_units_match_the_installer(registry: str) -> None:
                                                    else None),
                               cri_default_snapshotter=True, image_service=True,
                               metrics_address=metrics_of("lazystore"),
-                              snapshotter_metrics_address=metrics_of("lazystore-snapshotter"))
+                              snapshotter_metrics_address=metrics_of("lazystore-snapshotter"),
+                              registry_metrics_address=metrics_of("lazystore-registry"),
+                              image_service_metrics_address=metrics_of(
+                                  "lazystore-image-service"))
+    assert (cfg.image_service_metrics_address is None) == ("9467" not in registry)
     assert (cfg.metrics_address is None) == ("metricsAddress" not in registry)
     if cfg.registry_expression:
         assert "ProtectSystem" not in reg and "CapabilityBoundingSet" not in reg

@@ -215,3 +215,61 @@ def test_snapshotter_metrics_count_rpcs_by_method_and_code(tmp_path: Path) -> No
     assert value(after, rpcs, method="List", code="OK") == 1
     assert value(after, "lazystore_snapshotter_snapshots", kind="active") == 1
     assert value(after, "lazystore_snapshotter_snapshots", kind="committed") == 0
+
+
+def test_image_service_metrics_count_rpcs_by_method_and_code() -> None:
+    import grpc
+
+    from lazystore.testing.containerd import lazystore_process
+
+    base = Path(tempfile.mkdtemp(prefix="lzmi-", dir="/tmp"))  # short unix socket paths
+    port = proxies.free_port()
+    url = f"http://127.0.0.1:{port}/metrics"
+    args = ["image-service", "--address", str(base / "img.sock"),
+            "--runtime-endpoint", str(base / "no-cri.sock"),
+            "--control-socket", str(base / "no-daemon.sock"), "--mount-point", str(base),
+            "--metrics-address", f"127.0.0.1:{port}"]
+    try:
+        with lazystore_process(args, base, base / "image-service.log"):
+            with grpc.insecure_channel(f"unix:{base / 'img.sock'}") as channel:
+                for method, raw in (("PullImage", b"\xff"), ("ListImages", b"")):
+                    with pytest.raises(grpc.RpcError) as info:
+                        channel.unary_unary(f"/runtime.v1.ImageService/{method}")(
+                            raw, timeout=30)
+                    assert info.value.code() in (grpc.StatusCode.INVALID_ARGUMENT,
+                                                 grpc.StatusCode.UNAVAILABLE)
+            got = scrape(url)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    rpcs = "lazystore_image_service_rpcs_total"
+    assert value(got, rpcs, method="PullImage", code="INVALID_ARGUMENT") == 1
+    assert value(got, rpcs, method="ListImages", code="UNAVAILABLE") == 1
+
+
+def test_registry_metrics_count_requests_and_substituter_figures(
+    tmp_path: Path, binary_cache: nixcache.BinaryCache
+) -> None:
+    from lazystore.testing import lazyregistry
+
+    port = proxies.free_port()
+    url = f"http://127.0.0.1:{port}/metrics"
+    name = Path(binary_cache.top).name[:32]
+    with lazyregistry.running(tmp_path / "reg", [binary_cache.url],
+                              binary_cache.key.public_key,
+                              "--metrics-address", f"127.0.0.1:{port}") as reg:
+        before = scrape(url)
+        codes = [httpx.get(f"http://{reg.host}{path}", timeout=60).status_code
+                 for path in ("/v2/", f"/v2/{name}/manifests/latest",
+                              f"/v2/{'e' * 32}/manifests/latest")]
+        after = scrape(url)
+    assert codes == [200, 200, 404]
+    requests = "lazystore_registry_requests_total"
+    assert value(before, requests, route="manifests", code="200") == 0
+    assert value(after, requests, route="base", code="200") == 1
+    assert value(after, requests, route="manifests", code="200") == 1
+    assert value(after, requests, route="manifests", code="404") == 1
+    found = value(after, "lazystore_narinfo_requests_total", cache=binary_cache.url,
+                  outcome="found")
+    assert found >= len(binary_cache.paths)  # the image's closure, looked up
+    assert value(before, "lazystore_narinfo_requests_total", cache=binary_cache.url,
+                 outcome="found") == 0

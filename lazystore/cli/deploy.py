@@ -62,12 +62,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--registry-expression", metavar="FILE",
                    help="the registry's --expression (absolute path)")
     p.add_argument("--registry-cache-dir", default=defaults.REGISTRY_CACHE_DIR)
+    p.add_argument("--registry-metrics-address", metavar="HOST:PORT",
+                   help="the registry serves Prometheus metrics there (default: off)")
     p.add_argument("--image-service", action="store_true",
                    help="also lazystore-image-service.service (`lazystore image-service`, "
                    "the kubelet's --image-service-endpoint); needs --cri-default-snapshotter")
     p.add_argument("--image-service-address", default=defaults.IMAGE_SERVICE_SOCKET)
     p.add_argument("--runtime-endpoint", default=defaults.CONTAINERD_SOCKET,
                    help="the CRI the image service forwards to (default: %(default)s)")
+    p.add_argument("--image-service-metrics-address", metavar="HOST:PORT",
+                   help="the image service serves Prometheus metrics there (default: off)")
     p.add_argument("--dry-run", action="store_true", help="show what would change, write nothing")
     p.set_defaults(func=_install)
 
@@ -116,9 +120,11 @@ def _install(args: argparse.Namespace) -> int:
         registry_listen=args.registry_listen,
         registry_expression=args.registry_expression,
         registry_cache_dir=args.registry_cache_dir,
+        registry_metrics_address=args.registry_metrics_address,
         image_service=args.image_service,
         image_service_address=args.image_service_address,
         runtime_endpoint=args.runtime_endpoint,
+        image_service_metrics_address=args.image_service_metrics_address,
     )
     targets = deploy.Targets.under(args.root, args.unit_dir, args.containerd_config)
     changes = deploy.install(cfg, targets, dry_run=args.dry_run)

@@ -6,8 +6,11 @@ import argparse
 import asyncio
 import logging
 import signal
+from contextlib import ExitStack
+from typing import Any
 
 from lazystore import defaults, sdnotify
+from lazystore.cli.daemon import metrics_arg
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="snapshotter nix images are unpacked on (the CRI plugin's)")
     p.add_argument("--nix-only", action="store_true",
                    help="refuse nix:0 archives with layers that are not nix layers")
+    metrics_arg(p)
     p.set_defaults(func=run)
 
 
@@ -60,14 +64,32 @@ async def _serve(args: argparse.Namespace) -> None:
             Upstream(channel), Ctr(containerd, args.namespace, args.snapshotter),
             Daemon(args.control_socket, args.mount_point), nix_only=args.nix_only,
         )
-        server = await start_server(service, args.address)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        log.info("serving the CRI image service on %s (runtime %s)", args.address,
-                 args.runtime_endpoint)
-        sdnotify.notify(f"READY=1\nSTATUS=serving the CRI image service on {args.address}")
-        await stop.wait()
-        sdnotify.notify("STOPPING=1\nSTATUS=stopping")
-        await server.stop(grace=2)
+        with ExitStack() as stack:
+            interceptors = []
+            if args.metrics_address is not None:
+                interceptors = _metrics(stack, args.metrics_address)
+            server = await start_server(service, args.address, interceptors)
+            await _until_stopped(server, args)
+
+
+def _metrics(stack: ExitStack, address: str) -> list[Any]:
+    """Prometheus: the image service's RPCs by method and code."""
+    from lazystore import grpcunix, metrics
+
+    registry = metrics.Metrics()
+    counter = grpcunix.RpcCounter(metrics.rpc_counter(registry, "image_service"))
+    stack.enter_context(metrics.exporter(registry, address))
+    return [counter]
+
+
+async def _until_stopped(server: Any, args: argparse.Namespace) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("serving the CRI image service on %s (runtime %s)", args.address,
+             args.runtime_endpoint)
+    sdnotify.notify(f"READY=1\nSTATUS=serving the CRI image service on {args.address}")
+    await stop.wait()
+    sdnotify.notify("STOPPING=1\nSTATUS=stopping")
+    await server.stop(grace=2)

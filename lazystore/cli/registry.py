@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from lazystore import defaults
+from lazystore.cli.daemon import metrics_arg
 
 DEFAULT_LISTEN = "127.0.0.1:5000"
 
@@ -29,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", type=Path, default=Path(defaults.REGISTRY_CACHE_DIR),
                    metavar="DIR",
                    help=f"blobs and built layers (default {defaults.REGISTRY_CACHE_DIR})")
+    metrics_arg(p)
     p.set_defaults(func=cmd_registry)
 
 
@@ -49,7 +51,8 @@ def cmd_registry(args: argparse.Namespace) -> int:
 
     try:
         trio.run(lambda: server.run(Substituters(config), args.listen, args.cache_dir,
-                                    args.max_layers, args.expression, ready))
+                                    args.max_layers, args.expression, ready,
+                                    args.metrics_address))
     except BaseExceptionGroup as group:
         raise first_error(group) from None
     return 0

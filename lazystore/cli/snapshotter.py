@@ -95,8 +95,7 @@ def _metrics(sn: Any) -> tuple[Any, list[Any]]:
     from lazystore.snapshotter.metadata import Kind
 
     registry = metrics.Metrics()
-    rpcs = registry.counter("snapshotter_rpcs_total", "Snapshots RPCs served, by method "
-                            "and gRPC status code", ["method", "code"])
+    count = metrics.rpc_counter(registry, "snapshotter")
     loop = asyncio.get_running_loop()
 
     async def kinds() -> list[Any]:
@@ -112,4 +111,4 @@ def _metrics(sn: Any) -> tuple[Any, list[Any]]:
         return [family]
 
     registry.collect(lambda: asyncio.run_coroutine_threadsafe(kinds(), loop).result(30))
-    return registry, [grpcunix.RpcCounter(lambda m, c: rpcs.labels(m, c).inc())]
+    return registry, [grpcunix.RpcCounter(count)]

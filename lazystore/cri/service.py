@@ -28,7 +28,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -303,9 +303,11 @@ def _mapped(method: str, handler: Raw) -> Raw:
     return wrapper
 
 
-async def start_server(service: ImageService, address: str) -> grpc.aio.Server:
+async def start_server(service: ImageService, address: str,
+                       interceptors: Sequence[grpc.aio.ServerInterceptor] = ()
+                       ) -> grpc.aio.Server:
     """Serve *service* on the unix socket *address* (mode 0600)."""
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=list(interceptors))
     server.add_generic_rpc_handlers((_Handler(service),))
     await grpcunix.listen(server, address, errors.Unavailable, errors.InvalidReference)
     return server

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import trio
@@ -32,8 +33,10 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 async def run(subs: Substituters, listen: str, cache_dir: Path, max_layers: int,
               expression: Path | None = None,
-              ready: Callable[[list[str]], None] = lambda urls: None) -> None:
-    """Serve until cancelled; *ready* gets the URLs listened on once serving."""
+              ready: Callable[[list[str]], None] = lambda urls: None,
+              metrics_address: str | None = None) -> None:
+    """Serve until cancelled; *ready* gets the URLs listened on once serving;
+    Prometheus metrics on *metrics_address* when given."""
     host, port = parse_listen(listen)
     store = BlobStore(cache_dir)
     try:
@@ -45,15 +48,55 @@ async def run(subs: Substituters, listen: str, cache_dir: Path, max_layers: int,
     except OSError as exc:
         raise LazystoreError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
     async with subs, Images(subs, store, max_layers, _expression(subs, expression)) as images:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(http.serve, RegistryApp(images), listeners)
-            urls = [_url(listener) for listener in listeners]
-            log.info("listening on %s", " ".join(urls))
-            ready(urls)
-            sdnotify.notify(f"READY=1\nSTATUS=serving {' '.join(urls)}")
-            await _until_signalled()
-            sdnotify.notify("STOPPING=1")
-            nursery.cancel_scope.cancel()
+        handler: http.Handler = RegistryApp(images)
+        with ExitStack() as stack:
+            if metrics_address is not None:
+                handler = _metrics(stack, metrics_address, subs, handler)
+            await _serve(handler, listeners, ready)
+
+
+async def _serve(handler: http.Handler, listeners: list[trio.SocketListener],
+                 ready: Callable[[list[str]], None]) -> None:
+    async with trio.open_nursery() as nursery:
+        await nursery.start(http.serve, handler, listeners)
+        urls = [_url(listener) for listener in listeners]
+        log.info("listening on %s", " ".join(urls))
+        ready(urls)
+        sdnotify.notify(f"READY=1\nSTATUS=serving {' '.join(urls)}")
+        await _until_signalled()
+        sdnotify.notify("STOPPING=1")
+        nursery.cancel_scope.cancel()
+
+
+def _metrics(stack: ExitStack, address: str, subs: Substituters,
+             handler: http.Handler) -> http.Handler:
+    """Prometheus: requests by route and status, and the substituter client's
+    figures (read on the trio thread at each scrape); returns the counting handler."""
+    from lazystore import metrics
+
+    token = trio.lowlevel.current_trio_token()
+    registry = metrics.Metrics()
+    requests = registry.counter("registry_requests_total", "registry HTTP requests, by route "
+                                "and status", ["route", "code"])
+    registry.collect(lambda: metrics.substituter_families(
+        trio.from_thread.run_sync(subs.stats.figures, trio_token=token)))
+    stack.enter_context(metrics.exporter(registry, address))
+
+    async def counted(request: http.Request) -> http.Response:
+        response = await handler(request)
+        requests.labels(_route(request.target), str(response.status)).inc()
+        return response
+    return counted
+
+
+def _route(target: str) -> str:
+    """The kind of distribution API request: base, manifests, blobs, tags, other."""
+    if target.rstrip("/") == "/v2":
+        return "base"
+    for route in ("manifests", "blobs", "tags"):
+        if f"/{route}/" in target:
+            return route
+    return "other"
 
 
 async def _until_signalled() -> None:

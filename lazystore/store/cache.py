@@ -491,10 +491,7 @@ class LocalStore:
             "in_flight": self.in_flight,
             "bytes_downloaded": int(getattr(stats, "bytes_downloaded", 0)),
             "nars_fetched": int(getattr(stats, "nars_fetched", 0)),
-            "retries": int(getattr(stats, "retries", 0)),
-            "requests_by_cache": [[*key, n] for key, n in
-                                  sorted(getattr(stats, "requests", {}).items())],
-            "fetch_seconds": getattr(stats, "fetch_seconds", Timings()).to_dict(),
+            **(stats.figures() if hasattr(stats, "figures") else {}),
             "wait_seconds": self.wait_seconds.to_dict(),
             "hits": self.hits,
             "misses": self.misses,

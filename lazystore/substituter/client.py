@@ -70,6 +70,16 @@ class Stats:
     def count(self, kind: str, url: str, outcome: str) -> None:
         self.requests[kind, url, outcome] += 1
 
+    def figures(self) -> dict[str, Any]:
+        """The counters as status maps carry them (the daemon's, the registry's metrics)."""
+        return {
+            "bytes_downloaded": self.bytes_downloaded,
+            "nars_fetched": self.nars_fetched,
+            "retries": self.retries,
+            "requests_by_cache": [[*key, n] for key, n in sorted(self.requests.items())],
+            "fetch_seconds": self.fetch_seconds.to_dict(),
+        }
+
 
 @dataclass(eq=False)
 class ServedNarInfo(NarInfo):
