@@ -254,3 +254,17 @@ def test_squid_as_a_forward_proxy_from_http_proxy(
                                    for h in origin.request_headers)
     assert len(through) > len(origin.requests)  # later daemons were served by Squid
     assert Counter(origin.requests).most_common(1)[0][1] == 1, origin.requests
+
+
+def test_no_proxy_sends_the_named_hosts_around_the_proxy(
+    tmp_path: Path, binary_cache: nixcache.BinaryCache, origin: FaultServer,
+    no_proxy_env: dict[str, str],
+) -> None:
+    _need("squid")
+    with proxies.squid(forward=True) as proxy:
+        env = {**no_proxy_env, "http_proxy": proxy.url, "no_proxy": "127.0.0.1"}
+        with _daemons(tmp_path, origin.url, binary_cache.key.public_key, count=1,
+                      env=env) as (d,):
+            _read_workload(binary_cache.paths)(d)
+        assert not [line for line in proxy.access_log() if line.startswith(origin.url)]
+    assert origin.requests and not any("Via" in h for h in origin.request_headers)
