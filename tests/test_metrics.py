@@ -129,7 +129,7 @@ def test_daemon_metrics_move_as_a_fetch_happens(
     with FaultServer(tmp_path / "www") as origin:
         origin.program(f"/{nar}", Fault.delay(3))  # long enough to scrape mid-fetch
         d = Daemon(tmp_path / "node", origin.url, binary_cache.key.public_key,
-                   "--metrics-address", f"127.0.0.1:{port}")
+                   "--metrics-address", f"127.0.0.1:{port}", "--cache-size", "64M")
         try:
             d.start()
             before = scrape(url)
@@ -147,6 +147,8 @@ def test_daemon_metrics_move_as_a_fetch_happens(
             status = json.loads(_cli("status", "--json", "--control-socket", str(d.sock)))
             watched = _cli("status", "--watch", "--iterations", "2", "--interval", "0.2",
                            "--control-socket", str(d.sock))
+            d.call("evict", paths=[])
+            evicted = scrape(url)
         finally:
             d.stop()
     cache = origin.url
@@ -165,6 +167,11 @@ def test_daemon_metrics_move_as_a_fetch_happens(
     assert value(after, "lazystore_reader_wait_seconds_bucket", le="2.5") == 0
     assert value(after, "lazystore_cache_bytes") == status["cache_bytes"] > 0
     assert "WARNING: lazystore.metrics" not in d.log.read_text()  # every scrape read it
+    assert value(after, "lazystore_cache_quota_bytes") == 64 << 20
+    assert value(after, "lazystore_evictions_total") == 0
+    assert value(evicted, "lazystore_evictions_total") == 1
+    assert value(evicted, "lazystore_paths_materialised") == 0
+    assert value(evicted, "lazystore_cache_bytes") == 0
     # `lazystore status` shows the same figures
     for kind, cache_url, outcome, n in status["requests_by_cache"]:
         assert value(after, f"lazystore_{kind}_requests_total", cache=cache_url,
