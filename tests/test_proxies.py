@@ -9,6 +9,7 @@ import gzip
 import os
 import shutil
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
@@ -150,22 +151,37 @@ def _nar_of(binary_cache: nixcache.BinaryCache, name: str) -> tuple[str, str]:
     return path, f"/{url}"
 
 
-def _cache_file(proxy: proxies.Proxy, key: str) -> tuple[Path, int]:
-    """nginx's cache file for *key* and the offset where the body starts."""
-    for path in proxy.cache_files():
-        data = path.read_bytes()
-        if f"\nKEY: {key}\n".encode() in data:
-            return path, data.index(b"\r\n\r\n") + 4
-    raise AssertionError(f"no cache file for {key}: {proxy.cache_files()}")
+def _cache_file(proxy: proxies.Proxy, url_path: str) -> tuple[Path, int]:
+    """The proxy's cache file for *url_path* and the offset where the body starts
+    (both keep a header naming the URL, then the HTTP response head)."""
+    deadline = time.monotonic() + 10  # Squid writes its swap file after answering
+    while time.monotonic() < deadline:
+        for path in proxy.cache_files():
+            data = path.read_bytes()
+            if url_path.encode() + b"\n" in data or url_path.encode() + b"\0" in data:
+                return path, data.index(b"\r\n\r\n") + 4
+        time.sleep(0.1)
+    raise AssertionError(f"no cache file for {url_path}: {proxy.cache_files()}")
 
 
+def _disk_proxy(kind: str, tmp_path: Path,
+                origin: FaultServer) -> AbstractContextManager[proxies.Proxy]:
+    """A reverse proxy that serves what its disk cache holds (Squid would keep
+    small objects in memory: its memory cache is off here)."""
+    if kind == "nginx":
+        return proxies.nginx(tmp_path / "nginx", origin.url.removeprefix("http://"))
+    return proxies.squid(upstream=_host_port(origin.url), extra="cache_mem 0 MB")
+
+
+@pytest.mark.parametrize("kind", ["nginx", "squid"])
 @pytest.mark.parametrize("damage", ["corrupt", "truncate"])
 def test_a_damaged_proxy_cache_file_is_caught_by_every_daemon(
-    damage: str, tmp_path: Path, binary_cache: nixcache.BinaryCache, origin: FaultServer
+    damage: str, kind: str, tmp_path: Path, binary_cache: nixcache.BinaryCache,
+    origin: FaultServer,
 ) -> None:
-    _need("nginx")
+    _need(kind)
     docs, nar_url = _nar_of(binary_cache, "docs")
-    with proxies.nginx(tmp_path / "nginx", origin.url.removeprefix("http://")) as proxy:
+    with _disk_proxy(kind, tmp_path, origin) as proxy:
         assert httpx.get(proxy.url + nar_url).status_code == 200  # an earlier node's fetch
         cached, body = _cache_file(proxy, nar_url)
         data = bytearray(cached.read_bytes())
@@ -176,7 +192,7 @@ def test_a_damaged_proxy_cache_file_is_caught_by_every_daemon(
         cached.write_bytes(bytes(data))
         manual = f"{os.path.basename(docs)}/share/doc/manual.txt"
         # nginx sends what is left of a truncated file, then waits (send_timeout):
-        # the daemons' stall timeout ends it.
+        # the daemons' stall timeout ends it; Squid closes the connection.
         with _daemons(tmp_path, proxy.url, binary_cache.key.public_key,
                       "--stall-timeout", "10") as daemons:
             results = _at_once(daemons, lambda d: (d.mnt / manual).read_bytes())

@@ -171,12 +171,15 @@ dns_nameservers 127.0.0.1
 logformat lazystore %ru %>Hs %Ss %<st
 access_log stdio:{logs}/access.log lazystore
 include {work}/lazystore.conf
+{extra}
 """
 
 
 @contextmanager
-def squid(forward: bool = False, upstream: tuple[str, int] | None = None) -> Iterator[Proxy]:
-    """deploy/squid/lazystore-{reverse,forward}.conf on an ephemeral port.
+def squid(forward: bool = False, upstream: tuple[str, int] | None = None,
+          extra: str = "") -> Iterator[Proxy]:
+    """deploy/squid/lazystore-{reverse,forward}.conf on an ephemeral port
+    (*extra*: directives after it, which override its own).
 
     Squid drops to the ``proxy`` user, so its directory is a fresh one under
     the system temporary directory (pytest's tmp_path is root's alone)."""
@@ -195,7 +198,7 @@ def squid(forward: bool = False, upstream: tuple[str, int] | None = None) -> Ite
                           CACHE_DIR=str(cache))
         (work / "lazystore.conf").write_text(text)
         main = work / "squid.conf"
-        main.write_text(SQUID_MAIN.format(work=work, logs=logs, user=SQUID_USER))
+        main.write_text(SQUID_MAIN.format(work=work, logs=logs, user=SQUID_USER, extra=extra))
         shutil.chown(work, SQUID_USER)
         for path in (cache, logs):
             shutil.chown(path, SQUID_USER, SQUID_USER)
