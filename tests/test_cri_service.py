@@ -50,17 +50,20 @@ def serve(tmp_path: Path, body: Body) -> None:
         upstream_server.add_generic_rpc_handlers((fake,))
         upstream_server.add_insecure_port(f"unix:{tmp_path}/cri.sock")
         await upstream_server.start()
-        async with grpc.aio.insecure_channel(f"unix:{tmp_path}/cri.sock") as up:
-            service = ImageService(Upstream(up), Ctr(str(tmp_path / "cri.sock"), "k8s.io", "x"),
-                                   Daemon(str(tmp_path / "no-daemon.sock"), str(tmp_path)))
-            fake.under_test = service
-            server = await start_server(service, str(tmp_path / "img.sock"))
-            try:
-                async with grpc.aio.insecure_channel(f"unix:{tmp_path}/img.sock") as ch:
-                    await body(ch, fake)
-            finally:
-                await server.stop(None)
-                await upstream_server.stop(None)
+        try:
+            async with grpc.aio.insecure_channel(f"unix:{tmp_path}/cri.sock") as up:
+                service = ImageService(
+                    Upstream(up), Ctr(str(tmp_path / "cri.sock"), "k8s.io", "x"),
+                    Daemon(str(tmp_path / "no-daemon.sock"), str(tmp_path)))
+                fake.under_test = service
+                server = await start_server(service, str(tmp_path / "img.sock"))
+                try:
+                    async with grpc.aio.insecure_channel(f"unix:{tmp_path}/img.sock") as ch:
+                        await body(ch, fake)
+                finally:
+                    await server.stop(None)
+        finally:
+            await upstream_server.stop(None)
     asyncio.run(main())
 
 
