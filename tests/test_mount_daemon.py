@@ -399,7 +399,8 @@ def test_more_open_files_than_the_inherited_soft_limit(
     _need_fuse()
     if shutil.which("prlimit") is None:
         pytest.skip("prlimit is not installed")
-    d = Daemon(tmp_path, http_cache, binary_cache.key.public_key)
+    # --no-binds: opens below a bind of the fetched path would not reach the daemon
+    d = Daemon(tmp_path, http_cache, binary_cache.key.public_key, "--no-binds")
     d.argv = ["prlimit", "--nofile=64:4096", "--", *d.argv]
     try:
         d.start()

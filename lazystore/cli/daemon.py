@@ -70,6 +70,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the store directory the caches serve (default: nix.conf's, /nix/store)")
     p.add_argument("--allow-other", action="store_true",
                    help="let other users (containers) read the mount")
+    p.add_argument("--no-binds", dest="bind_finished", action="store_false",
+                   help="serve fetched paths through FUSE too (by default each is bound "
+                        "read-only over its directory in the mount)")
     metrics_arg(p)
     _socket_arg(p)
     p.set_defaults(func=cmd_mount)
@@ -121,6 +124,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             allow_other=args.allow_other,
             substituter_urls=list(config.urls),
             metrics_address=args.metrics_address,
+            bind_finished=args.bind_finished,
         ))
     except BaseExceptionGroup as group:
         raise first_error(group) from None

@@ -22,6 +22,7 @@ import trio
 
 from lazystore import sdnotify
 from lazystore.control import server
+from lazystore.daemon.binds import Binds
 from lazystore.daemon.mountpoint import mount_options, prepare_mountpoint, raise_fd_limit
 from lazystore.daemon.operations import ControlOperations
 from lazystore.errors import StoreError
@@ -41,6 +42,7 @@ class Daemon:
         store_dir: str = "/nix/store",
         allow_other: bool = False,
         substituter_urls: list[str] | None = None,
+        bind_finished: bool = True,
     ) -> None:
         self.store = store
         self.mountpoint = os.path.abspath(mountpoint)
@@ -50,6 +52,8 @@ class Daemon:
         self.operations = ControlOperations(
             store, self.vfs, self.mountpoint, list(substituter_urls or [])
         )
+        # finished paths bound over the mount (binds.py); off: all through FUSE
+        self.binds = Binds(store, self.mountpoint) if bind_finished else None
 
     async def run(self) -> None:
         raise_fd_limit()
@@ -63,6 +67,9 @@ class Daemon:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_signals, nursery)
+                if self.binds is not None:
+                    await nursery.start(self.binds.run)
+                    self.store.direct = self.binds
                 await nursery.start(server.serve, self.control_socket, self.operations.handle)
                 log.info("serving %s (control socket %s)", self.mountpoint, self.control_socket)
                 sdnotify.notify(f"READY=1\nSTATUS=serving {self.mountpoint}")
@@ -83,6 +90,9 @@ class Daemon:
             async for signum in signals:
                 log.info("signal %d: unmounting %s", signum, self.mountpoint)
                 sdnotify.notify(f"STOPPING=1\nSTATUS=unmounting {self.mountpoint}")
+                if self.binds is not None:
+                    self.store.direct = None
+                    await self.binds.detach_all()  # while FUSE still answers
                 pyfuse3.terminate()
                 return
 
@@ -98,6 +108,7 @@ async def run(
     allow_other: bool,
     substituter_urls: list[str],
     metrics_address: str | None = None,
+    bind_finished: bool = True,
 ) -> None:
     """Serve until SIGTERM/SIGINT or an external unmount (with Prometheus
     metrics on *metrics_address* when given)."""
@@ -108,7 +119,8 @@ async def run(
                        negative_ttl=subs.config.negative_ttl)  # nix.conf's
         )
         daemon = Daemon(
-            store, mountpoint, control_socket, store_dir, allow_other, substituter_urls
+            store, mountpoint, control_socket, store_dir, allow_other, substituter_urls,
+            bind_finished,
         )
         if metrics_address is not None:
             stack.enter_context(_metrics(daemon, metrics_address))

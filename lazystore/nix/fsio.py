@@ -180,6 +180,11 @@ def _leaf_events(
 # --- unpack -----------------------------------------------------------------
 
 
+# Every file, directory and symlink of a store path has mtime 1 (Nix's
+# canonical time), as the mount shows them: binds of the cache show the same.
+NIX_TIMES = (1, 1)
+
+
 class NarUnpacker:
     """Unpacks a NAR fed chunk by chunk into *dest* (which must not exist).
 
@@ -306,12 +311,16 @@ class NarUnpacker:
 
     def _file_end(self, event: FileEnd) -> None:
         fd, self._file = self._file, -1
-        os.close(fd)
+        try:
+            os.utime(fd, NIX_TIMES)
+        finally:
+            os.close(fd)
 
     def _symlink(self, event: Symlink) -> None:
         dir_fd, name = self._where(event.name)
         os.symlink(event.target, name, dir_fd=dir_fd)
         self._created = True
+        os.utime(name, NIX_TIMES, dir_fd=dir_fd, follow_symlinks=False)
 
     def _dir_start(self, event: DirStart) -> None:
         dir_fd, name = self._where(event.name)
@@ -323,6 +332,7 @@ class NarUnpacker:
         fd = self._dirs.pop()
         try:
             os.fchmod(fd, 0o555)
+            os.utime(fd, NIX_TIMES)  # after its entries, which set it
         finally:
             os.close(fd)
 

@@ -69,6 +69,18 @@ class SubstituterAPI(Protocol):
     async def closure(self, paths: list[StorePath]) -> list[NarInfo]: ...
 
 
+class DirectReaders(Protocol):
+    """Who reads finished paths' data without the Vfs (the daemon's binds)."""
+
+    def materialized(self, base: str) -> None:
+        """*base*'s verified data is in ``store/``."""
+        ...
+
+    async def release(self, base: str) -> bool:
+        """Stop serving *base* before its data goes; False if still in use."""
+        ...
+
+
 def _basename(path: str) -> str:
     """The basename of a store path given in full or as a basename."""
     return os.path.basename(path.rstrip("/")) if "/" in path else path
@@ -100,6 +112,7 @@ class LocalStore:
         self.evictions = 0
         self.wait_seconds = Timings()  # readers waiting for a path's data to arrive
         self._pins: Counter[str] = Counter()
+        self.direct: DirectReaders | None = None  # set by the daemon
         # The one negative cache of lazystore: which names no substituter has.
         self._negative: cachetools.TTLCache[str, bool] = cachetools.TTLCache(
             NEGATIVE_CACHE_SIZE, negative_ttl, timer=trio.current_time)
@@ -304,13 +317,15 @@ class LocalStore:
         if rec.materialized:
             self.hits += 1
             rec.last_used = time.time()
-            return self.data_path(base)
-        self.misses += 1
-        started = trio.current_time()
-        try:
-            await self._single("fetch", base, lambda: self._fetch(base, rec))
-        finally:
-            self.wait_seconds.observe(trio.current_time() - started)
+        else:
+            self.misses += 1
+            started = trio.current_time()
+            try:
+                await self._single("fetch", base, lambda: self._fetch(base, rec))
+            finally:
+                self.wait_seconds.observe(trio.current_time() - started)
+        if self.direct is not None:
+            self.direct.materialized(base)
         return self.data_path(base)
 
     async def _fetch(self, base: str, rec: Record) -> None:
@@ -380,7 +395,8 @@ class LocalStore:
         if self.cache_limit is None or self.cache_bytes <= self.cache_limit:
             return
         for base in self._evictable(keep):
-            await self._evict_one(base)
+            if not await self._evict_one(base):
+                continue
             if self.cache_bytes <= self.cache_limit:
                 return
         log.info(
@@ -388,8 +404,15 @@ class LocalStore:
             self.cache_bytes, self.cache_limit,
         )
 
-    async def _evict_one(self, base: str) -> None:
+    async def _evict_one(self, base: str) -> bool:
+        """Evict *base* (materialised, unpinned, not being fetched); False if it
+        is in use outside the Vfs after all (a reader below its bind) or became
+        used while that was asked."""
         rec = self.records[base]
+        if self.direct is not None and not await self.direct.release(base):
+            return False
+        if not rec.materialized or self.pinned(base) or self._fetching(base):
+            return False  # used (or gone) since the candidates were chosen
         grave: Path | None = self.tmp_dir / f"evict-{uuid.uuid4().hex}"
         try:
             os.rename(self.data_path(base), grave)  # atomic: never half a path in store/
@@ -404,6 +427,7 @@ class LocalStore:
         log.info("evicted %s", base)
         if grave is not None:
             await trio.to_thread.run_sync(fsio.remove_tree, grave)
+        return True
 
     async def evict(self, paths: list[str]) -> list[str]:
         """Evict the data of *paths* (all evictable when empty); pinned ones stay."""
@@ -415,8 +439,8 @@ class LocalStore:
                 continue
             if self._fetching(base):
                 continue
-            await self._evict_one(base)
-            evicted.append(base)
+            if await self._evict_one(base):
+                evicted.append(base)
         return evicted
 
     # -- prefetch, closures, status --------------------------------------

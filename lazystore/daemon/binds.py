@@ -1,0 +1,246 @@
+"""Finished store paths bound read-only over their directory in the mount.
+
+A store path whose data is in the cache is verified and never changes, so
+nothing the daemon does is needed to read it: once a directory path has been
+materialised, the daemon bind-mounts ``<cache>/store/<base>`` (read-only,
+nosuid, nodev) over ``<mountpoint>/<base>``. The kernel then resolves
+everything below it on the cache's file system (native reads and stat walks,
+the cache file system's page cache) and never asks FUSE.
+
+- Only verified data: a bind is made after ``materialize`` returned, from the
+  path's directory in ``store/``, where only a verified NAR is renamed to.
+  The unpacker gives everything Nix's mtime (1), so a bind shows what FUSE
+  shows; a path in an older cache, unpacked with real mtimes, stays on FUSE.
+- Eviction: the store asks :meth:`Binds.release` first; the bind is unmounted
+  without ``MNT_DETACH``, so a path that a process still uses below the bind
+  (an open file, a mapping, a working directory) is busy (EBUSY), and the
+  store keeps it as if it were pinned. Nothing is pulled from under a reader.
+- The mount calls resolve ``<mountpoint>/<base>`` through FUSE: they run in a
+  worker thread while the trio thread goes on answering the kernel.
+- The bind is made with the new mount API (``open_tree``, ``mount_setattr``,
+  ``move_mount``): it is read-only from the moment it appears.
+- Stop: every bind is detached (``MNT_DETACH``) before the FUSE mount goes.
+  At start, binds left over the mount by an earlier daemon (a restart that
+  kept the mount) are adopted if their path is still materialised, else
+  detached.
+- Where mounting is not permitted (no CAP_SYS_ADMIN), binding is switched off
+  with one INFO line and everything is served through FUSE as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+from pathlib import Path
+
+import trio
+
+from lazystore.nix.fsio import NIX_TIMES
+from lazystore.store.cache import LocalStore
+from lazystore.store.tree import DIRECTORY
+
+log = logging.getLogger(__name__)
+
+# x86_64 and aarch64 share these numbers (the new syscalls are numbered alike).
+SYS_OPEN_TREE = 428
+SYS_MOVE_MOUNT = 429
+SYS_MOUNT_SETATTR = 442
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
+AT_RECURSIVE = 0x8000
+OPEN_TREE_CLONE = 1
+OPEN_TREE_CLOEXEC = os.O_CLOEXEC
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MNT_DETACH = 2
+UMOUNT_NOFOLLOW = 8
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return result
+
+
+def bind_read_only(source: str, target: str) -> None:
+    """Mount a read-only (nosuid, nodev) clone of *source* on *target* (blocking)."""
+    fd = _check(_libc.syscall(SYS_OPEN_TREE, AT_FDCWD, os.fsencode(source),
+                              OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC), "open_tree")
+    try:
+        attr = _MountAttr(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0, 0, 0)
+        _check(_libc.syscall(SYS_MOUNT_SETATTR, fd, b"", AT_EMPTY_PATH | AT_RECURSIVE,
+                             ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr))),
+               "mount_setattr")
+        _check(_libc.syscall(SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, os.fsencode(target),
+                             MOVE_MOUNT_F_EMPTY_PATH), "move_mount")
+    finally:
+        os.close(fd)
+
+
+def _bind_canonical(source: str, target: str) -> bool:
+    """Bind *source* on *target* if it was unpacked with Nix's mtime (as the mount
+    shows it); a path unpacked by an older lazystore is left to FUSE."""
+    if os.lstat(source).st_mtime != NIX_TIMES[1]:
+        return False
+    bind_read_only(source, target)
+    return True
+
+
+def unmount(target: str, lazily: bool) -> None:
+    """umount2(*target*); OSError(EBUSY) if in use and not *lazily* (blocking)."""
+    flags = UMOUNT_NOFOLLOW | (MNT_DETACH if lazily else 0)
+    _check(_libc.umount2(os.fsencode(target), flags), "umount2")
+
+
+def mounts_below(directory: str) -> list[str]:
+    """Mount points directly below *directory*, from /proc/self/mountinfo."""
+    prefix = directory.rstrip("/") + "/"
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = _unescape(line.split()[4])
+            if point.startswith(prefix) and "/" not in point[len(prefix):]:
+                out.append(point)
+    return out
+
+
+def _unescape(field: str) -> str:
+    """mountinfo writes space, tab, newline and backslash as \\ooo."""
+    if "\\" not in field:
+        return field
+    raw = field.encode()
+    out, i = bytearray(), 0
+    while i < len(raw):
+        if raw[i:i + 1] == b"\\" and raw[i + 1:i + 4].isdigit():
+            out.append(int(raw[i + 1:i + 4], 8))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return os.fsdecode(bytes(out))
+
+
+class Binds:
+    """The binds over one mount point; all methods run on the trio thread."""
+
+    def __init__(self, store: LocalStore, mountpoint: str) -> None:
+        self.store = store
+        self.mountpoint = mountpoint
+        self.bound: set[str] = set()
+        self.enabled = True
+        self._lock = trio.Lock()  # one mount call at a time, never two for one path
+        self._send, self._receive = trio.open_memory_channel[str](10_000)
+        self._queued: set[str] = set()
+
+    def _target(self, base: str) -> str:
+        return os.path.join(self.mountpoint, base)
+
+    def materialized(self, base: str) -> None:
+        """*base*'s data is in the cache: bind it soon (a no-op if bound or queued)."""
+        if not self.enabled or base in self.bound or base in self._queued:
+            return
+        try:
+            self._send.send_nowait(base)
+        except trio.WouldBlock:  # a burst: this one is bound on its next use
+            return
+        self._queued.add(base)
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The binding task (the daemon's nursery): adopt leftovers, then bind
+        what :meth:`materialized` queues, one at a time."""
+        await self._adopt()
+        task_status.started()
+        async for base in self._receive:
+            self._queued.discard(base)
+            if self.enabled:
+                await self._bind(base)
+
+    async def _adopt(self) -> None:
+        points = await trio.to_thread.run_sync(mounts_below, self.mountpoint)
+        for point in points:
+            base = os.path.basename(point)
+            rec = self.store.records.get(base)
+            if rec is not None and rec.materialized:
+                self.bound.add(base)
+                continue
+            log.info("detaching the bind over %s left by an earlier daemon", point)
+            try:
+                await trio.to_thread.run_sync(unmount, point, True)
+            except OSError as exc:
+                log.warning("cannot detach %s: %s", point, exc.strerror)
+        if self.bound:
+            log.info("adopted %d binds left by an earlier daemon", len(self.bound))
+
+    async def _bind(self, base: str) -> None:
+        async with self._lock:
+            rec = self.store.records.get(base)
+            if (base in self.bound or rec is None or not rec.materialized
+                    or rec.tree is None or rec.tree.kind != DIRECTORY):
+                return
+            source = str(self.store.data_path(base))
+            try:
+                if not await trio.to_thread.run_sync(_bind_canonical, source,
+                                                     self._target(base)):
+                    return
+            except OSError as exc:
+                if exc.errno in (errno.EPERM, errno.ENOSYS):
+                    self.enabled = False
+                    log.info("not binding finished paths over the mount (%s): "
+                             "everything is served through FUSE", exc.strerror)
+                elif exc.errno != errno.ENOENT:  # evicted meanwhile: nothing to bind
+                    log.warning("cannot bind %s: %s", base, exc.strerror)
+                return
+            self.bound.add(base)
+            log.debug("bound %s", base)
+
+    async def release(self, base: str) -> bool:
+        """Unbind *base* before its data goes; False if a process still uses it."""
+        if base not in self.bound:
+            return True
+        async with self._lock:
+            if base not in self.bound:
+                return True
+            try:
+                await trio.to_thread.run_sync(unmount, self._target(base), False)
+            except OSError as exc:
+                if exc.errno == errno.EBUSY:
+                    log.info("%s is in use below its bind: not evicted", base)
+                    return False
+                if exc.errno != errno.EINVAL:  # EINVAL: not a mount point (any more)
+                    log.warning("cannot unbind %s: %s", base, exc.strerror)
+                    return False
+            self.bound.discard(base)
+            return True
+
+    async def detach_all(self) -> None:
+        """Detach every bind (lazily: readers keep theirs), before the mount goes."""
+        self.enabled = False
+        async with self._lock:
+            for base in sorted(self.bound):
+                try:
+                    await trio.to_thread.run_sync(unmount, self._target(base), True)
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        log.warning("cannot detach the bind of %s: %s", base, exc.strerror)
+            if self.bound:
+                log.info("detached %d binds", len(self.bound))
+            self.bound.clear()
+
+
+def bound_paths(mountpoint: str | Path) -> list[str]:
+    """Basenames bound over *mountpoint* (for tests and status)."""
+    return sorted(os.path.basename(p) for p in mounts_below(str(mountpoint)))

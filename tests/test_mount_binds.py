@@ -1,0 +1,160 @@
+"""Finished paths bound read-only over the mount (lazystore/daemon/binds.py),
+for real: `lazystore mount` as a subprocess, a real FUSE mount, real bind
+mounts, a real HTTP binary cache written by Nix."""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from lazystore.daemon.binds import bound_paths
+from lazystore.testing import nixcache
+from lazystore.testing.daemon import Daemon, fuse_missing
+from lazystore.testing.daemon import lazystore_mount as support_mount
+
+pytestmark = pytest.mark.root
+
+
+@contextmanager
+def mounted(root: Path, url: str, key: str, *extra: str) -> Iterator[Daemon]:
+    reason = fuse_missing()
+    if reason:
+        pytest.skip(reason)
+    with support_mount(root, url, key, *extra) as daemon:
+        yield daemon
+    assert not mounts_under(root), "a mount was left behind"
+
+
+def mounts_under(root: Path) -> list[str]:
+    prefix = os.path.realpath(root) + "/"
+    with open("/proc/self/mountinfo") as f:
+        return [p for line in f if (p := line.split()[4]).startswith(prefix)]
+
+
+def wait_bound(d: Daemon, base: str, bound: bool = True, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while (base in bound_paths(d.mnt)) != bound:
+        assert time.monotonic() < deadline, f"{base} {'never' if bound else 'still'} bound"
+        time.sleep(0.05)
+
+
+def read_uncached(path: Path) -> bytes:
+    """The file's bytes after dropping its pages (the next read asks its file system)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return os.read(fd, 1 << 22)
+    finally:
+        os.close(fd)
+
+
+def base_of(cache: nixcache.BinaryCache, name: str) -> str:
+    return next(os.path.basename(p) for p in cache.paths if p.endswith(f"-{name}"))
+
+
+def test_a_fetched_path_is_bound_read_only_and_reads_the_verified_bytes(
+    tmp_path: Path, binary_cache: nixcache.BinaryCache, http_cache: str
+) -> None:
+    with mounted(tmp_path, http_cache, binary_cache.key.public_key) as d:
+        docs = base_of(binary_cache, "docs")
+        assert docs not in bound_paths(d.mnt)  # nothing before it is fetched
+        manual = d.mnt / docs / "share/doc/manual.txt"
+        first = manual.read_bytes()  # through FUSE: fetches, verifies, then binds
+        wait_bound(d, docs)
+        served = d.status()["bytes_served"]
+        assert read_uncached(manual) == first == (d.cache / "store" / docs /
+                                                   "share/doc/manual.txt").read_bytes()
+        assert d.status()["bytes_served"] == served  # the kernel did not ask the daemon
+        with pytest.raises(OSError) as exc:
+            os.open(manual, os.O_WRONLY)
+        assert exc.value.errno == errno.EROFS
+        [line] = [ln for ln in open("/proc/self/mountinfo")
+                  if ln.split()[4] == os.path.realpath(d.mnt / docs)]
+        assert {"ro", "nosuid", "nodev"} <= set(line.split()[5].split(","))
+        liba = base_of(binary_cache, "liba")
+        assert liba not in bound_paths(d.mnt)  # only what was fetched
+
+
+def test_eviction_waits_for_a_reader_below_the_bind(
+    tmp_path: Path, binary_cache: nixcache.BinaryCache, http_cache: str
+) -> None:
+    with mounted(tmp_path, http_cache, binary_cache.key.public_key) as d:
+        liba = base_of(binary_cache, "liba")
+        data = d.mnt / liba / "lib/data"
+        assert data.read_bytes() == b"hello from liba\n"
+        wait_bound(d, liba)
+        fd = os.open(data, os.O_RDONLY)  # below the bind: no pin in the daemon
+        try:
+            assert d.call("evict", paths=[f"/nix/store/{liba}"])["evicted"] == []
+            assert liba in bound_paths(d.mnt)
+            assert (d.cache / "store" / liba).is_dir()
+            assert os.pread(fd, 100, 0) == b"hello from liba\n"
+        finally:
+            os.close(fd)
+        assert d.call("evict", paths=[f"/nix/store/{liba}"])["evicted"] == [liba]
+        assert liba not in bound_paths(d.mnt)
+        assert not (d.cache / "store" / liba).exists()
+        assert liba not in d.status()["paths_materialized"]
+        # through FUSE again: fetched, verified and bound once more
+        assert data.read_bytes() == b"hello from liba\n"
+        wait_bound(d, liba)
+
+
+def test_the_quota_never_evicts_a_path_in_use_below_its_bind(
+    tmp_path: Path, binary_cache: nixcache.BinaryCache, http_cache: str
+) -> None:
+    # a quota holding about one path: every fetch evicts what it can
+    with mounted(tmp_path, http_cache, binary_cache.key.public_key,
+                 "--cache-size", "64K") as d:
+        liba = base_of(binary_cache, "liba")
+        (d.mnt / liba / "lib/data").read_bytes()
+        wait_bound(d, liba)
+        os.chdir(d.mnt / liba / "lib")  # a working directory below the bind is a use
+        try:
+            busybox = base_of(binary_cache, "busybox")
+            (d.mnt / busybox / "bin/busybox").read_bytes()  # over the quota
+            assert liba in d.status()["paths_materialized"]
+            assert Path("data").read_bytes() == b"hello from liba\n"
+            assert "is in use below its bind: not evicted" in d.log.read_text()
+        finally:
+            os.chdir(tmp_path)
+        d.call("prefetch", paths=[f"/nix/store/{base_of(binary_cache, 'prog')}"])
+        assert liba not in d.status()["paths_materialized"]  # unused: evicted and unbound
+        wait_bound(d, liba, bound=False, timeout=1)
+
+
+def test_stopping_the_daemon_detaches_every_bind(
+    tmp_path: Path, binary_cache: nixcache.BinaryCache, http_cache: str
+) -> None:
+    with mounted(tmp_path, http_cache, binary_cache.key.public_key) as d:
+        d.call("prefetch", paths=[binary_cache.top], closure=True)
+        dirs = [os.path.basename(p) for p in binary_cache.paths if os.path.isdir(p)]
+        for base in dirs:
+            wait_bound(d, base)
+        bound = len(dirs)
+        fd = os.open(d.mnt / base_of(binary_cache, "liba") / "lib/data", os.O_RDONLY)
+        try:
+            assert d.stop() == 0
+            assert not mounts_under(tmp_path)
+            assert os.pread(fd, 100, 0) == b"hello from liba\n"  # a reader keeps its file
+        finally:
+            os.close(fd)
+        assert f"detached {bound} binds" in d.log.read_text()
+
+
+def test_no_binds_serves_everything_through_fuse(
+    tmp_path: Path, binary_cache: nixcache.BinaryCache, http_cache: str
+) -> None:
+    with mounted(tmp_path, http_cache, binary_cache.key.public_key, "--no-binds") as d:
+        data = d.mnt / base_of(binary_cache, "liba") / "lib/data"
+        assert data.read_bytes() == b"hello from liba\n"
+        served = d.status()["bytes_served"]
+        assert read_uncached(data) == b"hello from liba\n"
+        assert d.status()["bytes_served"] == served + len(b"hello from liba\n")
+        assert bound_paths(d.mnt) == []
