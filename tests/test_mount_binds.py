@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -158,3 +160,43 @@ def test_no_binds_serves_everything_through_fuse(
         assert read_uncached(data) == b"hello from liba\n"
         assert d.status()["bytes_served"] == served + len(b"hello from liba\n")
         assert bound_paths(d.mnt) == []
+
+
+def test_eviction_keeps_a_path_whose_bind_a_new_mount_namespace_copied(
+    tmp_path: Path, binary_cache: nixcache.BinaryCache, http_cache: str
+) -> None:
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare is not installed")
+    with mounted(tmp_path, http_cache, binary_cache.key.public_key) as d:
+        liba = base_of(binary_cache, "liba")
+        data = d.mnt / liba / "lib/data"
+        data.read_bytes()
+        wait_bound(d, liba)
+        # a namespace made now holds its own copy of the bind (and reads through it later)
+        reader = subprocess.Popen(
+            ["unshare", "-m", "--propagation", "private", "--", "sh", "-c",
+             f'read line; cat "{data}"'],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 10
+            own = os.stat("/proc/self/ns/mnt").st_ino
+            while _mount_ns(reader.pid) in (own, None):
+                assert time.monotonic() < deadline, "the namespace never came up"
+                time.sleep(0.05)
+            assert d.call("evict", paths=[f"/nix/store/{liba}"])["evicted"] == []
+            assert "mounted elsewhere too" in d.log.read_text()
+            out, _ = reader.communicate(b"go\n", timeout=30)
+            assert out == b"hello from liba\n"
+        finally:
+            if reader.poll() is None:
+                reader.kill()
+                reader.wait()
+        assert d.call("evict", paths=[f"/nix/store/{liba}"])["evicted"] == [liba]
+        assert liba not in bound_paths(d.mnt)
+
+
+def _mount_ns(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/mnt").st_ino
+    except OSError:
+        return None

@@ -14,7 +14,10 @@ the cache file system's page cache) and never asks FUSE.
 - Eviction: the store asks :meth:`Binds.release` first; the bind is unmounted
   without ``MNT_DETACH``, so a path that a process still uses below the bind
   (an open file, a mapping, a working directory) is busy (EBUSY), and the
-  store keeps it as if it were pinned. Nothing is pulled from under a reader.
+  store keeps it as if it were pinned. A bind copied elsewhere (``mount
+  --rbind`` of the mount, or a mount namespace made since: ``unshare -m``
+  copies every mount) counts as in use too, found in every namespace's
+  mountinfo. Nothing is pulled from under a reader.
 - The mount calls resolve ``<mountpoint>/<base>`` through FUSE: they run in a
   worker thread while the trio thread goes on answering the kernel.
 - The bind is made with the new mount API (``open_tree``, ``mount_setattr``,
@@ -104,6 +107,52 @@ def unmount(target: str, lazily: bool) -> None:
     """umount2(*target*); OSError(EBUSY) if in use and not *lazily* (blocking)."""
     flags = UMOUNT_NOFOLLOW | (MNT_DETACH if lazily else 0)
     _check(_libc.umount2(os.fsencode(target), flags), "umount2")
+
+
+def _mountinfo_root(target: str) -> tuple[str, str] | None:
+    """(major:minor, root within its file system) of the mount at *target*."""
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if _unescape(fields[4]) == target:
+                found = (fields[2], _unescape(fields[3]))  # the last one is on top
+    return found
+
+
+def copied_elsewhere(target: str) -> bool:
+    """Whether the tree bound at *target* is also mounted somewhere else: a
+    bind of it, or a copy in another mount namespace (``unshare -m`` copies
+    every mount), where unmounting ours would leave it in use (blocking)."""
+    ours = _mountinfo_root(target)
+    if ours is None:
+        return False
+    device, root = ours
+    own_ns = os.stat("/proc/self/ns/mnt").st_ino
+    seen: set[int] = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            ns = os.stat(f"/proc/{pid}/ns/mnt").st_ino
+            if ns in seen:
+                continue
+            with open(f"/proc/{pid}/mountinfo") as f:
+                lines = f.read().splitlines()
+        except OSError:  # gone, or a kernel thread
+            continue
+        seen.add(ns)
+        for line in lines:
+            fields = line.split()
+            if fields[2] != device:
+                continue
+            mroot = _unescape(fields[3])
+            if mroot != root and not mroot.startswith(root + "/"):
+                continue
+            if ns == own_ns and _unescape(fields[4]) == target:
+                continue  # ours
+            return True
+    return False
 
 
 def mounts_below(directory: str) -> list[str]:
@@ -214,8 +263,12 @@ class Binds:
         async with self._lock:
             if base not in self.bound:
                 return True
+            target = self._target(base)
+            if await trio.to_thread.run_sync(copied_elsewhere, target):
+                log.info("%s is mounted elsewhere too (a copy of its bind): not evicted", base)
+                return False
             try:
-                await trio.to_thread.run_sync(unmount, self._target(base), False)
+                await trio.to_thread.run_sync(unmount, target, False)
             except OSError as exc:
                 if exc.errno == errno.EBUSY:
                     log.info("%s is in use below its bind: not evicted", base)
