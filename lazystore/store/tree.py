@@ -22,7 +22,6 @@ from lazystore.nix.listing import ListingError
 from lazystore.nix.nar import DirEnd, DirStart, Event, FileData, FileEnd, FileStart
 
 DIRECTORY, REGULAR, SYMLINK = "d", "r", "l"
-MAX_NAME = 255
 # Deepest directory nesting the store keeps. Real store paths stay far below it;
 # the index is msgpack (nesting limit 511, two levels per directory) and tree
 # comparison recurses, so a deeper verified NAR is refused rather than kept.
