@@ -401,6 +401,38 @@ async def test_unwritable_index_is_a_warning_not_a_crash(
     assert any("cannot write the cache index" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.allow_log(r"cannot write the cache index .*unexpected error")
+async def test_a_save_that_fails_unexpectedly_is_one_error_and_the_store_goes_on(
+    tmp_path: Path, subs: FakeSubstituters, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Not an OSError: before, this ended the saver task and with it the daemon.
+    real_save, attempts = index.save, []
+
+    def broken_save(path: Path, records: dict[str, index.Record]) -> None:
+        attempts.append(path)
+        raise ValueError("cannot encode this record")
+
+    monkeypatch.setattr("lazystore.store.cache.SAVE_DELAY", 0.01)
+    monkeypatch.setattr(index, "save", broken_save)
+    async with LocalStore(subs, tmp_path) as store:
+        await store.materialize(A)
+        with trio.fail_after(10):
+            while not attempts:  # the background saver's own attempt
+                await trio.sleep(0.01)
+        errors = [r for r in caplog.records if "cannot write the cache index" in r.getMessage()]
+        assert len(errors) == 1 and errors[0].levelname == "ERROR"
+        assert errors[0].exc_info is not None  # with its traceback: it is a bug
+        # The saver is still there: the next change is saved once save works again.
+        monkeypatch.setattr(index, "save", real_save)
+        await store.materialize(B)
+        with trio.fail_after(10):
+            while not (tmp_path / "index").exists():
+                await trio.sleep(0.01)
+        assert (await store.materialize(A) / "lib/data").read_bytes() == b"hello from liba\n"
+    assert set(index.load(tmp_path / "index")) >= {A, B}
+
+
 DEEP = "/".join(["d"] * 600) + "/f"  # deeper than the index (msgpack) could hold
 
 

@@ -205,6 +205,9 @@ class LocalStore:
         except OSError as exc:  # the index can be rebuilt from store/: keep serving
             log.warning("cannot write the cache index %s: %s", self.index_file,
                         exc.strerror or exc)
+        except Exception:  # a bug in encoding a record must not end the daemon either
+            log.exception("cannot write the cache index %s (unexpected error; "
+                          "it is rebuilt from store/ at the next start)", self.index_file)
 
     async def _final_save(self) -> None:
         with trio.CancelScope(shield=True):
