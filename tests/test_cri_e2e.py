@@ -213,6 +213,37 @@ def test_remove_image_removes_it_and_unpins_its_paths(stack: Stack) -> None:
     assert not [v for v in stack.daemon.status()["views"] if v.startswith("cri-")]
 
 
+def pins(stack: Stack) -> list[str]:
+    return sorted(v for v in stack.daemon.status()["views"] if v.startswith("cri-"))
+
+
+def drop_pins(stack: Stack) -> None:
+    """What a restart of the daemon does to them."""
+    for view in pins(stack):
+        stack.daemon.call("view_remove", id=view)
+
+
+def test_lost_pins_are_made_again_by_the_next_pull(stack: Stack) -> None:
+    image_ref = stack.service.pull(nix_ref(stack.archive))
+    pinned = pins(stack)
+    assert pinned and all(image_ref[7:] in v for v in pinned)
+    drop_pins(stack)
+    assert stack.service.pull(nix_ref(stack.archive)) == image_ref
+    assert pins(stack) == pinned
+
+
+def test_pins_are_made_again_when_the_service_starts(stack: Stack) -> None:
+    stack.service.pull(nix_ref(stack.archive))
+    pinned = pins(stack)
+    drop_pins(stack)
+    args = ["image-service", "--address", str(stack.base / "img3.sock"),
+            "--runtime-endpoint", str(stack.ctd.address),
+            "--control-socket", str(stack.daemon.sock), "--mount-point", str(stack.daemon.mnt)]
+    with lazystore_process(args, stack.base, stack.base / "image-service-3.log"):
+        log = (stack.base / "image-service-3.log").read_text()
+        assert pins(stack) == pinned, log  # before READY=1
+
+
 @pytest.mark.parametrize("ref, message", [
     ("nix:0/nix/store/../../etc/passwd", "not a store path"),
     ("nix:0nix/store/aaaa", "does not start with nix:0/"),

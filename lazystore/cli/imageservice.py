@@ -69,6 +69,7 @@ async def _serve(args: argparse.Namespace) -> None:
             if args.metrics_address is not None:
                 interceptors = _metrics(stack, args.metrics_address)
             server = await start_server(service, args.address, interceptors)
+            await service.restore_pins()
             await _until_stopped(server, args)
 
 

@@ -10,9 +10,10 @@ and RemoveImage of nix images answer from containerd too. Three calls do more:
   lazystore mount (fetched and verified by the daemon like any store path),
   checked (:mod:`lazystore.cri.archive`), imported into containerd and
   unpacked on the lazystore snapshotter; a view of the image's store paths in
-  the daemon (``cri-<image id>``) keeps them from eviction while the image
-  exists. The answer is containerd's image id. A present image is not pulled
-  again.
+  the daemon (``cri-<image id>-<i>``) keeps them from eviction while the
+  image exists. The answer is containerd's image id. A present image is not
+  pulled again (only its pins made again if the daemon lost them); at start
+  the pins of every nix image containerd has are made again.
 - RemoveImage also removes that view, so the paths may be evicted once no
   container's snapshot uses them.
 - ImageFsInfo adds the lazystore cache's bytes and inodes to containerd's.
@@ -171,10 +172,11 @@ class ImageService:
             present = await self.upstream.image_id(ref.image_name)
             if present is not None:
                 log.info("%s is present (%s)", ref.image_name, present)
+                if not await self._pinned(present):
+                    await self._pin(await self._read(ref))
                 return present
-            await self.daemon.call("status")  # a clear UNAVAILABLE when it is not running
-            source = Path(self.daemon.mount_point) / ref.store_path.basename
-            image = await asyncio.to_thread(self._inspect, source)
+            image = await self._read(ref)
+            source = self._source(ref)
             with tempfile.TemporaryDirectory(prefix="lazystore-import-") as tmp:
                 layout = Path(tmp) / "image.tar"
                 await asyncio.to_thread(archive.write_import, source, image, ref.image_name,
@@ -184,6 +186,41 @@ class ImageService:
             found = await self._visible(ref.image_name)
             log.info("pulled %s as %s", ref.image_name, found)
             return found
+
+    async def _read(self, ref: reference.NixReference) -> archive.Image:
+        """The checked archive *ref* names, read through the mount."""
+        await self.daemon.call("status")  # a clear UNAVAILABLE when it is not running
+        return await asyncio.to_thread(self._inspect, self._source(ref))
+
+    def _source(self, ref: reference.NixReference) -> Path:
+        return Path(self.daemon.mount_point) / ref.store_path.basename
+
+    async def restore_pins(self) -> None:
+        """Pin the store paths of the nix images containerd has (at start: the
+        daemon forgets views when it restarts, this service when it does)."""
+        try:
+            listed = api.ListImagesResponse.FromString(
+                await self.upstream.call("ListImages", b"")).images
+        except UpstreamError as exc:
+            log.warning("cannot list containerd's images to pin nix images: %s", exc.details)
+            return
+        for image in listed:
+            for tag in image.repo_tags:
+                if reference.is_nix(tag):
+                    await self._restore_pin(tag, image.id)
+
+    async def _restore_pin(self, tag: str, image_id: str) -> None:
+        try:
+            if not await self._pinned(image_id):
+                await self._pin(await self._read(reference.parse(tag)))
+                log.info("pinned the store paths of %s again", tag)
+        except LazystoreError as exc:
+            log.warning("cannot pin the store paths of %s: %s", tag, exc)
+
+    async def _pinned(self, image_id: str) -> bool:
+        prefix = _view_id(image_id, 0)[:-1]
+        views = (await self.daemon.call("status"))["views"]
+        return any(v.startswith(prefix) for v in views)
 
     def _inspect(self, source: Path) -> archive.Image:
         try:
@@ -197,9 +234,9 @@ class ImageService:
                 f"{exc.strerror or exc}") from None
 
     async def _pin(self, image: archive.Image) -> None:
-        if image.store_paths:
-            await self.daemon.call("view_create", id=_view_id(image.id, 0),
-                                   paths=image.store_paths)
+        # View 0 always exists (empty for an image without nix layers): it marks
+        # the image as pinned, so a later pull need not read the archive again.
+        await self.daemon.call("view_create", id=_view_id(image.id, 0), paths=image.store_paths)
         for i, closure in enumerate(image.closures, 1):
             await self.daemon.call("view_create", id=_view_id(image.id, i), paths=[],
                                    closure_info=closure)
