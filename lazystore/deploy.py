@@ -30,6 +30,7 @@ from lazystore.nix.signing import PublicKey
 log = logging.getLogger(__name__)
 
 DAEMON_UNIT = "lazystore.service"
+FDSTORE_MAX = 4
 SNAPSHOTTER_UNIT = "lazystore-snapshotter.service"
 REGISTRY_UNIT = "lazystore-registry.service"
 IMAGE_SERVICE_UNIT = "lazystore-image-service.service"
@@ -279,6 +280,11 @@ def daemon_unit(cfg: DeployConfig) -> str:
         "RestartSec": 2,
         "TimeoutStopSec": 30,
         "LimitNOFILE": 1048576,
+        # The /dev/fuse descriptor waits in systemd's store while the daemon
+        # restarts (systemctl restart, Restart=): the mount never goes away.
+        # FDSTORE= is what systemd 254 and later set themselves.
+        "FileDescriptorStoreMax": FDSTORE_MAX,
+        "Environment": f"FDSTORE={FDSTORE_MAX}",
         "DeviceAllow": ["/dev/fuse rw"],
         "CapabilityBoundingSet": DAEMON_CAPABILITIES,
         **HARDENING,
@@ -321,7 +327,9 @@ def snapshotter_unit(cfg: DeployConfig) -> str:
     service["ReadWritePaths"] = " ".join(path_quote(p) for p in writable)
     unit = {
         "Description": "lazystore: containerd snapshotter for lazily fetched Nix store paths",
-        "Requires": DAEMON_UNIT,
+        # Wants=, not Requires=: a restart of the daemon must not restart the
+        # snapshotter (the mount stays through it).
+        "Wants": DAEMON_UNIT,
         "After": DAEMON_UNIT,
         "Before": "containerd.service",
     }

@@ -356,6 +356,10 @@ in
           RestartSec = 2;
           TimeoutStopSec = 30;
           LimitNOFILE = 1048576;
+          # /dev/fuse waits in systemd's descriptor store while the daemon
+          # restarts: the mount, and the containers on it, never notice.
+          FileDescriptorStoreMax = 4;
+          Environment = [ "FDSTORE=4" ];
         } // lib.optionalAttrs (cacheDirectory ? dir) {
           CacheDirectory = cacheDirectory.dir;
           CacheDirectoryMode = "0700";
@@ -367,7 +371,8 @@ in
       systemd.services.lazystore-snapshotter = {
         description = "lazystore: containerd snapshotter for lazily fetched Nix store paths";
         wantedBy = [ "multi-user.target" ];
-        requires = [ "lazystore.service" ];
+        # wants, not requires: a daemon restart must not restart the snapshotter
+        wants = [ "lazystore.service" ];
         after = [ "lazystore.service" ];
         before = [ "containerd.service" ];
         serviceConfig = hardening // snapshotterSandbox // {

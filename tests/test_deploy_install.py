@@ -137,8 +137,10 @@ def test_unit_contents() -> None:
     assert "DeviceAllow=/dev/fuse rw\n" in daemon and "CAP_SYS_ADMIN" in daemon
     assert "ProtectSystem" not in daemon and "PrivateTmp" not in daemon
     assert "WantedBy=multi-user.target\n" in daemon
+    assert "FileDescriptorStoreMax=4\n" in daemon and "Environment=FDSTORE=4\n" in daemon
     snapshotter = deploy.snapshotter_unit(config())
-    for line in ("Requires=lazystore.service", "After=lazystore.service",
+    assert "Requires=" not in snapshotter  # a daemon restart leaves it running
+    for line in ("Wants=lazystore.service", "After=lazystore.service",
                  "Before=containerd.service", "Type=notify", "Restart=on-failure"):
         assert line + "\n" in snapshotter
 

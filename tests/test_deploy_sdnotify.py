@@ -98,3 +98,59 @@ def test_a_full_queue_drops_the_message_instead_of_hanging(
         assert sdnotify.notify("READY=1", environ={"NOTIFY_SOCKET": address}) is False
     assert any("failed" in r.getMessage() for r in caplog.records)
     assert all(sock.recv(4096) == b"x" * 64 for _ in range(queued)), "nothing else was queued"
+
+
+def test_store_fd_sends_the_descriptor_with_its_name(tmp_path: Path) -> None:
+    """FDSTORE=1 as systemd takes it: the descriptor rides as SCM_RIGHTS."""
+    from lazystore.testing.supervisor import Supervisor
+
+    supervisor = Supervisor(tmp_path)
+    try:
+        r, w = os.pipe()
+        env = supervisor.env({})
+        assert sdnotify.fdstore_enabled(env)
+        assert sdnotify.store_fd("fuse", w, environ=env)
+        os.close(w)
+        supervisor.receive()
+        assert list(supervisor.stored) == ["fuse"]
+        os.write(supervisor.stored["fuse"], b"x")  # the same pipe, passed over
+        assert os.read(r, 1) == b"x"
+        os.close(r)
+    finally:
+        supervisor.close()
+
+
+def test_listen_fds_in_a_process_the_supervisor_started(tmp_path: Path) -> None:
+    """The descriptor arrives as fd 3 named as stored; the variables are unset
+    and the descriptor close-on-exec, so children do not take it."""
+    import subprocess
+    import sys
+
+    from lazystore.testing.supervisor import Supervisor
+
+    supervisor = Supervisor(tmp_path)
+    try:
+        r, w = os.pipe()
+        supervisor.stored["fuse"] = w
+        probe = (
+            "import os; from lazystore import sdnotify; fds = sdnotify.listen_fds();"
+            "os.write(fds['fuse'][0], b'ok'); "
+            "print(fds, [k for k in os.environ if k.startswith('LISTEN_')],"
+            " os.get_inheritable(3), sdnotify.listen_fds({'LISTEN_PID': '1', 'LISTEN_FDS': '1'}))"
+        )
+        out = subprocess.run(
+            supervisor.argv([sys.executable, "-c", probe]), pass_fds=supervisor.pass_fds(),
+            capture_output=True, text=True, timeout=60, check=True,
+        )
+        assert out.stdout.strip() == "{'fuse': [3]} [] False {}"
+        assert os.read(r, 2) == b"ok"
+        os.close(r)
+    finally:
+        supervisor.close()
+
+
+def test_fdstore_needs_the_managers_variable() -> None:
+    assert not sdnotify.fdstore_enabled({"NOTIFY_SOCKET": "/x"})
+    assert not sdnotify.fdstore_enabled({"FDSTORE": "4"})
+    assert not sdnotify.fdstore_enabled({"NOTIFY_SOCKET": "/x", "FDSTORE": "0"})
+    assert sdnotify.fdstore_enabled({"NOTIFY_SOCKET": "/x", "FDSTORE": "4"})

@@ -212,7 +212,8 @@ async def test_forget_drops_unreferenced_inodes(tmp_path: Path, subs: FakeSubsti
         vfs.forget(ino, 1)
         assert ino not in vfs.inodes
         vfs.forget(ino, 1)  # never raises
-        assert (await _walk(vfs, A)) != ino  # numbers are never reused
+        assert (await _walk(vfs, A)) == ino  # a path's number is always its own
+        assert vfs.inodes[ino].lookups == 1
 
 
 async def test_open_read_fetches_once_and_pins(tmp_path: Path, subs: FakeSubstituters) -> None:
@@ -481,7 +482,7 @@ async def test_cached_readdir_rows_never_hand_out_forgotten_inodes(
         assert first["data"] not in vfs.inodes
         again = {name: attr.ino for _, name, attr in await vfs.listdir(lib, 0)}
         assert again["link"] == first["link"]
-        assert again["data"] != first["data"] and again["data"] in vfs.inodes
+        assert again["data"] == first["data"] and again["data"] in vfs.inodes
         assert vfs.inodes[again["data"]].rel == ("lib", "data")
 
 
@@ -543,3 +544,69 @@ async def test_file_and_symlink_roots_read_as_in_the_nix_store(
             await ops.open(link, 0, None)
         assert info.value.errno == errno.EINVAL
         assert sorted(subs.fetches) == sorted(ROOTS)
+
+
+async def test_inode_numbers_are_the_same_in_the_next_daemon(
+    tmp_path: Path, subs: FakeSubstituters
+) -> None:
+    """The kernel keeps the numbers a daemon handed out after it restarts: the
+    next one (a new Vfs on the same cache) knows them without a lookup."""
+    async with LocalStore(subs, tmp_path) as store:
+        first = Vfs(store)
+        a, lib, data = (await _walk(first, A), await _walk(first, A, "lib"),
+                        await _walk(first, A, "lib", "data"))
+        assert len({a, lib, data, ROOT_INODE, VIEWS_INODE}) == 5
+        fh = await first.open(data)
+        later = Vfs(store)
+        assert (await later.getattr(data)).size == len(b"hello from liba\n")
+        assert [n for _, n, _ in await later.listdir(lib, 0)] == ["data", "link"]
+        assert (await later.lookup(lib, "data")).ino == data
+        # a handle of the earlier daemon is opened again from its inode
+        assert await later.read(fh, 0, 100) == b"hello from liba\n"
+        assert later.open_files() == 1 and store.pinned(A)
+        later.release(fh)
+        assert later.open_files() == 0
+        later.release(fh)  # the kernel's release of the earlier daemon's open
+        with pytest.raises(BadHandle):
+            await later.read(12345, 0, 1)  # names nothing
+        with pytest.raises(NoEntry):
+            await later.getattr(12345)
+        first.release(fh)
+        assert not store.pinned(A)
+
+
+async def test_inodes_of_paths_the_index_lost_are_found_again(
+    tmp_path: Path, subs: FakeSubstituters
+) -> None:
+    """A daemon killed before its index save: the next one learns the trees of
+    the store paths the session journal names, then knows their inodes."""
+    async with LocalStore(subs, tmp_path) as store:
+        handed: list[str] = []
+        first = Vfs(store)
+        first.handed_out = handed.append
+        data = await _walk(first, A, "lib", "data")
+        assert handed == [A]
+        store.records.clear()  # what the index had lost
+        later = Vfs(store)
+        with pytest.raises(NoEntry):
+            await later.getattr(data)
+        later = Vfs(store)
+        later.adopt_handed_out(handed)
+        assert (await later.getattr(data)).kind == "r"
+
+
+async def test_views_come_back_with_their_inodes(tmp_path: Path, subs: FakeSubstituters) -> None:
+    async with LocalStore(subs, tmp_path) as store:
+        saved: list[dict[str, list[str]]] = []
+        first = Vfs(store)
+        first.views_changed = saved.append
+        await first.create_view("v", [A])
+        inos = list(first.views["v"].dirs)
+        assert saved[-1] == {"v": [A]}
+        first.remove_view("v")
+        assert saved[-1] == {}
+        await first.create_view("v", [A])
+        later = Vfs(store)
+        later.restore_views(saved[-1])
+        assert later.views["v"].dirs == first.views["v"].dirs == inos
+        assert (await later.lookup(inos[-1], A)).ino == await _walk(first, A)

@@ -57,7 +57,7 @@ class ControlOperations:
             substituters=list(self.substituter_urls),
             views=sorted(self.vfs.views),
             inodes=len(self.vfs.inodes),
-            open_files=len(self.vfs.handles),
+            open_files=self.vfs.open_files(),
             bytes_served=self.vfs.bytes_served,
             requests=dict(self.requests),
         )

@@ -1,11 +1,13 @@
 """The daemon process: owns the mount, the local store and the control server.
 
-Start order: substituters, store (index, tmp cleanup), mountpoint checks,
-FUSE mount, control socket, READY=1. Every task lives in the daemon's
+Start order: substituters, store (index, tmp cleanup), the FUSE session (the
+one the service manager passed back, else mountpoint checks and a new mount,
+see ``session``), control socket, READY=1. Every task lives in the daemon's
 nursery; teardown runs in reverse through an AsyncExitStack. SIGTERM/SIGINT
-end the FUSE loop and unmount; an unexpected crash leaves the mount to be
-cleared by the next start (pyfuse3 ``close(unmount=False)``), never unmounting
-silently over a tree that processes still use.
+end the FUSE loop and unmount, unless the manager keeps the /dev/fuse
+descriptor (``$FDSTORE``): then the mount stays for the next daemon. An
+unexpected crash leaves the mount too, never unmounting silently over a tree
+that processes still use.
 """
 
 from __future__ import annotations
@@ -25,12 +27,15 @@ from lazystore.control import server
 from lazystore.daemon.binds import Binds
 from lazystore.daemon.mountpoint import mount_options, prepare_mountpoint, raise_fd_limit
 from lazystore.daemon.operations import ControlOperations
+from lazystore.daemon.session import FDNAME, FuseSession
 from lazystore.errors import StoreError
 from lazystore.fs.operations import Operations
 from lazystore.fs.vfs import Vfs
 from lazystore.store.cache import LocalStore
 
 log = logging.getLogger(__name__)
+
+SESSION_FILE = "fuse-session"
 
 
 class Daemon:
@@ -57,16 +62,23 @@ class Daemon:
 
     async def run(self) -> None:
         raise_fd_limit()
-        prepare_mountpoint(self.mountpoint)
         server.claim_socket_path(self.control_socket)
+        session = self._session()
+        ops = Operations(self.vfs)
+        self.vfs.restore_views(session.state.views)
+        self.vfs.adopt_handed_out(session.handed_out)
+        self.vfs.views_changed = session.set_views
+        self.vfs.handed_out = session.note_path
         try:
-            pyfuse3.init(Operations(self.vfs), self.mountpoint, mount_options(self.allow_other))
-        except RuntimeError as exc:
-            raise StoreError(f"cannot mount {self.mountpoint}: {exc}") from None
+            session.start(ops, mount_options(self.allow_other))
+        except BaseException:
+            session.close(unmount_it=not session.taken_over)
+            raise
+        keep = sdnotify.fdstore_enabled() and session.hand_over()
         serving = clean = False
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch_signals, nursery)
+                nursery.start_soon(self._watch_signals, nursery, keep)
                 if self.binds is not None:
                     await nursery.start(self.binds.run)
                     self.store.direct = self.binds
@@ -79,15 +91,39 @@ class Daemon:
                 nursery.cancel_scope.cancel()
         finally:
             self.vfs.close_all()
-            # A crash while serving leaves the mount for the next start to clear
-            # (processes may be using it); a failure before serving does not.
-            unmount = clean or not serving
-            pyfuse3.close(unmount=unmount)
+            # A crash while serving leaves the mount for the next start (processes
+            # may be using it); so does a stop whose descriptor the manager keeps.
+            unmount = (clean and not keep) or (not serving and not session.taken_over)
+            session.close(unmount_it=unmount)
             log.info("%s %s", "unmounted" if unmount else "left the mount at", self.mountpoint)
 
-    async def _watch_signals(self, nursery: trio.Nursery) -> None:
+    def _session(self) -> FuseSession:
+        """The session the manager passed back, else a new mount."""
+        state_file = Path(self.store.cache_dir) / SESSION_FILE
+        passed = sdnotify.listen_fds().get(FDNAME, [])
+        for extra in passed[1:]:
+            os.close(extra)
+        if passed:
+            taken = FuseSession.take_over(passed[0], self.mountpoint, state_file)
+            if taken is not None:
+                return taken
+        prepare_mountpoint(self.mountpoint)
+        try:
+            return FuseSession.mount(self.mountpoint, self.allow_other, state_file)
+        except OSError as exc:
+            raise StoreError(f"cannot mount {self.mountpoint}: {exc.strerror}") from None
+
+    async def _watch_signals(self, nursery: trio.Nursery, keep: bool) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
+                if keep:
+                    # Requests in flight stay unanswered: the next daemon has the
+                    # kernel resend them, and adopts the binds over the mount.
+                    log.info("signal %d: stopping; the mount stays for the next daemon",
+                             signum)
+                    sdnotify.notify("STOPPING=1\nSTATUS=stopping, the mount stays")
+                    nursery.cancel_scope.cancel()
+                    return
                 log.info("signal %d: unmounting %s", signum, self.mountpoint)
                 sdnotify.notify(f"STOPPING=1\nSTATUS=unmounting {self.mountpoint}")
                 if self.binds is not None:

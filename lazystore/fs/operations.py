@@ -56,7 +56,9 @@ def mapped(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
         except pyfuse3.FUSEError:
             raise
         except Exception as exc:
-            raise pyfuse3.FUSEError(to_errno(exc)) from None
+            code = to_errno(exc)
+            log.debug("%s: %s (%s)", fn.__name__, errno.errorcode.get(code), exc)
+            raise pyfuse3.FUSEError(code) from None
 
     return wrapper
 
@@ -76,6 +78,7 @@ class Operations(pyfuse3.Operations):
     def __init__(self, vfs: Vfs) -> None:
         super().__init__()
         self.vfs = vfs
+        self.on_init: Callable[[], None] | None = None  # libfuse handles the INIT
         self._entries: dict[
             int, tuple[Attr, tuple[float, float], pyfuse3.EntryAttributes]
         ] = {}
@@ -109,6 +112,10 @@ class Operations(pyfuse3.Operations):
         e.st_blocks = -(-attr.size // 512)
         e.st_atime_ns = e.st_mtime_ns = e.st_ctime_ns = MTIME_NS
         return e
+
+    def init(self) -> None:
+        if self.on_init is not None:
+            self.on_init()
 
     @mapped
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:

@@ -8,22 +8,30 @@
 A store path has one inode per (basename, relpath), whichever way it is
 reached, so the kernel caches its pages once. Lookup counts follow the FUSE
 rules (lookup and readdirplus add, forget subtracts); an unreferenced STORE
-inode is dropped, its number never reused. readdir offsets are stable hashes
-of names (tree.name_key), so a listing survives the tree being replaced by the
-authoritative one. Only ``open``/``read``/``readlink`` need a path's data.
+inode is dropped. readdir offsets are stable hashes of names (tree.name_key),
+so a listing survives the tree being replaced by the authoritative one. Only
+``open``/``read``/``readlink`` need a path's data.
+
+The kernel's references outlive the daemon when it restarts under a live
+mount, so they are stable: an inode number is a hash of what it names
+(:func:`stable_ino`), an inode the table does not know is found again from the
+trees of the cache's index (:meth:`Vfs._recover`), views are restored from the
+session state, and a file handle is the inode number, so a handle opened by the
+last daemon is opened again from its inode (never EBADF).
 """
 
 from __future__ import annotations
 
 import bisect
 import errno
-import itertools
+import hashlib
 import logging
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -41,6 +49,17 @@ ROOT_ATTR_TIMEOUT = 1.0
 HINT_TIMEOUT = 1.0
 DIR_ROWS_CACHE = 1024  # directories whose readdir rows are kept
 LEARN_PARALLEL = 32  # lookups at once while listing a directory of store paths
+INO_BITS = 56  # below the bits overlayfs's xino takes for its layers
+FIRST_INO = 16  # numbers below are the fixed inodes'
+
+
+def stable_ino(*key: str) -> int:
+    """The inode number of *key* (store path basename and the names below it, or
+    a view's id and level), the same in every daemon process."""
+    raw = "\0".join(key).encode("utf-8", "surrogateescape")
+    h = int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
+    h &= (1 << INO_BITS) - 1
+    return h if h >= FIRST_INO else h + FIRST_INO
 
 
 class FsError(LazystoreError):
@@ -115,8 +134,11 @@ class View:
 
 @dataclass(slots=True)
 class Handle:
+    """The cache file behind the open files of one inode (the handle number)."""
+
     fd: int
     base: str
+    opens: int = 1
 
 
 def check_view_id(view_id: str) -> None:
@@ -133,8 +155,6 @@ class Vfs:
     def __init__(self, store: LocalStore, store_dir: str = "/nix/store") -> None:
         self.store = store
         self.store_dir_parts = tuple(p for p in store_dir.split("/") if p)
-        self._next_ino = itertools.count(VIEWS_INODE + 1)
-        self._next_fh = itertools.count(1)
         self.bytes_served = 0  # bytes read through the mount
         self.inodes: dict[int, Inode] = {
             ROOT_INODE: Inode(ROOT_INODE, "root", lookups=1),
@@ -144,6 +164,12 @@ class Vfs:
         self.views: dict[str, View] = {}
         self.handles: dict[int, Handle] = {}
         self._dir_rows: dict[int, tuple[Node, list[tuple[int, str, Attr]]]] = {}
+        self._known: dict[int, tuple[str, tuple[str, ...]]] | None = None  # see _recover
+        self._known_records = -1
+        self.views_changed: Callable[[dict[str, list[str]]], None] | None = None
+        self.handed_out: Callable[[str], None] | None = None  # a store path's first inode
+        self._handed: set[str] = set()
+        self._unindexed: list[str] = []
 
     # -- inode table ------------------------------------------------------
 
@@ -153,10 +179,53 @@ class Vfs:
             raise NoEntry(f"stale inode {ino}")
         return node
 
+    async def _inode(self, ino: int) -> Inode:
+        """Inode *ino*, also one the kernel holds from an earlier daemon: found
+        again by its number among every (basename, path) of the trees the index
+        has, else of the store paths the earlier daemons had handed out
+        (:attr:`handed_out`, whose trees are fetched again where the index
+        lost them in a crash)."""
+        node = self.inodes.get(ino)
+        if node is not None:
+            return node
+        key = self._known_key(ino)
+        if key is None and self._unindexed:
+            missing, self._unindexed = self._unindexed, []
+            for base in missing:
+                try:
+                    await self.store.tree(base)
+                except LazystoreError as exc:
+                    log.info("store path %s of an earlier daemon: %s", base, exc)
+            key = self._known_key(ino)
+        # a collision gave this number to another; or the key is known already
+        if key is None or self.store_inode(*key) != ino:
+            raise NoEntry(f"stale inode {ino}")
+        return self.inodes[ino]
+
+    def _known_key(self, ino: int) -> tuple[str, tuple[str, ...]] | None:
+        if self._known is None or self._known_records != len(self.store.records):
+            self._known_records = len(self.store.records)
+            self._known = dict(_numbered(self.store.records.items()))
+        return self._known.get(ino)
+
+    def adopt_handed_out(self, bases: Iterable[str]) -> None:
+        """Store paths whose inodes earlier daemons of this mount handed out."""
+        for base in bases:
+            self._handed.add(base)
+            rec = self.store.records.get(base)
+            if rec is None or rec.tree is None:
+                self._unindexed.append(base)
+
     def store_inode(self, base: str, rel: tuple[str, ...] = ()) -> int:
         ino = self._store_inodes.get((base, rel))
         if ino is None:
-            ino = next(self._next_ino)
+            if base not in self._handed:
+                self._handed.add(base)
+                if self.handed_out is not None:  # before the kernel has the number
+                    self.handed_out(base)
+            ino = stable_ino(base, *rel)
+            while ino in self.inodes:  # 2**-56 a pair: the later one moves on
+                ino += 1
             self._store_inodes[(base, rel)] = ino
             self.inodes[ino] = Inode(ino, "store", base=base, rel=rel)
         return ino
@@ -204,7 +273,7 @@ class Vfs:
         return node
 
     async def getattr(self, ino: int) -> Attr:
-        inode = self._get(ino)
+        inode = await self._inode(ino)
         if inode.kind != "store":
             return Attr(ino, DIRECTORY)
         node = await self.node(inode)
@@ -212,7 +281,7 @@ class Vfs:
 
     async def lookup(self, parent: int, name: str) -> Attr:
         """Resolve *name* in *parent*, counting one kernel reference."""
-        attr = await self._lookup(self._get(parent), name)
+        attr = await self._lookup(await self._inode(parent), name)
         self.remember(attr.ino)
         return attr
 
@@ -270,7 +339,7 @@ class Vfs:
     async def listdir(self, ino: int, start: int) -> Iterator[tuple[int, str, Attr]]:
         """Entries of directory *ino* whose readdir key is above *start*, in key
         order; lazy, since FUSE takes a page of entries at a time."""
-        inode = self._get(ino)
+        inode = await self._inode(ino)
         if inode.kind == "store":
             node = await self.node(inode)
             if node.kind != DIRECTORY:
@@ -353,7 +422,7 @@ class Vfs:
         return root.joinpath(*inode.rel)
 
     async def readlink(self, ino: int) -> str:
-        inode = self._get(ino)
+        inode = await self._inode(ino)
         if inode.kind != "store" or (await self.node(inode)).kind != SYMLINK:
             raise InvalidRequest("not a symlink")
         self.store.pin(inode.base)
@@ -363,8 +432,9 @@ class Vfs:
             self.store.unpin(inode.base)
 
     async def open(self, ino: int) -> int:
-        """Open regular file *ino* for reading (fetching its store path); a handle."""
-        inode = self._get(ino)
+        """Open regular file *ino* for reading (fetching its store path); the
+        handle is *ino* itself, one cache file for all its open files."""
+        inode = await self._inode(ino)
         if inode.kind != "store":
             raise IsADir("directory")
         node = await self.node(inode)
@@ -374,20 +444,31 @@ class Vfs:
             raise InvalidRequest("not a regular file")
         self.store.pin(inode.base)
         try:
-            path = await self._data_path(inode)
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            handle = self.handles.get(ino)
+            if handle is None:
+                handle = await self._open_data(inode)
+            else:
+                handle.opens += 1
         except BaseException:
             self.store.unpin(inode.base)
             raise
         self.store.touch(inode.base)
-        fh = next(self._next_fh)
-        self.handles[fh] = Handle(fd, inode.base)
-        return fh
+        return ino
+
+    async def _open_data(self, inode: Inode) -> Handle:
+        path = await self._data_path(inode)
+        handle = self.handles.get(inode.ino)  # opened by another open meanwhile
+        if handle is not None:
+            handle.opens += 1
+            return handle
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        handle = self.handles[inode.ino] = Handle(fd, inode.base)
+        return handle
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         handle = self.handles.get(fh)
         if handle is None:
-            raise BadHandle(f"file handle {fh}")
+            handle = await self._reopen(fh)
         if size > 1 << 20:
             data = await trio.to_thread.run_sync(os.pread, handle.fd, size, offset)
         else:
@@ -395,15 +476,41 @@ class Vfs:
         self.bytes_served += len(data)
         return data
 
+    async def _reopen(self, fh: int) -> Handle:
+        """The handle of a file an earlier daemon opened: opened again from its
+        inode, counted as one open (the next release closes it; a later read
+        opens it again)."""
+        try:
+            inode = await self._inode(fh)
+        except NoEntry:
+            raise BadHandle(f"file handle {fh}") from None
+        if inode.kind != "store":
+            raise BadHandle(f"file handle {fh}")
+        log.debug("file handle %d of an earlier daemon: opening %s again", fh, inode.base)
+        self.store.pin(inode.base)
+        try:
+            return await self._open_data(inode)
+        except BaseException:
+            self.store.unpin(inode.base)
+            raise
+
     def release(self, fh: int) -> None:
-        handle = self.handles.pop(fh, None)
-        if handle is not None:
+        handle = self.handles.get(fh)
+        if handle is None:  # opened by an earlier daemon and never read here
+            return
+        handle.opens -= 1
+        self.store.unpin(handle.base)
+        if handle.opens <= 0:
+            del self.handles[fh]
             os.close(handle.fd)
-            self.store.unpin(handle.base)
+
+    def open_files(self) -> int:
+        return sum(h.opens for h in self.handles.values())
 
     def close_all(self) -> None:
-        for fh in list(self.handles):
-            self.release(fh)
+        for fh, handle in list(self.handles.items()):
+            for _ in range(handle.opens):
+                self.release(fh)
 
     def statfs(self) -> dict[str, int]:
         """Sizes as df shows them: the room the cache has (its quota, else the
@@ -436,17 +543,36 @@ class Vfs:
         # background, and a lookup of one waits only for that one.
         for base in wanted:
             self.store.parse(base)  # a name that is no store path: refused now
-        view = View(view_id, wanted)
-        for level in range(len(self.store_dir_parts) + 1):
-            ino = next(self._next_ino)
-            self.inodes[ino] = Inode(ino, "viewdir", view=view, level=level)
-            view.dirs.append(ino)
-        for base in wanted:
-            self.store.pin(base)
-        self.views[view_id] = view
+        self._add_view(view_id, wanted)
         self.store.resolve_soon(list(wanted))
         log.info("view %s created with %d store paths", view_id, len(wanted))
+        self._views_changed()
         return f"{VIEWS_NAME}/{view_id}"
+
+    def _add_view(self, view_id: str, bases: tuple[str, ...]) -> None:
+        view = View(view_id, bases)
+        for level in range(len(self.store_dir_parts) + 1):
+            ino = stable_ino("\1view", view_id, str(level))
+            while ino in self.inodes:  # a collision, or the last view of this id
+                ino += 1
+            self.inodes[ino] = Inode(ino, "viewdir", view=view, level=level)
+            view.dirs.append(ino)
+        for base in bases:
+            self.store.pin(base)
+        self.views[view_id] = view
+
+    def restore_views(self, views: dict[str, list[str]]) -> None:
+        """The views an earlier daemon served on this mount, with their inodes."""
+        for view_id, bases in views.items():
+            check_view_id(view_id)
+            self._add_view(view_id, tuple(bases))
+            self.store.resolve_soon(list(bases))
+        if views:
+            log.info("%d views restored", len(views))
+
+    def _views_changed(self) -> None:
+        if self.views_changed is not None:
+            self.views_changed({i: list(v.bases) for i, v in self.views.items()})
 
     def _existing_view(self, view_id: str, wanted: tuple[str, ...]) -> bool:
         """True if *view_id* exists with exactly *wanted*; an error if with others."""
@@ -469,3 +595,19 @@ class Vfs:
             if inode is not None and inode.lookups <= 0:
                 del self.inodes[ino]
         log.info("view %s removed", view_id)
+        self._views_changed()
+
+
+def _numbered(
+    records: Iterable[tuple[str, Any]],
+) -> Iterator[tuple[int, tuple[str, tuple[str, ...]]]]:
+    """(stable inode number, (basename, path)) of every node of every known tree."""
+    for base, rec in records:
+        if rec.tree is None:
+            continue
+        stack: list[tuple[tuple[str, ...], Node]] = [((), rec.tree)]
+        while stack:
+            rel, node = stack.pop()
+            yield stable_ino(base, *rel), (base, rel)
+            if node.kind == DIRECTORY and node.entries:
+                stack.extend(((*rel, name), child) for name, child in node.entries.items())

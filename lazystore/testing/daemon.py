@@ -17,6 +17,7 @@ from typing import Any
 
 from lazystore.control.client import ControlClient
 from lazystore.errors import ControlError
+from lazystore.testing.supervisor import Supervisor
 
 LAZYSTORE = str(Path(sys.executable).with_name("lazystore"))
 
@@ -31,7 +32,10 @@ def fuse_missing() -> str | None:
 
 
 def is_mounted(path: Path) -> bool:
-    real = os.path.realpath(path)
+    # the real path of the parent only: a stat of a mount whose server is gone
+    # (but whose /dev/fuse a supervisor still holds) never returns
+    parent, name = os.path.split(os.path.abspath(path))
+    real = os.path.join(os.path.realpath(parent), name)
     with open("/proc/self/mountinfo") as f:
         return any(line.split()[4] == real for line in f)
 
@@ -42,6 +46,7 @@ class Daemon:
     def __init__(
         self, root: Path, urls: str | list[str], key: str, *extra: str,
         verbose: bool = True, call_timeout: float = 120.0,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.mnt, self.cache, self.sock = root / "mnt", root / "cache", root / "ctl.sock"
         root.mkdir(parents=True, exist_ok=True)
@@ -57,12 +62,19 @@ class Daemon:
         for url in [urls] if isinstance(urls, str) else urls:
             self.argv += ["--substituter", url]
         self.proc: subprocess.Popen[bytes] | None = None
+        self.supervisor = supervisor  # a service manager with a notify socket
 
     def start(self, timeout: float = 30.0, env: dict[str, str] | None = None) -> None:
+        argv, fds = self.argv, ()
+        if self.supervisor is not None:
+            argv, fds = self.supervisor.argv(self.argv), self.supervisor.pass_fds()
+            env = self.supervisor.env(env)
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=log, env=env)
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=log, env=env, pass_fds=fds)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if self.supervisor is not None:
+                self.supervisor.receive()
             if self.proc.poll() is not None:
                 raise AssertionError(f"daemon exited: {self.log.read_text()[-3000:]}")
             if self.sock.exists() and is_mounted(self.mnt):
@@ -93,9 +105,21 @@ class Daemon:
                 self.proc.wait()
         elif self.proc is not None:
             code = self.proc.returncode
+        if self.supervisor is not None:  # a stopped unit's descriptor store is emptied
+            self.supervisor.receive()
+            self.supervisor.flush()
         if is_mounted(self.mnt):
             subprocess.run(["umount", "-l", str(self.mnt)], check=False)
         return code
+
+    def restart(self, kill: bool = False, timeout: float = 30.0) -> None:
+        """Stop with SIGTERM (SIGKILL with *kill*), leaving the mount to the
+        supervisor's descriptor store, and start again; as a unit restarts."""
+        assert self.proc is not None and self.supervisor is not None
+        self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        self.proc.wait(timeout=60)
+        self.supervisor.receive()
+        self.start(timeout)
 
     def rss_bytes(self) -> int:
         """Resident memory of the daemon process now."""
