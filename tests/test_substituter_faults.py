@@ -667,6 +667,27 @@ async def test_undecodable_content_encoding_is_a_clear_error(
             await subs.query(liba)
 
 
+@pytest.mark.allow_log(r"cannot substitute .*Content-Encoding (xz|bzip2)")
+@pytest.mark.parametrize("encoding", ["xz", "bzip2"])
+async def test_a_nar_compressed_on_the_way_by_a_proxy_is_a_clear_error(
+        binary_cache: nixcache.BinaryCache, server: FaultServer, dirs: tuple[Path, Path],
+        encoding: str, caplog: pytest.LogCaptureFixture) -> None:
+    """httpx undoes gzip/deflate/br/zstd on NARs itself; an encoding it does not
+    know would reach the hash checks still encoded: say so instead of a mismatch."""
+    dest, tmp = dirs
+    busybox = path_named(binary_cache, "busybox")
+    url = nar_url(binary_cache, busybox)
+    body = (binary_cache.root / url.lstrip("/")).read_bytes()
+    server.always(url, Fault.replace(_ENCODERS[encoding](body), {"Content-Encoding": encoding}))
+    async with Substituters(config([server.url], binary_cache.key.public_key)) as subs:
+        with pytest.raises(NotAvailableError, match=f"Content-Encoding {encoding}"):
+            await subs.fetch(busybox, unpack_into(dest / busybox.basename, tmp))
+        assert subs.stats.retries == 0  # the same proxy would answer the same
+    assert server.count(url) == 1
+    assert_nothing_left(dest, tmp)
+    assert [w for w in warnings(caplog) if "Content-Encoding" in w]
+
+
 @pytest.mark.parametrize("cap", [1, 3])
 async def test_connections_are_capped_globally(
         binary_cache: nixcache.BinaryCache, server: FaultServer, dirs: tuple[Path, Path],

@@ -41,6 +41,9 @@ FILE_CHUNK = 256 * 1024
 MAX_DOCUMENT = 16 << 20  # narinfo, nix-cache-info, .ls
 # Content-Encodings of documents decoded here; httpx does gzip, deflate, br, zstd.
 OWN_ENCODINGS = frozenset({"xz", "bzip2"})
+# What httpx itself undoes on a streamed body (a NAR). Any other
+# Content-Encoding on a NAR is refused: its bytes would only fail the checks.
+HTTPX_ENCODINGS = frozenset({"identity", "gzip", "deflate", "br", "zstd"})
 # Request headers are the same from every node, so a shared cache (nginx,
 # Squid) holds one copy per file: nothing per client, no cache-busting. NARs
 # are compressed already (or deliberately not): asking for them as they are
@@ -170,6 +173,7 @@ class HttpTransport:
             if response.status_code in NOT_FOUND_STATUSES:
                 raise NotFoundError(f"{url}: not found (HTTP {response.status_code})")
             _check_status(response, url)
+            _check_stream_encoding(response, url)
             yield _HttpReader(response, url, self._stall)
 
     @asynccontextmanager
@@ -211,6 +215,15 @@ def _decode(body: bytes, encoding: str, url: str) -> bytes:
     except VerificationError as exc:
         raise RequestError(f"{url}: cannot undo Content-Encoding {encoding} ({exc})") from None
     return bytes(out)
+
+
+def _check_stream_encoding(response: httpx.Response, url: str) -> None:
+    encodings = [e.strip() for e in response.headers.get("Content-Encoding", "").lower().split(",")]
+    unknown = [e for e in encodings if e and e not in HTTPX_ENCODINGS]
+    if unknown:
+        raise RequestError(
+            f"{url}: came with Content-Encoding {', '.join(unknown)}, which is not undone "
+            "for NARs (a proxy compressed it; it must pass NARs on as they are)")
 
 
 def _check_status(response: httpx.Response, url: str) -> None:
