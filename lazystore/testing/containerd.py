@@ -4,7 +4,9 @@ Plain module, no pytest: ``with Containerd(workdir, proxy_plugins={"lazystore":
 sock}) as ctd: ctd.ctr("images", "ls")``. containerd gets its own root, state,
 gRPC address and config.toml under *workdir* and ``ctr()`` its own namespace
 (``ctd.namespace``); it is stopped (its tasks killed first) when the context
-exits. With ``cri=Cri(...)`` its CRI plugin is configured for pods (sandbox
+exits, and what runc and the shims leave outside *workdir* goes with it
+(runc state, shim sockets, the namespace's cgroup directories). With
+``cri=Cri(...)`` its CRI plugin is configured for pods (sandbox
 image, snapshotter, plain-HTTP registries; the CRI's containers live in the
 fixed namespace ``k8s.io``, whose runc state is cleaned per container, never
 as a whole). ``snapshotter_process``
@@ -13,6 +15,7 @@ starts ``lazystore snapshotter`` as a child process and waits for READY=1.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -22,7 +25,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +37,10 @@ NAMESPACE_PREFIX = "lazystore-test"
 # containerd's own root and state are: each instance gets its own namespace so
 # that runs (and their leftovers) never collide.
 RUNC_ROOT = Path("/run/containerd/runc")
+# Shims listen on /run/containerd/s/<sha256 of "ADDRESS/NAMESPACE/ID"> (containerd
+# 1.6, runtime v2): a shim that is killed leaves its socket there.
+SHIM_SOCKETS = Path("/run/containerd/s")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 CRI_NAMESPACE = "k8s.io"  # containerd 1.6's CRI plugin always uses it
 
 
@@ -85,6 +92,9 @@ def config_toml(root: Path, state: Path, address: Path,
         "[metrics]",
         '  address = ""',
         "[plugins]",
+        # Its default is /opt/containerd, outside the instance.
+        '  [plugins."io.containerd.internal.v1.opt"]',
+        f'    path = "{root}/opt"',
         '  [plugins."io.containerd.grpc.v1.cri"]',
         "    disable_apparmor = true",
     ]
@@ -159,6 +169,7 @@ class Containerd:
         if self.proc is None:
             return
         cri_tasks = self._task_ids(CRI_NAMESPACE) if self.cri is not None else []
+        containers = self._container_ids()
         for namespace, tasks in ((self.namespace, self._task_ids()), (CRI_NAMESPACE, cri_tasks)):
             for task in tasks:
                 self.ctr("tasks", "kill", "--all", "-s", "SIGKILL", task, check=False,
@@ -173,19 +184,52 @@ class Containerd:
             self.proc.wait()
         self.proc = None
         self._kill_own_shims()
+        ids = set(containers) | set(self._runc_containers())
+        self._kill_runc_containers()
         self._unmount_below(self.state)
         self._unmount_below(self.root)
         shutil.rmtree(RUNC_ROOT / self.namespace, ignore_errors=True)
         for task in cri_tasks:
             shutil.rmtree(RUNC_ROOT / CRI_NAMESPACE / task, ignore_errors=True)
+        for namespace, names in ((self.namespace, ids), (CRI_NAMESPACE, cri_tasks)):
+            for name in names:
+                (SHIM_SOCKETS / self.shim_socket_name(namespace, name)).unlink(missing_ok=True)
+        for top in self.cgroup_dirs():
+            _remove_cgroup_tree(top)
+
+    def shim_socket_name(self, namespace: str, container: str) -> str:
+        return hashlib.sha256(f"{self.address}/{namespace}/{container}".encode()).hexdigest()
+
+    def cgroup_dirs(self) -> list[Path]:
+        """The cgroup directories runc made for this instance's namespace (the
+        containers' cgroups below them): v1, one per controller; v2, one."""
+        return sorted(p for p in (CGROUP_ROOT / self.namespace,
+                                  *CGROUP_ROOT.glob(f"*/{self.namespace}")) if p.is_dir())
+
+    def _runc_containers(self) -> list[str]:
+        runc_root = RUNC_ROOT / self.namespace
+        return [p.name for p in runc_root.iterdir()] if runc_root.is_dir() else []
+
+    def _kill_runc_containers(self) -> None:
+        """Containers whose shim is gone (killed above, or containerd died)."""
+        runc_root = str(RUNC_ROOT / self.namespace)
+        for container in self._runc_containers():
+            for args in (("kill", container, "KILL"), ("delete", "--force", container)):
+                subprocess.run(["runc", "--root", runc_root, *args],
+                               capture_output=True, timeout=30)
 
     def _task_ids(self, namespace: str | None = None) -> list[str]:
-        out = self.ctr("tasks", "ls", "-q", check=False, namespace=namespace)
+        out = self.ctr("tasks", "ls", "-q", check=False, namespace=namespace, timeout=30)
+        return out.stdout.split() if out.returncode == 0 else []
+
+    def _container_ids(self) -> list[str]:
+        out = self.ctr("containers", "ls", "-q", check=False, timeout=30)
         return out.stdout.split() if out.returncode == 0 else []
 
     def _kill_own_shims(self) -> None:
         """Shims outlive containerd by design; end those serving this instance only."""
         needle = f"-address\0{self.address}\0".encode()
+        killed = []
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():
                 continue
@@ -196,8 +240,10 @@ class Containerd:
             if b"containerd-shim" in cmdline and needle in cmdline:
                 try:
                     os.kill(int(proc.name), signal.SIGKILL)
+                    killed.append(proc)
                 except ProcessLookupError:
                     pass
+        _wait_until(lambda: not any(_alive(p) for p in killed))
 
     @staticmethod
     def _unmount_below(path: Path) -> None:
@@ -233,6 +279,34 @@ class Containerd:
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-n:])
         except OSError:
             return ""
+
+
+def _alive(proc: Path) -> bool:
+    try:
+        return (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _wait_until(done: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _remove_cgroup_tree(top: Path) -> None:
+    """rmdir *top* and its sub-cgroups, deepest first. A process killed just
+    before may take a moment to leave its cgroup (EBUSY until then); one that
+    does not leave keeps its cgroup, as does anything that is not a cgroup."""
+    def removed() -> bool:
+        for dirpath, _dirnames, _files in os.walk(top, topdown=False):
+            try:
+                os.rmdir(dirpath)
+            except OSError:
+                pass
+        return not top.exists()
+
+    _wait_until(removed, timeout=5)
 
 
 @contextmanager
