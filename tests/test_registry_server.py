@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -156,6 +157,27 @@ def test_a_narinfo_signed_by_no_trusted_key_is_name_unknown(
         status, _, body = Client(untrusting).request(
             f"/v2/{_hash(sample_closure)}/manifests/latest")
         assert "ignoring the narinfo" in untrusting.log()
+    assert status == 404
+    assert json.loads(body)["errors"][0]["code"] == "NAME_UNKNOWN"
+
+
+def test_an_unsigned_narinfo_is_name_unknown(
+    binary_cache: nixcache.BinaryCache, test_key: nixcache.KeyPair, sample_closure: str,
+    tmp_path: Path,
+) -> None:
+    unsigned = tmp_path / "unsigned-cache"
+    shutil.copytree(binary_cache.root, unsigned)
+    stripped = 0
+    for narinfo in unsigned.glob("*.narinfo"):
+        lines = narinfo.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if not line.startswith("Sig:")]
+        stripped += len(lines) - len(kept)
+        narinfo.write_text("".join(kept))
+    assert stripped >= len(binary_cache.paths)  # every narinfo had its signature removed
+    with lazyregistry.running(tmp_path / "reg", [f"file://{unsigned}"],
+                              test_key.public_key) as reg:
+        status, _, body = Client(reg).request(f"/v2/{_hash(sample_closure)}/manifests/latest")
+        assert "ignoring the narinfo" in reg.log()
     assert status == 404
     assert json.loads(body)["errors"][0]["code"] == "NAME_UNKNOWN"
 
