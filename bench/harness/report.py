@@ -138,12 +138,13 @@ def targets(summary: list[Record], ratio_rows: list[Record]) -> list[Record]:
 
 PEER_TIME_LIMIT = 0.8  # lazystore-snapshotter / stargz, python and wide, 100mbit and 1gbit
 PEER_DELTA_BYTES_LIMIT = 0.5  # delta-lazystore-snapshotter / delta-stargz bytes
+PEER_WORKLOADS = ("python", "wide")  # their second images share >90% of the closure
 
 
 def peer_targets(summary: list[Record], ratio_rows: list[Record]) -> list[Record]:
     """The peer's targets (issue 16), for each (workload, link) measured."""
     out = []
-    for workload in ("python", "wide"):
+    for workload in PEER_WORKLOADS:
         for profile in ("100mbit", "1gbit"):
             name = (f"lazystore-snapshotter <= {PEER_TIME_LIMIT}x stargz ({workload}, {profile}, "
                     "time to first output)")
@@ -160,6 +161,7 @@ def peer_targets(summary: list[Record], ratio_rows: list[Record]) -> list[Record
               if s["mode"] == "delta-stargz"}
     name = f"delta: lazystore bytes <= {PEER_DELTA_BYTES_LIMIT}x stargz bytes"
     pairs = [(s, stargz[key]) for s in summary if s["mode"] == "delta-lazystore-snapshotter"
+             and s["workload"] in PEER_WORKLOADS  # busybox's delta is a few KB either way
              and (key := (s["workload"], s["profile"], s["compression"])) in stargz]
     if not pairs:
         out.append({"target": name, "reached": None, "value": None,
