@@ -80,6 +80,12 @@ def index_cache(cache: Path, secret: SecretKey, chunk_size: int = DEFAULT_CHUNK_
         for result in pool.map(one, files):
             results.append(result)
             on_done(result)
+    marker = cache / fileindex.MARKER
+    if not marker.exists():
+        try:
+            _write_atomic(marker, fileindex.MAGIC)
+        except OSError as exc:
+            raise CacheIndexError(f"cannot write {marker}: {exc.strerror}") from None
     return results
 
 

@@ -35,4 +35,4 @@ def test_a_cold_read_is_one_narinfo_one_listing_one_nar_request(
             assert (daemon.mnt / liba / "lib" / "data-link").read_bytes() == data.read_bytes()
         # nix-cache-info once; the .ls is asked for (a 404 without listings), once
         assert server.requests == ["/nix-cache-info", f"/{liba[:32]}.narinfo",
-                                   f"/{liba[:32]}.ls", nar]
+                                   "/lzindex-info", f"/{liba[:32]}.ls", nar]

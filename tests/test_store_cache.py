@@ -68,6 +68,12 @@ class FakeSubstituters:
             node["entries"][parts[-1]] = _ls_node(content)
         return {"version": 1, "root": root}
 
+    async def file_index(self, info: Any) -> None:
+        return None  # these caches offer no file indexes (see test_store_chunks.py)
+
+    async def read_chunks(self, info: Any, index: Any, wanted: Any) -> Any:
+        raise AssertionError("no file index was offered")
+
     async def fetch(self, info: Any, open_sink: Any) -> Any:
         """As the real one: the NAR into a fresh sink, finished once whole."""
         basename = info.path.basename

@@ -71,7 +71,7 @@ async def test_a_cold_read_is_one_narinfo_one_listing_one_nar_request(
         assert data.read_bytes() == b"hello from liba\n"
         assert store.records[liba].tree_verified and store.records[liba].tree == hint
     assert server.requests == ["/nix-cache-info", f"/{liba[:32]}.narinfo",
-                               f"/{liba[:32]}.ls", nar_url(binary_cache, liba)]
+                               "/lzindex-info", f"/{liba[:32]}.ls", nar_url(binary_cache, liba)]
 
 
 async def test_a_cold_read_without_listings_is_one_narinfo_one_nar_request(
@@ -87,7 +87,7 @@ async def test_a_cold_read_without_listings_is_one_narinfo_one_nar_request(
             assert tree.resolve(node, ("lib", "data")).size == 16  # type: ignore[union-attr]
             await store.materialize(liba)
         assert server.requests == ["/nix-cache-info", f"/{liba[:32]}.narinfo",
-                                   f"/{liba[:32]}.ls", nar_url(cache, liba)]
+                                   "/lzindex-info", f"/{liba[:32]}.ls", nar_url(cache, liba)]
 
 
 async def test_the_tree_comes_from_the_nar_not_from_a_scan_of_the_disk(

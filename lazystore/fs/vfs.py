@@ -36,6 +36,7 @@ from typing import Any
 import trio
 
 from lazystore.errors import LazystoreError
+from lazystore.nix.fileindex import FileEntry
 from lazystore.store.cache import LocalStore, PathNotFound
 from lazystore.store.tree import DIRECTORY, REGULAR, SYMLINK, Node, name_key, resolve
 
@@ -136,9 +137,10 @@ class View:
 class Handle:
     """The cache file behind the open files of one inode (the handle number)."""
 
-    fd: int
+    fd: int  # -1 while the file is read chunk by chunk (entry)
     base: str
     opens: int = 1
+    entry: FileEntry | None = None  # its file index entry (LocalStore.open_indexed)
 
 
 def check_view_id(view_id: str) -> None:
@@ -425,6 +427,9 @@ class Vfs:
         inode = await self._inode(ino)
         if inode.kind != "store" or (await self.node(inode)).kind != SYMLINK:
             raise InvalidRequest("not a symlink")
+        target = await self.store.indexed_target(inode.base, inode.rel)
+        if target is not None:
+            return target
         self.store.pin(inode.base)
         try:
             return os.readlink(await self._data_path(inode))
@@ -446,7 +451,7 @@ class Vfs:
         try:
             handle = self.handles.get(ino)
             if handle is None:
-                handle = await self._open_data(inode)
+                handle = await self._open_handle(inode)
             else:
                 handle.opens += 1
         except BaseException:
@@ -454,6 +459,20 @@ class Vfs:
             raise
         self.store.touch(inode.base)
         return ino
+
+    async def _open_handle(self, inode: Inode) -> Handle:
+        """A new handle: read chunk by chunk when the path's cache offers a
+        trusted file index, else from the materialised path."""
+        entry = await self.store.open_indexed(inode.base, inode.rel)
+        if entry is None:
+            return await self._open_data(inode)
+        handle = self.handles.get(inode.ino)  # opened by another open meanwhile
+        if handle is not None:
+            self.store.close_indexed(entry)
+            handle.opens += 1
+            return handle
+        handle = self.handles[inode.ino] = Handle(-1, inode.base, entry=entry)
+        return handle
 
     async def _open_data(self, inode: Inode) -> Handle:
         path = await self._data_path(inode)
@@ -469,12 +488,27 @@ class Vfs:
         handle = self.handles.get(fh)
         if handle is None:
             handle = await self._reopen(fh)
+        if handle.entry is not None:
+            data = await self.store.read_indexed(handle.base, handle.entry, offset, size)
+            if data is not None:
+                self.bytes_served += len(data)
+                return data
+            await self._whole_nar(fh, handle)  # the index failed: never again for this path
         if size > 1 << 20:
             data = await trio.to_thread.run_sync(os.pread, handle.fd, size, offset)
         else:
             data = os.pread(handle.fd, size, offset)
         self.bytes_served += len(data)
         return data
+
+    async def _whole_nar(self, fh: int, handle: Handle) -> None:
+        path = await self._data_path(await self._inode(fh))
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        if handle.entry is None:  # another read of this file got there first
+            os.close(fd)
+            return
+        self.store.close_indexed(handle.entry)
+        handle.fd, handle.entry = fd, None
 
     async def _reopen(self, fh: int) -> Handle:
         """The handle of a file an earlier daemon opened: opened again from its
@@ -489,7 +523,7 @@ class Vfs:
         log.debug("file handle %d of an earlier daemon: opening %s again", fh, inode.base)
         self.store.pin(inode.base)
         try:
-            return await self._open_data(inode)
+            return await self._open_handle(inode)
         except BaseException:
             self.store.unpin(inode.base)
             raise
@@ -502,7 +536,10 @@ class Vfs:
         self.store.unpin(handle.base)
         if handle.opens <= 0:
             del self.handles[fh]
-            os.close(handle.fd)
+            if handle.entry is not None:
+                self.store.close_indexed(handle.entry)
+            else:
+                os.close(handle.fd)
 
     def open_files(self) -> int:
         return sum(h.opens for h in self.handles.values())

@@ -52,6 +52,12 @@ FINGERPRINT_PREFIX = b"lazystore-file-index;1;"
 MAX_CHUNK_SIZE = 64 << 20
 SUFFIX = ".lzindex"  # next to <hash>.narinfo
 DATA_DIR = "lzdata"  # data files: lzdata/<hash>.lzdata
+MARKER = "lzindex-info"  # at the cache's root: the cache offers indexes (MAGIC)
+
+
+def offered(marker: bytes) -> bool:
+    """Whether a cache's MARKER file says it offers indexes of this version."""
+    return marker.startswith(MAGIC)
 
 
 class FileIndexError(FormatError):

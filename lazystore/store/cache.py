@@ -33,14 +33,17 @@ import trio
 from lazystore.errors import FormatError, LazystoreError, StoreError
 from lazystore.flight import Flights
 from lazystore.nix import fsio
+from lazystore.nix.fileindex import Chunk, FileEntry, FileIndex
 from lazystore.nix.narinfo import NarInfo
 from lazystore.nix.storepath import StorePath
 from lazystore.store import index, tree
+from lazystore.store.chunks import ChunkCache, IndexedPath
 from lazystore.store.index import Record
 from lazystore.store.sink import StoreSink
 from lazystore.store.tree import Node
 from lazystore.substituter.config import NEGATIVE_TTL
 from lazystore.substituter.download import NarSink, OpenSink
+from lazystore.substituter.errors import VerificationError
 from lazystore.substituter.timings import Timings
 
 log = logging.getLogger(__name__)
@@ -67,6 +70,9 @@ class SubstituterAPI(Protocol):
     async def listing(self, what: NarInfo) -> dict[str, Any] | None: ...
     async def fetch(self, what: NarInfo, open_sink: OpenSink) -> NarInfo: ...
     async def closure(self, paths: list[StorePath]) -> list[NarInfo]: ...
+    async def file_index(self, info: NarInfo) -> FileIndex | None: ...
+    async def read_chunks(self, info: NarInfo, index: FileIndex,
+                          wanted: list[Chunk]) -> dict[Chunk, bytes]: ...
 
 
 class DirectReaders(Protocol):
@@ -121,6 +127,11 @@ class LocalStore:
         # neither asks again; dropped once the path is fetched (a refetch after
         # an eviction or a restart asks once more).
         self._narinfos: cachetools.LRUCache[str, NarInfo] = cachetools.LRUCache(NARINFOS_HELD)
+        # Paths whose cache offers a trusted file index (None: it offers none,
+        # or it failed once; read as whole NARs), and the chunks read through them.
+        self._indexed: cachetools.LRUCache[str, IndexedPath | None] = cachetools.LRUCache(
+            NARINFOS_HELD)
+        self.chunks = ChunkCache(self.cache_dir / "chunks", cache_limit)
         self._dirty = trio.Event()
         self._stack = AsyncExitStack()
         self._nursery: trio.Nursery | None = None
@@ -151,6 +162,7 @@ class LocalStore:
             fsio.remove_tree(child)
         self.records = index.load(self.index_file)
         self._reconcile()
+        self.chunks.prepare()
 
     def _reconcile(self) -> None:
         """Make the index agree with ``store/`` after whatever happened before."""
@@ -279,6 +291,13 @@ class LocalStore:
         """The metadata tree of *base*: the listing's hint, else fetched."""
         rec = await self.require(base)
         if rec.tree is None:
+            indexed = await self.file_index(base)
+            if indexed is not None and rec.tree is None:
+                builder = tree.TreeBuilder(f"the file index of {base}")
+                builder.add(indexed.index.events())
+                rec.tree = builder.tree()
+                self._changed()
+        if rec.tree is None:
             await self._single("listing", base, lambda: self._load_listing(base))
         if rec.tree is None:
             await self.materialize(base)
@@ -303,6 +322,96 @@ class LocalStore:
         if rec.tree is None:
             rec.tree = node
             self._changed()
+
+    # -- file indexes: chunk-granular reads (lazystore cache index) ---------
+
+    async def file_index(self, base: str) -> IndexedPath | None:
+        """The trusted file index of *base* while its data is not here, when
+        its cache offers one (asked once per path)."""
+        rec = await self.require(base)
+        if rec.materialized:
+            return None
+        if base in self._indexed:
+            return self._indexed[base]
+        found: IndexedPath | None = await self._single(
+            "index", base, lambda: self._load_index(base))
+        return found
+
+    async def _load_index(self, base: str) -> IndexedPath | None:
+        info = await self._narinfo(base)
+        try:
+            index = await self.subs.file_index(info)
+        except VerificationError as exc:
+            self._index_failed(base, exc)
+            return None
+        except LazystoreError as exc:  # cannot ask now: not remembered
+            log.info("no file index for %s this time: %s", base, exc)
+            return None
+        found = None if index is None else IndexedPath.of(index, info)
+        self._indexed[base] = found
+        return found
+
+    def _index_failed(self, base: str, exc: Exception) -> None:
+        """From now on *base* is read as a whole NAR; said once."""
+        if self._indexed.get(base, False) is not None:
+            log.warning("%s; reading %s as a whole NAR instead", exc, base)
+        self._indexed[base] = None
+
+    async def open_indexed(self, base: str, rel: tuple[str, ...]) -> FileEntry | None:
+        """File *rel* of *base* when it can be read chunk by chunk (its chunks
+        pinned until :meth:`close_indexed`); None: read the materialised path."""
+        indexed = await self.file_index(base)
+        entry = None if indexed is None else indexed.files.get(rel)
+        if entry is not None:
+            self.chunks.pin(c.sha256 for c in entry.chunks)
+        return entry
+
+    async def indexed_target(self, base: str, rel: tuple[str, ...]) -> str | None:
+        """The target of symlink *rel* of *base* from its signed file index, if it has one."""
+        indexed = await self.file_index(base)
+        return None if indexed is None else indexed.targets.get(rel)
+
+    def close_indexed(self, entry: FileEntry) -> None:
+        self.chunks.unpin(c.sha256 for c in entry.chunks)
+
+    async def read_indexed(self, base: str, entry: FileEntry, offset: int, size: int
+                           ) -> bytes | None:
+        """Bytes [offset, offset+size) of *entry* (from :meth:`open_indexed`),
+        each from a chunk verified against the signed index; None when the
+        index failed (bad chunk, a server without Range): read the whole NAR."""
+        indexed = self._indexed.get(base)
+        if indexed is None:
+            return None
+        end = min(entry.size, offset + size)
+        if offset >= end:
+            return b""
+        wanted = indexed.chunks_for(entry, offset, end)
+        pieces = [self.chunks.read(c.sha256, *_span(c, offset, end)) for c in wanted]
+        missing = [c for c, piece in zip(wanted, pieces, strict=True) if piece is None]
+        if missing:
+            fetched = await self._single(
+                "chunks", f"{base}@{missing[0].offset}+{len(missing)}",
+                lambda: self._fetch_chunks(base, indexed, missing))
+            if fetched is None:
+                return None
+            pieces = [p if p is not None else _cut(fetched[c], c, offset, end)
+                      for c, p in zip(wanted, pieces, strict=True)]
+        return b"".join(pieces)  # type: ignore[arg-type]
+
+    async def _fetch_chunks(self, base: str, indexed: IndexedPath, missing: list[Chunk]
+                            ) -> dict[Chunk, bytes] | None:
+        try:
+            fetched = await self.subs.read_chunks(indexed.info, indexed.index, missing)
+        except VerificationError as exc:
+            self._index_failed(base, exc)
+            return None
+        for chunk, data in fetched.items():
+            try:
+                await self.chunks.put(chunk.sha256, data)
+            except OSError as exc:  # served from memory all the same
+                log.warning("cannot keep a chunk of %s in %s: %s", base,
+                            self.chunks.directory, exc.strerror or exc)
+        return fetched
 
     # -- data -------------------------------------------------------------
 
@@ -517,6 +626,8 @@ class LocalStore:
             "paths_materialized": materialized,
             "in_flight": self.in_flight,
             "bytes_downloaded": int(getattr(stats, "bytes_downloaded", 0)),
+            "chunk_bytes": int(getattr(stats, "chunk_bytes", 0)),
+            "chunk_cache_bytes": self.chunks.bytes,
             "nars_fetched": int(getattr(stats, "nars_fetched", 0)),
             **(stats.figures() if hasattr(stats, "figures") else {}),
             "wait_seconds": self.wait_seconds.to_dict(),
@@ -525,6 +636,17 @@ class LocalStore:
             "evictions": self.evictions,
             "pinned": sorted(self._pins),
         }
+
+
+def _span(chunk: Chunk, offset: int, end: int) -> tuple[int, int]:
+    """(offset in the chunk, length) of the bytes of [offset, end) it holds."""
+    start = max(offset, chunk.start)
+    return start - chunk.start, min(end, chunk.start + chunk.size) - start
+
+
+def _cut(data: bytes, chunk: Chunk, offset: int, end: int) -> bytes:
+    at, length = _span(chunk, offset, end)
+    return data[at:at + length]
 
 
 def _flight_cancelled(key: Any) -> StoreError:

@@ -25,19 +25,21 @@ import trio
 
 from lazystore.errors import LazystoreError
 from lazystore.flight import Flights
-from lazystore.nix import listing
+from lazystore.nix import fileindex, listing
 from lazystore.nix.cacheinfo import CacheInfo
+from lazystore.nix.fileindex import Chunk, FileIndex, FileIndexError
 from lazystore.nix.listing import ListingError
 from lazystore.nix.narinfo import NarInfo
 from lazystore.nix.signing import PublicKey, verify_narinfo
 from lazystore.nix.storepath import StorePath
 from lazystore.nurseries import first_error
-from lazystore.substituter import retry
+from lazystore.substituter import chunks, retry
 from lazystore.substituter.config import SubstituterConfig
 from lazystore.substituter.download import OpenSink, download
 from lazystore.substituter.errors import (
     CacheInfoError,
     NotAvailableError,
+    NotFoundError,
     SubstituterError,
     TransportError,
     VerificationError,
@@ -61,6 +63,7 @@ class Stats:
     narinfo_misses: int = 0  # query() answers: not found
     narinfo_requests: int = 0  # narinfo files asked of a substituter
     retries: int = 0
+    chunk_bytes: int = 0  # bytes received for chunks of indexed caches (part of the above)
     failures: int = 0  # NAR downloads that failed at one substituter
     # (kind "narinfo"/"nar", substituter URL, outcome) -> requests
     requests: collections.Counter[tuple[str, str, str]] = field(
@@ -115,6 +118,7 @@ class _Cache:
         self.error: SubstituterError | None = None
         self.loaded = False
         self.retry_at: float | None = None  # when to read nix-cache-info again
+        self.file_indexes: bool | None = None  # offers file indexes (None: not asked yet)
         size = config.narinfo_cache_size
         self.positive: cachetools.TTLCache[str, NarInfo] = cachetools.TTLCache(
             size, config.positive_ttl, timer=trio_time)
@@ -391,6 +395,79 @@ class Substituters:
 
     def _count_bytes(self, n: int) -> None:
         self.stats.bytes_downloaded += n
+
+    # -- file indexes (lazystore cache index) -------------------------------------
+
+    async def file_index(self, info: NarInfo) -> FileIndex | None:
+        """The file index the substituter that served *info* (a narinfo this
+        client returned) offers for exactly its store path and NarHash, signed
+        by a trusted key; None when it offers none. VerificationError for one
+        that is malformed, for another NAR or not trusted."""
+        found = self._offered(info)
+        if found is None:
+            return None
+        cache = found[0]
+        if not await self._offers_indexes(cache):
+            return None
+        name = f"{info.path.hash_part}{fileindex.SUFFIX}"
+        data = await self._retry(lambda: cache.transport.get(name), f"{cache.url}/{name}")
+        if data is None:
+            return None
+        try:
+            index = fileindex.parse(data)
+            fileindex.check(index, info, self._keys)
+        except FileIndexError as exc:
+            raise VerificationError(f"{cache.url}/{name}: {exc}") from None
+        return index
+
+    async def _offers_indexes(self, cache: _Cache) -> bool:
+        """Whether *cache* has the marker of an indexed cache (asked once)."""
+        if cache.file_indexes is None:
+            assert self._requests is not None, "Substituters used outside its context"
+            name = fileindex.MARKER
+            text = await self._requests.run(
+                (cache.url, name),
+                lambda: self._retry(lambda: cache.transport.get(name), f"{cache.url}/{name}"))
+            cache.file_indexes = text is not None and fileindex.offered(text)
+            if text is not None and not cache.file_indexes:
+                log.info("%s/%s: not a file index version this lazystore reads", cache.url, name)
+        return cache.file_indexes
+
+    async def read_chunks(self, info: NarInfo, index: FileIndex,
+                          wanted: list[Chunk]) -> dict[Chunk, bytes]:
+        """The verified uncompressed bytes of chunks *wanted* of *index* (the
+        file index of *info*, from :meth:`file_index`): adjacent chunks come in
+        one range request, runs of them in parallel; VerificationError (and
+        RangeError) for anything not exactly as the index says."""
+        found = self._offered(info)
+        if found is None:
+            raise VerificationError(f"{info.store_path}: its substituter is not in use")
+        cache, out = found[0], {}
+
+        async def one(run: list[Chunk]) -> None:
+            start, length = run[0].offset, run[-1].offset + run[-1].length - run[0].offset
+            try:
+                data = await self._retry(
+                    lambda: cache.transport.get_range(index.data, start, length),
+                    f"chunks of {info.store_path} from {cache.url}")
+            except NotFoundError as exc:  # the index names a data file that is not there
+                raise VerificationError(str(exc)) from None
+            self._count_bytes(len(data))
+            self.stats.chunk_bytes += len(data)
+            try:
+                pieces = await trio.to_thread.run_sync(
+                    chunks.decode_run, run, data, limiter=self._limiter)
+            except VerificationError as exc:
+                raise VerificationError(f"{cache.url}/{index.data}: {exc}") from None
+            out.update(zip(run, pieces, strict=True))
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for run in chunks.coalesce(wanted):
+                    nursery.start_soon(one, run)
+        except BaseExceptionGroup as group:
+            raise first_error(group) from None
+        return out
 
     # -- closures ----------------------------------------------------------------
 

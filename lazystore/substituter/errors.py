@@ -23,6 +23,7 @@ __all__ = [
     "NotFoundError",
     "CacheInfoError",
     "VerificationError",
+    "RangeError",
     "NotAvailableError",
     "map_httpx_error",
 ]
@@ -90,6 +91,11 @@ class CacheInfoError(SubstituterError):
 
 class VerificationError(SubstituterError):
     """Downloaded data does not match its narinfo (hash, size, NAR syntax)."""
+
+
+class RangeError(VerificationError):
+    """A part of a file asked for did not arrive as asked (a server ignoring
+    Range, a reply of the wrong length): not the bytes wanted, never used."""
 
 
 class NotAvailableError(SubstituterError):

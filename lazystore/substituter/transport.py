@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import netrc
+import os
 import ssl
 import urllib.parse
 from collections.abc import AsyncIterator
@@ -25,6 +26,7 @@ from lazystore.substituter.errors import (
     HTTPX_ERRORS,
     HTTPStatusError,
     NotFoundError,
+    RangeError,
     RequestError,
     StalledError,
     SubstituterError,
@@ -67,6 +69,10 @@ class Transport(Protocol):
 
     def stream(self, name: str) -> AbstractAsyncContextManager[Reader]:
         """A Reader of *name*, as an async context manager (NotFoundError if absent)."""
+
+    async def get_range(self, name: str, offset: int, length: int) -> bytes:
+        """Exactly bytes [offset, offset+length) of *name*; RangeError if the
+        server does not honour the range (NotFoundError if absent)."""
 
 
 def make_client(
@@ -176,11 +182,39 @@ class HttpTransport:
             _check_stream_encoding(response, url)
             yield _HttpReader(response, url, self._stall)
 
+    async def get_range(self, name: str, offset: int, length: int) -> bytes:
+        url = self._url(name)
+        last = offset + length - 1
+        wanted = f"bytes {offset}-{last}/"  # how a 206's Content-Range starts
+        async with self._open(url, NAR_ACCEPT_ENCODING, {"Range": f"bytes={offset}-{last}"}
+                              ) as response:
+            if response.status_code in NOT_FOUND_STATUSES:
+                raise NotFoundError(f"{url}: not found (HTTP {response.status_code})")
+            if response.status_code == 416:
+                raise RangeError(f"{url}: bytes {offset}-{last} are past its end (HTTP 416)")
+            _check_status(response, url)
+            # A 200 is the whole file: never read it as the range asked for.
+            if (response.status_code != 206
+                    or not response.headers.get("Content-Range", "").startswith(wanted)
+                    or response.headers.get("Content-Encoding", "identity") != "identity"):
+                raise RangeError(f"{url}: the server did not honour a Range request "
+                                 f"(HTTP {response.status_code})")
+            body = bytearray()
+            reader = _HttpReader(response, url, self._stall)
+            while chunk := await reader.read():
+                body += chunk
+                if len(body) > length:
+                    break
+        if len(body) != length:
+            raise RangeError(f"{url}: a Range reply of {len(body)} bytes, not {length}")
+        return bytes(body)
+
     @asynccontextmanager
-    async def _open(self, url: str, accept_encoding: str) -> AsyncIterator[httpx.Response]:
+    async def _open(self, url: str, accept_encoding: str, extra: dict[str, str] | None = None
+                    ) -> AsyncIterator[httpx.Response]:
         try:
             request = self._client.build_request(
-                "GET", url, headers={"Accept-Encoding": accept_encoding})
+                "GET", url, headers={"Accept-Encoding": accept_encoding, **(extra or {})})
             # httpx's connect/read timeouts fire first; this bounds the rest.
             with trio.fail_after(self._stall + 5):
                 response = await self._client.send(request, stream=True)
@@ -295,6 +329,27 @@ class FileTransport:
             raise _os_error(path, exc) from None
         async with f:
             yield _FileReader(f, path)
+
+
+    async def get_range(self, name: str, offset: int, length: int) -> bytes:
+        path = self._path(name)
+        try:
+            data = await trio.to_thread.run_sync(_pread, path, offset, length)
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFoundError(f"{path}: not found") from None
+        except OSError as exc:
+            raise _os_error(path, exc) from None
+        if len(data) != length:
+            raise RangeError(f"{path}: {len(data)} bytes at offset {offset}, not {length}")
+        return data
+
+
+def _pread(path: Path, offset: int, length: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
 
 
 class _FileReader:

@@ -1,0 +1,293 @@
+"""Chunk-granular reads from caches indexed by ``lazystore cache index``:
+the store over the real substituter and a real HTTP server (one that honours
+Range and one that ignores it) or a file:// cache. Only the chunks a read
+needs are fetched, each verified; every hostile index or data file, and every
+server that does not answer a range exactly, falls back to the whole NAR with
+one warning naming the cache and the path, and serves the right bytes."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lazystore import cacheindex
+from lazystore.nix import fileindex
+from lazystore.nix.narinfo import NarInfo
+from lazystore.nix.signing import SecretKey
+from lazystore.store.cache import LocalStore
+from lazystore.substituter.client import Substituters
+from lazystore.substituter.config import SubstituterConfig
+from lazystore.testing import nixcache
+from lazystore.testing.httpserver import serve_directory
+
+CHUNK = 64 << 10
+MANUAL = ("share", "doc", "manual.txt")  # 1 MiB of "d" in the docs path
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory: pytest.TempPathFactory, binary_cache: nixcache.BinaryCache
+            ) -> nixcache.BinaryCache:
+    """The sample cache, indexed with 64 KiB chunks."""
+    root = tmp_path_factory.mktemp("indexed") / "cache"
+    shutil.copytree(binary_cache.root, root)
+    secret = SecretKey.parse(binary_cache.key.secret_file.read_text())
+    results = cacheindex.index_cache(root, secret, CHUNK, jobs=2)
+    assert all(isinstance(r, cacheindex.Result) for r in results)
+    return nixcache.BinaryCache(root, binary_cache.key, binary_cache.top, binary_cache.paths)
+
+
+def copy_of(cache: nixcache.BinaryCache, dest: Path) -> nixcache.BinaryCache:
+    shutil.copytree(cache.root, dest)
+    return nixcache.BinaryCache(dest, cache.key, cache.top, cache.paths)
+
+
+@asynccontextmanager
+async def store_over(url: str, key: str, cache_dir: Path, **store_args: Any
+                     ) -> AsyncIterator[LocalStore]:
+    config = SubstituterConfig(urls=[url], trusted_public_keys=[key], netrc_file=None,
+                               attempts=2, backoff_base=0.01, backoff_max=0.05)
+    async with Substituters(config) as subs:
+        async with LocalStore(subs, cache_dir, **store_args) as store:
+            yield store
+
+
+def base_of(cache: nixcache.BinaryCache, name: str) -> str:
+    return next(Path(p).name for p in cache.paths if p.endswith(f"-{name}"))
+
+
+def real(cache: nixcache.BinaryCache, base: str, rel: tuple[str, ...]) -> bytes:
+    return Path("/nix/store", base, *rel).read_bytes()
+
+
+async def read(store: LocalStore, base: str, rel: tuple[str, ...], offset: int, size: int
+               ) -> bytes:
+    """What the Vfs does for one read of an opened file (see fs/vfs.py)."""
+    await store.tree(base)
+    entry = await store.open_indexed(base, rel)
+    try:
+        if entry is not None:
+            data = await store.read_indexed(base, entry, offset, size)
+            if data is not None:
+                return data
+        path = (await store.materialize(base)).joinpath(*rel)
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+    finally:
+        if entry is not None:
+            store.close_indexed(entry)
+
+
+@contextmanager
+def served(cache: nixcache.BinaryCache, **options: Any) -> Iterator[Any]:
+    with serve_directory(cache.root, **options) as server:
+        yield server
+
+
+def nar_of(cache: nixcache.BinaryCache, base: str) -> str:
+    return "/" + NarInfo.parse(cache.narinfo_path(base).read_text()).url
+
+
+def index_of(cache: nixcache.BinaryCache, base: str) -> fileindex.FileIndex:
+    return fileindex.parse(cache.narinfo_path(base).with_suffix(".lzindex").read_bytes())
+
+
+# --- the good path ------------------------------------------------------------
+
+
+async def test_a_read_fetches_only_the_chunks_it_needs(
+        indexed: nixcache.BinaryCache, tmp_path: Path) -> None:
+    docs = base_of(indexed, "docs")
+    manual = index_of(indexed, docs).files[-1]
+    assert [listing_name.decode() for listing_name in manual.path] == list(MANUAL)
+    last = manual.chunks[-1]
+    with served(indexed) as server:
+        async with store_over(server.url, indexed.key.public_key, tmp_path) as store:
+            node = await store.tree(docs)  # from the index: no .ls, no NAR
+            assert node.child("share").child("doc").child("manual.txt").size == 1 << 20
+            tail = await read(store, docs, MANUAL, (1 << 20) - 10, 100)
+            assert tail == real(indexed, docs, MANUAL)[-10:]
+            stats = store.subs.stats  # type: ignore[attr-defined]
+            assert stats.chunk_bytes == stats.bytes_downloaded == last.length
+            again = await read(store, docs, MANUAL, (1 << 20) - 10, 100)  # the chunk cache
+            assert again == tail and stats.bytes_downloaded == last.length
+            assert not store.records[docs].materialized
+        assert server.range_requests == [f"/{index_of(indexed, docs).data}"]
+        assert f"/{docs[:32]}.ls" not in server.requests
+        assert nar_of(indexed, docs) not in server.requests
+
+
+async def test_adjacent_chunks_come_in_one_range_request(
+        indexed: nixcache.BinaryCache, tmp_path: Path) -> None:
+    docs = base_of(indexed, "docs")
+    with served(indexed) as server:
+        async with store_over(server.url, indexed.key.public_key, tmp_path) as store:
+            data = await read(store, docs, MANUAL, CHUNK - 5, 3 * CHUNK)  # 4 chunks
+            assert data == real(indexed, docs, MANUAL)[CHUNK - 5:4 * CHUNK - 5]
+        assert len(server.range_requests) == 1
+
+
+async def test_whole_files_read_through_chunks_are_the_real_bytes(
+        indexed: nixcache.BinaryCache, tmp_path: Path) -> None:
+    with served(indexed) as server:
+        async with store_over(server.url, indexed.key.public_key, tmp_path) as store:
+            for path in indexed.paths:
+                base = Path(path).name
+                for entry in index_of(indexed, base).files:
+                    rel = tuple(p.decode() for p in entry.path)
+                    got = await read(store, base, rel, 0, entry.size + 10)
+                    assert got == real(indexed, base, rel)
+            assert store.subs.stats.nars_fetched == 0  # type: ignore[attr-defined]
+        assert not [r for r in server.requests if r.startswith("/nar/")]
+
+
+async def test_file_cache_reads_chunks_with_pread(
+        indexed: nixcache.BinaryCache, tmp_path: Path) -> None:
+    docs = base_of(indexed, "docs")
+    async with store_over(indexed.url, indexed.key.public_key, tmp_path) as store:
+        data = await read(store, docs, MANUAL, 5, 10)
+        assert data == real(indexed, docs, MANUAL)[5:15]
+        assert store.subs.stats.nars_fetched == 0  # type: ignore[attr-defined]
+        assert store.subs.stats.chunk_bytes == index_of(indexed, docs).files[-1].chunks[0].length  # type: ignore[attr-defined]  # noqa: E501
+
+
+async def test_chunks_stay_on_disk_across_a_restart_and_under_a_quota(
+        indexed: nixcache.BinaryCache, tmp_path: Path) -> None:
+    docs = base_of(indexed, "docs")
+    with served(indexed) as server:
+        async with store_over(server.url, indexed.key.public_key, tmp_path) as store:
+            await read(store, docs, MANUAL, 0, 1)
+        async with store_over(server.url, indexed.key.public_key, tmp_path) as store:
+            assert await read(store, docs, MANUAL, 0, 1) == b"d"
+            assert store.subs.stats.bytes_downloaded == 0  # type: ignore[attr-defined]
+        assert len(server.range_requests) == 1
+        busybox = base_of(indexed, "busybox")
+        binary = ("bin", "busybox")
+        async with store_over(server.url, indexed.key.public_key, tmp_path / "q",
+                              cache_limit=2 * CHUNK) as store:
+            await store.tree(busybox)
+            entry = await store.open_indexed(busybox, binary)  # pins the file's chunks
+            assert entry is not None
+            data = await store.read_indexed(busybox, entry, 0, 4 * CHUNK)
+            assert data == real(indexed, busybox, binary)[:4 * CHUNK]
+            assert store.chunks.bytes == 4 * CHUNK and store.chunks.evictions == 0
+            store.close_indexed(entry)
+            await read(store, base_of(indexed, "liba"), ("lib", "data"), 0, 100)
+            assert store.chunks.bytes <= 2 * CHUNK and store.chunks.evictions >= 3
+            # What was evicted is fetched again, verified.
+            assert await read(store, busybox, binary, 0, 10) == data[:10]
+
+
+async def test_an_unindexed_cache_asks_once_for_the_marker(
+        binary_cache: nixcache.BinaryCache, tmp_path: Path) -> None:
+    docs, liba = base_of(binary_cache, "docs"), base_of(binary_cache, "liba")
+    with served(binary_cache) as server:
+        async with store_over(server.url, binary_cache.key.public_key, tmp_path) as store:
+            assert await read(store, docs, MANUAL, 0, 3) == b"ddd"
+            assert await read(store, liba, ("lib", "data"), 0, 100) == b"hello from liba\n"
+        assert server.requests.count("/lzindex-info") == 1
+        assert not [r for r in server.requests if r.endswith(".lzindex")]
+        assert not server.range_requests
+
+
+# --- hostile indexes, data and servers -------------------------------------------
+
+
+async def falls_back(cache: nixcache.BinaryCache, tmp_path: Path,
+                     caplog: pytest.LogCaptureFixture, match: str, base: str = "",
+                     **server_options: Any) -> Any:
+    """Read the manual's tail: the right bytes, from the whole NAR, after one
+    warning naming the cache and the path that matches *match*."""
+    docs = base or base_of(cache, "docs")
+    with served(cache, **server_options) as server:
+        async with store_over(server.url, cache.key.public_key, tmp_path) as store:
+            for _ in range(2):
+                data = await read(store, docs, MANUAL, (1 << 20) - 4, 4)
+                assert data == b"dddd"
+                assert store.records[docs].materialized
+        assert nar_of(cache, docs) in server.requests
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert server.url in warnings[0] and docs in warnings[0]
+    assert f"reading {docs} as a whole NAR instead" in warnings[0]
+    assert match in warnings[0], warnings[0]
+    return server
+
+
+@pytest.mark.allow_log
+async def test_a_server_ignoring_range_is_never_taken_for_the_chunk(
+        indexed: nixcache.BinaryCache, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    server = await falls_back(indexed, tmp_path, caplog, "did not honour a Range request",
+                              ranges=False)
+    assert not server.range_requests
+
+
+@pytest.mark.allow_log
+async def test_a_range_reply_of_the_wrong_length(
+        indexed: nixcache.BinaryCache, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    await falls_back(indexed, tmp_path, caplog, "a Range reply of", mangle=lambda b: b[:-1])
+
+
+@pytest.mark.allow_log
+async def test_a_chunk_damaged_in_transit(
+        indexed: nixcache.BinaryCache, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    def flip(body: bytes) -> bytes:
+        return body[:-3] + bytes([body[-3] ^ 1]) + body[-2:]
+    await falls_back(indexed, tmp_path, caplog, "chunk at data offset", mangle=flip)
+
+
+@pytest.mark.allow_log
+async def test_data_files_swapped_between_two_paths(
+        indexed: nixcache.BinaryCache, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cache = copy_of(indexed, tmp_path / "cache")
+    docs, busybox = base_of(cache, "docs"), base_of(cache, "busybox")
+    a, b = (cache.root / index_of(cache, p).data for p in (docs, busybox))
+    a.rename(tmp_path / "swap")
+    b.rename(a)
+    (tmp_path / "swap").rename(b)
+    await falls_back(cache, tmp_path / "d", caplog, "chunk at data offset")
+
+
+@pytest.mark.allow_log
+async def test_an_index_by_an_untrusted_key(
+        indexed: nixcache.BinaryCache, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cache = copy_of(indexed, tmp_path / "cache")
+    docs = base_of(cache, "docs")
+    (cache.root / f"{docs[:32]}.lzindex").unlink()
+    cacheindex.index_cache(cache.root, SecretKey.generate("untrusted-1"), CHUNK)
+    await falls_back(cache, tmp_path / "d", caplog, "no valid signature by a trusted key")
+
+
+@pytest.mark.allow_log
+async def test_an_index_for_another_path(
+        indexed: nixcache.BinaryCache, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cache = copy_of(indexed, tmp_path / "cache")
+    docs, liba = base_of(cache, "docs"), base_of(cache, "liba")
+    shutil.copy(cache.root / f"{liba[:32]}.lzindex", cache.root / f"{docs[:32]}.lzindex")
+    await falls_back(cache, tmp_path / "d", caplog, "index is for /nix/store/" + liba)
+
+
+@pytest.mark.allow_log
+@pytest.mark.parametrize("damage", ["garbage", "version", "past the end"])
+async def test_a_malformed_index(
+        indexed: nixcache.BinaryCache, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        damage: str) -> None:
+    cache = copy_of(indexed, tmp_path / "cache")
+    docs = base_of(cache, "docs")
+    path = cache.root / f"{docs[:32]}.lzindex"
+    text = path.read_bytes()
+    changes: dict[str, Callable[[bytes], bytes]] = {
+        "garbage": lambda t: t[:len(t) // 2],
+        "version": lambda t: t.replace(b"LazystoreFileIndex: 1", b"LazystoreFileIndex: 9", 1),
+        "past the end": lambda t: t.replace(b'"dataSize":', b'"dataSize":1', 1),
+    }
+    path.write_bytes(changes[damage](text))
+    expected = {"garbage": "malformed index", "version": "unsupported file index version",
+                "past the end": "no valid signature"}[damage]
+    await falls_back(cache, tmp_path / "d", caplog, expected)
