@@ -220,7 +220,7 @@ async def falls_back(cache: nixcache.BinaryCache, tmp_path: Path,
     return server
 
 
-@pytest.mark.allow_log
+@pytest.mark.allow_log("reading [^ ]+ as a whole NAR instead")
 async def test_a_server_ignoring_range_is_never_taken_for_the_chunk(
         indexed: nixcache.BinaryCache, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     server = await falls_back(indexed, tmp_path, caplog, "did not honour a Range request",
@@ -228,13 +228,13 @@ async def test_a_server_ignoring_range_is_never_taken_for_the_chunk(
     assert not server.range_requests
 
 
-@pytest.mark.allow_log
+@pytest.mark.allow_log("reading [^ ]+ as a whole NAR instead")
 async def test_a_range_reply_of_the_wrong_length(
         indexed: nixcache.BinaryCache, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     await falls_back(indexed, tmp_path, caplog, "a Range reply of", mangle=lambda b: b[:-1])
 
 
-@pytest.mark.allow_log
+@pytest.mark.allow_log("reading [^ ]+ as a whole NAR instead")
 async def test_a_chunk_damaged_in_transit(
         indexed: nixcache.BinaryCache, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     def flip(body: bytes) -> bytes:
@@ -242,7 +242,7 @@ async def test_a_chunk_damaged_in_transit(
     await falls_back(indexed, tmp_path, caplog, "chunk at data offset", mangle=flip)
 
 
-@pytest.mark.allow_log
+@pytest.mark.allow_log("reading [^ ]+ as a whole NAR instead")
 async def test_data_files_swapped_between_two_paths(
         indexed: nixcache.BinaryCache, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cache = copy_of(indexed, tmp_path / "cache")
@@ -254,7 +254,7 @@ async def test_data_files_swapped_between_two_paths(
     await falls_back(cache, tmp_path / "d", caplog, "chunk at data offset")
 
 
-@pytest.mark.allow_log
+@pytest.mark.allow_log("reading [^ ]+ as a whole NAR instead")
 async def test_an_index_by_an_untrusted_key(
         indexed: nixcache.BinaryCache, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cache = copy_of(indexed, tmp_path / "cache")
@@ -264,7 +264,7 @@ async def test_an_index_by_an_untrusted_key(
     await falls_back(cache, tmp_path / "d", caplog, "no valid signature by a trusted key")
 
 
-@pytest.mark.allow_log
+@pytest.mark.allow_log("reading [^ ]+ as a whole NAR instead")
 async def test_an_index_for_another_path(
         indexed: nixcache.BinaryCache, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cache = copy_of(indexed, tmp_path / "cache")
@@ -273,7 +273,7 @@ async def test_an_index_for_another_path(
     await falls_back(cache, tmp_path / "d", caplog, "index is for /nix/store/" + liba)
 
 
-@pytest.mark.allow_log
+@pytest.mark.allow_log("reading [^ ]+ as a whole NAR instead")
 @pytest.mark.parametrize("damage", ["garbage", "version", "past the end"])
 async def test_a_malformed_index(
         indexed: nixcache.BinaryCache, tmp_path: Path, caplog: pytest.LogCaptureFixture,
