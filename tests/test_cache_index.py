@@ -34,7 +34,8 @@ def snapshot(root: Path) -> dict[str, tuple[str, int]]:
     out = {}
     for path in root.rglob("*"):
         rel = path.relative_to(root)
-        if path.is_file() and rel.parts[0] != fileindex.DATA_DIR and path.suffix != ".lzindex":
+        ours = rel.parts[0] in (fileindex.DATA_DIR, fileindex.MARKER) or path.suffix == ".lzindex"
+        if path.is_file() and not ours:
             out[str(rel)] = (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)
     return out
 
@@ -67,6 +68,7 @@ def test_every_path_gets_an_index_rebuilding_its_nar(
     assert res.returncode == 0, res.stderr
     assert f"indexed {len(source.paths)} paths, 0 already indexed, 0 failed" in res.stderr
     assert snapshot(cache) == before  # nothing Nix reads changed
+    assert fileindex.offered((cache / fileindex.MARKER).read_bytes())
     key = PublicKey.parse(test_key.public_key)
     for store_path in source.paths:
         narinfo = cache / source.narinfo_path(store_path).name
