@@ -504,8 +504,8 @@ class Vfs:
     async def _whole_nar(self, fh: int, handle: Handle) -> None:
         path = await self._data_path(await self._inode(fh))
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        if handle.entry is None:  # another read of this file got there first
-            os.close(fd)
+        if handle.entry is None or self.handles.get(fh) is not handle:
+            os.close(fd)  # another read got there first, or the file was released
             return
         self.store.close_indexed(handle.entry)
         handle.fd, handle.entry = fd, None
