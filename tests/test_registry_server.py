@@ -88,6 +88,19 @@ def test_images_are_byte_identical_to_image_build(
             assert int(blob_headers["content-length"]) == desc.size
 
 
+def test_max_layers_groups_the_closure_as_image_build_layered_does(
+    binary_cache: nixcache.BinaryCache, test_key: nixcache.KeyPair, sample_closure: str,
+    tmp_path: Path,
+) -> None:
+    assert len(binary_cache.paths) > 2  # so that two layers must group store paths
+    with lazyregistry.running(tmp_path / "reg", [binary_cache.url], test_key.public_key,
+                              "--max-layers", "2") as two:
+        manifest = Client(two).manifest(_hash(sample_closure), "layered", OCI_MANIFEST)
+    with _build(tmp_path, sample_closure, "--layered", "2") as archive:
+        assert manifest == archive.read_blob(archive.manifest_descriptor)
+    assert len(json.loads(manifest)["layers"]) == 2
+
+
 def test_latest_is_a_nix_image_of_the_closure(
     reg: lazyregistry.LazyRegistry, binary_cache: nixcache.BinaryCache, sample_closure: str,
 ) -> None:
