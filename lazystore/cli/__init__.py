@@ -31,7 +31,8 @@ COMMAND_MODULES = (
 )
 
 # Command words registered by a module of another name (see build_parser).
-COMMAND_MODULE_OF = {"key": "keys", "narinfo": "keys", "image-service": "imageservice"}
+COMMAND_MODULE_OF = {"key": "keys", "narinfo": "keys", "image-service": "imageservice",
+                     "profile": "daemon"}
 
 
 class Stdout:

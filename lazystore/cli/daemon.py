@@ -1,4 +1,5 @@
-"""CLI: `mount`, `status`, `prefetch`, `evict` (the FUSE daemon and its control socket)."""
+"""CLI: `mount`, `status`, `prefetch`, `evict`, `profile save` (the FUSE daemon and its
+control socket)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import dataclasses
 import re
 from pathlib import Path
 
-from lazystore import defaults
+from lazystore import defaults, profile
 from lazystore.control.client import ControlClient
+from lazystore.errors import LazystoreError
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -91,10 +93,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=status.cmd_status)
 
     p = sub.add_parser("prefetch", help="fetch store paths ahead of use")
-    p.add_argument("paths", nargs="+", metavar="STOREPATH")
+    p.add_argument("paths", nargs="*", metavar="STOREPATH")
     p.add_argument("--closure", action="store_true", help="their whole closures")
+    p.add_argument("--profile", type=Path, metavar="FILE",
+                   help="the store paths of an access profile, in its order")
     _socket_arg(p)
     p.set_defaults(func=cmd_prefetch)
+
+    p = sub.add_parser("profile", help="access profiles (which files were read first)")
+    verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+    q = verbs.add_parser("save", help="write the daemon's profile of a view or the root")
+    q.add_argument("file", type=Path, metavar="FILE")
+    q.add_argument("--view", metavar="ID", help="the view's (default: the whole mount's)")
+    _socket_arg(q)
+    q.set_defaults(func=cmd_profile_save)
 
     p = sub.add_parser("evict", help="drop the local data of store paths (all when none)")
     p.add_argument("paths", nargs="*", metavar="STOREPATH")
@@ -133,9 +145,42 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 def cmd_prefetch(args: argparse.Namespace) -> int:
     # One request: the daemon fetches the paths (or their closures) in parallel.
-    with ControlClient(args.control_socket) as client:
-        fetched = client.call("prefetch", paths=list(args.paths), closure=args.closure)
+    if args.profile is not None:
+        if args.paths or args.closure:
+            raise LazystoreError("prefetch: --profile takes no store paths and no --closure")
+        text = read_profile(args.profile)
+        with ControlClient(args.control_socket) as client:
+            fetched = client.call("prefetch_profile", profile=text)
+    elif not args.paths:
+        raise LazystoreError("prefetch: give store paths or --profile FILE")
+    else:
+        with ControlClient(args.control_socket) as client:
+            fetched = client.call("prefetch", paths=list(args.paths), closure=args.closure)
     print(f"{len(fetched['fetched'])} store paths present")
+    return 0
+
+
+def read_profile(path: Path) -> str:
+    """The text of profile file *path*, refused (one line) past profile.MAX_BYTES."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(profile.MAX_BYTES + 1)
+    except OSError as exc:
+        raise LazystoreError(f"cannot read the profile {path}: {exc.strerror or exc}") from None
+    profile.parse(data)  # its errors here, before the daemon is asked
+    return data.decode("utf-8", "surrogateescape")
+
+
+def cmd_profile_save(args: argparse.Namespace) -> int:
+    call: dict[str, str] = {} if args.view is None else {"view": args.view}
+    with ControlClient(args.control_socket) as client:
+        doc = client.call("profile", **call)["profile"]
+    try:
+        args.file.write_bytes(profile.dumps(doc))
+    except OSError as exc:
+        raise LazystoreError(f"cannot write {args.file}: {exc.strerror or exc}") from None
+    paths = len({r["path"] for r in doc["reads"]})
+    print(f"{len(doc['reads'])} files of {paths} store paths")
     return 0
 
 

@@ -40,6 +40,8 @@ class ArgType:
 
 STRING = ArgType("a string", lambda v: isinstance(v, str))
 BOOLEAN = ArgType("true or false", lambda v: isinstance(v, bool))
+COUNT = ArgType("a whole number from 0",
+                lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0)
 STORE_PATHS = ArgType(
     "a list of store paths", lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v)
 )
@@ -89,11 +91,30 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
     ),
     Operation(
         "view_create",
-        (Arg("id", STRING), Arg("paths", STORE_PATHS, ()), Arg("closure_info", STRING, None)),
-        "{path: <mount>/.views/<id>, paths: [base names]}; closure_info is a store path "
+        (Arg("id", STRING), Arg("paths", STORE_PATHS, ()), Arg("closure_info", STRING, None),
+         Arg("profile", STRING, None)),
+        "{path: <mount>/.views/<id>, paths: [base names]}, at once (the paths' narinfos "
+        "are learnt in the background); closure_info is a store path "
         "whose store-paths file lists more paths; the paths stay pinned while the view "
-        "exists; the same view again is a no-op, the same id with other paths an error",
+        "exists; the same view again is a no-op, the same id with other paths an error; "
+        "profile (an access profile's JSON, README's Access profiles): its paths of the "
+        "view are fetched in the background in its order, anything else ignored",
         needs_one_of=("paths", "closure_info"),
+    ),
+    Operation(
+        "prefetch_profile", (Arg("profile", STRING),),
+        "{fetched: [base names], ignored: []} once the profile's store paths are "
+        "materialised (in the profile's order, a bounded number at once)",
+    ),
+    Operation(
+        "profile", (Arg("view", STRING, None),),
+        "{profile: the access profile} of the view, or without view of the root "
+        "(README's Access profiles)",
+    ),
+    Operation(
+        "events", (Arg("since", COUNT, 0),),
+        "{events: [{seq, time, kind, path, file, size, view}], next: seq}: the event "
+        "log from seq *since* on (at most 10000 a call; lazystore.store.events.KINDS)",
     ),
     Operation("view_remove", (Arg("id", STRING),), "{} (also when there is no such view)"),
     Operation(

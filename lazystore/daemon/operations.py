@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
+from lazystore import profile
 from lazystore.errors import ControlError
 from lazystore.fs.vfs import FsError, Vfs
 from lazystore.store.cache import LocalStore
@@ -22,6 +23,20 @@ from lazystore.store.cache import LocalStore
 log = logging.getLogger(__name__)
 
 Handler = Callable[..., Awaitable[dict[str, Any]]]
+EVENTS_A_CALL = 10_000
+
+
+def _parse_profile(text: str) -> profile.Profile:
+    try:
+        return profile.parse(text.encode("utf-8", "surrogateescape"))
+    except profile.ProfileError as exc:
+        raise ControlError(str(exc)) from None
+
+
+def _warn_ignored(whose: str, ignored: list[str]) -> None:
+    if ignored:
+        log.warning("%s names %d store paths outside its closure, ignored: %s", whose,
+                    len(ignored), ", ".join(ignored[:3]) + (" ..." if ignored[3:] else ""))
 
 
 class ControlOperations:
@@ -40,6 +55,9 @@ class ControlOperations:
             "view_create": self.view_create,
             "view_remove": self.view_remove,
             "evict": self.evict,
+            "prefetch_profile": self.prefetch_profile,
+            "profile": self.profile,
+            "events": self.events,
         }
 
     async def handle(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -70,13 +88,47 @@ class ControlOperations:
         return {"paths": await self.store.closure(list(paths))}
 
     async def view_create(
-        self, id: str, paths: Sequence[str], closure_info: str | None  # noqa: A002
+        self, id: str, paths: Sequence[str], closure_info: str | None,  # noqa: A002
+        profile: str | None,
     ) -> dict[str, Any]:
         bases = [self.store.parse(p).basename for p in paths]
         if closure_info is not None:
             bases += await self._closure_info(closure_info)
+        new = id not in self.vfs.views
         rel = await self.vfs.create_view(id, bases)
+        if new and profile is not None:
+            self._prefetch_for_view(id, profile, set(bases))
         return {"path": f"{self.mountpoint}/{rel}", "paths": list(self.vfs.views[id].bases)}
+
+    def _prefetch_for_view(self, view_id: str, text: str, closure: set[str]) -> None:
+        """A view's profile came with its image (untrusted): a bad one is a
+        warning and no prefetch, never a failed view."""
+        try:
+            read = profile.parse(text.encode("utf-8", "surrogateescape"), closure)
+        except profile.ProfileError as exc:
+            log.warning("view %s: ignoring its profile: %s", view_id, exc)
+            return
+        _warn_ignored(f"view {view_id}", read.ignored)
+        self.store.prefetch_soon(read.paths, why=view_id)
+
+    async def prefetch_profile(self, profile: str) -> dict[str, Any]:
+        read = _parse_profile(profile)
+        _warn_ignored("the profile", read.ignored)
+        await self.store.prefetch_in_order(read.paths)
+        return {"fetched": read.paths, "ignored": read.ignored}
+
+    async def profile(self, view: str | None) -> dict[str, Any]:
+        if view is None:
+            return {"profile": self.vfs.profile.document()}
+        found = self.vfs.views.get(view)
+        if found is None:
+            raise ControlError(f"profile: no view {view!r}")
+        return {"profile": found.profile.document()}
+
+    async def events(self, since: int) -> dict[str, Any]:
+        events = self.store.events.since(since, EVENTS_A_CALL)
+        following = events[-1].seq + 1 if events else max(since, self.store.events.next_seq)
+        return {"events": [e.to_dict() for e in events], "next": following}
 
     async def _closure_info(self, path: str) -> list[str]:
         base = self.store.parse(path).basename

@@ -37,6 +37,7 @@ import trio
 
 from lazystore.errors import LazystoreError
 from lazystore.nix.fileindex import FileEntry
+from lazystore.profile import Recorder
 from lazystore.store.cache import LocalStore, PathNotFound
 from lazystore.store.tree import DIRECTORY, REGULAR, SYMLINK, Node, name_key, resolve
 
@@ -131,6 +132,7 @@ class View:
     id: str
     bases: tuple[str, ...]
     dirs: list[int] = field(default_factory=list)  # inode of each level
+    profile: Recorder = field(default_factory=Recorder)  # first reads of its paths
 
 
 @dataclass(slots=True)
@@ -172,6 +174,8 @@ class Vfs:
         self.handed_out: Callable[[str], None] | None = None  # a store path's first inode
         self._handed: set[str] = set()
         self._unindexed: list[str] = []
+        self.profile = Recorder()  # first reads through the root and every view
+        self._opened: set[tuple[str, tuple[str, ...]]] = set()
 
     # -- inode table ------------------------------------------------------
 
@@ -458,6 +462,7 @@ class Vfs:
             self.store.unpin(inode.base)
             raise
         self.store.touch(inode.base)
+        self._first_read(inode, node)
         return ino
 
     async def _open_handle(self, inode: Inode) -> Handle:
@@ -483,6 +488,19 @@ class Vfs:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         handle = self.handles[inode.ino] = Handle(fd, inode.base)
         return handle
+
+    def _first_read(self, inode: Inode, node: Node) -> None:
+        """The event log and the profiles learn of a file's first open. An
+        inode is shared by every way to a path, so a read counts for the root
+        and for every view that has the path."""
+        if (inode.base, inode.rel) in self._opened:
+            return
+        self._opened.add((inode.base, inode.rel))
+        file = "/".join(inode.rel)
+        when = self.store.events.record("read", inode.base, file=file, size=node.size).time
+        for recorder in [self.profile] + [v.profile for v in self.views.values()
+                                          if inode.base in v.bases]:
+            recorder.read(inode.base, file, node.size, when)
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
         handle = self.handles.get(fh)

@@ -38,6 +38,7 @@ from lazystore.nix.narinfo import NarInfo
 from lazystore.nix.storepath import StorePath
 from lazystore.store import index, tree
 from lazystore.store.chunks import ChunkCache, IndexedPath
+from lazystore.store.events import EventLog
 from lazystore.store.index import Record
 from lazystore.store.sink import StoreSink
 from lazystore.store.tree import Node
@@ -132,6 +133,7 @@ class LocalStore:
         self._indexed: cachetools.LRUCache[str, IndexedPath | None] = cachetools.LRUCache(
             NARINFOS_HELD)
         self.chunks = ChunkCache(self.cache_dir / "chunks", cache_limit)
+        self.events = EventLog()  # when narinfos, listings and NARs came (and first reads)
         self._dirty = trio.Event()
         self._stack = AsyncExitStack()
         self._nursery: trio.Nursery | None = None
@@ -262,7 +264,9 @@ class LocalStore:
         return self.records[base]
 
     async def _query(self, sp: StorePath) -> NarInfo:
+        self.events.record("narinfo", sp.basename)
         info = await self.subs.query(sp)  # its errors: mapped by _store_errors
+        self.events.record("narinfo-done", sp.basename, size=-1 if info is None else info.nar_size)
         if info is None:
             self._negative[sp.basename] = True
             raise PathNotFound(f"{sp.basename} is in none of the substituters")
@@ -306,11 +310,14 @@ class LocalStore:
 
     async def _load_listing(self, base: str) -> None:
         info = await self._narinfo(base)
+        self.events.record("listing", base)
         try:
             doc = await self.subs.listing(info)
         except LazystoreError as exc:
             log.info("no listing for %s (%s); fetching it instead", base, exc)
             return
+        finally:
+            self.events.record("listing-done", base)
         if doc is None:
             return
         try:
@@ -471,7 +478,13 @@ class LocalStore:
 
         # A substituter's error is mapped by _store_errors; a StoreSink's is
         # a StoreError already (the cache directory's trouble).
-        await self.subs.fetch(info, open_sink)
+        self.events.record("nar", base, size=info.nar_size)
+        try:
+            await self.subs.fetch(info, open_sink)
+        except BaseException:
+            self.events.record("nar-failed", base)
+            raise
+        self.events.record("nar-done", base, size=info.nar_size)
         done = sinks[-1]  # only the attempt that verified was finished
         assert done.tree is not None, "fetch returned without finishing a sink"
         return done.tree, done.disk_bytes
@@ -598,6 +611,29 @@ class LocalStore:
         except StoreError as exc:
             log.info("resolving %d store paths: %s", len(bases), exc)
 
+    def prefetch_soon(self, bases: list[str], why: str = "") -> None:
+        """:meth:`prefetch_in_order` in the background (a task of the store's
+        nursery); failures are only logged (a reader sees its own)."""
+        assert self._nursery is not None, "LocalStore used outside its context"
+        self._nursery.start_soon(self._prefetch_soon, bases, why)
+
+    async def _prefetch_soon(self, bases: list[str], why: str) -> None:
+        try:
+            await self.prefetch_in_order(bases, why)
+        except StoreError as exc:
+            log.info("prefetching %d store paths ahead of use: %s", len(bases), exc)
+
+    async def prefetch_in_order(self, bases: list[str], why: str = "") -> None:
+        """Materialise *bases* (an access profile's), started in their order,
+        *PREFETCH_PARALLEL* at once. A reader of any path meanwhile does not
+        queue behind them (its fetch is a flight of its own, or joins theirs).
+        *why* names the view (or "" for the root) in the event log."""
+        async def one(base: str) -> None:
+            self.events.record("profile", base, view=why)
+            await self.materialize(base)
+
+        await _in_order(bases, one, PREFETCH_PARALLEL)
+
     async def _hint(self, base: str) -> None:
         rec = await self.require(base)
         if rec.tree is None:
@@ -683,6 +719,26 @@ def _scan(path: Path) -> tuple[Node, int]:
     return node, tree.footprint(node)
 
 
+async def _in_order(bases: list[str], fn: Callable[[str], Awaitable[Any]],
+                    parallel: int) -> None:
+    """As :func:`_each`, the bases started strictly in their order (workers
+    taking the next one), not as the scheduler happens to run tasks."""
+    todo = iter(bases)
+    errors: list[str] = []
+
+    async def worker() -> None:
+        for base in todo:
+            try:
+                await fn(base)
+            except StoreError as exc:
+                errors.append(str(exc))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(min(parallel, len(bases))):
+            nursery.start_soon(worker)
+    _raise_first(errors)
+
+
 async def _each(bases: list[str], fn: Callable[[str], Awaitable[Any]], parallel: int) -> None:
     """Run *fn* on every base, at most *parallel* at once; report every failure."""
     limiter = trio.CapacityLimiter(parallel)
@@ -698,5 +754,9 @@ async def _each(bases: list[str], fn: Callable[[str], Awaitable[Any]], parallel:
     async with trio.open_nursery() as nursery:
         for base in bases:
             nursery.start_soon(one, base)
+    _raise_first(errors)
+
+
+def _raise_first(errors: list[str]) -> None:
     if errors:
         raise StoreError(errors[0] + (f" (and {len(errors) - 1} more)" if errors[1:] else ""))
