@@ -32,6 +32,7 @@ VERSION = 1
 WINDOW = 60.0
 MAX_BYTES = 10 << 20
 MAX_READS = 50_000
+MAX_PATHS = 10_000  # store paths a view fetches ahead
 
 
 class ProfileError(LazystoreError):

@@ -44,7 +44,7 @@ def test_every_operation_has_a_handler_taking_its_declared_arguments() -> None:
     ({"op": "prefetch", "args": {"paths": [], "closure": 1}},
      "prefetch: closure must be true or false, not int"),
     ({"op": "view_create", "args": {"id": "v", "bogus": 1}},
-     "view_create: unknown argument 'bogus' (takes id, paths, closure_info, profile)"),
+     "view_create: unknown argument 'bogus' (takes id, paths, closure_info, prefetch)"),
     ({"op": "view_create", "args": {"id": "v"}}, "view_create: needs paths or closure_info"),
     ({"op": "view_create", "args": {"id": None, "paths": []}},
      "view_create: id must be a string, not nil"),
@@ -60,7 +60,7 @@ def test_good_requests_get_their_defaults() -> None:
     assert protocol.parse_request({"op": "status"}) == ("status", {})
     assert protocol.parse_request({"op": "evict", "args": {}}) == ("evict", {"paths": ()})
     assert protocol.parse_request({"op": "view_create", "args": {"id": "v", "closure_info": "x"}}) \
-        == ("view_create", {"id": "v", "paths": (), "closure_info": "x", "profile": None})
+        == ("view_create", {"id": "v", "paths": (), "closure_info": "x", "prefetch": ()})
 
 
 async def _serve(
@@ -160,5 +160,5 @@ async def test_vfs_refusals_are_raised_as_control_errors_not_fs_errors(tmp_path:
         ops = ControlOperations(store, Vfs(store), "/mnt", [])
         with pytest.raises(ControlError) as info:
             await ops.handle("view_create", {"id": "a/b", "paths": [A], "closure_info": None,
-                                            "profile": None})
+                                            "prefetch": ()})
         assert type(info.value) is ControlError and not hasattr(info.value, "errno")

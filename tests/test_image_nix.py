@@ -204,3 +204,36 @@ def test_cli_build_unwritable_output_is_one_line(
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("lazystore: error: "), err
     assert list(tmp_path.iterdir()) == []  # no temporaries left
+
+
+@pytest.mark.allow_log(r"the profile names 1 store paths outside the closure, ignored: "
+                       r"0+1-elsewhere",
+                       r"the profile's store paths do not fit in a label: the first 1 of 2")
+def test_a_profile_is_an_annotation_of_the_closures_paths_that_fit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    closure = [f"/nix/store/{'a' * 32}-one", f"/nix/store/{'b' * 32}-two"]
+    one, two = (p.rsplit("/", 1)[1] for p in closure)
+    assert nix.profile_paths(closure, [two, one, two]) == [two, one]
+    assert nix.annotations(closure, [two, one])[
+        "containerd.io/snapshot/lazystore-profile"] == f"{two} {one}"
+    monkeypatch.setattr(nix, "PROFILE_BYTES", len(two) + 1)
+    assert nix.profile_paths(closure, [two, "0" * 31 + "1-elsewhere", one]) == [two]
+
+
+def test_cli_build_with_a_profile_annotates_its_paths_in_order(
+        tmp_path: Path, sample_closure: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from lazystore import profile
+
+    closure = nixcache.closure(sample_closure)
+    liba = next(Path(p).name for p in closure if p.endswith("-liba"))
+    rec = profile.Recorder()
+    rec.read(Path(sample_closure).name, "bin/prog", 10, now=0.0)
+    rec.read(liba, "lib/data", 16, now=0.5)
+    (tmp_path / "profile.json").write_bytes(profile.dumps(rec.document()))
+    out = tmp_path / "img.tar"
+    assert main(["image", "build", sample_closure, "-o", str(out), "--name", "p:1",
+                 "--profile", str(tmp_path / "profile.json")]) == 0
+    with OciArchive(out) as image:
+        (layer,) = image.layers
+    assert layer.annotations["containerd.io/snapshot/lazystore-profile"] == (
+        f"{Path(sample_closure).name} {liba}")

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from lazystore import profile
 from lazystore.testing import nixcache
 from lazystore.testing.daemon import LAZYSTORE, Daemon, fuse_missing, lazystore_mount
 
@@ -67,7 +68,8 @@ def test_profile_recorded_through_the_mount_prefetches_on_a_fresh_daemon(
             assert r["size"] == sizes[r["file"]]
 
     with lazystore_mount(tmp_path / "second", http_cache, key) as d:
-        d.call("view_create", id="ctr2", paths=paths, profile=saved.read_text())
+        ahead = profile.parse(saved.read_bytes()).paths
+        d.call("view_create", id="ctr2", paths=paths, prefetch=ahead)
         deadline = time.monotonic() + 60
         while {e["path"] for e in _events(d) if e["kind"] == "nar-done"} < {prog, busybox, liba}:
             assert time.monotonic() < deadline, "the profile's paths were not fetched"

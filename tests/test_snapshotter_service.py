@@ -679,3 +679,16 @@ def test_a_second_snapshotter_on_the_same_root_is_refused(
     assert proc.stderr == f"lazystore: error: another snapshotter already uses {env.root}\n"
     assert not (env.base / "2.sock").exists()
     assert [i.name for i in listing(sn)] == ["a"]  # the first one still serves, unharmed
+
+
+@pytest.mark.allow_log(r"label containerd.io/snapshot/lazystore-profile: ignoring 1 names")
+def test_a_profile_label_is_handed_to_the_view_as_paths_to_fetch_ahead(
+    env: Env, sn: pb_grpc.SnapshotsStub
+) -> None:
+    b1, b2 = os.path.basename(P1), os.path.basename(P2)
+    labels = {REF: "sha256:prof", NIX_LAYER: "true", NIX_PATH + "0": P1, NIX_PATH + "1": P2,
+              "containerd.io/snapshot/lazystore-profile": f"{b2} ../../etc {b1}"}
+    assert code_of(lambda: prepare(sn, "x sha256:prof", **labels)) == (
+        grpc.StatusCode.ALREADY_EXISTS)
+    [created] = env.views.creates()
+    assert created["prefetch"] == [b2, b1]  # in the profile's order, the bad name dropped

@@ -27,6 +27,7 @@ from bench.harness.measure import (
 from bench.harness.workloads import Workload
 from bench.proxy import Profile, ShapingProxy, Stats
 from lazystore import nixtool
+from lazystore.errors import LazystoreError
 from lazystore.testing.daemon import LAZYSTORE, Daemon
 
 log = logging.getLogger(__name__)
@@ -151,13 +152,14 @@ def lazystore_fuse(ctx: Context) -> Record:
     ctx.cache_proxy.reset()
     started = time.monotonic()
     with fresh_daemon(ctx) as daemon:
-        start = time.monotonic()
+        start, start_wall = time.monotonic(), time.time()
         start_seconds = start - started
         prog = run_until_exit(in_store_namespace(daemon.mnt, ctx.workload.argv),
                               start, ctx.timeout)
         check(prog, ctx.workload.expect, "lazystore-fuse program")
         status = lazystore_status(daemon.sock)
         rss = proc_peak_rss_kib(daemon.proc)
+        timeline = event_timeline(daemon, start_wall)
     stats = ctx.cache_proxy.reset()
     return {
         "time_to_first_output": prog.first_output,
@@ -170,7 +172,18 @@ def lazystore_fuse(ctx: Context) -> Record:
         "daemon_peak_rss_kib": rss,
         "output": prog.first_line,
         "page_cache_dropped": dropped,
+        "timeline": timeline,
     }
+
+
+def event_timeline(daemon: Daemon, start_wall: float) -> list[dict[str, Any]]:
+    """The daemon's event log (narinfos, listings, NARs, first reads), times in
+    seconds from the program's start; empty from a daemon without one."""
+    try:
+        events = daemon.call("events", since=0)["events"]
+    except LazystoreError:  # a daemon from before the event log
+        return []
+    return [{**e, "time": round(e["time"] - start_wall, 6)} for e in events]
 
 
 HOST_MODES: dict[str, Callable[[Context], Record]] = {

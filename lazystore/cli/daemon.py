@@ -148,7 +148,7 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     if args.profile is not None:
         if args.paths or args.closure:
             raise LazystoreError("prefetch: --profile takes no store paths and no --closure")
-        text = read_profile(args.profile)
+        text = read_profile(args.profile).decode("utf-8", "surrogateescape")
         with ControlClient(args.control_socket) as client:
             fetched = client.call("prefetch_profile", profile=text)
     elif not args.paths:
@@ -160,15 +160,16 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def read_profile(path: Path) -> str:
-    """The text of profile file *path*, refused (one line) past profile.MAX_BYTES."""
+def read_profile(path: Path) -> bytes:
+    """Profile file *path*, checked (profile.ProfileError: one line), at most
+    profile.MAX_BYTES read."""
     try:
         with path.open("rb") as f:
             data = f.read(profile.MAX_BYTES + 1)
     except OSError as exc:
         raise LazystoreError(f"cannot read the profile {path}: {exc.strerror or exc}") from None
     profile.parse(data)  # its errors here, before the daemon is asked
-    return data.decode("utf-8", "surrogateescape")
+    return data
 
 
 def cmd_profile_save(args: argparse.Namespace) -> int:

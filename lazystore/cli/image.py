@@ -38,6 +38,9 @@ def _register_build(image: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--layered", type=int, metavar="N", help="classic image, real contents in <= N layers"
     )
+    p.add_argument("--profile", type=Path, metavar="FILE",
+                   help="an access profile (lazystore profile save): its store paths are "
+                   "fetched ahead when the image is pulled through the lazystore snapshotter")
     p.set_defaults(func=_build)
 
 
@@ -80,7 +83,11 @@ def _build(args: argparse.Namespace) -> int:
         list(args.env),
         args.workdir,
     )
-    result = build_image(args.paths, args.output, args.name, runtime, args.layered)
+    from lazystore import profile
+    from lazystore.cli.daemon import read_profile
+
+    ahead = [] if args.profile is None else profile.parse(read_profile(args.profile)).paths
+    result = build_image(args.paths, args.output, args.name, runtime, args.layered, ahead)
     print(
         f"{result.path}: {result.name.full} {result.manifest_digest} "
         f"({len(result.store_paths)} store paths, {len(result.layers)} layers)"

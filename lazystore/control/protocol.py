@@ -92,13 +92,13 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
     Operation(
         "view_create",
         (Arg("id", STRING), Arg("paths", STORE_PATHS, ()), Arg("closure_info", STRING, None),
-         Arg("profile", STRING, None)),
+         Arg("prefetch", STORE_PATHS, ())),
         "{path: <mount>/.views/<id>, paths: [base names]}, at once (the paths' narinfos "
         "are learnt in the background); closure_info is a store path "
         "whose store-paths file lists more paths; the paths stay pinned while the view "
         "exists; the same view again is a no-op, the same id with other paths an error; "
-        "profile (an access profile's JSON, README's Access profiles): its paths of the "
-        "view are fetched in the background in its order, anything else ignored",
+        "prefetch (an access profile's paths, README's Access profiles): those of the "
+        "view fetched in the background in this order, any other ignored",
         needs_one_of=("paths", "closure_info"),
     ),
     Operation(

@@ -89,27 +89,29 @@ class ControlOperations:
 
     async def view_create(
         self, id: str, paths: Sequence[str], closure_info: str | None,  # noqa: A002
-        profile: str | None,
+        prefetch: Sequence[str],
     ) -> dict[str, Any]:
         bases = [self.store.parse(p).basename for p in paths]
         if closure_info is not None:
             bases += await self._closure_info(closure_info)
         new = id not in self.vfs.views
         rel = await self.vfs.create_view(id, bases)
-        if new and profile is not None:
-            self._prefetch_for_view(id, profile, set(bases))
+        if new and prefetch:
+            self._prefetch_for_view(id, [self.store.parse(p).basename for p in prefetch],
+                                    set(bases))
         return {"path": f"{self.mountpoint}/{rel}", "paths": list(self.vfs.views[id].bases)}
 
-    def _prefetch_for_view(self, view_id: str, text: str, closure: set[str]) -> None:
-        """A view's profile came with its image (untrusted): a bad one is a
-        warning and no prefetch, never a failed view."""
-        try:
-            read = profile.parse(text.encode("utf-8", "surrogateescape"), closure)
-        except profile.ProfileError as exc:
-            log.warning("view %s: ignoring its profile: %s", view_id, exc)
-            return
-        _warn_ignored(f"view {view_id}", read.ignored)
-        self.store.prefetch_soon(read.paths, why=view_id)
+    def _prefetch_for_view(self, view_id: str, wanted: list[str], closure: set[str]) -> None:
+        """A view's profile came with its image (untrusted): only the view's
+        paths, at most profile.MAX_PATHS, each once; the rest a warning."""
+        paths = list(dict.fromkeys(wanted))
+        _warn_ignored(f"view {view_id}'s profile", [p for p in paths if p not in closure])
+        paths = [p for p in paths if p in closure]
+        if len(paths) > profile.MAX_PATHS:
+            log.warning("view %s's profile names %d store paths: only the first %d are "
+                        "fetched ahead", view_id, len(paths), profile.MAX_PATHS)
+            paths = paths[:profile.MAX_PATHS]
+        self.store.prefetch_soon(paths, why=view_id)
 
     async def prefetch_profile(self, profile: str) -> dict[str, Any]:
         read = _parse_profile(profile)

@@ -33,20 +33,24 @@ def build_image(
     name: str,
     runtime: oci.RuntimeConfig,
     layers: int | None = None,
+    profile: Sequence[str] = (),
 ) -> BuildResult:
     """Write an image of the closure of *args* to *dest*: a nix image (one layer
-    of placeholders, annotated), or with *layers*, a classic image of at most
-    that many layers of real contents."""
+    of placeholders, annotated; with *profile*, an access profile's store
+    paths, which a lazystore snapshotter fetches ahead), or with *layers*, a
+    classic image of at most that many layers of real contents."""
     image_name = oci.ImageName.parse(name)
     if not args:
         raise ImageError("no store paths given")
     check_layers(layers)
+    if profile and layers is not None:
+        raise ImageError("--profile is for nix images, not --layered ones")
     infos = local_closure([resolve_store_path(a) for a in args])
     try:
         with tempfile.TemporaryDirectory(prefix=".lazystore-image-", dir=dest.parent) as tmp:
             if layers is None:
                 kinds = {i.path: _is_dir(i.path) for i in infos}
-                image = nix_image(infos, kinds, runtime, Path(tmp))
+                image = nix_image(infos, kinds, runtime, Path(tmp), profile)
             else:
                 image = layered_image(infos, layers, runtime, Path(tmp), Path)
             _write(dest, image_name, image)
@@ -82,22 +86,24 @@ class Image:
 
 
 def nix_image(
-    infos: Sequence[PathInfo], is_dir: Mapping[str, bool], runtime: oci.RuntimeConfig, tmp: Path
+    infos: Sequence[PathInfo], is_dir: Mapping[str, bool], runtime: oci.RuntimeConfig, tmp: Path,
+    profile: Sequence[str] = (),
 ) -> Image:
     """The nix image of the closure *infos* (sorted by path; *is_dir*: store
     path -> whether it is a directory), its one layer written under *tmp*.
     Needs no store: a closure's narinfos and root kinds are enough."""
     paths = [i.path for i in infos]
-    return image_of(runtime, [nix_layer(paths, is_dir, tmp / "layer0")], [paths])
+    return image_of(runtime, [nix_layer(paths, is_dir, tmp / "layer0", profile)], [paths])
 
 
 def nix_layer(
-    paths: Sequence[str], is_dir: Mapping[str, bool], dest: Path
+    paths: Sequence[str], is_dir: Mapping[str, bool], dest: Path, profile: Sequence[str] = ()
 ) -> tuple[oci.Layer, dict[str, str]]:
-    """The placeholder layer of *paths* (written to *dest*) and its annotations."""
+    """The placeholder layer of *paths* (written to *dest*) and its annotations
+    (with *profile*'s store paths of the closure, as many as a label takes)."""
     layer = oci.write_layer(
         nix.placeholder_entries({p: is_dir[p] for p in paths}, STORE_DIR), dest)
-    return layer, nix.annotations(paths)
+    return layer, nix.annotations(paths, nix.profile_paths(paths, profile))
 
 
 def layered_image(

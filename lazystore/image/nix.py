@@ -11,10 +11,13 @@ also runs on nix-snapshotter.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 
 from lazystore.image.oci import Entry
-from lazystore.nix.labels import NIX_LAYER, NIX_STORE_PATH
+from lazystore.nix.labels import LAZYSTORE_PROFILE, NIX_LAYER, NIX_STORE_PATH, PROFILE_BYTES
+
+log = logging.getLogger(__name__)
 
 PLACEHOLDER_MODE = 0o555
 PARENT_MODE = 0o755
@@ -37,12 +40,37 @@ def placeholder_entries(
         yield Entry(name, kind, PLACEHOLDER_MODE)
 
 
-def annotations(paths: Sequence[str]) -> dict[str, str]:
-    """The layer descriptor annotations naming *paths* (in the given order)."""
+def annotations(paths: Sequence[str], profile: Sequence[str] = ()) -> dict[str, str]:
+    """The layer descriptor annotations naming *paths* (in the given order) and,
+    given, the store paths of an access profile (basenames, in its order)."""
     found = {NIX_LAYER: "true"}
     for i, path in enumerate(paths):
         found[f"{NIX_STORE_PATH}{i}"] = path
+    if profile:
+        found[LAZYSTORE_PROFILE] = " ".join(profile)
     return found
+
+
+def profile_paths(paths: Sequence[str], profile: Sequence[str]) -> list[str]:
+    """The basenames of *profile* (an access profile's store paths, in order)
+    that are in the closure *paths* (full store paths), each once, as many as
+    the label takes; what is left out is a warning."""
+    closure = {p.rsplit("/", 1)[-1] for p in paths}
+    wanted = list(dict.fromkeys(profile))
+    outside = [b for b in wanted if b not in closure]
+    if outside:
+        log.warning("the profile names %d store paths outside the closure, ignored: %s",
+                    len(outside), ", ".join(outside[:3]) + (" ..." if outside[3:] else ""))
+    kept: list[str] = []
+    size = -1
+    for base in (b for b in wanted if b in closure):
+        size += len(base) + 1
+        if size > PROFILE_BYTES:
+            log.warning("the profile's store paths do not fit in a label: the first %d of "
+                        "%d are kept", len(kept), len([b for b in wanted if b in closure]))
+            break
+        kept.append(base)
+    return kept
 
 
 def store_paths_of(annotations: Mapping[str, str]) -> list[str]:

@@ -15,16 +15,20 @@ it (placeholder files are 0555, as `image build` and nix-snapshotter write them)
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from lazystore.errors import FormatError
 from lazystore.nix import storepath
-from lazystore.nix.labels import NIX_CLOSURE, NIX_LAYER, NIX_STORE_PATH
+from lazystore.nix.labels import LAZYSTORE_PROFILE, NIX_CLOSURE, NIX_LAYER, NIX_STORE_PATH
 from lazystore.snapshotter.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
 
 SNAPSHOT_REF = "containerd.io/snapshot.ref"  # containerd's: the chain id a layer unpacks to
 
@@ -47,6 +51,18 @@ def _store_path(label: str, value: str, store_dir: str) -> str:
         return storepath.StorePath.parse(value, store_dir).path(store_dir)
     except FormatError as exc:
         raise InvalidLabel(f"label {label}: {exc}") from None
+
+
+def profile_of(labels: Mapping[str, str]) -> list[str]:
+    """The store paths (basenames, in order) an image's access profile says
+    to fetch ahead; untrusted: names that are no store path basename are
+    dropped with a warning (the daemon keeps only the view's own)."""
+    words = labels.get(LAZYSTORE_PROFILE, "").split()
+    bad = [w for w in words if not storepath.is_valid_basename(w)]
+    if bad:
+        log.warning("label %s: ignoring %d names that are not store paths (%.60s)",
+                    LAZYSTORE_PROFILE, len(bad), bad[0])
+    return [w for w in words if storepath.is_valid_basename(w)]
 
 
 def parse_labels(labels: dict[str, str], store_dir: str) -> NixLabels | None:

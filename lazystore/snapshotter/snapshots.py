@@ -145,7 +145,8 @@ class Snapshotter:
         """The directory of the nix layer's view, which the provider makes if needed."""
         view_id = self.view_id(snap.id)
         try:
-            await self.views.ensure(view_id, snap.nix_paths or [], snap.nix_closure)
+            await self.views.ensure(view_id, snap.nix_paths or [], snap.nix_closure,
+                                    nixlayer.profile_of(snap.labels))
         except ControlError as exc:
             raise Unavailable(f"no view for nix layer {snap.key!r}: {exc}") from None
         return self.views.path(view_id)

@@ -31,10 +31,13 @@ MAX_CALLS = 16
 class ViewProvider(Protocol):
     """Views of store paths, each a directory laid out as ``nix/store/<path>``."""
 
-    async def ensure(self, view_id: str, paths: Sequence[str], closure: str | None) -> None:
+    async def ensure(self, view_id: str, paths: Sequence[str], closure: str | None,
+                     prefetch: Sequence[str] = ()) -> None:
         """Make view *view_id* of *paths* (full store paths) and, with *closure*,
-        of the store paths its closure-info path lists. Idempotent: a view that
-        exists with the same paths is left as it is. ControlError if it cannot."""
+        of the store paths its closure-info path lists; *prefetch* (an access
+        profile's store paths) are fetched ahead in that order. Idempotent: a
+        view that exists with the same paths is left as it is. ControlError if
+        it cannot."""
         ...
 
     async def remove(self, view_id: str) -> None:
@@ -63,12 +66,15 @@ class DaemonViews:
     def path(self, view_id: str) -> str:
         return os.path.join(self.mount_point, ".views", view_id)
 
-    async def ensure(self, view_id: str, paths: Sequence[str], closure: str | None) -> None:
+    async def ensure(self, view_id: str, paths: Sequence[str], closure: str | None,
+                     prefetch: Sequence[str] = ()) -> None:
         args: dict[str, object] = {"id": view_id}
         if paths:
             args["paths"] = list(paths)
         if closure:
             args["closure_info"] = closure
+        if prefetch:
+            args["prefetch"] = list(prefetch)
         result = await self._call("view_create", args)
         if not isinstance(result, dict) or not isinstance(result.get("path"), str):
             raise ControlError("the daemon answered view_create without a view path")

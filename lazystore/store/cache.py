@@ -54,6 +54,10 @@ NEGATIVE_CACHE_SIZE = 100_000
 NARINFOS_HELD = 10_000  # narinfos of paths known but not fetched, for their fetch
 QUERY_PARALLEL = 25  # as many narinfo queries as the substituter has connections
 PREFETCH_PARALLEL = 8
+# Narinfos and listings learnt ahead of use (a view's paths, the references of
+# a path looked up) at once: fewer than the substituter's connections, so a
+# reader's own requests always find one.
+BACKGROUND_PARALLEL = 16
 
 
 class PathNotFound(StoreError):
@@ -103,12 +107,17 @@ class LocalStore:
         cache_limit: int | None = None,
         store_dir: str = "/nix/store",
         negative_ttl: float = NEGATIVE_TTL,  # narinfo-cache-negative-ttl
+        resolve_references: bool = True,
     ) -> None:
         self.subs = substituters
         self.cache_dir = Path(cache_dir)
         self.cache_limit = cache_limit
         self.store_dir = store_dir
         self.negative_ttl = negative_ttl
+        # A path looked up is likely followed by its references: their narinfos
+        # and listings are asked in the background as soon as its narinfo came.
+        self.resolve_references = resolve_references
+        self._background = trio.CapacityLimiter(BACKGROUND_PARALLEL)
         self.data_dir = self.cache_dir / "store"
         self.tmp_dir = self.cache_dir / "tmp"
         self.index_file = self.cache_dir / "index"
@@ -275,6 +284,11 @@ class LocalStore:
         rec.nar_size = int(info.nar_size)
         rec.references = tuple(info.references)
         self._changed()
+        if self.resolve_references:
+            ahead = [r for r in info.references if r not in self.records
+                     and r not in self._negative and ("query", r) not in self._flights]
+            if ahead:
+                self.resolve_soon(ahead)
         return info
 
     async def _narinfo(self, base: str) -> NarInfo:
@@ -598,7 +612,8 @@ class LocalStore:
 
     def resolve_soon(self, bases: list[str]) -> None:
         """Learn the narinfos and listings of *bases* in the background (a task
-        of the store's nursery, *QUERY_PARALLEL* at once): each listing is
+        of the store's nursery, *BACKGROUND_PARALLEL* at once for all of the
+        store's background learning): each listing is
         asked as soon as its narinfo arrives, no NAR is fetched. A reader of
         one of them meanwhile waits only for that one (the same flights);
         failures are the reader's to see, here they are only logged."""
@@ -606,8 +621,12 @@ class LocalStore:
         self._nursery.start_soon(self._resolve, bases)
 
     async def _resolve(self, bases: list[str]) -> None:
+        async def hint(base: str) -> None:
+            async with self._background:
+                await self._hint(base)
+
         try:
-            await _each(bases, self._hint, QUERY_PARALLEL)
+            await _each(bases, hint, max(len(bases), 1))
         except StoreError as exc:
             log.info("resolving %d store paths: %s", len(bases), exc)
 

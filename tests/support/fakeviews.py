@@ -34,10 +34,13 @@ class FakeViews:
     def path(self, view_id: str) -> str:
         return os.path.join(self.mount_point, ".views", view_id)
 
-    async def ensure(self, view_id: str, paths: Sequence[str], closure: str | None) -> None:
+    async def ensure(self, view_id: str, paths: Sequence[str], closure: str | None,
+                     prefetch: Sequence[str] = ()) -> None:
         args: dict[str, Any] = {"id": view_id, "paths": list(paths)}
         if closure:
             args["closure_info"] = closure
+        if prefetch:
+            args["prefetch"] = list(prefetch)
         await self._answer("view_create", args)
         view = Path(self.path(view_id))
         for p in [*paths, *(CLOSURE if closure else [])]:
