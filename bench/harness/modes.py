@@ -169,6 +169,7 @@ def lazystore_fuse(ctx: Context) -> Record:
         "store_paths_fetched": len(status.get("paths_materialized", [])),
         "nar_requests": nar_fetches(stats),
         "daemon_bytes_downloaded": status.get("bytes_downloaded"),
+        "daemon_chunk_bytes": status.get("chunk_bytes"),  # from indexed caches (issue 15)
         "daemon_peak_rss_kib": rss,
         "output": prog.first_line,
         "page_cache_dropped": dropped,

@@ -1,0 +1,169 @@
+"""File-granular fetch from indexed caches (issue 15), side by side in one run.
+
+* index cost: ``nix copy --to file://DIR`` of the python workload's closure
+  (zstd, signatures made beforehand, untimed) against ``lazystore cache index
+  DIR`` of the same folder (the CLI, ``--jobs 2``);
+* the python workload (bench/harness) over the shaping proxy (100 Mbit, 20 ms):
+  nix-eager and lazystore-fuse from the indexed folder, alternating; for
+  lazystore-fuse, bytes through the proxy / compressed bytes of the chunks
+  the daemon received (``chunk_bytes``);
+* first byte of a large random file's last chunk through a fresh mount over
+  the same link (stat, open and one 1-byte pread at its last byte).
+
+Root (FUSE, mount namespaces). ``--quick``: the python workload's small
+variant and a 64 MiB file. Prints a JSON summary and writes it to
+bench/results/chunks-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.harness import modes, workloads  # noqa: E402
+from bench.proxy import PROFILES, shaping_proxy  # noqa: E402
+from lazystore import nixtool  # noqa: E402
+from lazystore.testing import nixcache  # noqa: E402
+from lazystore.testing.daemon import LAZYSTORE, lazystore_mount  # noqa: E402
+from lazystore.testing.httpserver import serve_directory  # noqa: E402
+
+log = logging.getLogger("bench.chunks")
+BIG_NIX = """
+{ mib }: derivation {
+  name = "big-random-${mib}";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" "mkdir $out && head -c ${mib}M /dev/urandom > $out/big" ];
+  PATH = "/usr/bin:/bin";
+}
+"""
+
+
+def timed(argv: list[str], env: dict[str, str] | None = None) -> float:
+    start = time.monotonic()
+    proc = subprocess.run(argv, capture_output=True, env=env)
+    elapsed = time.monotonic() - start
+    if proc.returncode:
+        raise RuntimeError(f"{argv[:3]} failed: {proc.stderr.decode(errors='replace')[-800:]}")
+    return elapsed
+
+
+def write_cache(top: str, dest: Path, key: nixcache.KeyPair) -> dict[str, float]:
+    """``nix copy`` of *top*'s closure into *dest* (timed), then ``lazystore
+    cache index`` of it (timed)."""
+    nixcache.run_nix("nix", "store", "sign", "--key-file", key.secret_file, "-r", top)
+    copy = timed(["nix", "copy", "--to", f"file://{dest}?compression=zstd", top],
+                 nixtool.nix_env())
+    index = timed([LAZYSTORE, "cache", "index", str(dest), "--secret-key-file",
+                   str(key.secret_file), "--jobs", "2"])
+    return {"nix_copy_seconds": copy, "cache_index_seconds": index,
+            "index_over_copy": index / copy}
+
+
+def python_runs(wl: workloads.Workload, cache: Path, key: nixcache.KeyPair, work: Path,
+                runs: int) -> dict[str, Any]:
+    records: dict[str, list[dict[str, Any]]] = {"nix-eager": [], "lazystore-fuse": []}
+    with serve_directory(cache) as server:
+        with shaping_proxy(server.url, "100mbit") as proxy:  # type: ignore[attr-defined]
+            ctx = modes.Context(wl, PROFILES["100mbit"], "zstd", proxy, key.public_key, work)
+            for rep in range(runs):
+                order = ["nix-eager", "lazystore-fuse"][::1 if rep % 2 == 0 else -1]
+                for mode in order:
+                    record = modes.HOST_MODES[mode](ctx)
+                    log.info("%s: %.2f s, %.1f MB", mode, record["time_to_first_output"],
+                             record["bytes"] / 1e6)
+                    records[mode].append(record)
+    eager = [r["time_to_first_output"] for r in records["nix-eager"]]
+    lazy = [r["time_to_first_output"] for r in records["lazystore-fuse"]]
+    fuse = records["lazystore-fuse"]
+    return {
+        "nix_eager_seconds": eager, "lazystore_fuse_seconds": lazy,
+        "ratio_median": median(lazy) / median(eager),
+        "nix_eager_bytes": [r["bytes"] for r in records["nix-eager"]],
+        "lazystore_bytes": [r["bytes"] for r in fuse],
+        "lazystore_chunk_bytes": [r.get("daemon_chunk_bytes") for r in fuse],
+        "lazystore_nar_requests": [r.get("nar_requests") for r in fuse],
+        "bytes_over_chunk_bytes": [r["bytes"] / r["daemon_chunk_bytes"] for r in fuse
+                                   if r.get("daemon_chunk_bytes")],
+    }
+
+
+def last_chunk_first_byte(mib: int, key: nixcache.KeyPair, work: Path, runs: int
+                          ) -> dict[str, Any]:
+    expr = work / "big.nix"
+    expr.write_text(BIG_NIX)
+    top = nixcache.build(expr, mib=str(mib))
+    cache = work / "big-cache"
+    costs = write_cache(top, cache, key)
+    base = Path(top).name
+    size = mib << 20
+    seconds = []
+    with serve_directory(cache) as server:
+        with shaping_proxy(server.url, "100mbit") as proxy:  # type: ignore[attr-defined]
+            for rep in range(runs):
+                root = work / f"big-mount-{rep}"
+                with lazystore_mount(root, proxy.url, key.public_key, verbose=False) as daemon:
+                    start = time.monotonic()
+                    path = daemon.mnt / base / "big"
+                    assert path.stat().st_size == size
+                    fd = os.open(path, os.O_RDONLY)
+                    try:
+                        byte = os.pread(fd, 1, size - 1)
+                    finally:
+                        os.close(fd)
+                    seconds.append(time.monotonic() - start)
+                    with open(Path(top, "big"), "rb") as real:
+                        assert byte == os.pread(real.fileno(), 1, size - 1)
+                    status = daemon.status()
+                    assert status["nars_fetched"] == 0
+                shutil.rmtree(root, ignore_errors=True)
+    return {"file_mib": mib, "seconds": seconds, "median": median(seconds),
+            "chunk_bytes_last_run": status["chunk_bytes"], **costs}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--big-mib", type=int, default=1024)
+    parser.add_argument("--skip-python", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    key = workloads.bench_key()
+    result: dict[str, Any] = {"command": " ".join(sys.argv), "uptime_before": _uptime()}
+    with tempfile.TemporaryDirectory(prefix="bench-chunks-", dir="/var/tmp") as tmp:
+        work = Path(tmp)
+        if not args.skip_python:
+            wl = workloads.build("python", quick=args.quick)
+            cache = work / "python-cache"
+            result["python_index_cost"] = write_cache(wl.top, cache, key)
+            log.info("index cost: %s", result["python_index_cost"])
+            result["python_100mbit"] = python_runs(wl, cache, key, work, args.runs)
+        mib = 64 if args.quick else args.big_mib
+        result["last_chunk_first_byte_100mbit"] = last_chunk_first_byte(mib, key, work, args.runs)
+    result["uptime_after"] = _uptime()
+    text = json.dumps(result, indent=2)
+    print(text)
+    out = Path(__file__).parent / "results" / f"chunks-{time.strftime('%Y-%m-%d-%H%M')}.json"
+    out.write_text(text + "\n")
+    return 0
+
+
+def _uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
