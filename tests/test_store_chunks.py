@@ -48,12 +48,14 @@ def copy_of(cache: nixcache.BinaryCache, dest: Path) -> nixcache.BinaryCache:
 
 
 @asynccontextmanager
-async def store_over(url: str, key: str, cache_dir: Path, **store_args: Any
-                     ) -> AsyncIterator[LocalStore]:
+async def store_over(url: str, key: str, cache_dir: Path, read_ahead: int = 0,
+                     **store_args: Any) -> AsyncIterator[LocalStore]:
+    """The store over *url*; without read-ahead unless asked (exact counts)."""
     config = SubstituterConfig(urls=[url], trusted_public_keys=[key], netrc_file=None,
                                attempts=2, backoff_base=0.01, backoff_max=0.05)
     async with Substituters(config) as subs:
         async with LocalStore(subs, cache_dir, **store_args) as store:
+            store.read_ahead = read_ahead
             yield store
 
 
@@ -130,6 +132,26 @@ async def test_adjacent_chunks_come_in_one_range_request(
         async with store_over(server.url, indexed.key.public_key, tmp_path) as store:
             data = await read(store, docs, MANUAL, CHUNK - 5, 3 * CHUNK)  # 4 chunks
             assert data == real(indexed, docs, MANUAL)[CHUNK - 5:4 * CHUNK - 5]
+        assert len(server.range_requests) == 1
+
+
+async def test_read_ahead_takes_the_next_chunks_in_the_same_request(
+        indexed: nixcache.BinaryCache, tmp_path: Path) -> None:
+    busybox = base_of(indexed, "busybox")
+    binary = ("bin", "busybox")
+    chunks = index_of(indexed, busybox).files[0].chunks
+    budget = chunks[1].length + chunks[2].length  # room for exactly two more
+    with served(indexed) as server:
+        async with store_over(server.url, indexed.key.public_key, tmp_path,
+                              read_ahead=budget) as store:
+            assert await read(store, busybox, binary, 0, 10) == real(
+                indexed, busybox, binary)[:10]
+            stats = store.subs.stats  # type: ignore[attr-defined]
+            assert stats.chunk_bytes == chunks[0].length + budget
+            assert store.chunk_bytes_read == chunks[0].length
+            got = await read(store, busybox, binary, CHUNK, 2 * CHUNK)  # read ahead already
+            assert got == real(indexed, busybox, binary)[CHUNK:3 * CHUNK]
+            assert stats.chunk_bytes == chunks[0].length + budget
         assert len(server.range_requests) == 1
 
 

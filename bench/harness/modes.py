@@ -170,6 +170,7 @@ def lazystore_fuse(ctx: Context) -> Record:
         "nar_requests": nar_fetches(stats),
         "daemon_bytes_downloaded": status.get("bytes_downloaded"),
         "daemon_chunk_bytes": status.get("chunk_bytes"),  # from indexed caches (issue 15)
+        "daemon_chunk_bytes_read": status.get("chunk_bytes_read"),
         "daemon_peak_rss_kib": rss,
         "output": prog.first_line,
         "page_cache_dropped": dropped,

@@ -58,6 +58,9 @@ PREFETCH_PARALLEL = 8
 # a path looked up) at once: fewer than the substituter's connections, so a
 # reader's own requests always find one.
 BACKGROUND_PARALLEL = 16
+# Compressed bytes of the chunks after a read's last one (the next files in NAR
+# order: a start-up reads neighbours) asked for in the same range request.
+READ_AHEAD = 256 << 10
 
 
 class PathNotFound(StoreError):
@@ -143,6 +146,9 @@ class LocalStore:
             NARINFOS_HELD)
         self.chunks = ChunkCache(self.cache_dir / "chunks", cache_limit)
         self.events = EventLog()  # when narinfos, listings and NARs came (and first reads)
+        self.read_ahead = READ_AHEAD
+        self.chunk_bytes_read = 0  # compressed bytes of the distinct chunks reads used
+        self._chunks_read: set[bytes] = set()
         self._dirty = trio.Event()
         self._stack = AsyncExitStack()
         self._nursery: trio.Nursery | None = None
@@ -407,12 +413,18 @@ class LocalStore:
         if offset >= end:
             return b""
         wanted = indexed.chunks_for(entry, offset, end)
+        for chunk in wanted:
+            if chunk.sha256 not in self._chunks_read:
+                self._chunks_read.add(chunk.sha256)
+                self.chunk_bytes_read += chunk.length
         pieces = [self.chunks.read(c.sha256, *_span(c, offset, end)) for c in wanted]
         missing = [c for c, piece in zip(wanted, pieces, strict=True) if piece is None]
         if missing:
+            ahead = [c for c in indexed.following(missing[-1], self.read_ahead)
+                     if not self.chunks.has(c.sha256)]
             fetched = await self._single(
                 "chunks", f"{base}@{missing[0].offset}+{len(missing)}",
-                lambda: self._fetch_chunks(base, indexed, missing))
+                lambda: self._fetch_chunks(base, indexed, missing + ahead))
             if fetched is None:
                 return None
             pieces = [p if p is not None else _cut(fetched[c], c, offset, end)
@@ -683,6 +695,7 @@ class LocalStore:
             "bytes_downloaded": int(getattr(stats, "bytes_downloaded", 0)),
             "chunk_bytes": int(getattr(stats, "chunk_bytes", 0)),
             "chunk_cache_bytes": self.chunks.bytes,
+            "chunk_bytes_read": self.chunk_bytes_read,
             "nars_fetched": int(getattr(stats, "nars_fetched", 0)),
             **(stats.figures() if hasattr(stats, "figures") else {}),
             "wait_seconds": self.wait_seconds.to_dict(),

@@ -11,6 +11,7 @@ on the trio thread; file writes go to worker threads.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import secrets
@@ -38,11 +39,27 @@ class IndexedPath:
     info: NarInfo
     files: dict[tuple[str, ...], FileEntry] = field(default_factory=dict)
     targets: dict[tuple[str, ...], str] = field(default_factory=dict)  # symlinks
+    by_offset: list[Chunk] = field(default_factory=list)  # every chunk, in data file order
 
     @classmethod
     def of(cls, index: FileIndex, info: NarInfo) -> IndexedPath:
         files = {tuple(listing.decode_name(n) for n in f.path): f for f in index.files}
-        return cls(index, info, files, _targets(index))
+        chunks = sorted((c for f in index.files for c in f.chunks), key=lambda c: c.offset)
+        return cls(index, info, files, _targets(index), chunks)
+
+    def following(self, chunk: Chunk, budget: int) -> list[Chunk]:
+        """The chunks right after *chunk* in the data file (the next files in
+        NAR order), adjacent, of at most *budget* compressed bytes together."""
+        at = bisect.bisect_right(self.by_offset, chunk.offset, key=lambda c: c.offset)
+        out: list[Chunk] = []
+        end = chunk.offset + chunk.length
+        for nxt in self.by_offset[at:]:
+            if nxt.offset != end or budget < nxt.length:
+                break
+            out.append(nxt)
+            budget -= nxt.length
+            end = nxt.offset + nxt.length
+        return out
 
     def chunks_for(self, entry: FileEntry, offset: int, end: int) -> tuple[Chunk, ...]:
         """The chunks holding bytes [offset, end) of *entry* (0 <= offset < end <= size)."""
@@ -89,6 +106,9 @@ class ChunkCache:
         for _, digest, size in sorted(found):
             self._sizes[digest] = size
             self.bytes += size
+
+    def has(self, digest: bytes) -> bool:
+        return digest in self._sizes
 
     def path(self, digest: bytes) -> Path:
         return self.directory / digest.hex()
