@@ -278,6 +278,24 @@ def test_nix_image_pull_fetches_nothing_and_run_fetches_only_touched_paths(
     assert cli_status(stack)["bytes_downloaded"] > after_pull["bytes_downloaded"]
 
 
+def test_a_container_reads_materialised_files_from_the_cache_not_through_fuse(
+    stack: Stack,
+) -> None:
+    ref = imported_one(stack)
+    bases = closure_bases(stack.one)
+    docs, busybox = named(bases, "docs"), named(bases, "busybox")
+    manual = f"/nix/store/{docs}/share/doc/manual.txt"
+    stack.daemon.call("prefetch", paths=[f"/nix/store/{docs}", f"/nix/store/{busybox}"])
+    digest = hashlib.md5((stack.daemon.cache / "store" / docs / "share/doc/manual.txt")
+                         .read_bytes()).hexdigest()
+    served = stack.daemon.status()["bytes_served"]
+    # overlay follows each file's metacopy redirect into the cache's data-only
+    # layer (busybox's binary too): the daemon serves none of their bytes
+    out = run(stack, ref, f"/nix/store/{busybox}/bin/busybox", "md5sum", manual)
+    assert out.split()[0] == digest
+    assert stack.daemon.status()["bytes_served"] == served
+
+
 def cli_status(st: Stack) -> dict[str, Any]:
     """``lazystore status --json``, as a user would check what was fetched."""
     return json.loads(lazystore("status", "--json", "--control-socket", str(st.daemon.sock)))

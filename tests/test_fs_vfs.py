@@ -610,3 +610,39 @@ async def test_views_come_back_with_their_inodes(tmp_path: Path, subs: FakeSubst
         later.restore_views(saved[-1])
         assert later.views["v"].dirs == first.views["v"].dirs == inos
         assert (await later.lookup(inos[-1], A)).ino == await _walk(first, A)
+
+
+async def test_a_data_view_has_inodes_of_its_own_with_overlay_redirects(
+    tmp_path: Path, subs: FakeSubstituters
+) -> None:
+    """Overlay reads a materialised file of a ``.data`` view from the cache (a
+    data-only layer) by its metacopy/redirect xattrs; any other overlay (of the
+    root or a plain view, without that layer) must never see them."""
+    from lazystore.control.protocol import DATA_VIEW_SUFFIX
+    from lazystore.fs.vfs import METACOPY, REDIRECT, REDIRECTS_SUFFIX
+
+    assert REDIRECTS_SUFFIX == DATA_VIEW_SUFFIX  # the daemon and the snapshotter agree
+    async with LocalStore(subs, tmp_path) as store:
+        vfs = Vfs(store)
+        await vfs.create_view("v1", [A])
+        await vfs.create_view("v1.data", [A])
+        plain = await _walk(vfs, ".views", "v1", "nix", "store", A, "lib", "data")
+        data = await _walk(vfs, ".views", "v1.data", "nix", "store", A, "lib", "data")
+        root = await _walk(vfs, A, "lib", "data")
+        assert plain == root != data
+        assert vfs.overlay_xattr(data, METACOPY) is None  # not materialised yet
+        await store.materialize(A)
+        assert vfs.overlay_xattr(data, METACOPY) == b""
+        assert vfs.overlay_xattr(data, REDIRECT) == f"/{A}/lib/data".encode()
+        assert (store.data_path(A) / "lib/data").read_bytes() == b"hello from liba\n"
+        for ino in (plain, root):
+            assert vfs.overlay_xattr(ino, METACOPY) is None
+            assert vfs.overlay_xattr(ino, REDIRECT) is None
+        lib = await _walk(vfs, ".views", "v1.data", "nix", "store", A, "lib")
+        assert vfs.overlay_xattr(lib, METACOPY) is None  # directories: looked up as they are
+        assert vfs.overlay_xattr(data, b"user.other") is None
+        # a restarted daemon finds the data view's inodes again by their numbers
+        later = Vfs(store)
+        later.restore_views({"v1.data": [A]})
+        assert (await later.getattr(data)).size == len(b"hello from liba\n")
+        assert later.overlay_xattr(data, REDIRECT) == f"/{A}/lib/data".encode()

@@ -46,6 +46,10 @@ STORE_PATHS = ArgType(
     "a list of store paths", lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v)
 )
 REQUIRED: Any = object()
+# A view whose id ends so is for an overlay that has the daemon's data_dir (see
+# status) as a data-only lower layer: its files carry overlay data redirects
+# into it once their path is materialised (lazystore.fs.vfs.REDIRECTS_SUFFIX).
+DATA_VIEW_SUFFIX = ".data"
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,8 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
         "(nil: none), paths_known, paths_materialized (base names), in_flight, "
         "bytes_downloaded, nars_fetched, hits, misses, pinned (base names), views (ids), "
         "inodes, open_files, requests (operation -> requests served since start), "
-        "bytes_served (read through the mount), evictions, retries, requests_by_cache "
+        "bytes_served (read through the mount), data_dir (the verified data of "
+        "materialised paths, <cache>/store), evictions, retries, requests_by_cache "
         "([kind narinfo|nar, substituter URL, outcome, count]), fetch_seconds and "
         "wait_seconds (histograms: bounds, counts per bucket and one for +Inf, sum, count)"
     )),
@@ -98,7 +103,9 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
         "whose store-paths file lists more paths; the paths stay pinned while the view "
         "exists; the same view again is a no-op, the same id with other paths an error; "
         "prefetch (an access profile's paths, README's Access profiles): those of the "
-        "view fetched in the background in this order, any other ignored",
+        "view fetched in the background in this order, any other ignored; "
+        "an id ending in .data: a view whose files an overlay with data_dir as a "
+        "data-only layer reads from there once materialised (no other overlay may use it)",
         needs_one_of=("paths", "closure_info"),
     ),
     Operation(

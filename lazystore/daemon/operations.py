@@ -78,6 +78,7 @@ class ControlOperations:
             open_files=self.vfs.open_files(),
             bytes_served=self.vfs.bytes_served,
             requests=dict(self.requests),
+            data_dir=str(self.store.data_dir),
         )
         return status
 

@@ -182,7 +182,10 @@ class Operations(pyfuse3.Operations):
         return st
 
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
-        raise pyfuse3.FUSEError(errno.ENODATA)
+        value = self.vfs.overlay_xattr(inode, name)
+        if value is None:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return value
 
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
         return []

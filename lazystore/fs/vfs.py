@@ -50,6 +50,12 @@ LONG_TIMEOUT = 86400.0
 ROOT_ATTR_TIMEOUT = 1.0
 HINT_TIMEOUT = 1.0
 DIR_ROWS_CACHE = 1024  # directories whose readdir rows are kept
+# A view whose id ends so has inodes of its own carrying overlay data redirects
+# (Vfs.overlay_xattr); overlays of other views and the root see none.
+REDIRECTS_SUFFIX = ".data"
+REDIRECTING = "redirecting"
+METACOPY = b"trusted.overlay.metacopy"
+REDIRECT = b"trusted.overlay.redirect"
 LEARN_PARALLEL = 32  # lookups at once while listing a directory of store paths
 INO_BITS = 56  # below the bits overlayfs's xino takes for its layers
 FIRST_INO = 16  # numbers below are the fixed inodes'
@@ -122,6 +128,7 @@ class Inode:
     kind: str  # "root", "views", "viewdir", "store"
     base: str = ""  # store path basename ("store")
     rel: tuple[str, ...] = ()  # path below the store path ("store")
+    space: str = ""  # REDIRECTING: below a view with overlay data redirects ("store")
     view: View | None = None  # ("viewdir")
     level: int = 0  # 0 = .views/<id>, then one per store dir component ("viewdir")
     lookups: int = 0
@@ -133,6 +140,12 @@ class View:
     bases: tuple[str, ...]
     dirs: list[int] = field(default_factory=list)  # inode of each level
     profile: Recorder = field(default_factory=Recorder)  # first reads of its paths
+
+    @property
+    def space(self) -> str:
+        """The inodes of its store paths: their own, with overlay data redirects,
+        for a view whose id ends in REDIRECTS_SUFFIX; else those of the root."""
+        return REDIRECTING if self.id.endswith(REDIRECTS_SUFFIX) else ""
 
 
 @dataclass(slots=True)
@@ -164,7 +177,7 @@ class Vfs:
             ROOT_INODE: Inode(ROOT_INODE, "root", lookups=1),
             VIEWS_INODE: Inode(VIEWS_INODE, "views", lookups=1),
         }
-        self._store_inodes: dict[tuple[str, tuple[str, ...]], int] = {}
+        self._store_inodes: dict[tuple[str, tuple[str, ...], str], int] = {}
         self.views: dict[str, View] = {}
         self.handles: dict[int, Handle] = {}
         self._dir_rows: dict[int, tuple[Node, list[tuple[int, str, Attr]]]] = {}
@@ -208,7 +221,7 @@ class Vfs:
             raise NoEntry(f"stale inode {ino}")
         return self.inodes[ino]
 
-    def _known_key(self, ino: int) -> tuple[str, tuple[str, ...]] | None:
+    def _known_key(self, ino: int) -> tuple[str, tuple[str, ...], str] | None:
         if self._known is None or self._known_records != len(self.store.records):
             self._known_records = len(self.store.records)
             self._known = dict(_numbered(self.store.records.items()))
@@ -222,18 +235,18 @@ class Vfs:
             if rec is None or rec.tree is None:
                 self._unindexed.append(base)
 
-    def store_inode(self, base: str, rel: tuple[str, ...] = ()) -> int:
-        ino = self._store_inodes.get((base, rel))
+    def store_inode(self, base: str, rel: tuple[str, ...] = (), space: str = "") -> int:
+        ino = self._store_inodes.get((base, rel, space))
         if ino is None:
             if base not in self._handed:
                 self._handed.add(base)
                 if self.handed_out is not None:  # before the kernel has the number
                     self.handed_out(base)
-            ino = stable_ino(base, *rel)
+            ino = _space_ino(space, base, rel)
             while ino in self.inodes:  # 2**-56 a pair: the later one moves on
                 ino += 1
-            self._store_inodes[(base, rel)] = ino
-            self.inodes[ino] = Inode(ino, "store", base=base, rel=rel)
+            self._store_inodes[(base, rel, space)] = ino
+            self.inodes[ino] = Inode(ino, "store", base=base, rel=rel, space=space)
         return ino
 
     def remember(self, ino: int) -> None:
@@ -247,7 +260,7 @@ class Vfs:
         node.lookups -= nlookup
         if node.lookups <= 0 and node.kind == "store":
             del self.inodes[ino]
-            del self._store_inodes[(node.base, node.rel)]
+            del self._store_inodes[(node.base, node.rel, node.space)]
             self._dir_rows.pop(ino, None)
         elif node.lookups <= 0 and node.kind == "viewdir" and node.view not in self.views.values():
             del self.inodes[ino]
@@ -311,7 +324,7 @@ class Vfs:
         child = node.child(name)
         if child is None:
             raise NoEntry(name)
-        ino = self.store_inode(parent.base, (*parent.rel, name))
+        ino = self.store_inode(parent.base, (*parent.rel, name), parent.space)
         return Attr.of(ino, child)
 
     async def _lookup_store_path(self, name: str) -> Attr:
@@ -319,11 +332,11 @@ class Vfs:
             raise NoEntry(name)
         return await self._store_root(name)
 
-    async def _store_root(self, base: str) -> Attr:
+    async def _store_root(self, base: str, space: str = "") -> Attr:
         root = await self.store.tree(base)
         # The inode is taken only after the last await, so that no forget can
         # drop it between here and the caller counting the kernel's reference.
-        return Attr.of(self.store_inode(base), root)
+        return Attr.of(self.store_inode(base, (), space), root)
 
     async def _lookup_in_view(self, parent: Inode, name: str) -> Attr:
         view = parent.view
@@ -337,7 +350,7 @@ class Vfs:
         if name not in view.bases:
             raise NoEntry(name)
         try:
-            return await self._store_root(name)
+            return await self._store_root(name, view.space)
         except PathNotFound as exc:  # the view was made without waiting to know
             log.warning("view %s: %s", view.id, exc)
             raise NoEntry(name) from None
@@ -398,7 +411,7 @@ class Vfs:
             row = rows[i]
             if row[2].ino not in self.inodes:  # forgotten since: a new inode
                 attr = row[2]
-                ino = self.store_inode(inode.base, (*inode.rel, row[1]))
+                ino = self.store_inode(inode.base, (*inode.rel, row[1]), inode.space)
                 row = rows[i] = (row[0], row[1], Attr(ino, attr.kind, attr.size, attr.executable))
             yield row
 
@@ -412,7 +425,7 @@ class Vfs:
         rows = []
         for key, name in node.sorted_keys():
             child = node.entries[name]
-            ino = self.store_inode(inode.base, (*inode.rel, name))
+            ino = self.store_inode(inode.base, (*inode.rel, name), inode.space)
             rows.append((key, name, Attr.of(ino, child)))
         rec = self.store.records.get(inode.base)
         if rec is not None and rec.tree_verified:
@@ -420,6 +433,28 @@ class Vfs:
                 self._dir_rows.clear()
             self._dir_rows[inode.ino] = (node, rows)
         return rows
+
+    # -- overlay data redirects --------------------------------------------
+
+    def overlay_xattr(self, ino: int, name: bytes) -> bytes | None:
+        """``trusted.overlay.metacopy``/``redirect`` of a regular file whose path
+        is materialised: an overlay with ``<cache>/store`` as a data-only lower
+        layer then reads its data there (one page cache, no FUSE), and the file
+        through FUSE otherwise. Only overlay (as root) reads these names."""
+        if name not in (METACOPY, REDIRECT):
+            return None
+        inode = self.inodes.get(ino)
+        if inode is None or inode.kind != "store" or inode.space != REDIRECTING:
+            return None
+        rec = self.store.records.get(inode.base)
+        if rec is None or not rec.materialized or not rec.tree_verified or rec.tree is None:
+            return None
+        node = resolve(rec.tree, inode.rel)
+        if node is None or node.kind != REGULAR:
+            return None
+        if name == METACOPY:
+            return b""
+        return os.fsencode("/" + "/".join((inode.base, *inode.rel)))
 
     # -- data -------------------------------------------------------------
 
@@ -653,16 +688,22 @@ class Vfs:
         self._views_changed()
 
 
+def _space_ino(space: str, base: str, rel: tuple[str, ...]) -> int:
+    return stable_ino(base, *rel) if not space else stable_ino("\2" + space, base, *rel)
+
+
 def _numbered(
     records: Iterable[tuple[str, Any]],
-) -> Iterator[tuple[int, tuple[str, tuple[str, ...]]]]:
-    """(stable inode number, (basename, path)) of every node of every known tree."""
+) -> Iterator[tuple[int, tuple[str, tuple[str, ...], str]]]:
+    """(stable inode number, (basename, path, space)) of every node of every
+    known tree, in both spaces."""
     for base, rec in records:
         if rec.tree is None:
             continue
         stack: list[tuple[tuple[str, ...], Node]] = [((), rec.tree)]
         while stack:
             rel, node = stack.pop()
-            yield stable_ino(base, *rel), (base, rel)
+            yield stable_ino(base, *rel), (base, rel, "")
+            yield _space_ino(REDIRECTING, base, rel), (base, rel, REDIRECTING)
             if node.kind == DIRECTORY and node.entries:
                 stack.extend(((*rel, name), child) for name, child in node.entries.items())

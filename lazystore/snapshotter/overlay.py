@@ -33,6 +33,7 @@ class Layout:
         self.snapshots = root / "snapshots"
         self.snapshots.mkdir(parents=True, exist_ok=True)
         self.index_off = Path("/sys/module/overlay/parameters/index").exists()
+        self.data_layers = kernel_release() >= (6, 5)  # "::" in lowerdir
 
     def dir(self, id_: int) -> Path:
         return self.snapshots / str(id_)
@@ -43,20 +44,20 @@ class Layout:
     def work(self, id_: int) -> str:
         return str(self.dir(id_) / "work")
 
-    def view_link(self, id_: int, target: str) -> str:
-        """``<root>/snapshots/<id>/view``, a symlink to the daemon's view *target* (blocking).
+    def view_link(self, id_: int, target: str, name: str = "view") -> str:
+        """``<root>/snapshots/<id>/<name>``, a symlink to the daemon's view *target* (blocking).
 
         Overlay follows it when mounting; it keeps every lowerdir under one
         directory, so that containerd can shorten long lowerdir options (it
         chdirs to their common parent) below the page-size limit.
         """
-        link = self.dir(id_) / "view"
+        link = self.dir(id_) / name
         try:
             if os.readlink(link) == target:
                 return str(link)
         except OSError:
             pass
-        tmp = self.dir(id_) / "view.tmp"
+        tmp = self.dir(id_) / f"{name}.tmp"
         tmp.unlink(missing_ok=True)
         tmp.symlink_to(target)
         tmp.rename(link)
@@ -94,6 +95,15 @@ class Layout:
         return out
 
 
+def kernel_release() -> tuple[int, int]:
+    """(major, minor) of the running kernel."""
+    parts = os.uname().release.split(".")
+    try:
+        return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0)
+    except (IndexError, ValueError):
+        return (0, 0)
+
+
 def usage(path: str) -> tuple[int, int]:
     """(bytes, inodes) used below *path*, counting hard links once (blocking)."""
     seen: set[tuple[int, int]] = set()
@@ -113,13 +123,22 @@ def usage(path: str) -> tuple[int, int]:
 
 
 def mounts(
-    *, active: bool, upper: str, work: str, lowers: list[str], index_off: bool
+    *, active: bool, upper: str, work: str, lowers: list[str], index_off: bool,
+    data: str | None = None,
 ) -> list[Mount]:
     """containerd's overlayfs snapshotter rules.
 
     No lower layers: a bind mount of the snapshot's own directory. A view over
     a single lower directory: a read-only bind mount of it. Otherwise overlay,
     with upperdir/workdir when active.
+
+    *data* (the daemon's ``<cache>/store``) becomes a data-only lower layer
+    (``::``, Linux 6.5+) when the options still fit in one page: a view's file
+    whose path is materialised carries ``trusted.overlay.metacopy`` and a
+    ``redirect`` into it (lazystore.fs.vfs), so overlay reads its data straight
+    from the cache (the page cache of the cache's file, no FUSE); the others
+    are read through the view. Left out beyond a page, where containerd would
+    shorten the lowerdirs and does not know ``::``.
     """
     if not lowers:
         return [Mount("bind", upper, ["rw" if active else "ro", "rbind"])]
@@ -128,5 +147,17 @@ def mounts(
     options = ["index=off"] if index_off else []
     if active:
         options += [f"workdir={work}", f"upperdir={upper}"]
-    options.append("lowerdir=" + ":".join(lowers))
+    lowerdir = "lowerdir=" + ":".join(lowers)
+    # metacopy=on: overlay follows a metacopy file's redirect from any lower
+    # layer, not only from the last one above the data-only layers
+    with_data = ["metacopy=on", f"{lowerdir}::{data}"]
+    if data and len(",".join([*options, *with_data])) < MOUNT_OPTIONS_LIMIT:
+        options += with_data
+    else:
+        options.append(lowerdir)
     return [Mount("overlay", "overlay", options)]
+
+
+def with_data_layer(mounts: list[Mount]) -> bool:
+    """Whether *mounts* is an overlay with the data-only layer."""
+    return any("metacopy=on" in m.options for m in mounts)

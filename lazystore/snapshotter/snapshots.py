@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
+from lazystore.control.protocol import DATA_VIEW_SUFFIX
 from lazystore.errors import ControlError
 from lazystore.nix import fsio
 from lazystore.nix.storepath import DEFAULT_STORE_DIR
@@ -141,9 +142,11 @@ class Snapshotter:
     def view_id(self, snapshot_id: int) -> str:
         return f"{self._prefix}-{snapshot_id}"
 
-    async def _view(self, snap: Snapshot) -> str:
-        """The directory of the nix layer's view, which the provider makes if needed."""
-        view_id = self.view_id(snap.id)
+    async def _view(self, snap: Snapshot, data: bool = False) -> str:
+        """The directory of the nix layer's view, which the provider makes if needed;
+        with *data*, its view whose files redirect an overlay into the daemon's
+        data directory (for an overlay that has it as a data-only layer only)."""
+        view_id = self.view_id(snap.id) + (DATA_VIEW_SUFFIX if data else "")
         try:
             await self.views.ensure(view_id, snap.nix_paths or [], snap.nix_closure,
                                     nixlayer.profile_of(snap.labels))
@@ -160,13 +163,15 @@ class Snapshotter:
                 except Unavailable as exc:
                     log.warning("%s (will retry when a container needs it)", exc)
 
-    async def _lowers(self, chain: list[Snapshot]) -> list[str]:
+    async def _lowers(self, chain: list[Snapshot], data: bool = False) -> list[str]:
         lowers: list[str] = []
         for snap in chain:
             if snap.is_nix:
-                view = await self._view(snap)
+                view = await self._view(snap, data)
+                link = "view" + (DATA_VIEW_SUFFIX if data else "")
                 try:
-                    lowers.append(await asyncio.to_thread(self.layout.view_link, snap.id, view))
+                    lowers.append(await asyncio.to_thread(self.layout.view_link, snap.id, view,
+                                                          link))
                 except FileNotFoundError:
                     self._same(snap)  # removed during the daemon call: NotFound
                     raise
@@ -174,14 +179,36 @@ class Snapshotter:
                 lowers.append(self.layout.fs(snap.id))
         return lowers
 
+    async def _layers(
+        self, chain: list[Snapshot], active: bool, id_: int | None
+    ) -> tuple[list[str], str | None]:
+        """The lowerdirs of a snapshot over *chain*, and the daemon's data
+        directory when it goes below them as a data-only layer: with nix layers,
+        on a kernel that has data-only layers, when the options fit in a page
+        (*id_* None: not known yet, the longest is assumed); else the plain views."""
+        data = None
+        if self.layout.data_layers and any(s.is_nix for s in chain):
+            data = await self.views.data_layer()
+        if data is not None:
+            lowers = await self._lowers(chain, data=True)
+            some = id_ if id_ is not None else 10**12
+            mounts = overlay.mounts(active=active, upper=self.layout.fs(some),
+                                    work=self.layout.work(some), lowers=lowers,
+                                    index_off=self.layout.index_off, data=data)
+            if overlay.with_data_layer(mounts):
+                return lowers, data
+        return await self._lowers(chain), None
+
     async def _mounts(self, snap: Snapshot) -> list[overlay.Mount]:
-        lowers = await self._lowers(self.meta.chain(snap))
+        active = snap.kind == Kind.ACTIVE
+        lowers, data = await self._layers(self.meta.chain(snap), active, snap.id)
         return overlay.mounts(
-            active=snap.kind == Kind.ACTIVE,
+            active=active,
             upper=self.layout.fs(snap.id),
             work=self.layout.work(snap.id),
             lowers=lowers,
             index_off=self.layout.index_off,
+            data=data,
         )
 
     # -- lookups -------------------------------------------------------------
@@ -246,7 +273,8 @@ class Snapshotter:
     ) -> list[overlay.Mount]:
         # The parents' views first: no daemon call while a transaction is open
         # (Stat and List must never see a row that may still be rolled back).
-        lowers = await self._lowers([parent, *self.meta.chain(parent)] if parent else [])
+        chain = [parent, *self.meta.chain(parent)] if parent else []
+        lowers, data = await self._layers(chain, kind == Kind.ACTIVE, None)
         with self.meta.transaction():
             if parent is not None:
                 self._same(parent)  # not removed during the daemon calls
@@ -262,6 +290,7 @@ class Snapshotter:
             work=self.layout.work(snap.id),
             lowers=lowers,
             index_off=self.layout.index_off,
+            data=data,
         )
         log.info("%s %s (id %d, parent %r)", kind.filter_name, key, snap.id,
                  parent.key if parent else "")
@@ -343,6 +372,7 @@ class Snapshotter:
     async def _drop_view(self, snap: Snapshot) -> None:
         try:
             await self.views.remove(self.view_id(snap.id))
+            await self.views.remove(self.view_id(snap.id) + DATA_VIEW_SUFFIX)
         except ControlError as exc:
             # The snapshot is gone either way; a stale view only costs the daemon memory.
             log.info("view of %s not removed: %s", snap.key, exc)

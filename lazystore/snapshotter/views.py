@@ -48,6 +48,12 @@ class ViewProvider(Protocol):
         """The directory of the view, as the snapshotter's mounts see it."""
         ...
 
+    async def data_layer(self) -> str | None:
+        """Where the verified data of materialised paths lies (the daemon's
+        ``<cache>/store``), for an overlay's data-only lower layer under views
+        whose id ends in ``.data``; None if there is none."""
+        ...
+
 
 class DaemonViews:
     """The daemon's views (``view_create``, ``view_remove``) under its mount point."""
@@ -59,12 +65,23 @@ class DaemonViews:
         self.mount_point = mount_point
         self.timeout = timeout
         self._threads = ThreadPoolExecutor(MAX_CALLS, thread_name_prefix="daemon-views")
+        self._data_dir: str | None = None
 
     def close(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)
 
     def path(self, view_id: str) -> str:
         return os.path.join(self.mount_point, ".views", view_id)
+
+    async def data_layer(self) -> str | None:
+        if self._data_dir is None:
+            try:
+                status = await self._call("status", {})
+            except ControlError:
+                return None  # the views' own calls will say why
+            data_dir = status.get("data_dir") if isinstance(status, dict) else None
+            self._data_dir = data_dir if isinstance(data_dir, str) and data_dir else None
+        return self._data_dir
 
     async def ensure(self, view_id: str, paths: Sequence[str], closure: str | None,
                      prefetch: Sequence[str] = ()) -> None:

@@ -34,6 +34,9 @@ class FakeViews:
     def path(self, view_id: str) -> str:
         return os.path.join(self.mount_point, ".views", view_id)
 
+    async def data_layer(self) -> str | None:
+        return None  # no daemon: every file is read from the view
+
     async def ensure(self, view_id: str, paths: Sequence[str], closure: str | None,
                      prefetch: Sequence[str] = ()) -> None:
         args: dict[str, Any] = {"id": view_id, "paths": list(paths)}
