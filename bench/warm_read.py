@@ -15,6 +15,12 @@ By default the daemon binds each fetched path read-only over its directory in
 the mount (lazystore/daemon/binds.py), so warm reads and walks never reach
 FUSE; ``--no-binds`` measures the FUSE path alone.
 
+4. ``--container``: the same 200 MB file read (busybox ``dd``, 1 MiB blocks,
+   20 reads per sample timed by busybox ``time``) in a container of the
+   closure's nix image on lazystore's snapshotter (real containerd and runc),
+   against the cache file bound into the same container, interleaved; best
+   of --runs samples of each, warm (after one round).
+
 Run as root::
 
     .venv/bin/python bench/warm_read.py [--runs 5] [--no-binds]
@@ -23,10 +29,14 @@ Run as root::
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
+import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -39,7 +49,8 @@ from bench.lazymount import (  # noqa: E402
     signed_cache,
 )
 from lazystore.daemon.binds import bound_paths  # noqa: E402
-from lazystore.testing import nixcache  # noqa: E402
+from lazystore.testing import containerd, nixcache  # noqa: E402
+from lazystore.testing.daemon import LAZYSTORE  # noqa: E402
 
 BLOCK = 1 << 20
 
@@ -123,6 +134,66 @@ def bench_walk(tmp: Path, runs: int, files: int, tag: str, extra: list[str]) -> 
           f"({t_mount / t_native:.2f}x); daemon RSS {rss / 1e6:.0f} MB")
 
 
+_REAL = re.compile(r"real\s+(\d+)m\s*([0-9.]+)s")
+READS_PER_SAMPLE = 20  # busybox time counts centiseconds: 20 reads make ~0.5 s
+
+
+def timed_reads(busybox: str, paths: list[str], samples: int) -> str:
+    """A shell script printing busybox ``time`` of READS_PER_SAMPLE dd reads of
+    each of *paths* in turn, *samples* + 1 rounds (the first warms)."""
+    def sample(path: str) -> str:
+        reads = "; ".join([f"{busybox} dd if={path} of=/dev/null bs=1M 2>/dev/null"]
+                          * READS_PER_SAMPLE)
+        return f"{busybox} time {busybox} sh -c '{reads}'"
+
+    return "; ".join(sample(p) for _ in range(samples + 1) for p in paths)
+
+
+def real_seconds(output: str, paths: int) -> list[list[float]]:
+    """The real times busybox time reported, per path, the warming round dropped."""
+    times = [int(m) * 60 + float(s) for m, s in _REAL.findall(output)][paths:]
+    return [times[i::paths] for i in range(paths)]
+
+
+def bench_container(tmp: Path, runs: int) -> None:
+    top = nixcache.build(bigSize="200")
+    closure = nixcache.closure(top)
+    docs = next(p for p in closure if p.endswith("-docs"))
+    busybox = next(p for p in closure if p.endswith("-busybox"))
+    manual = f"{docs}/share/doc/manual.txt"
+    bb = f"{busybox}/bin/busybox"
+    archive = tmp / "warm.tar"
+    subprocess.run([LAZYSTORE, "image", "build", top, "-o", str(archive), "--name",
+                    "bench/warm:1", "--entrypoint", json.dumps([f"{busybox}/bin/sh"])],
+                   check=True, capture_output=True)
+    with ExitStack() as stack:
+        url, key = stack.enter_context(signed_cache(top, tmp / "cc"))
+        m = stack.enter_context(lazystore_mount(tmp / "mc", url, key, "--allow-other"))
+        sn = tmp / "sn"
+        sn.mkdir()
+        stack.enter_context(containerd.snapshotter_process(
+            sn / "root", sn / "sn.sock", m.sock, m.mnt, log_file=sn / "log"))
+        ctd = stack.enter_context(containerd.Containerd(
+            tmp / "ctd", proxy_plugins={"lazystore": str(sn / "sn.sock")}))
+        ctd.ctr("image", "import", "--snapshotter", "lazystore", str(archive))
+        [image] = [n for n in ctd.ctr("image", "ls", "-q").stdout.split() if "bench/warm" in n]
+        m.call("prefetch", paths=[docs, busybox])
+        native_file = m.cache / "store" / os.path.basename(docs) / "share/doc/manual.txt"
+        served = m.status()["bytes_served"]
+        # the cache file bound into the same container: both read interleaved
+        out = ctd.ctr("run", "--rm", "--snapshotter", "lazystore", "--mount",
+                      f"type=bind,src={native_file.parent},dst=/native,options=rbind:ro",
+                      image, "warm", bb, "sh", "-c",
+                      timed_reads(bb, [manual, "/native/manual.txt"], runs), timeout=900)
+        inside, native = real_seconds(out.stdout + out.stderr, 2)
+        by = "FUSE" if m.status()["bytes_served"] - served > 100e6 else "the cache"
+        mb = os.path.getsize(native_file) * READS_PER_SAMPLE / 1e6
+    best_in, best_native = min(inside), min(native)
+    print(f"container read {mb / READS_PER_SAMPLE:.0f} MB x {READS_PER_SAMPLE}, data from {by}: "
+          f"native {mb / best_native:.0f} MB/s, "
+          f"container warm {mb / best_in:.0f} MB/s ({best_native / best_in:.2f}x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
@@ -131,9 +202,15 @@ def main() -> None:
     parser.add_argument("--read-only", action="store_true", help="skip the walks")
     parser.add_argument("--no-binds", action="store_true",
                         help="the daemon serves everything through FUSE")
+    parser.add_argument("--container", action="store_true",
+                        help="only the read in a container through the snapshotter")
     args = parser.parse_args()
     extra = ["--no-binds"] if args.no_binds else []
     with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+        if args.container:
+            bench_container(Path(tmp), args.runs)
+            print(load_note())
+            return
         bench_read(Path(tmp), args.runs, args.read_ahead_kb, extra)
         if args.read_only:
             print(load_note())
