@@ -374,7 +374,8 @@ class LocalStore:
         except LazystoreError as exc:  # cannot ask now: not remembered
             log.info("no file index for %s this time: %s", base, exc)
             return None
-        found = None if index is None else IndexedPath.of(index, info)
+        found = None if index is None else await trio.to_thread.run_sync(
+            IndexedPath.of, index, info)
         self._indexed[base] = found
         return found
 

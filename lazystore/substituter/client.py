@@ -413,11 +413,16 @@ class Substituters:
         data = await self._retry(lambda: cache.transport.get(name), f"{cache.url}/{name}")
         if data is None:
             return None
-        try:
-            index = fileindex.parse(data)
-            fileindex.check(index, info, self._keys)
+        try:  # a large index takes a while to check: not on the trio thread
+            index = await trio.to_thread.run_sync(self._checked_index, data, info,
+                                                  limiter=self._limiter)
         except FileIndexError as exc:
             raise VerificationError(f"{cache.url}/{name}: {exc}") from None
+        return index
+
+    def _checked_index(self, data: bytes, info: NarInfo) -> FileIndex:
+        index = fileindex.parse(data)
+        fileindex.check(index, info, self._keys)
         return index
 
     async def _offers_indexes(self, cache: _Cache) -> bool:
