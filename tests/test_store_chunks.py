@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 from lazystore import cacheindex
 from lazystore.nix import fileindex
@@ -153,6 +154,27 @@ async def test_read_ahead_takes_the_next_chunks_in_the_same_request(
             assert got == real(indexed, busybox, binary)[CHUNK:3 * CHUNK]
             assert stats.chunk_bytes == chunks[0].length + budget
         assert len(server.range_requests) == 1
+
+
+async def test_concurrent_overlapping_reads_get_their_own_bytes(
+        indexed: nixcache.BinaryCache, tmp_path: Path) -> None:
+    busybox = base_of(indexed, "busybox")
+    binary = ("bin", "busybox")
+    want = real(indexed, busybox, binary)
+    spans = [(0, 3 * CHUNK), (CHUNK + 7, CHUNK), (2 * CHUNK - 1, 2 * CHUNK), (5, 10)] * 2
+    got: dict[int, bytes] = {}
+    with served(indexed) as server:
+        async with store_over(server.url, indexed.key.public_key, tmp_path,
+                              read_ahead=CHUNK) as store:
+            await store.tree(busybox)
+
+            async def one(i: int, offset: int, size: int) -> None:
+                got[i] = await read(store, busybox, binary, offset, size)
+
+            async with trio.open_nursery() as nursery:
+                for i, (offset, size) in enumerate(spans):
+                    nursery.start_soon(one, i, offset, size)
+    assert got == {i: want[o:o + n] for i, (o, n) in enumerate(spans)}
 
 
 async def test_whole_files_read_through_chunks_are_the_real_bytes(

@@ -424,7 +424,7 @@ class LocalStore:
             ahead = [c for c in indexed.following(missing[-1], self.read_ahead)
                      if not self.chunks.has(c.sha256)]
             fetched = await self._single(
-                "chunks", f"{base}@{missing[0].offset}+{len(missing)}",
+                "chunks", f"{base}@{','.join(str(c.offset) for c in missing)}",
                 lambda: self._fetch_chunks(base, indexed, missing + ahead))
             if fetched is None:
                 return None
