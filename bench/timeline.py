@@ -83,19 +83,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("results", type=Path)
     p.add_argument("--profile", default="100mbit", help="link profile of the run to show")
     p.add_argument("--workload", default=None)
+    p.add_argument("--mode", default="lazystore-fuse", help="lazystore-fuse or -fuse-profile")
     p.add_argument("--out", type=Path, help="PNG to write (default: RESULTS-timeline-PROFILE.png)")
     args = p.parse_args(argv)
     result = json.loads(args.results.read_text())
-    runs = [r for r in result["runs"] if r.get("mode") == "lazystore-fuse"
+    runs = [r for r in result["runs"] if r.get("mode") == args.mode
             and r.get("profile") == args.profile and r.get("timeline")
             and (args.workload is None or r.get("workload") == args.workload)]
     if not runs:
-        raise SystemExit("bench.timeline: no lazystore-fuse run with a time line there")
+        raise SystemExit(f"bench.timeline: no {args.mode} run with a time line there")
     run = runs[0]
     first = run["time_to_first_output"]
     dest = args.out or args.results.with_name(
-        f"{args.results.stem}-timeline-{args.profile}.png")
-    title = (f"{run['workload']}, {args.profile}: lazystore-fuse cold start "
+        f"{args.results.stem}-timeline-{args.mode}-{args.profile}.png")
+    title = (f"{run['workload']}, {args.profile}: {args.mode} cold start "
              f"(first output {first:.2f} s)")
     plot(run["timeline"], first, title, dest)
     print(json.dumps({"first_output": first, "waiting": summary(run["timeline"], first),

@@ -148,14 +148,48 @@ def lazystore_fuse(ctx: Context) -> Record:
     """A fresh lazystore mount (empty cache); the program runs through it."""
     if not cli_has("mount") or not cli_has("status"):
         raise Skip("`lazystore mount`/`lazystore status` have not landed yet (issue 4)")
+    return _fuse_run(ctx)
+
+
+def lazystore_fuse_profile(ctx: Context) -> Record:
+    """As lazystore-fuse on a node that has the access profile of an earlier run
+    of the program (recorded once per workload and link, untimed): `lazystore
+    prefetch --profile` starts with the program, which does not wait for it."""
+    if not cli_has("profile", "save"):
+        raise Skip("access profiles have not landed yet (issue 14)")
+    saved = ctx.workdir / "profile.json"
+    if not saved.exists():
+        with fresh_daemon(ctx, "fuse-record") as daemon:
+            prog = run_until_exit(in_store_namespace(daemon.mnt, ctx.workload.argv),
+                                  time.monotonic(), ctx.timeout)
+            check(prog, ctx.workload.expect, "lazystore-fuse-profile recording")
+            _lazystore("profile", "save", str(saved), "--control-socket", str(daemon.sock))
+    return _fuse_run(ctx, saved)
+
+
+def _lazystore(*args: str) -> None:
+    proc = subprocess.run([LAZYSTORE, *args], capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise RunFailed(f"lazystore {args[0]} failed: {proc.stderr.strip()}")
+
+
+def _fuse_run(ctx: Context, profile: Path | None = None) -> Record:
     dropped = drop_caches()
     ctx.cache_proxy.reset()
     started = time.monotonic()
     with fresh_daemon(ctx) as daemon:
         start, start_wall = time.monotonic(), time.time()
         start_seconds = start - started
+        ahead = None if profile is None else subprocess.Popen(
+            [LAZYSTORE, "prefetch", "--profile", str(profile),
+             "--control-socket", str(daemon.sock)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         prog = run_until_exit(in_store_namespace(daemon.mnt, ctx.workload.argv),
                               start, ctx.timeout)
+        if ahead is not None:
+            _, err = ahead.communicate(timeout=ctx.timeout)
+            if ahead.returncode != 0:
+                raise RunFailed(f"lazystore prefetch --profile failed: {err.decode().strip()}")
         check(prog, ctx.workload.expect, "lazystore-fuse program")
         status = lazystore_status(daemon.sock)
         rss = proc_peak_rss_kib(daemon.proc)
@@ -191,4 +225,5 @@ def event_timeline(daemon: Daemon, start_wall: float) -> list[dict[str, Any]]:
 HOST_MODES: dict[str, Callable[[Context], Record]] = {
     "nix-eager": nix_eager,
     "lazystore-fuse": lazystore_fuse,
+    "lazystore-fuse-profile": lazystore_fuse_profile,
 }

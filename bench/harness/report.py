@@ -17,7 +17,8 @@ Record = dict[str, Any]
 Key = tuple[str, str, str]  # workload, profile, compression
 BASELINES = ("nix-eager", "oci-overlayfs", "stargz")
 MODE_ORDER = (
-    "nix-eager", "lazystore-fuse", "oci-overlayfs", "lazystore-snapshotter", "stargz",
+    "nix-eager", "lazystore-fuse", "lazystore-fuse-profile", "oci-overlayfs",
+    "lazystore-snapshotter", "stargz",
     "stargz-prefetch", "delta-oci-overlayfs", "delta-lazystore-snapshotter", "delta-stargz",
     "registry-lazystore-snapshotter",
 )
