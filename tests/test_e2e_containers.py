@@ -583,3 +583,45 @@ def _cmdline(proc: Path) -> bytes:
         return (proc / "cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def test_image_with_a_profile_is_fetched_ahead_before_the_container_reads(
+    stack: Stack,
+) -> None:
+    # Record: the program run once on a view (as a container's rootfs would be).
+    bases = closure_bases(stack.one)
+    prog, busybox, liba = base(stack.one), named(bases, "busybox"), named(bases, "liba")
+    stack.daemon.call("view_create", id="record", paths=sorted(bases))
+    out = subprocess.run(["chroot", str(stack.daemon.mnt / ".views/record"),
+                          f"{stack.one}/bin/prog"], capture_output=True, text=True, timeout=120)
+    assert out.stdout == "hello from liba\n", out.stderr
+    saved = stack.base / "profile.json"
+    lazystore("profile", "save", "--view", "record", str(saved),
+              "--control-socket", str(stack.daemon.sock))
+    stack.daemon.call("view_remove", id="record")
+    archive = stack.base / "profiled.tar"
+    lazystore("image", "build", stack.one, "-o", str(archive), "--name", "lazy/profiled:1",
+              "--profile", str(saved))
+    ref = f"{stack.registry.host}/lazy/profiled:1"
+    lazystore("image", "push", str(archive), ref, "--plain-http")
+    # Nothing of this layer may be left in containerd (other tests pull the same
+    # placeholders): every image goes, and with it, synchronously, its snapshots.
+    images = stack.ctd.ctr("image", "ls", "-q").stdout.split()
+    if images:
+        stack.ctd.ctr("image", "rm", "--sync", *images)
+    stack.fresh_daemon()
+    stack.ctd.ctr("image", "pull", "--snapshotter", SN, "--plain-http", ref, timeout=300)
+    deadline = time.monotonic() + 60
+    while {e["path"] for e in stack.daemon.call("events")["events"]
+           if e["kind"] == "nar-done"} < {prog, busybox, liba}:
+        assert time.monotonic() < deadline, f"the profile was not fetched\n{stack.logs()}"
+        time.sleep(0.05)
+    assert run(stack, ref, f"{stack.one}/bin/prog") == "hello from liba\n"
+    events = stack.daemon.call("events")["events"]
+    assert [e["path"] for e in events if e["kind"] == "profile"] == [prog, busybox, liba]
+    nars = [e for e in events if e["kind"] == "nar"]
+    assert sorted(e["path"] for e in nars) == sorted([prog, busybox, liba])
+    # every NAR came before any read of the container reached the daemon (fetched
+    # ahead, the paths are bound over the mount: its reads may not reach it at all)
+    reads = [e["seq"] for e in events if e["kind"] == "read"]
+    assert all(e["seq"] < min(reads, default=events[-1]["seq"] + 1) for e in nars)
