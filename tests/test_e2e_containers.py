@@ -28,6 +28,7 @@ from typing import Any
 import grpc
 import pytest
 
+from lazystore.image.oci import OciArchive
 from lazystore.nix import fsio
 from lazystore.snapshotter.proto import snapshots_pb2 as pb
 from lazystore.snapshotter.proto import snapshots_pb2_grpc as pb_grpc
@@ -41,6 +42,7 @@ WIDE_NIX = Path(__file__).resolve().parents[1] / "bench/workloads/wide.nix"
 # A made-up chain id for the remote snapshot test (no image references it, so
 # containerd's garbage collector may remove it at any time afterwards).
 REMOTE_CHAIN = "sha256:" + hashlib.sha256(b"lazystore remote test").hexdigest()
+PROFILE_CHAIN = "sha256:" + hashlib.sha256(b"lazystore profile test").hexdigest()
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -551,7 +553,7 @@ def test_restart_of_snapshotter_and_daemon_keeps_snapshots_mountable(stack: Stac
 def committed(st: Stack) -> set[str]:
     out = st.ctd.ctr("snapshots", "--snapshotter", SN, "ls").stdout
     names = {line.split()[0] for line in out.splitlines()[1:] if "Committed" in line}
-    return names - {REMOTE_CHAIN}
+    return names - {REMOTE_CHAIN, PROFILE_CHAIN}
 
 
 def test_containerd_helper_leaves_no_shim_behind(tmp_path: Path) -> None:
@@ -592,9 +594,7 @@ def test_image_with_a_profile_is_fetched_ahead_before_the_container_reads(
     bases = closure_bases(stack.one)
     prog, busybox, liba = base(stack.one), named(bases, "busybox"), named(bases, "liba")
     stack.daemon.call("view_create", id="record", paths=sorted(bases))
-    out = subprocess.run(["chroot", str(stack.daemon.mnt / ".views/record"),
-                          f"{stack.one}/bin/prog"], capture_output=True, text=True, timeout=120)
-    assert out.stdout == "hello from liba\n", out.stderr
+    out = _chroot_prog(stack.daemon.mnt / ".views/record", stack.one)
     saved = stack.base / "profile.json"
     lazystore("profile", "save", "--view", "record", str(saved),
               "--control-socket", str(stack.daemon.sock))
@@ -602,26 +602,46 @@ def test_image_with_a_profile_is_fetched_ahead_before_the_container_reads(
     archive = stack.base / "profiled.tar"
     lazystore("image", "build", stack.one, "-o", str(archive), "--name", "lazy/profiled:1",
               "--profile", str(saved))
-    ref = f"{stack.registry.host}/lazy/profiled:1"
-    lazystore("image", "push", str(archive), ref, "--plain-http")
-    # Nothing of this layer may be left in containerd (other tests pull the same
-    # placeholders): every image goes, and with it, synchronously, its snapshots.
-    images = stack.ctd.ctr("image", "ls", "-q").stdout.split()
-    if images:
-        stack.ctd.ctr("image", "rm", "--sync", *images)
+    with OciArchive(archive) as image:
+        (layer,) = image.layers
+    # The pull on a fresh node: the layer's annotations as containerd's CRI
+    # unpacker passes them (disable_snapshot_annotations = false), under a
+    # chain id of this test's own (so no earlier snapshot of the same layer).
     stack.fresh_daemon()
-    stack.ctd.ctr("image", "pull", "--snapshotter", SN, "--plain-http", ref, timeout=300)
-    deadline = time.monotonic() + 60
-    while {e["path"] for e in stack.daemon.call("events")["events"]
-           if e["kind"] == "nar-done"} < {prog, busybox, liba}:
-        assert time.monotonic() < deadline, f"the profile was not fetched\n{stack.logs()}"
-        time.sleep(0.05)
-    assert run(stack, ref, f"{stack.one}/bin/prog") == "hello from liba\n"
+    lease = f"lz-profile-{time.monotonic_ns()}"
+    stack.ctd.ctr("leases", "create", "--id", lease)
+    md = (("containerd-namespace", stack.ctd.namespace), ("containerd-lease", lease))
+    chain = PROFILE_CHAIN
+    labels = {"containerd.io/snapshot.ref": chain, **layer.annotations}
+    channel, snaps = _containerd_snapshots(stack)
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            snaps.Prepare(pb.PrepareSnapshotRequest(
+                snapshotter=SN, key=f"extract-1 {chain}", labels=labels), metadata=md)
+        assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS, info.value.details()
+        mounts = snaps.View(pb.ViewSnapshotRequest(snapshotter=SN, key="pv", parent=chain),
+                            metadata=md).mounts
+        deadline = time.monotonic() + 60
+        while {e["path"] for e in stack.daemon.call("events")["events"]
+               if e["kind"] == "nar-done"} < {prog, busybox, liba}:
+            assert time.monotonic() < deadline, f"the profile was not fetched\n{stack.logs()}"
+            time.sleep(0.05)
+        assert _chroot_prog(Path(mounts[0].source), stack.one) == out
+    finally:
+        channel.close()
+        stack.ctd.ctr("leases", "delete", lease, check=False)
     events = stack.daemon.call("events")["events"]
     assert [e["path"] for e in events if e["kind"] == "profile"] == [prog, busybox, liba]
     nars = [e for e in events if e["kind"] == "nar"]
     assert sorted(e["path"] for e in nars) == sorted([prog, busybox, liba])
-    # every NAR came before any read of the container reached the daemon (fetched
+    # every NAR came before any read of the program reached the daemon (fetched
     # ahead, the paths are bound over the mount: its reads may not reach it at all)
     reads = [e["seq"] for e in events if e["kind"] == "read"]
     assert all(e["seq"] < min(reads, default=events[-1]["seq"] + 1) for e in nars)
+
+
+def _chroot_prog(root: Path, top: str) -> str:
+    out = subprocess.run(["chroot", str(root), f"{top}/bin/prog"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.stdout == "hello from liba\n", out.stderr
+    return out.stdout
