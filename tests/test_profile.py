@@ -85,3 +85,17 @@ async def test_prefetch_profile_refuses_a_profile_too_large(tmp_path: Path) -> N
         result = await ops.handle("prefetch_profile", {"profile": _profile_of(C, A)})
         assert result == {"fetched": [C, A], "ignored": []}
         assert store.records[C].materialized and store.records[A].materialized
+
+
+async def test_background_fetch_brings_the_rest_of_a_view_after_its_profile(
+        tmp_path: Path) -> None:
+    async with LocalStore(FakeSubstituters(sample_paths()), tmp_path) as store:
+        ops = ControlOperations(store, Vfs(store), "/mnt", [], background_fetch=True)
+        await ops.handle("view_create", {"id": "v", "paths": [A, B, C], "closure_info": None,
+                                         "prefetch": [C]})
+        with trio.fail_after(10):
+            while not all(store.records.get(b) and store.records[b].materialized
+                          for b in (A, B, C)):
+                await trio.sleep(0.01)
+        asked = [e.path for e in store.events.since(0, 100) if e.kind == "profile"]
+        assert asked[0] == C and sorted(asked[1:]) == sorted([A, B])  # the profile first

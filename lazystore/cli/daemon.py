@@ -72,6 +72,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the store directory the caches serve (default: nix.conf's, /nix/store)")
     p.add_argument("--allow-other", action="store_true",
                    help="let other users (containers) read the mount")
+    p.add_argument("--background-fetch", action="store_true",
+                   help="after a view's profile, fetch the rest of its paths at low priority")
     p.add_argument("--no-binds", dest="bind_finished", action="store_false",
                    help="serve fetched paths through FUSE too (by default each is bound "
                         "read-only over its directory in the mount)")
@@ -137,6 +139,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             substituter_urls=list(config.urls),
             metrics_address=args.metrics_address,
             bind_finished=args.bind_finished,
+            background_fetch=args.background_fetch,
         ))
     except BaseExceptionGroup as group:
         raise first_error(group) from None

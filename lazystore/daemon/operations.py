@@ -41,9 +41,11 @@ def _warn_ignored(whose: str, ignored: list[str]) -> None:
 
 class ControlOperations:
     def __init__(
-        self, store: LocalStore, vfs: Vfs, mountpoint: str, substituter_urls: list[str]
+        self, store: LocalStore, vfs: Vfs, mountpoint: str, substituter_urls: list[str],
+        background_fetch: bool = False,
     ) -> None:
         self.store = store
+        self.background_fetch = background_fetch  # a view's other paths after its profile
         self.vfs = vfs
         self.mountpoint = mountpoint
         self.substituter_urls = substituter_urls
@@ -97,12 +99,14 @@ class ControlOperations:
             bases += await self._closure_info(closure_info)
         new = id not in self.vfs.views
         rel = await self.vfs.create_view(id, bases)
-        if new and prefetch:
-            self._prefetch_for_view(id, [self.store.parse(p).basename for p in prefetch],
-                                    set(bases))
+        if new and (prefetch or self.background_fetch):
+            ahead = self._view_profile(id, [self.store.parse(p).basename for p in prefetch],
+                                       set(bases))
+            rest = [b for b in self.vfs.views[id].bases if b not in set(ahead)]
+            self.store.prefetch_soon(ahead, why=id, then=rest if self.background_fetch else [])
         return {"path": f"{self.mountpoint}/{rel}", "paths": list(self.vfs.views[id].bases)}
 
-    def _prefetch_for_view(self, view_id: str, wanted: list[str], closure: set[str]) -> None:
+    def _view_profile(self, view_id: str, wanted: list[str], closure: set[str]) -> list[str]:
         """A view's profile came with its image (untrusted): only the view's
         paths, at most profile.MAX_PATHS, each once; the rest a warning."""
         paths = list(dict.fromkeys(wanted))
@@ -112,7 +116,7 @@ class ControlOperations:
             log.warning("view %s's profile names %d store paths: only the first %d are "
                         "fetched ahead", view_id, len(paths), profile.MAX_PATHS)
             paths = paths[:profile.MAX_PATHS]
-        self.store.prefetch_soon(paths, why=view_id)
+        return paths
 
     async def prefetch_profile(self, profile: str) -> dict[str, Any]:
         read = _parse_profile(profile)

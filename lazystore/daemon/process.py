@@ -48,6 +48,7 @@ class Daemon:
         allow_other: bool = False,
         substituter_urls: list[str] | None = None,
         bind_finished: bool = True,
+        background_fetch: bool = False,
     ) -> None:
         self.store = store
         self.mountpoint = os.path.abspath(mountpoint)
@@ -55,7 +56,7 @@ class Daemon:
         self.allow_other = allow_other
         self.vfs = Vfs(store, store_dir)
         self.operations = ControlOperations(
-            store, self.vfs, self.mountpoint, list(substituter_urls or [])
+            store, self.vfs, self.mountpoint, list(substituter_urls or []), background_fetch
         )
         # finished paths bound over the mount (binds.py); off: all through FUSE
         self.binds = Binds(store, self.mountpoint) if bind_finished else None
@@ -145,6 +146,7 @@ async def run(
     substituter_urls: list[str],
     metrics_address: str | None = None,
     bind_finished: bool = True,
+    background_fetch: bool = False,
 ) -> None:
     """Serve until SIGTERM/SIGINT or an external unmount (with Prometheus
     metrics on *metrics_address* when given)."""
@@ -156,7 +158,7 @@ async def run(
         )
         daemon = Daemon(
             store, mountpoint, control_socket, store_dir, allow_other, substituter_urls,
-            bind_finished,
+            bind_finished, background_fetch,
         )
         if metrics_address is not None:
             stack.enter_context(_metrics(daemon, metrics_address))

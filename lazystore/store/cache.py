@@ -61,6 +61,7 @@ BACKGROUND_PARALLEL = 16
 # Compressed bytes of the chunks after a read's last one (the next files in NAR
 # order: a start-up reads neighbours) asked for in the same range request.
 READ_AHEAD = 256 << 10
+BACKGROUND_FETCH_PARALLEL = 2  # a view's other paths after its profile (--background-fetch)
 
 
 class PathNotFound(StoreError):
@@ -643,28 +644,33 @@ class LocalStore:
         except StoreError as exc:
             log.info("resolving %d store paths: %s", len(bases), exc)
 
-    def prefetch_soon(self, bases: list[str], why: str = "") -> None:
+    def prefetch_soon(self, bases: list[str], why: str = "", then: list[str] | None = None
+                      ) -> None:
         """:meth:`prefetch_in_order` in the background (a task of the store's
-        nursery); failures are only logged (a reader sees its own)."""
+        nursery), and after it *then* at low priority (``--background-fetch``:
+        BACKGROUND_FETCH_PARALLEL at once); failures are only logged (a reader
+        sees its own)."""
         assert self._nursery is not None, "LocalStore used outside its context"
-        self._nursery.start_soon(self._prefetch_soon, bases, why)
+        self._nursery.start_soon(self._prefetch_soon, bases, why, then or [])
 
-    async def _prefetch_soon(self, bases: list[str], why: str) -> None:
-        try:
-            await self.prefetch_in_order(bases, why)
-        except StoreError as exc:
-            log.info("prefetching %d store paths ahead of use: %s", len(bases), exc)
+    async def _prefetch_soon(self, bases: list[str], why: str, then: list[str]) -> None:
+        for paths, parallel in ((bases, PREFETCH_PARALLEL), (then, BACKGROUND_FETCH_PARALLEL)):
+            try:
+                await self.prefetch_in_order(paths, why, parallel)
+            except StoreError as exc:
+                log.info("prefetching %d store paths ahead of use: %s", len(paths), exc)
 
-    async def prefetch_in_order(self, bases: list[str], why: str = "") -> None:
+    async def prefetch_in_order(self, bases: list[str], why: str = "",
+                                parallel: int = PREFETCH_PARALLEL) -> None:
         """Materialise *bases* (an access profile's), started in their order,
-        *PREFETCH_PARALLEL* at once. A reader of any path meanwhile does not
+        *parallel* at once. A reader of any path meanwhile does not
         queue behind them (its fetch is a flight of its own, or joins theirs).
         *why* names the view (or "" for the root) in the event log."""
         async def one(base: str) -> None:
             self.events.record("profile", base, view=why)
             await self.materialize(base)
 
-        await _in_order(bases, one, PREFETCH_PARALLEL)
+        await _in_order(bases, one, parallel)
 
     async def _hint(self, base: str) -> None:
         rec = await self.require(base)

@@ -27,7 +27,7 @@ KINDS = {
     "nar-done": "it verified and the path is in the cache (size: NarSize)",
     "nar-failed": "it failed",
     "read": "a file is opened for the first time since the daemon started (file, size)",
-    "profile": "a profile's path is asked for ahead of use (view)",
+    "profile": "a path is asked for ahead of use: a profile's, or --background-fetch's (view)",
 }
 
 
