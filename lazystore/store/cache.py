@@ -62,6 +62,9 @@ BACKGROUND_PARALLEL = 16
 # order: a start-up reads neighbours) asked for in the same range request.
 READ_AHEAD = 256 << 10
 BACKGROUND_FETCH_PARALLEL = 2  # a view's other paths after its profile (--background-fetch)
+# A path with more references than this is an aggregate (a closure of hundreds
+# of paths of which a program reads a few): its references are not learnt ahead.
+REFERENCES_AHEAD = 32
 
 
 class PathNotFound(StoreError):
@@ -291,7 +294,7 @@ class LocalStore:
         rec.nar_size = int(info.nar_size)
         rec.references = tuple(info.references)
         self._changed()
-        if self.resolve_references:
+        if self.resolve_references and len(info.references) <= REFERENCES_AHEAD:
             ahead = [r for r in info.references if r not in self.records
                      and r not in self._negative and ("query", r) not in self._flights]
             if ahead:
