@@ -203,6 +203,58 @@ def test_sigterm_mid_download_leaves_nothing_partial(binary_cache: nixcache.Bina
     assert list(dest.iterdir()) == []  # no partial path, no temporary folder
 
 
+def test_kill9_mid_download_leaves_a_temporary_the_next_run_removes(
+    binary_cache: nixcache.BinaryCache, tmp_path: Path
+) -> None:
+    """A run killed with SIGKILL cannot clean up: its .lazystore-tmp-* folder
+    stays, and the next run into the same folder removes it (not the folder of
+    a run still going, whose lock it respects)."""
+    import fcntl
+
+    busybox = named(binary_cache, "busybox")
+    nar = "/" + next(line.split(": ", 1)[1] for line in
+                     binary_cache.narinfo_path(busybox).read_text().splitlines()
+                     if line.startswith("URL: "))
+    dest = tmp_path / "out"
+    with FaultServer(binary_cache.root) as server:
+        server.always(nar, Fault.stall(after=4096))
+        argv = [sys.executable, "-m", "lazystore", *base_args(binary_cache, server.url,
+                                                                  dest, tmp_path),
+                "--no-closure", busybox]
+        proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while server.count(nar) == 0 and proc.poll() is None:
+                assert time.monotonic() < deadline, "the NAR was never requested"
+                time.sleep(0.05)
+            time.sleep(0.3)
+            proc.kill()
+            proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    left = [p.name for p in dest.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".lazystore-tmp-")
+    live = dest / ".lazystore-tmp-live"
+    live.mkdir()
+    held = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # as a run that is still going holds it
+    try:
+        liba = named(binary_cache, "liba")
+        with FaultServer(binary_cache.root) as server:
+            out = subprocess.run(
+                [sys.executable, "-m", "lazystore",
+                 *base_args(binary_cache, server.url, dest, tmp_path), "--no-closure", liba],
+                capture_output=True, text=True, timeout=120,
+            )
+        assert out.returncode == 0, out.stderr
+        assert sorted(p.name for p in dest.iterdir()) == sorted(
+            [".lazystore-tmp-live", os.path.basename(liba)])
+    finally:
+        os.close(held)
+
+
 @pytest.mark.root
 def test_a_full_dest_disk_is_one_line_and_leaves_nothing_partial(
         binary_cache: nixcache.BinaryCache, tmp_path: Path,

@@ -11,10 +11,7 @@ killed (SIGKILL) and started again.
 
 from __future__ import annotations
 
-import errno
 import os
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -22,89 +19,24 @@ import pytest
 from lazystore.daemon.session import mount_device
 from lazystore.testing import nixcache
 from lazystore.testing.daemon import Daemon, is_mounted
+from lazystore.testing.restarts import Reader, crash_loop, store_files
 from lazystore.testing.supervisor import Supervisor
 from tests.test_mount_daemon import _need_fuse, by_name
 
 pytestmark = pytest.mark.root
 
 RESTARTS = 20
+CRASHES = 100
 # The longest a read may wait: one restart of the daemon (python start-up,
 # index load, takeover) on a loaded 2-core machine, with margin.
 READ_BOUND = 30.0
-
-
-def _store_files(paths: list[str]) -> dict[str, bytes]:
-    """Every regular file of *paths* as real Nix built them, by path below the store."""
-    out = {}
-    for p in paths:
-        base = os.path.basename(p)
-        root = Path("/nix/store") / base
-        for dirpath, _, names in os.walk(root):
-            for name in names:
-                full = Path(dirpath) / name
-                if full.is_file() and not full.is_symlink() and full.stat().st_size < (8 << 20):
-                    out[str(full.relative_to("/nix/store"))] = full.read_bytes()
-    return out
-
-
-class Reader(threading.Thread):
-    """Reads every file again and again; keeps one file and one directory open."""
-
-    def __init__(self, mnt: Path, files: dict[str, bytes], held: str, held_dir: str) -> None:
-        super().__init__(daemon=True)
-        self.mnt, self.files = mnt, files
-        self.held_path, self.held_dir_path = held, held_dir
-        self.stop = threading.Event()
-        self.reads = 0
-        self.errors: list[str] = []
-        self.slowest = 0.0
-
-    def run(self) -> None:
-        held = os.open(self.mnt / self.held_path, os.O_RDONLY)
-        held_dir = os.open(self.mnt / self.held_dir_path, os.O_RDONLY | os.O_DIRECTORY)
-        names = sorted(os.listdir(held_dir))
-        try:
-            while not self.stop.is_set():
-                for rel, want in self.files.items():
-                    self._timed(rel, lambda r=rel: (self.mnt / r).read_bytes(), want)
-                    self._timed(
-                        "held " + self.held_path,
-                        lambda: os.pread(held, 1 << 20, 0), self.files[self.held_path],
-                    )
-                    self._timed("held dir", lambda: sorted(os.listdir(held_dir)), names)
-                    self._timed("fstat", lambda: os.fstat(held).st_size,
-                                len(self.files[self.held_path]))
-        finally:
-            os.close(held)
-            os.close(held_dir)
-
-    def _timed(self, what: str, fn: object, want: object) -> None:
-        start = time.monotonic()
-        try:
-            got = fn()  # type: ignore[operator]
-        except OSError as exc:
-            self.errors.append(f"{what}: {errno.errorcode.get(exc.errno or 0)} {exc}")
-            got = None
-        took = time.monotonic() - start
-        self.slowest = max(self.slowest, took)
-        if got is not None and got != want:
-            self.errors.append(f"{what}: wrong bytes")
-        self.reads += 1
-
-
-def _wait_reads(reader: Reader, n: int) -> None:
-    target = reader.reads + n
-    deadline = time.monotonic() + 120
-    while reader.reads < target and reader.is_alive():
-        assert time.monotonic() < deadline, "the reader made no progress"
-        time.sleep(0.01)
 
 
 def test_twenty_restarts_and_kills_under_a_reader_lose_no_read(
     tmp_path: Path, binary_cache: nixcache.BinaryCache, http_cache: str
 ) -> None:
     _need_fuse()
-    files = _store_files(binary_cache.paths)
+    files = store_files(binary_cache.paths)
     liba = by_name(binary_cache.paths, "liba")
     held = f"{liba}/lib/data"
     assert held in files
@@ -115,16 +47,16 @@ def test_twenty_restarts_and_kills_under_a_reader_lose_no_read(
         d.start()
         assert set(supervisor.stored) == {"fuse"}
         device = mount_device(str(d.mnt))
-        reader = Reader(d.mnt, files, held, f"{liba}/lib")
+        reader = Reader(d.mnt, files, held)
         reader.start()
-        _wait_reads(reader, len(files))
+        reader.wait_reads(len(files))
         evictable = [b for b in map(os.path.basename, binary_cache.paths) if b != liba]
         for i in range(RESTARTS):
             d.restart(kill=i % 2 == 1)
             assert mount_device(str(d.mnt)) == device  # the same mount all along
-            _wait_reads(reader, 2 * len(files))
+            reader.wait_reads(2 * len(files))
             d.call("evict", paths=evictable)  # read again: fetched again
-        _wait_reads(reader, len(files))
+        reader.wait_reads(len(files))
         reader.stop.set()
         reader.join(READ_BOUND)
         assert not reader.is_alive()
@@ -138,5 +70,41 @@ def test_twenty_restarts_and_kills_under_a_reader_lose_no_read(
     finally:
         if reader is not None:
             reader.stop.set()
+        d.stop()
+        supervisor.close()
+
+
+@pytest.mark.slow
+def test_a_hundred_kills_mid_fetch_unpack_evict_and_index_save_corrupt_nothing(
+    tmp_path: Path, binary_cache: nixcache.BinaryCache, http_cache: str
+) -> None:
+    """kill -9 at random moments while paths are evicted, fetched, unpacked and
+    the index saved, then a supervised restart, 100 times: no read fails or
+    returns a wrong byte; after each kill store/ holds only whole paths as Nix
+    built them and the index's verified trees are Nix's; no tmp/ entry
+    survives the next start; what the daemon lists as materialised is there."""
+    _need_fuse()
+    files = store_files(binary_cache.paths)
+    liba = by_name(binary_cache.paths, "liba")
+    supervisor = Supervisor(tmp_path)
+    d = Daemon(tmp_path, http_cache, binary_cache.key.public_key, supervisor=supervisor,
+               verbose=False)
+    reader = Reader(d.mnt, files, f"{liba}/lib/data")
+    try:
+        d.start()
+        reader.start()
+        reader.wait_reads(len(files))
+        evictable = [b for b in map(os.path.basename, binary_cache.paths) if b != liba]
+        result = crash_loop(d, reader, evictable, CRASHES)
+        reader.wait_reads(len(files))
+        reader.stop.set()
+        reader.join(READ_BOUND)
+        assert result.iterations == CRASHES
+        assert result.problems == [] and result.survivors == []
+        assert reader.errors == [] and reader.slowest < READ_BOUND
+        assert sum(result.phases.values()) == CRASHES
+        assert result.phases.get("fetch/unpack", 0) > 0  # the kills did land mid-work
+    finally:
+        reader.stop.set()
         d.stop()
         supervisor.close()

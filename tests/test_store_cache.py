@@ -541,3 +541,14 @@ async def test_names_and_targets_that_are_not_utf8_survive_the_index(tmp_path: P
     loaded = index.load(tmp_path / "index")
     assert {b: loaded[b].tree for b in (A, LINK)} == trees
     assert tree.resolve(trees[A], ("l",)).target == odd and odd in trees[A].entries
+
+
+def test_index_load_removes_temporaries_of_killed_saves(tmp_path: Path) -> None:
+    from lazystore.store import index
+
+    path = tmp_path / "index"
+    index.save(path, {})
+    stale = tmp_path / ".index.4242.tmp"  # a save killed before its rename
+    stale.write_bytes(b"partial")
+    assert index.load(path) == {}
+    assert not stale.exists() and path.exists()

@@ -5,6 +5,7 @@ daemon's CLI shares (``add_substituter_arguments``, ``config_from_args``)."""
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import secrets
 import signal
@@ -136,6 +137,28 @@ def _parse_path(text: str, store_dir: str) -> StorePath:
         raise LazystoreError(str(exc)) from None
 
 
+TMP_PREFIX = ".lazystore-tmp-"
+
+
+def clear_stale_tmp(dest: Path, ours: Path) -> None:
+    """Remove the temporary folders of earlier runs into *dest* that were killed
+    (a run holds a lock on its own folder while it lives; a kill -9 releases it)."""
+    for old in dest.glob(TMP_PREFIX + "*"):
+        if old == ours or not old.is_dir():
+            continue
+        try:
+            fd = os.open(old, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a run that is still going
+        finally:
+            os.close(fd)
+        fsio.remove_tree(old, ignore_errors=True)
+
+
 @dataclass
 class _Job:
     config: SubstituterConfig
@@ -154,10 +177,13 @@ class _Job:
 
     async def run(self) -> None:
         try:
-            tmp_dir = Path(tempfile.mkdtemp(prefix=".lazystore-tmp-", dir=self.dest))
+            tmp_dir = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=self.dest))
         except OSError as exc:
             raise LazystoreError(f"cannot write in {self.dest}: {exc.strerror}") from None
+        lock = os.open(tmp_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # ours while this run lives
         try:
+            clear_stale_tmp(self.dest, tmp_dir)
             # SIGTERM cancels the work like Ctrl-C does, so nothing partial stays.
             with trio.open_signal_receiver(signal.SIGTERM) as signals:
                 async with trio.open_nursery() as nursery:
@@ -166,6 +192,7 @@ class _Job:
                     nursery.cancel_scope.cancel()
         finally:
             fsio.remove_tree(tmp_dir, ignore_errors=True)
+            os.close(lock)
 
     async def _work(self, tmp_dir: Path) -> None:
         async with Substituters(self.config) as subs:

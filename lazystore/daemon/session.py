@@ -256,6 +256,8 @@ class FuseSession:
     def save(self) -> None:
         """Write the session state atomically (small; no fsync: it matters only
         while the mount lives, and a machine crash ends the mount)."""
+        for stale in self.state_file.parent.glob(f".{self.state_file.name}.*.tmp"):
+            stale.unlink(missing_ok=True)  # of a daemon killed while saving
         tmp = self.state_file.with_name(f".{self.state_file.name}.{os.getpid()}.tmp")
         tmp.write_bytes(self.state.dumps())
         os.replace(tmp, self.state_file)

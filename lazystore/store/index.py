@@ -82,7 +82,10 @@ def loads(data: bytes) -> dict[str, Record]:
 
 
 def load(path: Path) -> dict[str, Record]:
-    """The index at *path*; an absent or unreadable index is an empty one."""
+    """The index at *path*; an absent or unreadable index is an empty one.
+    Temporary files of saves a kill interrupted are removed."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
