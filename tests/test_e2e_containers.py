@@ -631,7 +631,8 @@ def test_image_with_a_profile_is_fetched_ahead_before_the_container_reads(
         channel.close()
         stack.ctd.ctr("leases", "delete", lease, check=False)
     events = stack.daemon.call("events")["events"]
-    assert [e["path"] for e in events if e["kind"] == "profile"] == [prog, busybox, liba]
+    asked = [(e["path"], e["view"]) for e in events if e["kind"] == "profile"]
+    assert [p for p, _ in asked] == [prog, busybox, liba], asked
     nars = [e for e in events if e["kind"] == "nar"]
     assert sorted(e["path"] for e in nars) == sorted([prog, busybox, liba])
     # every NAR came before any read of the program reached the daemon (fetched

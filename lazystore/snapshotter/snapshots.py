@@ -147,9 +147,10 @@ class Snapshotter:
         with *data*, its view whose files redirect an overlay into the daemon's
         data directory (for an overlay that has it as a data-only layer only)."""
         view_id = self.view_id(snap.id) + (DATA_VIEW_SUFFIX if data else "")
+        # the profile goes with the layer's first view (made at pull), not again
+        ahead = [] if data else nixlayer.profile_of(snap.labels)
         try:
-            await self.views.ensure(view_id, snap.nix_paths or [], snap.nix_closure,
-                                    nixlayer.profile_of(snap.labels))
+            await self.views.ensure(view_id, snap.nix_paths or [], snap.nix_closure, ahead)
         except ControlError as exc:
             raise Unavailable(f"no view for nix layer {snap.key!r}: {exc}") from None
         return self.views.path(view_id)
