@@ -215,3 +215,34 @@ def _mount_ns(pid: int) -> int | None:
         return os.stat(f"/proc/{pid}/ns/mnt").st_ino
     except OSError:
         return None
+
+
+def test_a_copy_that_receives_our_unmount_does_not_keep_the_path(
+    tmp_path: Path, binary_cache: nixcache.BinaryCache, http_cache: str
+) -> None:
+    """With the mount shared (systemd makes / shared), a namespace made later
+    holds a slave copy of each bind: the unmount propagates to it, so eviction
+    goes ahead, and the copy there goes with it."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare is not installed")
+    with mounted(tmp_path, http_cache, binary_cache.key.public_key) as d:
+        subprocess.run(["mount", "--make-shared", str(d.mnt)], check=True)
+        liba = base_of(binary_cache, "liba")
+        (d.mnt / liba / "lib/data").read_bytes()
+        wait_bound(d, liba)
+        reader = subprocess.Popen(["unshare", "-m", "--propagation", "slave", "--", "sleep", "60"])
+        try:
+            deadline = time.monotonic() + 10
+            own = os.stat("/proc/self/ns/mnt").st_ino
+            while _mount_ns(reader.pid) in (own, None):
+                assert time.monotonic() < deadline, "the namespace never came up"
+                time.sleep(0.05)
+            copies = [ln for ln in Path(f"/proc/{reader.pid}/mountinfo").read_text().splitlines()
+                      if ln.split()[4].endswith("/" + liba)]
+            assert copies and "master:" in copies[0]
+            assert evicted_once_free(d, liba)
+            assert not [ln for ln in Path(f"/proc/{reader.pid}/mountinfo").read_text()
+                        .splitlines() if ln.split()[4].endswith("/" + liba)]
+        finally:
+            reader.kill()
+            reader.wait()

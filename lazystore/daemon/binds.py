@@ -109,25 +109,36 @@ def unmount(target: str, lazily: bool) -> None:
     _check(_libc.umount2(os.fsencode(target), flags), "umount2")
 
 
-def _mountinfo_root(target: str) -> tuple[str, str] | None:
-    """(major:minor, root within its file system) of the mount at *target*."""
+def _optional(fields: list[str]) -> list[str]:
+    """A mountinfo line's optional fields (shared:N, master:N, ...)."""
+    return fields[6:fields.index("-")]
+
+
+def _mountinfo_root(target: str) -> tuple[str, str, set[str]] | None:
+    """(major:minor, root within its file system, peer groups as "shared:N"
+    and "master:N") of the mount at *target*."""
     found = None
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
-            if _unescape(fields[4]) == target:
-                found = (fields[2], _unescape(fields[3]))  # the last one is on top
+            if _unescape(fields[4]) == target:  # the last one is on top
+                groups = {g.replace("shared:", "master:") for g in _optional(fields)
+                          if g.startswith("shared:")}
+                groups |= {g.replace("master:", "shared:") for g in groups}
+                found = (fields[2], _unescape(fields[3]), groups)
     return found
 
 
 def copied_elsewhere(target: str) -> bool:
     """Whether the tree bound at *target* is also mounted somewhere else: a
     bind of it, or a copy in another mount namespace (``unshare -m`` copies
-    every mount), where unmounting ours would leave it in use (blocking)."""
+    every mount), where unmounting ours would leave it in use (blocking). A
+    copy in our peer group, or a slave of it, is not counted: our unmount
+    propagates to it (and fails with EBUSY while it is in use there)."""
     ours = _mountinfo_root(target)
     if ours is None:
         return False
-    device, root = ours
+    device, root, groups = ours
     own_ns = os.stat("/proc/self/ns/mnt").st_ino
     seen: set[int] = set()
     for pid in os.listdir("/proc"):
@@ -151,6 +162,8 @@ def copied_elsewhere(target: str) -> bool:
                 continue
             if ns == own_ns and _unescape(fields[4]) == target:
                 continue  # ours
+            if groups & set(_optional(fields)):
+                continue  # our unmount reaches it
             return True
     return False
 
