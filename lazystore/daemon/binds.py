@@ -270,9 +270,9 @@ class Binds:
             log.debug("bound %s", base)
 
     async def release(self, base: str) -> bool:
-        """Unbind *base* before its data goes; False if a process still uses it."""
-        if base not in self.bound:
-            return True
+        """Unbind *base* before its data goes; False if a process still uses it.
+        Always under the lock: a bind of it in progress finishes first (it may
+        have opened the directory already), then is undone."""
         async with self._lock:
             if base not in self.bound:
                 return True
