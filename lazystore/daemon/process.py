@@ -81,8 +81,7 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_signals, nursery, keep)
                 if self.binds is not None:
-                    await nursery.start(self.binds.run)
-                    self.store.direct = self.binds
+                    nursery.start_soon(self._bind_finished, nursery)
                 await nursery.start(server.serve, self.control_socket, self.operations.handle)
                 log.info("serving %s (control socket %s)", self.mountpoint, self.control_socket)
                 sdnotify.notify(f"READY=1\nSTATUS=serving {self.mountpoint}")
@@ -97,6 +96,13 @@ class Daemon:
             unmount = (clean and not keep) or (not serving and not session.taken_over)
             session.close(unmount_it=unmount)
             log.info("%s %s", "unmounted" if unmount else "left the mount at", self.mountpoint)
+
+    async def _bind_finished(self, nursery: trio.Nursery) -> None:
+        """Start binding finished paths. Not before FUSE is served: adopting the
+        binds an earlier daemon left unmounts some, and those path walks go
+        through the mount (a daemon that took the mount over hung there)."""
+        await nursery.start(self.binds.run)  # type: ignore[union-attr]
+        self.store.direct = self.binds
 
     def _session(self) -> FuseSession:
         """The session the manager passed back, else a new mount."""
