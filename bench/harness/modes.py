@@ -8,6 +8,7 @@ import json
 import logging
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -153,8 +154,9 @@ def lazystore_fuse(ctx: Context) -> Record:
 
 def lazystore_fuse_profile(ctx: Context) -> Record:
     """As lazystore-fuse on a node that has the access profile of an earlier run
-    of the program (recorded once per workload and link, untimed): `lazystore
-    prefetch --profile` starts with the program, which does not wait for it."""
+    of the program (recorded once per workload and link, untimed): the
+    daemon's prefetch_profile (what `lazystore prefetch --profile` sends)
+    starts with the program, which does not wait for it."""
     if not cli_has("profile", "save"):
         raise Skip("access profiles have not landed yet (issue 14)")
     saved = ctx.workdir / "profile.json"
@@ -173,6 +175,13 @@ def _lazystore(*args: str) -> None:
         raise RunFailed(f"lazystore {args[0]} failed: {proc.stderr.strip()}")
 
 
+def _send_profile(daemon: Daemon, text: str, failed: list[BaseException]) -> None:
+    try:
+        daemon.call("prefetch_profile", profile=text)
+    except Exception as exc:  # reported by the run
+        failed.append(exc)
+
+
 def _fuse_run(ctx: Context, profile: Path | None = None) -> Record:
     dropped = drop_caches()
     ctx.cache_proxy.reset()
@@ -180,16 +189,19 @@ def _fuse_run(ctx: Context, profile: Path | None = None) -> Record:
     with fresh_daemon(ctx) as daemon:
         start, start_wall = time.monotonic(), time.time()
         start_seconds = start - started
-        ahead = None if profile is None else subprocess.Popen(
-            [LAZYSTORE, "prefetch", "--profile", str(profile),
-             "--control-socket", str(daemon.sock)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # The profile goes to the daemon as a node's agent would send it (one
+        # control request from a thread of this process, no CLI start-up).
+        ahead: list[BaseException] = []
+        sender = None if profile is None else threading.Thread(
+            target=_send_profile, args=(daemon, profile.read_text(), ahead), daemon=True)
+        if sender is not None:
+            sender.start()
         prog = run_until_exit(in_store_namespace(daemon.mnt, ctx.workload.argv),
                               start, ctx.timeout)
-        if ahead is not None:
-            _, err = ahead.communicate(timeout=ctx.timeout)
-            if ahead.returncode != 0:
-                raise RunFailed(f"lazystore prefetch --profile failed: {err.decode().strip()}")
+        if sender is not None:
+            sender.join(ctx.timeout)
+            if ahead:
+                raise RunFailed(f"prefetch_profile failed: {ahead[0]}")
         check(prog, ctx.workload.expect, "lazystore-fuse program")
         status = lazystore_status(daemon.sock)
         rss = proc_peak_rss_kib(daemon.proc)
