@@ -54,6 +54,9 @@ NEGATIVE_CACHE_SIZE = 100_000
 NARINFOS_HELD = 10_000  # narinfos of paths known but not fetched, for their fetch
 QUERY_PARALLEL = 25  # as many narinfo queries as the substituter has connections
 PREFETCH_PARALLEL = 8
+# A profile's paths at once: few, so that the ones read first are not slowed by
+# the later ones sharing the link equally (they are started in first-read order).
+PROFILE_PARALLEL = 3
 # Narinfos and listings learnt ahead of use (a view's paths, the references of
 # a path looked up) at once: fewer than the substituter's connections, so a
 # reader's own requests always find one.
@@ -657,14 +660,14 @@ class LocalStore:
         self._nursery.start_soon(self._prefetch_soon, bases, why, then or [])
 
     async def _prefetch_soon(self, bases: list[str], why: str, then: list[str]) -> None:
-        for paths, parallel in ((bases, PREFETCH_PARALLEL), (then, BACKGROUND_FETCH_PARALLEL)):
+        for paths, parallel in ((bases, PROFILE_PARALLEL), (then, BACKGROUND_FETCH_PARALLEL)):
             try:
                 await self.prefetch_in_order(paths, why, parallel)
             except StoreError as exc:
                 log.info("prefetching %d store paths ahead of use: %s", len(paths), exc)
 
     async def prefetch_in_order(self, bases: list[str], why: str = "",
-                                parallel: int = PREFETCH_PARALLEL) -> None:
+                                parallel: int = PROFILE_PARALLEL) -> None:
         """Materialise *bases* (an access profile's), started in their order,
         *parallel* at once. A reader of any path meanwhile does not
         queue behind them (its fetch is a flight of its own, or joins theirs).
