@@ -14,8 +14,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 
-from lazystore.daemon.binds import bound_paths
+from lazystore.daemon.binds import Binds, bind_read_only, bound_paths, unmount
+from lazystore.store.index import Record
 from lazystore.testing import nixcache
 from lazystore.testing.daemon import Daemon, fuse_missing
 from lazystore.testing.daemon import lazystore_mount as support_mount
@@ -259,3 +262,46 @@ def test_a_copy_that_receives_our_unmount_does_not_keep_the_path(
         finally:
             reader.kill()
             reader.wait()
+
+
+class _Records:
+    """The part of a LocalStore that adopting binds reads: its records."""
+
+    def __init__(self, materialized: list[str]) -> None:
+        self.records = {b: Record(materialized=True) for b in materialized}
+
+
+async def test_a_release_asked_before_the_adoption_unmounts_the_last_daemons_bind(
+    tmp_path: Path,
+) -> None:
+    """A restarted daemon may be asked to evict before it has adopted the binds
+    the last one left: the release waits for the adoption and unmounts the bind,
+    never leaving it over a directory that the eviction then deletes."""
+    base = "0" * 32 + "-docs"
+    data, mnt = tmp_path / "store" / base, tmp_path / "mnt"
+    (data / "share").mkdir(parents=True)
+    (mnt / base).mkdir(parents=True)
+    bind_read_only(str(data), str(mnt / base))  # left by the last daemon
+    try:
+        binds = Binds(_Records([base]), str(mnt))  # type: ignore[arg-type]
+        released: list[bool] = []
+
+        async def release_until_free() -> None:
+            # False only while someone's new mount namespace holds a copy of it
+            while not await binds.release(base):
+                await trio.sleep(0.5)
+            released.append(True)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(release_until_free)
+            await trio.testing.wait_all_tasks_blocked()
+            assert released == []  # not before the binds are known
+            await nursery.start(binds.run)
+            with trio.fail_after(60):
+                while not released:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert bound_paths(mnt) == []
+    finally:
+        if bound_paths(mnt):
+            unmount(str(mnt / base), lazily=True)

@@ -25,7 +25,8 @@ the cache file system's page cache) and never asks FUSE.
 - Stop: every bind is detached (``MNT_DETACH``) before the FUSE mount goes.
   At start, binds left over the mount by an earlier daemon (a restart that
   kept the mount) are adopted if their path is still materialised, else
-  detached.
+  detached; an eviction asked before that waits for it (else it would delete
+  a directory the old bind still shows: ENOENT below it).
 - Where mounting is not permitted (no CAP_SYS_ADMIN), binding is switched off
   with one INFO line and everything is served through FUSE as before.
 """
@@ -207,6 +208,9 @@ class Binds:
         self._lock = trio.Lock()  # one mount call at a time, never two for one path
         self._send, self._receive = trio.open_memory_channel[str](10_000)
         self._queued: set[str] = set()
+        # Set once the binds an earlier daemon left are known (adopted or
+        # detached): until then a release would not know a path is bound.
+        self._adopted = trio.Event()
 
     def _target(self, base: str) -> str:
         return os.path.join(self.mountpoint, base)
@@ -224,7 +228,10 @@ class Binds:
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The binding task (the daemon's nursery): adopt leftovers, then bind
         what :meth:`materialized` queues, one at a time."""
-        await self._adopt()
+        try:
+            await self._adopt()
+        finally:
+            self._adopted.set()
         task_status.started()
         async for base in self._receive:
             self._queued.discard(base)
@@ -272,7 +279,11 @@ class Binds:
     async def release(self, base: str) -> bool:
         """Unbind *base* before its data goes; False if a process still uses it.
         Always under the lock: a bind of it in progress finishes first (it may
-        have opened the directory already), then is undone."""
+        have opened the directory already), then is undone. Not before the
+        binds an earlier daemon left are adopted: evicting a path whose old
+        bind is not yet known would leave that bind over a deleted directory
+        (ENOENT for everything below it)."""
+        await self._adopted.wait()
         async with self._lock:
             if base not in self.bound:
                 return True

@@ -77,6 +77,10 @@ class Daemon:
             raise
         keep = sdnotify.fdstore_enabled() and session.hand_over()
         serving = clean = False
+        # From the start, not once the binds are adopted: an eviction meanwhile
+        # would remove a path still bound by the last daemon (its release waits
+        # for the adoption).
+        self.store.direct = self.binds
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_signals, nursery, keep)
@@ -102,7 +106,6 @@ class Daemon:
         binds an earlier daemon left unmounts some, and those path walks go
         through the mount (a daemon that took the mount over hung there)."""
         await nursery.start(self.binds.run)  # type: ignore[union-attr]
-        self.store.direct = self.binds
 
     def _session(self) -> FuseSession:
         """The session the manager passed back, else a new mount."""
