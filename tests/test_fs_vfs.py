@@ -595,6 +595,33 @@ async def test_inodes_of_paths_the_index_lost_are_found_again(
         assert (await later.getattr(data)).kind == "r"
 
 
+
+async def test_inodes_of_a_path_whose_saved_record_had_no_tree_are_found_again(
+    tmp_path: Path, subs: FakeSubstituters
+) -> None:
+    """The index was saved after a path's narinfo and before its tree, then the
+    daemon was killed: the next one learns the tree of the path the journal
+    names (the number of records stays the same) and knows its inodes, also
+    for a second miss that comes while the tree is being learnt."""
+    async with LocalStore(subs, tmp_path) as store:
+        handed: list[str] = []
+        first = Vfs(store)
+        first.handed_out = handed.append
+        lib, data = await _walk(first, A, "lib"), await _walk(first, A, "lib", "data")
+        rec = store.records[A]
+        rec.tree, rec.tree_verified = None, False  # what the index had
+        later = Vfs(store)
+        later.adopt_handed_out(handed)
+        kinds: dict[int, str] = {}
+
+        async def getattr_(ino: int) -> None:
+            kinds[ino] = (await later.getattr(ino)).kind
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(getattr_, data)
+            nursery.start_soon(getattr_, lib)
+        assert kinds == {data: "r", lib: "d"}
+
 async def test_views_come_back_with_their_inodes(tmp_path: Path, subs: FakeSubstituters) -> None:
     async with LocalStore(subs, tmp_path) as store:
         saved: list[dict[str, list[str]]] = []

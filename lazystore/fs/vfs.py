@@ -187,6 +187,7 @@ class Vfs:
         self.handed_out: Callable[[str], None] | None = None  # a store path's first inode
         self._handed: set[str] = set()
         self._unindexed: list[str] = []
+        self._learning_lost = trio.Lock()
         self.profile = Recorder()  # first reads through the root and every view
         self._opened: set[tuple[str, tuple[str, ...]]] = set()
 
@@ -209,12 +210,18 @@ class Vfs:
             return node
         key = self._known_key(ino)
         if key is None and self._unindexed:
-            missing, self._unindexed = self._unindexed, []
-            for base in missing:
-                try:
-                    await self.store.tree(base)
-                except LazystoreError as exc:
-                    log.info("store path %s of an earlier daemon: %s", base, exc)
+            # One learning of the lost trees; a miss meanwhile waits for it
+            # instead of answering ENOENT for an inode it is about to know.
+            async with self._learning_lost:
+                missing = list(self._unindexed)
+                for base in missing:
+                    try:
+                        await self.store.tree(base)
+                    except LazystoreError as exc:
+                        log.info("store path %s of an earlier daemon: %s", base, exc)
+                self._unindexed = [b for b in self._unindexed if b not in missing]
+                if missing:  # a record that had no tree still counts one record
+                    self._known = None
             key = self._known_key(ino)
         # a collision gave this number to another; or the key is known already
         if key is None or self.store_inode(*key) != ino:
