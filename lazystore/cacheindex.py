@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from lazystore.errors import LazystoreError, NarError, NarInfoError
-from lazystore.nix import fileindex, listing, nar
+from lazystore.nix import fileindex, fsio, listing, nar
 from lazystore.nix.fileindex import FileEntry, FileIndex, FileIndexError
 from lazystore.nix.nar import DirEnd, DirStart, FileData, FileEnd, FileStart, Symlink
 from lazystore.nix.narinfo import NarInfo
@@ -83,7 +83,7 @@ def index_cache(cache: Path, secret: SecretKey, chunk_size: int = DEFAULT_CHUNK_
     marker = cache / fileindex.MARKER
     if not marker.exists():
         try:
-            _write_atomic(marker, fileindex.MAGIC)
+            fsio.write_atomic(marker, fileindex.MAGIC)
         except OSError as exc:
             raise CacheIndexError(f"cannot write {marker}: {exc.strerror}") from None
     return results
@@ -108,7 +108,7 @@ def index_path(cache: Path, narinfo_file: Path, secret: SecretKey, chunk_size: i
             text = fileindex.write(info, chunk_size, data_name, size, root, secret)
             verify_data(fileindex.parse(text), info, out)
         os.rename(tmp, data_file)
-        _write_atomic(index_file, text)
+        fsio.write_atomic(index_file, text)
     except OSError as exc:
         raise CacheIndexError(f"{info.store_path}: cannot write the index: {exc}") from None
     finally:
@@ -241,13 +241,3 @@ def verify_data(index: FileIndex, info: NarInfo, data: BinaryIO) -> None:
         raise CacheIndexError(f"{info.store_path}: the chunks do not reproduce its NarHash")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}")
-    try:
-        with open(tmp, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.rename(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

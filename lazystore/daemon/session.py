@@ -35,6 +35,7 @@ import pyfuse3
 from lazystore import sdnotify
 from lazystore.daemon.mountpoint import FSNAME
 from lazystore.errors import StoreError
+from lazystore.nix import fsio
 
 log = logging.getLogger(__name__)
 
@@ -258,9 +259,7 @@ class FuseSession:
         while the mount lives, and a machine crash ends the mount)."""
         for stale in self.state_file.parent.glob(f".{self.state_file.name}.*.tmp"):
             stale.unlink(missing_ok=True)  # of a daemon killed while saving
-        tmp = self.state_file.with_name(f".{self.state_file.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(self.state.dumps())
-        os.replace(tmp, self.state_file)
+        fsio.write_atomic(self.state_file, self.state.dumps(), sync=False)
 
     def note_path(self, base: str) -> None:
         try:

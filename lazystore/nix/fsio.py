@@ -373,6 +373,29 @@ def unpack(
     unpacker.finish()
 
 
+def write_atomic(path: Path, data: bytes, sync: bool = True) -> None:
+    """Replace *path* with *data* all at once: a temporary ``.<name>.<pid>.tmp``
+    beside it (the name a start's clean-up looks for), renamed over *path*; with
+    *sync*, the file and its directory are fsynced so a crash keeps old or new."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if sync:
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
 def reason(exc: BaseException) -> str:
     """What went wrong writing, in the OS's words when an OSError is behind
     *exc* (an UnpackError names the temporary, which a user has no use for)."""

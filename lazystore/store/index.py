@@ -8,7 +8,6 @@ leaves either the old or the new index, never a mix.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import lz4.frame
 import msgpack
 
 from lazystore.errors import StoreError
+from lazystore.nix import fsio
 from lazystore.store import tree
 from lazystore.store.tree import Node
 
@@ -99,19 +99,4 @@ def load(path: Path) -> dict[str, Record]:
 
 def save(path: Path, records: dict[str, Record]) -> None:
     """Write the index atomically (blocking: run it in a thread)."""
-    data = dumps(records)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsio.write_atomic(path, dumps(records))
