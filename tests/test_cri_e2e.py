@@ -19,9 +19,10 @@ from typing import Any
 import grpc
 import pytest
 
-from lazystore.testing import cri, nixcache, registry
-from lazystore.testing.containerd import CRI_NAMESPACE, have_containerd, lazystore_process
+from lazystore.testing import cri, nixcache
+from lazystore.testing.containerd import CRI_NAMESPACE, lazystore_process
 from lazystore.testing.cri import SN, CriClient, Pod, lazystore
+from lazystore.testing.daemon import container_stack_missing
 from lazystore.testing.httpserver import serve_directory
 
 SAMPLE_IMAGE = Path(__file__).with_name("support") / "sample-image.nix"
@@ -29,14 +30,8 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 
 def _need_tools() -> None:
-    if not have_containerd():
-        pytest.skip("needs root, containerd, ctr and runc")
-    if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
-        pytest.skip("FUSE (/dev/fuse, fusermount3) is not available")
-    if not registry.available():
-        pytest.skip("docker-registry is not installed")
-    if not nixcache.have_nix():
-        pytest.skip("real Nix (nix-bin) is not installed")
+    if reason := container_stack_missing():
+        pytest.skip(reason)
 
 
 def add_to_store(path: Path) -> str:

@@ -34,7 +34,7 @@ from lazystore.nix.signing import SecretKey
 from lazystore.snapshotter.proto import snapshots_pb2 as pb
 from lazystore.snapshotter.proto import snapshots_pb2_grpc as pb_grpc
 from lazystore.testing import nixcache
-from lazystore.testing.daemon import is_mounted
+from lazystore.testing.daemon import fuse_missing, is_mounted
 from tests.support.fakeviews import FakeViews
 from tests.test_snapshotter_service import (
     NIX_LAYER,
@@ -140,10 +140,8 @@ def wait_ready(sock: socket.socket, proc: subprocess.Popen[bytes], log: Path) ->
 
 @pytest.fixture
 def daemon_argv(tmp_path: Path) -> list[str]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root for a FUSE mount")
-    if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
-        pytest.skip("FUSE (/dev/fuse, fusermount3) is not available")
+    if reason := fuse_missing():
+        pytest.skip(reason)
     if shutil.which("setpriv") is None:
         pytest.skip("setpriv (util-linux) is not installed")
     cache = tmp_path / "binary-cache"

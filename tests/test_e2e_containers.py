@@ -33,8 +33,8 @@ from lazystore.nix import fsio
 from lazystore.snapshotter.proto import snapshots_pb2 as pb
 from lazystore.snapshotter.proto import snapshots_pb2_grpc as pb_grpc
 from lazystore.testing import nixcache, registry
-from lazystore.testing.containerd import Containerd, have_containerd, snapshotter_process
-from lazystore.testing.daemon import LAZYSTORE, Daemon
+from lazystore.testing.containerd import Containerd, snapshotter_process
+from lazystore.testing.daemon import LAZYSTORE, Daemon, container_stack_missing
 from lazystore.testing.httpserver import serve_directory
 
 SN = "lazystore"
@@ -48,14 +48,8 @@ pytestmark = [pytest.mark.root, pytest.mark.slow]
 
 
 def _need_tools() -> None:
-    if not have_containerd():
-        pytest.skip("needs root, containerd, ctr and runc")
-    if not os.path.exists("/dev/fuse") or shutil.which("fusermount3") is None:
-        pytest.skip("FUSE (/dev/fuse, fusermount3) is not available")
-    if not registry.available():
-        pytest.skip("docker-registry/skopeo is not installed")
-    if not nixcache.have_nix():
-        pytest.skip("real Nix (nix-bin) is not installed")
+    if reason := container_stack_missing():
+        pytest.skip(reason)
 
 
 @dataclass

@@ -31,6 +31,23 @@ def fuse_missing() -> str | None:
     return None
 
 
+def container_stack_missing() -> str | None:
+    """Why the end-to-end stack (FUSE, containerd + runc, docker-registry, real
+    Nix) cannot be tested here, or None when it can."""
+    from lazystore.testing import nixcache, registry
+    from lazystore.testing.containerd import have_containerd
+
+    if not have_containerd():
+        return "needs root, containerd, ctr and runc"
+    if reason := fuse_missing():
+        return reason
+    if not registry.available():
+        return "docker-registry is not installed"
+    if not nixcache.have_nix():
+        return "real Nix (nix-bin) is not installed"
+    return None
+
+
 def is_mounted(path: Path) -> bool:
     # the real path of the parent only: a stat of a mount whose server is gone
     # (but whose /dev/fuse a supervisor still holds) never returns
