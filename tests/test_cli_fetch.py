@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pty
 import signal
@@ -9,6 +10,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -173,8 +175,13 @@ def test_fetch_start_up_imports_no_other_command() -> None:
     assert out.strip().splitlines()[-1] == "['lazystore.cli.fetch']"
 
 
-def test_sigterm_mid_download_leaves_nothing_partial(binary_cache: nixcache.BinaryCache,
-                                                     tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _fetch_stalled_mid_nar(
+    binary_cache: nixcache.BinaryCache, tmp_path: Path
+) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+    """``lazystore fetch`` of busybox into tmp_path/out, its NAR stalled after
+    4 KiB: yields the process once its first bytes are being unpacked (killed
+    on the way out if still running) and DEST."""
     busybox = named(binary_cache, "busybox")
     nar = "/" + next(line.split(": ", 1)[1] for line in
                      binary_cache.narinfo_path(busybox).read_text().splitlines()
@@ -192,12 +199,18 @@ def test_sigterm_mid_download_leaves_nothing_partial(binary_cache: nixcache.Bina
                 assert time.monotonic() < deadline, "the NAR was never requested"
                 time.sleep(0.05)
             time.sleep(0.3)  # the first bytes are being unpacked
-            proc.send_signal(signal.SIGTERM)
-            _, err = proc.communicate(timeout=60)
+            yield proc, dest
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_sigterm_mid_download_leaves_nothing_partial(binary_cache: nixcache.BinaryCache,
+                                                     tmp_path: Path) -> None:
+    with _fetch_stalled_mid_nar(binary_cache, tmp_path) as (proc, dest):
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "terminated" in err
     assert list(dest.iterdir()) == []  # no partial path, no temporary folder
@@ -211,29 +224,9 @@ def test_kill9_mid_download_leaves_a_temporary_the_next_run_removes(
     a run still going, whose lock it respects)."""
     import fcntl
 
-    busybox = named(binary_cache, "busybox")
-    nar = "/" + next(line.split(": ", 1)[1] for line in
-                     binary_cache.narinfo_path(busybox).read_text().splitlines()
-                     if line.startswith("URL: "))
-    dest = tmp_path / "out"
-    with FaultServer(binary_cache.root) as server:
-        server.always(nar, Fault.stall(after=4096))
-        argv = [sys.executable, "-m", "lazystore", *base_args(binary_cache, server.url,
-                                                                  dest, tmp_path),
-                "--no-closure", busybox]
-        proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
-        try:
-            deadline = time.monotonic() + 60
-            while server.count(nar) == 0 and proc.poll() is None:
-                assert time.monotonic() < deadline, "the NAR was never requested"
-                time.sleep(0.05)
-            time.sleep(0.3)
-            proc.kill()
-            proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    with _fetch_stalled_mid_nar(binary_cache, tmp_path) as (proc, dest):
+        proc.kill()
+        proc.communicate(timeout=60)
     left = [p.name for p in dest.iterdir()]
     assert len(left) == 1 and left[0].startswith(".lazystore-tmp-")
     live = dest / ".lazystore-tmp-live"
