@@ -78,6 +78,12 @@ def test_runs_report_plausible_values(quick_run: tuple[dict[str, Any], Path]) ->
         if run["mode"] == "lazystore-fuse":
             # the program leaves referenced paths unread, so they stay unfetched
             assert run["store_paths_fetched"] < closure["store_paths"]
+        if run["mode"] in ("lazystore-fuse", "lazystore-snapshotter"):
+            # the caches carry file indexes: files come by chunks (issue 15)
+            assert run["chunk_requests"] > 0 and run["daemon_chunk_bytes"] > 0, run
+        if run["mode"].endswith("-noindex"):
+            # the same cache without them: whole NARs, never a chunk
+            assert run["chunk_requests"] == 0 and run["nar_requests"] > 0, run
         if "stargz" in run["mode"]:
             # the peer mounted its layers lazily (a failed remote mount unpacks instead)
             assert run["remote_layers_mounted"] > 0, run

@@ -25,8 +25,17 @@ from bench.harness.containers import CONTAINER_MODES
 from bench.harness.measure import RunFailed, Skip
 from bench.harness.modes import HOST_MODES, Context
 from bench.harness.peer import PEER_MODES
-from bench.harness.workloads import BENCH, Workload, bench_key, build, write_caches
+from bench.harness.workloads import (
+    BENCH,
+    Workload,
+    bench_key,
+    build,
+    indexed_copy,
+    write_caches,
+)
 from bench.proxy import PROFILES, shaping_proxy
+from lazystore.cacheindex import DEFAULT_CHUNK_SIZE
+from lazystore.cli.daemon import parse_size
 from lazystore.testing.httpserver import serve_directory
 
 log = logging.getLogger(__name__)
@@ -46,6 +55,7 @@ class Plan:
     compressions: list[str]
     timeout: float
     workdir: Path | None
+    chunk_size: int = DEFAULT_CHUNK_SIZE
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -58,6 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profiles", help=f"comma-separated link profiles, from {','.join(PROFILES)}")
     p.add_argument("--compression", default="zstd", help="comma-separated: zstd, xz")
     p.add_argument("--timeout", type=float, default=600, help="per program run, seconds")
+    p.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK_SIZE,
+                   metavar="SIZE", help="chunk size of the caches' file indexes (default 1MiB)")
     p.add_argument("--out", type=Path, default=BENCH / "results", help="results directory")
     p.add_argument("--workdir", type=Path, help="scratch parent directory (default: $TMPDIR)")
     p.add_argument("--name", help="file name stem of the results (default: DATE-HOST[-quick])")
@@ -89,6 +101,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         compressions=_list(args.compression, ("zstd",), ("zstd", "xz")),
         timeout=args.timeout,
         workdir=args.workdir,
+        chunk_size=args.chunk_size,
     )
 
 
@@ -181,6 +194,7 @@ def run_plan(plan: Plan, workdir: Path, result: dict[str, Any], save: Callable[[
         first = build(name, quick=plan.quick)
         second = build(name, variant="v2", quick=plan.quick)
         caches = write_caches([first, second], plan.compressions)
+        indexed = {c: indexed_copy(p, plan.chunk_size) for c, p in caches.items()}
         new = set(second.paths) - set(first.paths)
         new_bytes = sum(second.nar_sizes[p] for p in new)
         result["workloads"][name] = {
@@ -188,14 +202,19 @@ def run_plan(plan: Plan, workdir: Path, result: dict[str, Any], save: Callable[[
             "delta_shared_bytes_fraction": 1 - new_bytes / second.nar_bytes,
             "delta_shared_paths_fraction": 1 - len(new) / len(second.paths),
             "cache_bytes": {c: _tree_size(p) for c, p in caches.items()},
+            "index_bytes": {c: _tree_size(p) - _tree_size(caches[c]) for c, p in indexed.items()},
+            "chunk_size": plan.chunk_size,
         }
         for compression in plan.compressions:
-            with serve_directory(caches[compression]) as server:
+            with ExitStack() as servers:
+                url = servers.enter_context(serve_directory(indexed[compression])).url
+                plain_url = servers.enter_context(serve_directory(caches[compression])).url
                 for profile in plan.profiles:
-                    with shaping_proxy(server.url, profile) as proxy:  # type: ignore[attr-defined]
+                    with shaping_proxy(url, profile) as proxy, \
+                            shaping_proxy(plain_url, profile) as plain:
                         ctx = Context(first, PROFILES[profile], compression, proxy,
                                       key.public_key, workdir, plan.timeout,
-                                      {"delta": second})
+                                      {"delta": second}, plain)
                         _run_modes(plan, ctx, result["runs"], result["skipped"])
                     save()
 

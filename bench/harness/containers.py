@@ -37,6 +37,7 @@ from bench.harness.modes import (
     fresh_daemon,
     lazystore_status,
     nar_fetches,
+    paths_fetched,
 )
 from bench.harness.workloads import CACHE_DIR, Workload
 from bench.proxy import ShapingProxy, shaping_proxy
@@ -227,13 +228,15 @@ def lazystore_snapshotter(ctx: Context, delta: bool = False) -> Record:
             p.reset()
         prog, split = puller.run(images.refs[("nix", "v2" if delta else "v1")], "bench",
                                  ctx.extra["delta"].expect if delta else ctx.workload.expect)
-        nars = nar_fetches(ctx.cache_proxy.stats)
+        cache_stats = ctx.cache_proxy.stats
         record = record_of(prog, split, [images.proxy, ctx.cache_proxy])
         status = lazystore_status(daemon.sock)
-        fetched = set(status.get("paths_materialized", [])) - before
         record.update({
-            "store_paths_fetched": len(fetched),
-            "nar_requests": nars,
+            "store_paths_fetched": paths_fetched(status, cache_stats, before),
+            "nar_requests": nar_fetches(cache_stats),
+            "chunk_requests": len(cache_stats.targets("/lzdata/")),
+            "daemon_chunk_bytes": status.get("chunk_bytes"),
+            "daemon_chunk_bytes_read": status.get("chunk_bytes_read"),
             "daemon_peak_rss_kib": proc_peak_rss_kib(daemon.proc),
             "snapshotter_peak_rss_kib": peak_rss_kib(snap.pid),
             "containerd_peak_rss_kib": proc_peak_rss_kib(ctd.proc),
@@ -284,13 +287,14 @@ def registry_lazystore_snapshotter(ctx: Context) -> Record:
         made = _MADE.search(reg.log())
         if made is None:
             raise RunFailed(f"the registry did not log making the image: {reg.log()[-500:]}")
+        cache_stats = ctx.cache_proxy.stats
         record = record_of(prog, split, [proxy, ctx.cache_proxy])
         status = lazystore_status(daemon.sock)
         record.update({
             "manifest_seconds": float(made[2]),
             "closure_paths": int(made[1]),
-            "store_paths_fetched": len(status.get("paths_materialized", [])),
-            "nar_requests": nar_fetches(ctx.cache_proxy.stats),
+            "store_paths_fetched": paths_fetched(status, cache_stats),
+            "nar_requests": nar_fetches(cache_stats),
             "registry_peak_rss_kib": peak_rss_kib(reg.process.pid),
             "daemon_peak_rss_kib": proc_peak_rss_kib(daemon.proc),
             "snapshotter_peak_rss_kib": peak_rss_kib(snap.pid),
@@ -298,6 +302,11 @@ def registry_lazystore_snapshotter(ctx: Context) -> Record:
         })
     shutil.rmtree(base, ignore_errors=True)
     return record
+
+
+def lazystore_snapshotter_noindex(ctx: Context) -> Record:
+    """As lazystore-snapshotter from the same cache without file indexes."""
+    return lazystore_snapshotter(ctx.unindexed())
 
 
 def delta_oci_overlayfs(ctx: Context) -> Record:
@@ -311,6 +320,7 @@ def delta_lazystore_snapshotter(ctx: Context) -> Record:
 CONTAINER_MODES = {
     "oci-overlayfs": oci_overlayfs,
     "lazystore-snapshotter": lazystore_snapshotter,
+    "lazystore-snapshotter-noindex": lazystore_snapshotter_noindex,
     "delta-oci-overlayfs": delta_oci_overlayfs,
     "delta-lazystore-snapshotter": delta_lazystore_snapshotter,
     "registry-lazystore-snapshotter": registry_lazystore_snapshotter,

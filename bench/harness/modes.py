@@ -10,9 +10,9 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +45,18 @@ class Context:
     workload: Workload
     profile: Profile
     compression: str
-    cache_proxy: ShapingProxy  # in front of the HTTP binary cache
+    cache_proxy: ShapingProxy  # in front of the HTTP binary cache (with file indexes)
     public_key: str
     workdir: Path
     timeout: float = 300.0
     extra: dict[str, Any] = field(default_factory=dict)  # container modes' shared state
+    unindexed_proxy: ShapingProxy | None = None  # the same cache without file indexes
+
+    def unindexed(self) -> Context:
+        """This context on the cache without file indexes (the *-noindex modes)."""
+        if self.unindexed_proxy is None:
+            raise Skip("no cache without file indexes in this run")
+        return replace(self, cache_proxy=self.unindexed_proxy)
 
     @property
     def cache_url(self) -> str:
@@ -66,6 +73,16 @@ class Context:
 def nar_fetches(stats: Stats) -> int:
     """Distinct NARs requested through the proxy (each is one store path)."""
     return len(set(stats.targets("/nar/")))
+
+
+def paths_fetched(status: dict[str, Any], stats: Stats, before: Collection[str] = ()) -> int:
+    """Store paths whose bytes came over the link: materialised (whole NARs) or
+    read by chunks from their data file (``/lzdata/<hash>.lzdata``); paths
+    materialised already (*before*, base names) are not counted."""
+    hashes = {base.split("-", 1)[0] for base in status.get("paths_materialized", [])
+              if base not in before}
+    hashes |= {Path(t.split("?", 1)[0]).stem for t in stats.targets("/lzdata/")}
+    return len(hashes)
 
 
 # -- 1. nix-eager ------------------------------------------------------------------
@@ -146,10 +163,16 @@ def fresh_daemon(ctx: Context, name: str = "fuse", allow_other: bool = False) ->
 
 
 def lazystore_fuse(ctx: Context) -> Record:
-    """A fresh lazystore mount (empty cache); the program runs through it."""
+    """A fresh lazystore mount (empty cache); the program runs through it. The
+    cache offers file indexes, so files are fetched by chunks (issue 15)."""
     if not cli_has("mount") or not cli_has("status"):
         raise Skip("`lazystore mount`/`lazystore status` have not landed yet (issue 4)")
     return _fuse_run(ctx)
+
+
+def lazystore_fuse_noindex(ctx: Context) -> Record:
+    """As lazystore-fuse from the same cache without file indexes (whole NARs)."""
+    return lazystore_fuse(ctx.unindexed())
 
 
 def lazystore_fuse_profile(ctx: Context) -> Record:
@@ -212,8 +235,10 @@ def _fuse_run(ctx: Context, profile: Path | None = None) -> Record:
         "split": {"daemon_start": start_seconds, "run": prog.first_output},
         "bytes": stats.bytes_down,
         "requests": len(stats.requests),
-        "store_paths_fetched": len(status.get("paths_materialized", [])),
+        "store_paths_fetched": paths_fetched(status, stats),
+        "store_paths_materialized": len(status.get("paths_materialized", [])),
         "nar_requests": nar_fetches(stats),
+        "chunk_requests": len(stats.targets("/lzdata/")),
         "daemon_bytes_downloaded": status.get("bytes_downloaded"),
         "daemon_chunk_bytes": status.get("chunk_bytes"),  # from indexed caches (issue 15)
         "daemon_chunk_bytes_read": status.get("chunk_bytes_read"),
@@ -237,5 +262,6 @@ def event_timeline(daemon: Daemon, start_wall: float) -> list[dict[str, Any]]:
 HOST_MODES: dict[str, Callable[[Context], Record]] = {
     "nix-eager": nix_eager,
     "lazystore-fuse": lazystore_fuse,
+    "lazystore-fuse-noindex": lazystore_fuse_noindex,
     "lazystore-fuse-profile": lazystore_fuse_profile,
 }

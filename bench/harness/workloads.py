@@ -1,15 +1,20 @@
 """The workloads: closures built with real Nix from bench/workloads/*.nix and
-signed binary caches of them (zstd and xz), cached in bench/.cache."""
+signed binary caches of them (zstd and xz), cached in bench/.cache; each
+cache also as a copy with file indexes (``lazystore cache index``, issue 15)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from lazystore.cacheindex import DEFAULT_CHUNK_SIZE
 from lazystore.testing import nixcache
+from lazystore.testing.daemon import LAZYSTORE
 
 log = logging.getLogger(__name__)
 
@@ -107,3 +112,25 @@ def write_caches(workloads: list[Workload], compressions: list[str]) -> dict[str
             done.touch()
         caches[compression] = dest
     return caches
+
+
+def indexed_copy(cache: Path, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Path:
+    """*cache* with file indexes: a hard-linked copy (Nix's files shared, never
+    changed) indexed by ``lazystore cache index`` with the bench key, whose
+    public key every lazystore mode trusts; made once per chunk size."""
+    dest = cache.with_name(f"{cache.name}-index{chunk_size // 1024}k")
+    done = dest / ".indexed"
+    if done.exists():
+        return dest
+    if dest.exists():
+        shutil.rmtree(dest)
+    subprocess.run(["cp", "-al", str(cache), str(dest)], check=True)
+    log.info("indexing %s (%d KiB chunks)", dest.name, chunk_size // 1024)
+    proc = subprocess.run([LAZYSTORE, "cache", "index", str(dest), "--secret-key-file",
+                           str(bench_key().secret_file), "--chunk-size", f"{chunk_size}",
+                           "--jobs", str(os.cpu_count() or 2)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"lazystore cache index {dest} failed: {proc.stderr.strip()[-800:]}")
+    done.touch()
+    return dest
