@@ -144,3 +144,72 @@ def test_any_reads_return_the_real_bytes(
         for fd in handles.values():
             os.close(fd)
     assert daemon.status()["nars_fetched"] == nars_before, daemon.log.read_text()[-3000:]
+
+
+# --- content-addressed chunks: shared across store paths -----------------------------
+
+
+def two_versions(root: Path) -> tuple[HandMadeCache, bytes, str, str]:
+    """v1 and v2 of a path (two store paths, as an image update makes): the
+    same interpreter, a changed model; (cache, interpreter, v1, v2)."""
+    interpreter = os.urandom(5 * CHUNK + 100)
+    cache = HandMadeCache(root)
+    v1, v2 = (cache.add(TreeDir({b"bin": TreeDir({b"python": TreeFile(interpreter, True)}),
+                                 b"model": TreeFile(os.urandom(2 * CHUNK))}))
+              for _ in range(2))
+    return cache, interpreter, v1, v2
+
+
+def data_file(base: str) -> str:
+    return f"/{fileindex.DATA_DIR}/{base[:32]}.lzdata"
+
+
+def test_a_second_path_reads_the_chunks_it_shares_with_a_first_from_the_cache(
+        tmp_path: Path) -> None:
+    """Reading v1's interpreter and then v2's requests none of v2's data for
+    it (its chunks are the ones held, looked up by sha256 before any fetch);
+    v2's changed file is fetched."""
+    cache, interpreter, v1, v2 = two_versions(tmp_path / "cache")
+    with serve_directory(cache.root) as server:
+        with lazystore_mount(tmp_path / "d", server.url, str(cache.secret.public_key)) as daemon:
+            assert (daemon.mnt / v1 / "bin" / "python").read_bytes() == interpreter
+            assert data_file(v1) in server.range_requests
+            fetched = daemon.status()["chunk_bytes"]
+            assert (daemon.mnt / v2 / "bin" / "python").read_bytes() == interpreter
+            assert data_file(v2) not in server.range_requests, server.range_requests
+            assert daemon.status()["chunk_bytes"] == fetched
+            (daemon.mnt / v2 / "model").read_bytes()
+            assert data_file(v2) in server.range_requests  # v2's own data is asked for
+            assert daemon.status()["nars_fetched"] == 0
+    assert not [r for r in server.requests if r.startswith("/nar/")]
+
+
+@pytest.mark.parametrize("damaged", [False, True])
+def test_chunks_held_only_in_a_materialised_path_are_read_there_and_checked(
+        tmp_path: Path, damaged: bool) -> None:
+    """v1 read chunk by chunk, then materialised (a prefetch: its whole NAR),
+    and its chunk files gone (as an eviction leaves it): v2's interpreter is
+    read from v1's materialised file, each chunk checked against its sha256,
+    and nothing of v2's data is requested for it. A materialised file whose
+    bytes were changed on disk is not served from: those chunks are fetched."""
+    cache, interpreter, v1, v2 = two_versions(tmp_path / "cache")
+    with serve_directory(cache.root) as server:
+        with lazystore_mount(tmp_path / "d", server.url, str(cache.secret.public_key)) as daemon:
+            assert (daemon.mnt / v1 / "bin" / "python").read_bytes() == interpreter
+            daemon.call("prefetch", paths=[f"/nix/store/{v1}"])
+            assert f"/nar/{v1[:32]}.nar" in server.requests
+            for chunk in (daemon.cache / "chunks").iterdir():
+                chunk.unlink()
+            copy = daemon.cache / "store" / v1 / "bin" / "python"
+            if damaged:
+                with open(copy, "r+b") as f:
+                    os.pwrite(f.fileno(), b"X", 2 * CHUNK + 1)
+            assert (daemon.mnt / v2 / "bin" / "python").read_bytes() == interpreter
+            status = daemon.status()
+            if damaged:
+                assert server.range_requests.count(data_file(v2)) >= 1
+                assert status["chunks_from_copies"] == 5
+                assert daemon.log.read_text().count("does not hold the chunk") == 1
+            else:
+                assert data_file(v2) not in server.range_requests, server.range_requests
+                assert status["chunks_from_copies"] == 6

@@ -37,7 +37,7 @@ from lazystore.nix.fileindex import Chunk, FileEntry, FileIndex
 from lazystore.nix.narinfo import NarInfo
 from lazystore.nix.storepath import StorePath
 from lazystore.store import index, tree
-from lazystore.store.chunks import ChunkCache, IndexedPath
+from lazystore.store.chunks import ChunkCache, Copies, IndexedPath, read_copy
 from lazystore.store.events import EventLog
 from lazystore.store.index import Record
 from lazystore.store.sink import StoreSink
@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 SAVE_DELAY = 1.0
 NEGATIVE_CACHE_SIZE = 100_000
 NARINFOS_HELD = 10_000  # narinfos of paths known but not fetched, for their fetch
+COPIES_HELD = 200_000  # places of chunks in indexed paths' files (chunks.Copies)
 QUERY_PARALLEL = 25  # as many narinfo queries as the substituter has connections
 PREFETCH_PARALLEL = 8
 # A profile's paths at once: few, so that the ones read first are not slowed by
@@ -152,6 +153,8 @@ class LocalStore:
         self._indexed: cachetools.LRUCache[str, IndexedPath | None] = cachetools.LRUCache(
             NARINFOS_HELD)
         self.chunks = ChunkCache(self.cache_dir / "chunks", cache_limit)
+        self.copies = Copies(COPIES_HELD)
+        self.chunks_from_copies = 0  # chunks read from materialised paths, not fetched
         self.events = EventLog()  # when narinfos, listings and NARs came (and first reads)
         self.read_ahead = READ_AHEAD
         self.chunk_bytes_read = 0  # compressed bytes of the distinct chunks reads used
@@ -383,6 +386,8 @@ class LocalStore:
             return None
         found = None if index is None else await trio.to_thread.run_sync(
             IndexedPath.of, index, info)
+        if found is not None:
+            self.copies.learn(base, found)
         self._indexed[base] = found
         return found
 
@@ -426,10 +431,13 @@ class LocalStore:
                 self._chunks_read.add(chunk.sha256)
                 self.chunk_bytes_read += chunk.length
         pieces = [self.chunks.read(c.sha256, *_span(c, offset, end)) for c in wanted]
+        if None in pieces:
+            pieces = [p if p is not None else await self._read_copy(c, offset, end)
+                      for c, p in zip(wanted, pieces, strict=True)]
         missing = [c for c, piece in zip(wanted, pieces, strict=True) if piece is None]
         if missing:
             ahead = [c for c in indexed.following(missing[-1], self.read_ahead)
-                     if not self.chunks.has(c.sha256)]
+                     if not self.chunks.has(c.sha256) and self._copy_path(c) is None]
             fetched = await self._single(
                 "chunks", f"{base}@{','.join(str(c.offset) for c in missing)}",
                 lambda: self._fetch_chunks(base, indexed, missing + ahead))
@@ -438,6 +446,37 @@ class LocalStore:
             pieces = [p if p is not None else _cut(fetched[c], c, offset, end)
                       for c, p in zip(wanted, pieces, strict=True)]
         return b"".join(pieces)  # type: ignore[arg-type]
+
+    def _copy_path(self, chunk: Chunk) -> tuple[Path, int, bool] | None:
+        """(file, offset of *chunk* in it, checked) in a materialised path
+        whose index had the same chunk, if one does."""
+        found = self.copies.find(chunk.sha256)
+        if found is None:
+            return None
+        copy, checked = found
+        rec = self.records.get(copy.base)
+        if rec is None or not rec.materialized:
+            return None
+        return self.data_path(copy.base).joinpath(*copy.rel), copy.start, checked
+
+    async def _read_copy(self, chunk: Chunk, offset: int, end: int) -> bytes | None:
+        """Bytes [offset, end) of *chunk* from a materialised path holding the
+        same chunk (an earlier version's: content addressed), read and checked
+        against its sha256 the first time; None: no such copy, fetch it."""
+        where = self._copy_path(chunk)
+        if where is None:
+            return None
+        path, start, checked = where
+        at, length = _span(chunk, offset, end)
+        if checked:
+            data = read_copy(path, start, chunk, at, length, check=False)
+        else:
+            data = await trio.to_thread.run_sync(read_copy, path, start, chunk, at, length, True)
+        if not checked or data is None:
+            self.copies.checked(chunk.sha256, data is not None)
+        if data is not None and not checked:
+            self.chunks_from_copies += 1
+        return data
 
     async def _fetch_chunks(self, base: str, indexed: IndexedPath, missing: list[Chunk]
                             ) -> dict[Chunk, bytes] | None:
@@ -709,6 +748,7 @@ class LocalStore:
             "chunk_bytes": int(getattr(stats, "chunk_bytes", 0)),
             "chunk_cache_bytes": self.chunks.bytes,
             "chunk_bytes_read": self.chunk_bytes_read,
+            "chunks_from_copies": self.chunks_from_copies,
             "nars_fetched": int(getattr(stats, "nars_fetched", 0)),
             **(stats.figures() if hasattr(stats, "figures") else {}),
             "wait_seconds": self.wait_seconds.to_dict(),

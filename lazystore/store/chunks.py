@@ -7,11 +7,17 @@ whatever is there has the hash its name says. Chunks are shared by every
 path and file that holds the same bytes. The cache has a byte quota; the
 least recently used chunks that no open file pins are evicted first. Runs
 on the trio thread; file writes go to worker threads.
+
+:class:`Copies` remembers where the chunks of the indexes seen sit in their
+files, so that a chunk the cache no longer has (or never had: its path came
+as a whole NAR) is read from a materialised path holding the same bytes,
+checked against its sha256, before it is fetched.
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
 import logging
 import os
 import secrets
@@ -20,6 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cachetools
 import trio
 
 from lazystore.nix import listing
@@ -175,6 +182,64 @@ class ChunkCache:
 
     def _forget(self, digest: bytes) -> None:
         self.bytes -= self._sizes.pop(digest, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Copy:
+    """A chunk's place in a file of an indexed store path."""
+
+    base: str
+    rel: tuple[str, ...]
+    start: int  # of the chunk's bytes in that file
+
+
+class Copies:
+    """sha256 -> the first place (:class:`Copy`) where an index loaded had a
+    chunk with that hash, for the most recent *limit* chunks, and whether
+    the bytes there were read once and had that hash (then only the spans
+    asked for are read: a materialised path never changes)."""
+
+    def __init__(self, limit: int) -> None:
+        self._where: cachetools.LRUCache[bytes, tuple[Copy, bool]] = cachetools.LRUCache(limit)
+
+    def learn(self, base: str, indexed: IndexedPath) -> None:
+        for rel, entry in indexed.files.items():
+            for chunk in entry.chunks:
+                if chunk.sha256 not in self._where:
+                    self._where[chunk.sha256] = (Copy(base, rel, chunk.start), False)
+
+    def find(self, digest: bytes) -> tuple[Copy, bool] | None:
+        """The place of a chunk, and whether its bytes were checked there."""
+        return self._where.get(digest)
+
+    def checked(self, digest: bytes, good: bool) -> None:
+        """The bytes at the chunk's place had its hash (*good*), or were not there."""
+        where = self._where.pop(digest, None)
+        if good and where is not None:
+            self._where[digest] = (where[0], True)
+
+
+def read_copy(path: Path, start: int, chunk: Chunk, at: int, length: int,
+              check: bool) -> bytes | None:
+    """Blocking: bytes [at, at+length) of *chunk*, held in the file *path* from
+    offset *start*; with *check* the whole chunk is read and must have its
+    sha256. None: the file is not there, or holds other bytes."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not check:
+            data = os.pread(fd, length, start + at)
+            return data if len(data) == length else None
+        whole = os.pread(fd, chunk.size, start)
+    finally:
+        os.close(fd)
+    if len(whole) != chunk.size or hashlib.sha256(whole).digest() != chunk.sha256:
+        log.warning("%s does not hold the chunk its index names there (sha256 %s); "
+                    "fetching the chunk instead", path, chunk.sha256.hex())
+        return None
+    return whole[at:at + length]
 
 
 def _digest(name: str) -> bytes | None:
