@@ -328,6 +328,27 @@ def test_cleanup_removes_directories_no_snapshot_owns(env: Env, sn: pb_grpc.Snap
     assert len(list((env.root / "snapshots").iterdir())) == 1
 
 
+
+def test_a_start_removes_directories_a_killed_snapshotter_left(
+    env: Env, sn: pb_grpc.SnapshotsStub
+) -> None:
+    # What a kill -9 leaves (lazystore.testing.snapcrash makes them for real):
+    # a Prepare's directory whose row never committed, one half made, one a
+    # Remove had renamed away and one it had not (its row already gone).
+    layer(sn, "l1", files={"a": b"1"})
+    env.stop()
+    snapshots = env.root / "snapshots"
+    for name in ("7", "new-8", "rm-9", "10"):
+        (snapshots / name / "fs" / "etc").mkdir(parents=True)
+        (snapshots / name / "fs" / "etc" / "f").write_bytes(b"left")
+    (snapshots / "7" / "work").mkdir()
+    sn2 = env.start()
+    assert sorted(p.name for p in snapshots.iterdir()) == ["1"]
+    assert sn2.Stat(pb.StatSnapshotRequest(key="l1")).info.kind == pb.COMMITTED
+    mounts = list(sn2.View(pb.ViewSnapshotRequest(key="v", parent="l1")).mounts)
+    assert (Path(mounts[0].source) / "a").read_bytes() == b"1"
+
+
 # -- nix layers ---------------------------------------------------------------
 
 

@@ -2,7 +2,8 @@
 
 Every change is one transaction (``with store.transaction():``); directories
 on disk are named by the row id, so a crash between the filesystem and the
-database leaves at most an orphan directory, which Cleanup removes.
+database leaves at most an orphan directory, which Cleanup or the next start
+removes.
 """
 
 from __future__ import annotations

@@ -132,6 +132,11 @@ class Snapshotter:
         self.views = views
         self._prefix = view_prefix(root, self.meta.instance)
         self.locks = KeyLocks()
+        # A kill leaves at most directories without a row (a Prepare whose
+        # transaction never committed, a Remove between its row and its
+        # directories): removed before the first request, as Cleanup would.
+        for path in self.layout.orphans(self.meta.ids()):
+            self._remove_orphan(path)
 
     def close(self) -> None:
         self.meta.close()
@@ -427,6 +432,10 @@ class Snapshotter:
         # No lock: a snapshot's directories appear in the transaction of its row,
         # so at any await every directory without a row is an orphan.
         for path in self.layout.orphans(self.meta.ids()):
-            log.info("cleanup: removing %s", path)
-            await asyncio.to_thread(fsio.remove_tree, path, True)
+            await asyncio.to_thread(self._remove_orphan, path)
+
+    @staticmethod
+    def _remove_orphan(path: Path) -> None:
+        log.info("cleanup: removing %s", path)
+        fsio.remove_tree(path, True)
 
