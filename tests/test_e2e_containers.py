@@ -28,8 +28,10 @@ from typing import Any
 import grpc
 import pytest
 
+from lazystore import cacheindex
 from lazystore.image.oci import OciArchive
-from lazystore.nix import fsio
+from lazystore.nix import fileindex, fsio
+from lazystore.nix.signing import SecretKey
 from lazystore.snapshotter.proto import snapshots_pb2 as pb
 from lazystore.snapshotter.proto import snapshots_pb2_grpc as pb_grpc
 from lazystore.testing import nixcache, registry
@@ -64,6 +66,9 @@ class Stack:
     two: str  # overlapping closure top (prog-two)
     wide: str  # bench's "wide" closure: over 300 store paths
     roots: str = ""  # roots-prog: file, executable, empty and symlink store paths
+    big: str = ""  # prog with a 3 MiB docs path, from a cache with file indexes
+    big_cache: Path | None = None  # that cache's folder
+    big_server: Any = None  # and its server (its requests)
     sn_cm: Any = None
     sn_proc: subprocess.Popen | None = None
 
@@ -112,20 +117,24 @@ def shared_stack(
     cache_two = nixcache.make_cache(two, tmp_path_factory.mktemp("cache-two"), test_key)
     wide = nixcache.build(WIDE_NIX)
     cache_wide = nixcache.make_cache(wide, tmp_path_factory.mktemp("cache-wide"), test_key)
+    big = nixcache.build(bigSize="3")
+    cache_big = nixcache.make_cache(big, tmp_path_factory.mktemp("cache-big"), test_key)
+    cacheindex.index_cache(cache_big.root, SecretKey.parse(test_key.secret_file.read_text()))
     base = Path(tempfile.mkdtemp(prefix="lze-", dir="/tmp"))  # short unix socket paths
     os.chmod(base, 0o755)
     try:
         with serve_directory(cache_two.root) as server_two, \
                 serve_directory(cache_wide.root) as server_wide, \
                 serve_directory(roots_cache.root) as server_roots, \
+                serve_directory(cache_big.root) as server_big, \
                 registry.running(base / "registry") as reg:
             urls = [http_cache, server_two.url, server_wide.url,  # type: ignore[attr-defined]
-                    server_roots.url]  # type: ignore[attr-defined]
+                    server_roots.url, server_big.url]  # type: ignore[attr-defined]
             daemon = Daemon(base, urls, test_key.public_key, "--allow-other")
             daemon.start()
             st = Stack(base, daemon, Containerd(base / "ctd", {SN: str(base / "sn.sock")}),
                        reg, base / "sn", base / "sn.sock", binary_cache.top, two, wide,
-                       roots_cache.top)
+                       roots_cache.top, big, cache_big.root, server_big)
             try:
                 st.start_snapshotter()
                 st.ctd.start()
@@ -290,6 +299,33 @@ def test_a_container_reads_materialised_files_from_the_cache_not_through_fuse(
     out = run(stack, ref, f"/nix/store/{busybox}/bin/busybox", "md5sum", manual)
     assert out.split()[0] == digest
     assert stack.daemon.status()["bytes_served"] == served
+
+
+def test_a_containers_first_read_of_a_big_file_fetches_its_chunk_not_the_nar(
+    stack: Stack,
+) -> None:
+    """From a cache with file indexes, a container reading the last KiB of a
+    3 MiB file (through the snapshotter's view) makes the daemon fetch the
+    one chunk holding it, by a Range request, and not the path's NAR."""
+    archive = stack.base / "big.tar"
+    lazystore("image", "build", stack.big, "-o", str(archive), "--name", "lazy/big:1")
+    stack.ctd.ctr("image", "import", "--snapshotter", SN, str(archive))
+    image = next(n for n in stack.ctd.ctr("image", "ls", "-q").stdout.split()
+                 if "lazy/big:1" in n)
+    docs = named(closure_bases(stack.big), "docs")
+    busybox = named(closure_bases(stack.big), "busybox")
+    assert stack.big_cache is not None
+    index = fileindex.parse((stack.big_cache / f"{docs[:32]}.lzindex").read_bytes())
+    manual = next(f for f in index.files if f.path[-1] == b"manual.txt")
+    before = stack.daemon.status()
+    out = run(stack, image, f"/nix/store/{busybox}/bin/busybox", "dd",
+              f"if=/nix/store/{docs}/share/doc/manual.txt", "bs=1024", "skip=3071", "count=1")
+    assert out == "d" * 1024
+    status = stack.daemon.status()
+    assert docs not in status["paths_materialized"]
+    assert status["chunk_bytes"] - before["chunk_bytes"] == manual.chunks[-1].length
+    assert f"/{index.data}" in stack.big_server.range_requests
+    assert not [r for r in stack.big_server.requests if r.startswith("/nar/")]
 
 
 def cli_status(st: Stack) -> dict[str, Any]:
