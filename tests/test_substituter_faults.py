@@ -112,7 +112,6 @@ async def test_500_then_success_is_retried(binary_cache: nixcache.BinaryCache,
     assert_fetched(dest, tmp, info)
 
 
-@pytest.mark.allow_log('cannot substitute')
 @pytest.mark.parametrize("status", [501, 505, 511, 400])
 async def test_permanent_http_errors_are_not_retried(
         binary_cache: nixcache.BinaryCache, server: FaultServer, dirs: tuple[Path, Path],
@@ -179,23 +178,22 @@ async def test_connection_reset_mid_body_is_retried(
     assert_fetched(dest, tmp, info)
 
 
-@pytest.mark.allow_log('cannot substitute')
 async def test_truncated_body_every_time_fails_cleanly(
-        binary_cache: nixcache.BinaryCache, server: FaultServer, dirs: tuple[Path, Path],
-        caplog: pytest.LogCaptureFixture) -> None:
+        binary_cache: nixcache.BinaryCache, server: FaultServer, dirs: tuple[Path, Path]) -> None:
     dest, tmp = dirs
     busybox = path_named(binary_cache, "busybox")
     url = nar_url(binary_cache, busybox)
     server.always(url, Fault.truncate(after=nar_len(binary_cache, busybox) // 2))
     async with Substituters(config([server.url], binary_cache.key.public_key)) as subs:
-        with pytest.raises(NotAvailableError, match=f"cannot substitute {busybox.path()}"):
+        with pytest.raises(NotAvailableError, match=f"cannot substitute {busybox.path()}"
+                           ) as info:
             await subs.fetch(busybox, unpack_into(dest / busybox.basename, tmp))
+    assert server.url in str(info.value)  # said once, by the caller: nothing logged here
     assert server.count(url) == 3  # attempts=3
     assert_nothing_left(dest, tmp)
-    assert any(busybox.path() in w and server.url in w for w in warnings(caplog))
 
 
-@pytest.mark.allow_log('cannot substitute')
+@pytest.mark.allow_log('substituted .* after 1 other cache')
 async def test_corrupted_byte_skips_to_the_next_substituter(
         plain_cache: nixcache.BinaryCache, dirs: tuple[Path, Path],
         caplog: pytest.LogCaptureFixture) -> None:
@@ -213,11 +211,11 @@ async def test_corrupted_byte_skips_to_the_next_substituter(
         assert bad.count(f"/{busybox.hash_part}.narinfo") == 1
         assert good.count(f"/{busybox.hash_part}.narinfo") == 1
     assert_fetched(dest, tmp, info)
-    [warning] = warnings(caplog)
+    [warning] = warnings(caplog)  # one line for the fault: the cache that failed, and why
     assert "does not match its NarHash" in warning and bad.url in warning
+    assert f"from {good.url} after" in warning
 
 
-@pytest.mark.allow_log('cannot substitute')
 async def test_corrupted_byte_with_no_other_substituter_leaves_nothing(
         plain_cache: nixcache.BinaryCache, dirs: tuple[Path, Path]) -> None:
     dest, tmp = dirs
@@ -319,10 +317,8 @@ async def test_404_narinfo_is_absent_and_not_retried(
     assert_nothing_left(dest, tmp)
 
 
-@pytest.mark.allow_log('cannot substitute')
 async def test_404_nar_behind_a_valid_narinfo(
-        binary_cache: nixcache.BinaryCache, server: FaultServer, dirs: tuple[Path, Path],
-        caplog: pytest.LogCaptureFixture) -> None:
+        binary_cache: nixcache.BinaryCache, server: FaultServer, dirs: tuple[Path, Path]) -> None:
     dest, tmp = dirs
     liba = path_named(binary_cache, "liba")
     url = nar_url(binary_cache, liba)
@@ -332,13 +328,12 @@ async def test_404_nar_behind_a_valid_narinfo(
             await subs.fetch(liba, unpack_into(dest / liba.basename, tmp))
     assert server.count(url) == 1
     assert_nothing_left(dest, tmp)
-    assert any("not found" in w for w in warnings(caplog))
 
 
 @pytest.mark.parametrize("where", [
     "narinfo",  # the narinfo request fails: the error goes to the caller, nothing is logged
-    pytest.param("nar-headers", marks=pytest.mark.allow_log("cannot substitute .*: .*no ")),
-    pytest.param("nar-body", marks=pytest.mark.allow_log("cannot substitute .*: .*no ")),
+    "nar-headers",  # nor when the NAR stalls: the caller's error says it (once)
+    "nar-body",
 ])
 async def test_stalling_server_is_an_error_in_bounded_time(
         binary_cache: nixcache.BinaryCache, server: FaultServer, dirs: tuple[Path, Path],
@@ -451,7 +446,6 @@ def _edited_narinfo(cache: nixcache.BinaryCache, path: StorePath, field: str,
     return ("\n".join(lines) + "\n").encode()
 
 
-@pytest.mark.allow_log('cannot substitute')
 async def test_file_hash_mismatch_is_refused(
         binary_cache: nixcache.BinaryCache, server: FaultServer, dirs: tuple[Path, Path]) -> None:
     dest, tmp = dirs
@@ -465,7 +459,6 @@ async def test_file_hash_mismatch_is_refused(
     assert_nothing_left(dest, tmp)
 
 
-@pytest.mark.allow_log('cannot substitute')
 async def test_nar_file_longer_than_file_size_is_refused(
         binary_cache: nixcache.BinaryCache, server: FaultServer, dirs: tuple[Path, Path]) -> None:
     dest, tmp = dirs
@@ -479,7 +472,6 @@ async def test_nar_file_longer_than_file_size_is_refused(
     assert_nothing_left(dest, tmp)
 
 
-@pytest.mark.allow_log('cannot substitute')
 async def test_endless_padding_without_file_size_is_cut_off(
         binary_cache: nixcache.BinaryCache, server: FaultServer, dirs: tuple[Path, Path]) -> None:
     """zstd skippable frames decompress to nothing, so the NAR still matches its
@@ -667,11 +659,10 @@ async def test_undecodable_content_encoding_is_a_clear_error(
             await subs.query(liba)
 
 
-@pytest.mark.allow_log(r"cannot substitute .*Content-Encoding (xz|bzip2)")
 @pytest.mark.parametrize("encoding", ["xz", "bzip2"])
 async def test_a_nar_compressed_on_the_way_by_a_proxy_is_a_clear_error(
         binary_cache: nixcache.BinaryCache, server: FaultServer, dirs: tuple[Path, Path],
-        encoding: str, caplog: pytest.LogCaptureFixture) -> None:
+        encoding: str) -> None:
     """httpx undoes gzip/deflate/br/zstd on NARs itself; an encoding it does not
     know would reach the hash checks still encoded: say so instead of a mismatch."""
     dest, tmp = dirs
@@ -685,7 +676,6 @@ async def test_a_nar_compressed_on_the_way_by_a_proxy_is_a_clear_error(
         assert subs.stats.retries == 0  # the same proxy would answer the same
     assert server.count(url) == 1
     assert_nothing_left(dest, tmp)
-    assert [w for w in warnings(caplog) if "Content-Encoding" in w]
 
 
 @pytest.mark.parametrize("cap", [1, 3])

@@ -364,6 +364,7 @@ class Substituters:
         full = path.path(self.config.store_dir)
         errors = await self._disabled_reasons()
         tried: list[_Cache] = []
+        failed: list[str] = []  # why each cache tried failed, naming it
         asking = _Asking(self, path, await self.substituters())
         found = self._offered(what) or await self._find(path, errors, tried, asking)
         while found is not None:
@@ -375,14 +376,21 @@ class Substituters:
             except SubstituterError as exc:
                 self.stats.failures += 1
                 self.stats.count("nar", cache.url, "failed")
-                log.warning("cannot substitute %s from %s: %s", full, cache.url, exc)
-                errors.append(str(exc))
+                # Said once: in the error raised below when no cache serves it,
+                # else in the warning of the cache that did.
+                log.info("cannot substitute %s from %s: %s", full, cache.url, exc)
+                why = str(exc) if cache.url in str(exc) else f"{cache.url}: {exc}"
+                errors.append(why)
+                failed.append(why)
                 found = await self._find(path, errors, tried, asking)
                 continue
             self.stats.nars_fetched += 1
             self.stats.nar_bytes += info.nar_size
             self.stats.count("nar", cache.url, "ok")
             self.stats.fetch_seconds.observe(trio.current_time() - started)
+            if failed:  # the fault, said once (a cache that failed every time is news)
+                log.warning("substituted %s from %s after %d other cache(s) failed: %s",
+                            full, cache.url, len(failed), "; ".join(failed))
             return info
         why = "; ".join(errors) if errors else "no substituter has it"
         raise NotAvailableError(f"cannot substitute {full}: {why}")
