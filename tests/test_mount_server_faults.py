@@ -7,7 +7,9 @@ of the first end in the right bytes from the second and one warning naming
 the first. The times are printed (``-s``) and in README.rst.
 
 The daemon runs with ``stalled-download-timeout = 2`` (Nix's setting; default
-300 s): a stall ends after the substituter's attempts of 2 s each.
+300 s): a stall ends after the substituter's attempts of 2 s each. The
+low-speed limit is its default, 1024 bytes/s, over that same window (2 s):
+a server trickling a byte a second is cut off after 2 s at each attempt.
 """
 
 from __future__ import annotations
@@ -51,8 +53,9 @@ FAULTS = [
     Fault.reset(after=2000),
     Fault.replace(b"<html><body>502 Bad Gateway</body></html>",
                   {"Content-Type": "text/html"}),
+    Fault.trickle(per_second=1),
 ]
-FAULT_IDS = ["nothing-sent", "stall-mid-nar", "reset-mid-nar", "html-200"]
+FAULT_IDS = ["nothing-sent", "stall-mid-nar", "reset-mid-nar", "html-200", "trickle"]
 
 
 @pytest.mark.parametrize("fault", FAULTS, ids=FAULT_IDS)

@@ -354,6 +354,38 @@ async def test_stalling_server_is_an_error_in_bounded_time(
     assert_nothing_left(dest, tmp)
 
 
+async def test_a_trickling_server_is_cut_off_by_the_low_speed_limit(
+        binary_cache: nixcache.BinaryCache, server: FaultServer, dirs: tuple[Path, Path]) -> None:
+    """A byte a second never trips the stall timeout (bytes keep coming); the
+    low-speed limit (1000 bytes/s over 1 s here) cuts each attempt off."""
+    dest, tmp = dirs
+    busybox = path_named(binary_cache, "busybox")
+    url = nar_url(binary_cache, busybox)
+    server.always(url, Fault.trickle(per_second=1))
+    cfg = config([server.url], binary_cache.key.public_key, stall_timeout=5.0, attempts=2,
+                 low_speed_limit=1000.0, low_speed_time=1.0)
+    with trio.fail_after(30):  # the property: an error, not a 2 MB download at 1 byte/s
+        async with Substituters(cfg) as subs:
+            with pytest.raises(NotAvailableError, match="slower than 1000 bytes/s for 1s"):
+                await subs.fetch(busybox, unpack_into(dest / busybox.basename, tmp))
+            assert subs.stats.retries == 1  # transient, as a stall: retried
+    assert server.count(url) == 2
+    assert_nothing_left(dest, tmp)
+
+
+async def test_a_slow_but_steady_server_is_within_the_low_speed_limit(
+        binary_cache: nixcache.BinaryCache, server: FaultServer, dirs: tuple[Path, Path]) -> None:
+    dest, tmp = dirs
+    liba = path_named(binary_cache, "liba")  # a few hundred bytes: 0.5 s at 1000 bytes/s
+    server.always(nar_url(binary_cache, liba), Fault.trickle(per_second=1000))
+    cfg = config([server.url], binary_cache.key.public_key, low_speed_limit=100.0,
+                 low_speed_time=0.2)
+    async with Substituters(cfg) as subs:
+        info = await subs.fetch(liba, unpack_into(dest / liba.basename, tmp))
+        assert subs.stats.retries == 0
+    assert_fetched(dest, tmp, info)
+
+
 async def test_cancelled_fetch_leaves_nothing(
         binary_cache: nixcache.BinaryCache, server: FaultServer, dirs: tuple[Path, Path]) -> None:
     dest, tmp = dirs

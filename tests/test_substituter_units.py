@@ -23,8 +23,10 @@ from lazystore.substituter import decompress, errors, retry
 from lazystore.substituter.config import (
     CACHE_NIXOS_ORG,
     CACHE_NIXOS_ORG_KEY,
+    SpeedLimit,
     SubstituterConfig,
 )
+from lazystore.substituter.transport import _Pace
 
 # -- error classification -------------------------------------------------------
 
@@ -293,3 +295,23 @@ def test_bad_nix_conf_is_one_clear_line(tmp_path: Path, text: str, message: str)
     with pytest.raises(SubstituterError, match=message) as info:
         SubstituterConfig.from_nix_conf(conf)
     assert "\n" not in str(info.value) and isinstance(info.value, LazystoreError)
+
+
+def test_the_low_speed_limit_judges_whole_windows_of_arrivals() -> None:
+    pace = _Pace(SpeedLimit(100, 2.0), now=0.0)  # under 200 bytes in any 2 s: too slow
+    assert pace.too_slow(1, 0.5) is None and pace.too_slow(1, 1.5) is None  # no window yet
+    assert pace.too_slow(1, 2.0) == 3  # a byte a second, judged after 2 s
+    fast = _Pace(SpeedLimit(100, 2.0), now=0.0)
+    assert all(fast.too_slow(60, t / 2) is None for t in range(1, 20))  # 120 bytes/s
+    assert fast.too_slow(10, 12.0) == 10  # then 2.5 s of silence: only what came since
+    burst = _Pace(SpeedLimit(100, 2.0), now=0.0)
+    assert burst.too_slow(10_000, 0.1) is None
+    assert burst.too_slow(1, 2.05) is None  # the burst is still inside the window
+    assert burst.too_slow(1, 3.0) == 2  # and then it is not
+
+
+def test_the_low_speed_window_defaults_to_the_stall_timeout_and_0_is_off() -> None:
+    assert SubstituterConfig(stall_timeout=7).speed_limit() == SpeedLimit(1024, 7)
+    assert SubstituterConfig(low_speed_limit=5, low_speed_time=3).speed_limit() == \
+        SpeedLimit(5, 3)
+    assert SubstituterConfig(low_speed_limit=0).speed_limit() is None

@@ -74,6 +74,11 @@ def add_substituter_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--connect-timeout", type=_positive_float, metavar="SECONDS")
     group.add_argument("--stall-timeout", type=_positive_float, metavar="SECONDS",
                        help="give up a download after this long without data (default 300)")
+    group.add_argument("--low-speed-limit", type=_non_negative_float, metavar="BYTES",
+                       help="give up a download slower than this many bytes/s over "
+                       "--low-speed-time (default 1024; 0: no limit)")
+    group.add_argument("--low-speed-time", type=_positive_float, metavar="SECONDS",
+                       help="the window of --low-speed-limit (default: the stall timeout)")
 
 
 def config_from_args(args: argparse.Namespace) -> SubstituterConfig:
@@ -89,6 +94,8 @@ def config_from_args(args: argparse.Namespace) -> SubstituterConfig:
         attempts=args.attempts,
         connect_timeout=args.connect_timeout,
         stall_timeout=args.stall_timeout,
+        low_speed_limit=args.low_speed_limit,
+        low_speed_time=args.low_speed_time,
     )
 
 
@@ -103,6 +110,13 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
     return value
 
 

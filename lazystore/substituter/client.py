@@ -157,8 +157,9 @@ class Substituters:
         self._client = make_client(c.max_connections, c.connect_timeout, c.stall_timeout,
                                    c.netrc_file, c.ssl_cert_file)
         try:
-            self._caches = [_Cache(i, make_transport(url, self._client, c.stall_timeout), c)
-                            for i, url in enumerate(dict.fromkeys(c.urls))]
+            self._caches = [
+                _Cache(i, make_transport(url, self._client, c.stall_timeout, c.speed_limit()), c)
+                for i, url in enumerate(dict.fromkeys(c.urls))]
         except BaseException:
             await self._client.aclose()
             raise

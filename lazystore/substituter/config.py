@@ -20,6 +20,16 @@ NEGATIVE_TTL = 3600.0  # Nix's narinfo-cache-negative-ttl; the store keeps these
 CACHE_NIXOS_ORG_KEY = "cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY="
 
 
+@dataclass(frozen=True)
+class SpeedLimit:
+    """As curl's ``--speed-limit``/``--speed-time``: a body that arrives slower
+    than *bytes_per_second*, averaged over the last *seconds*, is cut off
+    (a trickle the stall timeout, which only counts silence, lets through)."""
+
+    bytes_per_second: float
+    seconds: float
+
+
 @dataclass
 class SubstituterConfig:
     """How to reach and trust binary caches. Durations are in seconds."""
@@ -32,6 +42,11 @@ class SubstituterConfig:
     attempts: int = 5  # Nix's download-attempts
     connect_timeout: float = 30.0
     stall_timeout: float = 300.0  # Nix's stalled-download-timeout
+    # curl's --speed-limit/--speed-time: a body slower than this many bytes/s
+    # over low_speed_time (None: stall_timeout, the window Nix gives curl's
+    # LOW_SPEED_TIME, whose LOW_SPEED_LIMIT it sets to 1) fails; 0: no limit.
+    low_speed_limit: float = 1024.0
+    low_speed_time: float | None = None
     netrc_file: Path | None = Path("/etc/nix/netrc")  # Nix's netrc-file; absent is fine
     ssl_cert_file: Path | None = None  # Nix's ssl-cert-file; None: the default CAs
     positive_ttl: float = 30 * 24 * 3600.0  # narinfo-cache-positive-ttl
@@ -44,6 +59,13 @@ class SubstituterConfig:
     max_parallel_fetches: int = 8  # NAR downloads in flight in `lazystore fetch`
     worker_threads: int = 4  # threads decompressing/hashing/unpacking at once
     narinfo_cache_size: int = 100_000
+
+    def speed_limit(self) -> SpeedLimit | None:
+        """The low-speed limit HTTP bodies are held to, or None when off."""
+        if self.low_speed_limit <= 0:
+            return None
+        window = self.low_speed_time if self.low_speed_time is not None else self.stall_timeout
+        return SpeedLimit(self.low_speed_limit, window)
 
     @classmethod
     def from_nix_conf(cls, path: Path | str = NIX_CONF, **overrides: Any) -> SubstituterConfig:

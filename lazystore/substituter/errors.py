@@ -17,6 +17,7 @@ __all__ = [
     "ConnectionFailed",
     "TimedOut",
     "StalledError",
+    "LowSpeedError",
     "HTTPStatusError",
     "ProtocolError",
     "RequestError",
@@ -56,6 +57,10 @@ class TimedOut(TransportError):
 
 class StalledError(TimedOut):
     """No bytes arrived for ``stall_timeout`` seconds."""
+
+
+class LowSpeedError(TimedOut):
+    """Bytes arrived, but slower than the low-speed limit for its whole window."""
 
 
 class ProtocolError(TransportError):

@@ -13,6 +13,7 @@ import netrc
 import os
 import ssl
 import urllib.parse
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -22,9 +23,11 @@ import httpx
 import trio
 
 from lazystore.substituter import decompress, retry
+from lazystore.substituter.config import SpeedLimit
 from lazystore.substituter.errors import (
     HTTPX_ERRORS,
     HTTPStatusError,
+    LowSpeedError,
     NotFoundError,
     RangeError,
     RequestError,
@@ -122,7 +125,29 @@ def _netrc_auth(path: Path | None) -> httpx.Auth | None:
         raise SubstituterError(f"cannot read netrc file {path}: {exc.strerror}") from None
 
 
-def make_transport(url: str, client: httpx.AsyncClient, stall_timeout: float) -> Transport:
+class _Pace:
+    """The bytes of one body that arrived in the last ``limit.seconds``."""
+
+    def __init__(self, limit: SpeedLimit, now: float) -> None:
+        self.limit, self.start = limit, now
+        self._recent: deque[tuple[float, int]] = deque()
+        self._bytes = 0
+
+    def too_slow(self, n: int, now: float) -> int | None:
+        """Count *n* bytes arrived at *now*; the bytes of the last window when
+        that is below the limit (judged once a whole window has passed)."""
+        self._recent.append((now, n))
+        self._bytes += n
+        while self._recent and self._recent[0][0] < now - self.limit.seconds:
+            self._bytes -= self._recent.popleft()[1]
+        if now - self.start < self.limit.seconds:
+            return None
+        return self._bytes if self._bytes < self.limit.bytes_per_second * self.limit.seconds \
+            else None
+
+
+def make_transport(url: str, client: httpx.AsyncClient, stall_timeout: float,
+                   speed: SpeedLimit | None = None) -> Transport:
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError for a bad port
@@ -137,17 +162,19 @@ def make_transport(url: str, client: httpx.AsyncClient, stall_timeout: float) ->
             shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
             raise RequestError(f"substituter {shown}: credentials in the URL are not "
                                "supported (they would be logged); use a netrc file")
-        return HttpTransport(url, client, stall_timeout)
+        return HttpTransport(url, client, stall_timeout, speed)
     if scheme == "file":
         return FileTransport(url)
     raise RequestError(f"substituter {url}: unsupported URL scheme {scheme!r}")
 
 
 class HttpTransport:
-    def __init__(self, url: str, client: httpx.AsyncClient, stall_timeout: float) -> None:
+    def __init__(self, url: str, client: httpx.AsyncClient, stall_timeout: float,
+                 speed: SpeedLimit | None = None) -> None:
         self.url = url.rstrip("/")
         self._client = client
         self._stall = stall_timeout
+        self._speed = speed
 
     def _url(self, name: str) -> str:
         """*name* relative to the cache, or as is when absolute (as Nix allows for NARs)."""
@@ -162,7 +189,7 @@ class HttpTransport:
                 return None
             _check_status(response, url)
             body = bytearray()
-            reader = _HttpReader(response, url, self._stall)
+            reader = _HttpReader(response, url, self._stall, self._speed)
             while chunk := await reader.read():
                 body += chunk
                 if len(body) > MAX_DOCUMENT:
@@ -180,7 +207,7 @@ class HttpTransport:
                 raise NotFoundError(f"{url}: not found (HTTP {response.status_code})")
             _check_status(response, url)
             _check_stream_encoding(response, url)
-            yield _HttpReader(response, url, self._stall)
+            yield _HttpReader(response, url, self._stall, self._speed)
 
     async def get_range(self, name: str, offset: int, length: int) -> bytes:
         url = self._url(name)
@@ -200,7 +227,7 @@ class HttpTransport:
                 raise RangeError(f"{url}: the server did not honour a Range request "
                                  f"(HTTP {response.status_code})")
             body = bytearray()
-            reader = _HttpReader(response, url, self._stall)
+            reader = _HttpReader(response, url, self._stall, self._speed)
             while chunk := await reader.read():
                 body += chunk
                 if len(body) > length:
@@ -270,22 +297,34 @@ def _check_status(response: httpx.Response, url: str) -> None:
 
 
 class _HttpReader:
-    """Body chunks with any Content-Encoding undone, and a stall timeout."""
+    """Body chunks with any Content-Encoding undone, a stall timeout and,
+    with *speed*, a low-speed limit (a trickle keeps the stall from firing:
+    bytes keep arriving, and each arrival is judged)."""
 
-    def __init__(self, response: httpx.Response, url: str, stall: float) -> None:
+    def __init__(self, response: httpx.Response, url: str, stall: float,
+                 speed: SpeedLimit | None = None) -> None:
         self._chunks = response.aiter_bytes()
         self._url, self._stall = url, stall
+        self._pace = None if speed is None else _Pace(speed, trio.current_time())
 
     async def read(self) -> bytes:
         try:
             with trio.fail_after(self._stall):
-                return await self._chunks.__anext__()
+                chunk = await self._chunks.__anext__()
         except StopAsyncIteration:
             return b""
         except trio.TooSlowError:
             raise StalledError(f"{self._url}: no data for {self._stall:g}s") from None
         except HTTPX_ERRORS as exc:
             raise map_httpx_error(exc, self._url) from None
+        if self._pace is not None:
+            got = self._pace.too_slow(len(chunk), trio.current_time())
+            if got is not None:
+                limit = self._pace.limit
+                raise LowSpeedError(
+                    f"{self._url}: slower than {limit.bytes_per_second:g} bytes/s for "
+                    f"{limit.seconds:g}s ({got} bytes in the last {limit.seconds:g}s)")
+        return chunk
 
 
 class FileTransport:

@@ -54,6 +54,12 @@ class Fault:
         return cls("stall", after=after)
 
     @classmethod
+    def trickle(cls, per_second: int = 1) -> Fault:
+        """Headers with the full Content-Length, then the body *per_second*
+        bytes a second (a byte at a time) until the client gives up."""
+        return cls("trickle", after=per_second)
+
+    @classmethod
     def replace(cls, body: bytes, headers: dict[str, str] | None = None) -> Fault:
         return cls("replace", body=body, headers=headers or {})
 
@@ -120,6 +126,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        if fault.kind == "trickle":
+            return self._trickle(body, fault.after)
         self.wfile.write(body[: fault.after])
         self.wfile.flush()
         self.close_connection = True
@@ -130,6 +138,18 @@ class _Handler(BaseHTTPRequestHandler):
                                        struct.pack("ii", 1, 0))
             self.connection.close()
         return None
+
+
+    def _trickle(self, body: bytes, per_second: int) -> None:
+        self.close_connection = True
+        for i in range(len(body)):
+            try:
+                self.wfile.write(body[i:i + 1])
+                self.wfile.flush()
+            except OSError:
+                return  # the client gave up
+            if self.server.stopping.wait(1 / per_second):
+                return
 
 
 class _Server(ThreadingHTTPServer):
