@@ -7,8 +7,10 @@ the substituter's verifying pipeline (decompression, NarSize, NarHash, FileSize,
 FileHash); the data file is read back and the NAR rebuilt from the index and
 the chunks must have the NarHash again before the index is renamed into place,
 so an index is only ever there for data that reproduces the NAR. Nothing Nix
-reads is touched. Blocking; paths are indexed in parallel threads (zstd, lzma
-and hashlib release the GIL).
+reads is touched. Blocking; paths are indexed in parallel threads, and the
+chunks of a path are compressed, hashed and read back in a pool of as many
+threads as paths (zstd, lzma and hashlib release the GIL), so one large path
+keeps every core busy too.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import hashlib
 import logging
 import os
 import secrets
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -37,6 +40,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_SIZE = 1 << 20
 READ_SIZE = 1 << 20
+POOLED = 64 << 10  # chunks at least this large go to the pool; smaller ones are done inline
+AHEAD = 4  # chunks of one path encoded or decoded in the pool ahead of the one it waits for
 
 
 class CacheIndexError(LazystoreError):
@@ -70,16 +75,18 @@ def index_cache(cache: Path, secret: SecretKey, chunk_size: int = DEFAULT_CHUNK_
     (cache / fileindex.DATA_DIR).mkdir(exist_ok=True)
     results: list[Result | CacheIndexError] = []
 
-    def one(path: Path) -> Result | CacheIndexError:
-        try:
-            return index_path(cache, path, secret, chunk_size)
-        except CacheIndexError as exc:
-            return exc
+    with ThreadPoolExecutor(max_workers=jobs) as workers:
 
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for result in pool.map(one, files):
-            results.append(result)
-            on_done(result)
+        def one(path: Path) -> Result | CacheIndexError:
+            try:
+                return index_path(cache, path, secret, chunk_size, workers)
+            except CacheIndexError as exc:
+                return exc
+
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            for result in pool.map(one, files):
+                results.append(result)
+                on_done(result)
     marker = cache / fileindex.MARKER
     if not marker.exists():
         try:
@@ -89,8 +96,11 @@ def index_cache(cache: Path, secret: SecretKey, chunk_size: int = DEFAULT_CHUNK_
     return results
 
 
-def index_path(cache: Path, narinfo_file: Path, secret: SecretKey, chunk_size: int) -> Result:
-    """Index one narinfo's NAR, unless a good index signed by *secret* is there."""
+def index_path(cache: Path, narinfo_file: Path, secret: SecretKey, chunk_size: int,
+               workers: Executor | None = None) -> Result:
+    """Index one narinfo's NAR, unless a good index signed by *secret* is
+    there; large chunks are compressed and read back in *workers* (default:
+    in this thread)."""
     info = _read_narinfo(narinfo_file)
     hash_part = narinfo_file.name.removesuffix(".narinfo")
     index_file = cache / f"{hash_part}{fileindex.SUFFIX}"
@@ -101,12 +111,12 @@ def index_path(cache: Path, narinfo_file: Path, secret: SecretKey, chunk_size: i
     tmp = data_file.with_name(f".{data_file.name}.{secrets.token_hex(6)}")
     try:
         with open(tmp, "w+b") as out:
-            root = _write_data(cache, info, chunk_size, out)
+            root = _write_data(cache, info, chunk_size, out, workers)
             out.flush()
             os.fsync(out.fileno())
             size = out.tell()
             text = fileindex.write(info, chunk_size, data_name, size, root, secret)
-            verify_data(fileindex.parse(text), info, out)
+            verify_data(fileindex.parse(text), info, out, workers)
         os.rename(tmp, data_file)
         fsio.write_atomic(index_file, text)
     except OSError as exc:
@@ -137,9 +147,10 @@ def _indexed(cache: Path, index_file: Path, info: NarInfo, secret: SecretKey) ->
         return False
 
 
-def _write_data(cache: Path, info: NarInfo, chunk_size: int, out: BinaryIO) -> dict[str, Any]:
+def _write_data(cache: Path, info: NarInfo, chunk_size: int, out: BinaryIO,
+                workers: Executor | None) -> dict[str, Any]:
     """Stream the NAR through the verifying pipeline into *out*; the tree."""
-    writer = _ChunkWriter(out, chunk_size)
+    writer = _ChunkWriter(out, chunk_size, workers)
     pipeline = NarPipeline(info, writer, f"file://{cache}")
     try:
         with open(cache / info.url, "rb") as nar_file:
@@ -155,17 +166,37 @@ def _write_data(cache: Path, info: NarInfo, chunk_size: int, out: BinaryIO) -> d
     return writer.root
 
 
+Encoded = tuple[bytes, str]  # a chunk's zstd frame and the sha256 (hex) of its bytes
+
+
+def _encode(data: bytearray) -> Encoded:
+    return chunks.encode(data), hashlib.sha256(data).hexdigest()
+
+
+class _Done:
+    """A finished result where a Future may be."""
+
+    def __init__(self, value: Encoded) -> None:
+        self._value = value
+
+    def result(self) -> Encoded:
+        return self._value
+
+
 class _ChunkWriter:
     """A NarSink: parses the NAR, cuts each file's contents into chunks,
-    writes each as a zstd frame to *out*, and builds the index's tree."""
+    writes each as a zstd frame to *out*, and builds the index's tree. Large
+    chunks are encoded in *workers*, a few ahead, and written in order."""
 
-    def __init__(self, out: BinaryIO, chunk_size: int) -> None:
-        self._out, self._chunk_size = out, chunk_size
+    def __init__(self, out: BinaryIO, chunk_size: int, workers: Executor | None) -> None:
+        self._out, self._chunk_size, self._workers = out, chunk_size, workers
         self._parser = nar.NarParser()
         self.root: dict[str, Any] | None = None
         self._dirs: list[dict[str, Any]] = []
         self._file: dict[str, Any] | None = None
         self._buffer = bytearray()
+        # encoded or being encoded, not yet written: (frame + digest, the file's chunk list)
+        self._pending: deque[tuple[Future[Encoded] | _Done, list[list[Any]]]] = deque()
 
     def feed(self, data: bytes) -> None:
         for event in self._parser.feed(data):
@@ -207,28 +238,56 @@ class _ChunkWriter:
         if not self._buffer:
             return
         assert self._file is not None
-        frame = chunks.encode(self._buffer)
-        offset = self._out.tell()
-        self._out.write(frame)
-        digest = hashlib.sha256(self._buffer).hexdigest()
-        self._file["chunks"].append([offset, len(frame), digest])
-        self._buffer.clear()
+        data, self._buffer = self._buffer, bytearray()
+        if self._workers is None or len(data) < POOLED:
+            self._pending.append((_Done(_encode(data)), self._file["chunks"]))
+        else:
+            self._pending.append((self._workers.submit(_encode, data), self._file["chunks"]))
+        self._write(AHEAD)
+
+    def _write(self, keep: int) -> None:
+        """Write pending chunks in order until at most *keep* are left."""
+        while len(self._pending) > keep:
+            encoded, into = self._pending.popleft()
+            frame, digest = encoded.result()
+            into.append([self._out.tell(), len(frame), digest])
+            self._out.write(frame)
 
     def finish(self) -> None:
         self._parser.close()
+        self._write(0)
 
     def abort(self) -> None:
-        pass  # the caller removes the temporary data file
+        for encoded, _ in self._pending:
+            if isinstance(encoded, Future):
+                encoded.cancel()
+        self._pending.clear()  # the caller removes the temporary data file
 
 
-def verify_data(index: FileIndex, info: NarInfo, data: BinaryIO) -> None:
-    """Rebuild the NAR from *index* and the chunks in *data*; CacheIndexError
-    unless it has *info*'s NarHash and NarSize."""
+def verify_data(index: FileIndex, info: NarInfo, data: BinaryIO,
+                workers: Executor | None = None) -> None:
+    """Rebuild the NAR from *index* and the chunks in *data* (read back from
+    the file, each frame decompressed and checked for its size; the NarHash
+    over all of them stands for the chunks' own hashes); CacheIndexError
+    unless it has *info*'s NarHash and NarSize. Files of several chunks are
+    decompressed in *workers*, a few chunks ahead."""
     digest, size = hashlib.sha256(), 0
 
+    def read(chunk: fileindex.Chunk) -> bytes:
+        frame = os.pread(data.fileno(), chunk.length, chunk.offset)
+        return chunks.decode(chunk, frame, hashed=False)
+
     def contents(entry: FileEntry) -> Iterator[bytes]:
+        if workers is None or len(entry.chunks) < 2:
+            yield from map(read, entry.chunks)
+            return
+        pending: deque[Future[bytes]] = deque()
         for chunk in entry.chunks:
-            yield chunks.decode(chunk, os.pread(data.fileno(), chunk.length, chunk.offset))
+            pending.append(workers.submit(read, chunk))
+            if len(pending) > AHEAD:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
     try:
         for piece in nar.serialize(index.nar_events(contents)):

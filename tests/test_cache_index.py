@@ -157,3 +157,45 @@ def test_bad_arguments_are_one_line_errors(tmp_path: Path, test_key: nixcache.Ke
     assert res.returncode == 2 and "not a size" in res.stderr
     with pytest.raises(cacheindex.CacheIndexError, match="chunk size"):
         cacheindex.index_cache(tmp_path, SecretKey.generate("k"), 128 << 20)
+
+
+MIXED_NIX = """
+derivation {
+  name = "cache-index-mixed";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" "mkdir $out && head -c 3000000 /dev/urandom > $out/random &&
+                 yes lazystore-chunk | head -c 2000000 > $out/text" ];
+  PATH = "/usr/bin:/bin";
+}
+"""
+
+
+def test_large_chunks_rebuild_the_nar_and_random_ones_are_raw_blocks_zstd_reads(
+        tmp_path: Path, test_key: nixcache.KeyPair) -> None:
+    expr = tmp_path / "mixed.nix"
+    expr.write_text(MIXED_NIX)
+    top = nixcache.build(expr)
+    cache = nixcache.make_cache(top, tmp_path / "cache", test_key).root
+    res = index(cache, test_key, "--chunk-size", "256KiB", "--jobs", "2")
+    assert res.returncode == 0, res.stderr
+    [index_file] = [p for p in cache.glob("*.lzindex") if Path(top).name[:32] in p.name]
+    parsed = fileindex.parse(index_file.read_bytes())
+    assert rebuilt_nar(cache, parsed) == nixcache.run_nix("nix-store", "--dump", top)
+    frames = {}
+    with open(cache / parsed.data, "rb") as data:
+        for entry in parsed.files:
+            frames[b"/".join(entry.path).decode()] = [
+                (c, os.pread(data.fileno(), c.length, c.offset)) for c in entry.chunks]
+    random_chunks, text_chunks = frames["random"], frames["text"]
+    assert len(random_chunks) == 12 and len(text_chunks) == 8
+    for chunk, frame in random_chunks:
+        # magic, Single_Segment with a 4-byte content size, then raw blocks of <= 128 KiB
+        assert frame[:5] == b"\x28\xb5\x2f\xfd\xa0"
+        blocks = -(-chunk.size // (128 << 10))
+        assert chunk.length == chunk.size + 4 + 1 + 4 + 3 * blocks
+    assert all(c.length < c.size // 20 for c, _ in text_chunks)
+    # an independent decoder (the zstd command) reads every frame of the data file
+    out = subprocess.run(["zstd", "-dc", cache / parsed.data], capture_output=True, check=True)
+    assert out.stdout == b"".join(Path(top, name).read_bytes()
+                                  for name in sorted(frames, key=lambda n: frames[n][0][0].offset))

@@ -14,15 +14,57 @@ LEVEL = 3  # zstd level of the frames `lazystore cache index` writes
 MAX_RUN = 16 << 20  # compressed bytes asked for in one range request at most
 
 
-def encode(data: bytes | memoryview) -> bytes:
-    """One chunk as a zstd frame (with its size in the frame header)."""
-    return zstandard.ZstdCompressor(level=LEVEL, write_content_size=True).compress(data)
+SAMPLE = 4096  # bytes of each of the three samples that judge a chunk's compressibility
+STORED = 0.97  # samples that zstd shrinks less than this: the chunk goes in raw blocks
+RAW_BLOCK = 128 << 10  # the largest block a zstd frame may hold (RFC 8878, 3.1.1.2.3)
 
 
-def decode(chunk: Chunk, frame: bytes | memoryview) -> bytes:
+def encode(data: bytes | bytearray | memoryview) -> bytes:
+    """One chunk as a zstd frame (with its size in the frame header): zstd
+    level LEVEL, or raw blocks when samples of it do not compress (random or
+    already compressed bytes; see :func:`stored`)."""
+    view = memoryview(data)
+    if len(view) >= 4 * SAMPLE:
+        middle = len(view) // 2
+        samples = [view[:SAMPLE], view[middle:middle + SAMPLE], view[-SAMPLE:]]
+        quick = zstandard.ZstdCompressor(level=1)
+        if sum(len(quick.compress(s)) for s in samples) >= STORED * 3 * SAMPLE:
+            return stored(view)
+    return zstandard.ZstdCompressor(level=LEVEL, write_content_size=True).compress(view)
+
+
+def stored(data: bytes | bytearray | memoryview) -> bytes:
+    """*data* as a zstd frame of raw (uncompressed) blocks, which any zstd
+    decoder reads (RFC 8878: magic; a frame header descriptor with
+    Single_Segment set, no checksum and no dictionary, then the content size
+    in 1, 2, 4 or 8 bytes; blocks of type Raw_Block of at most 128 KiB, each
+    with a 3-byte header: last-block bit, type 0, size)."""
+    size = len(data)
+    if size < 256:
+        flag, fcs = 0, size.to_bytes(1, "little")
+    elif size < 65536 + 256:
+        flag, fcs = 1, (size - 256).to_bytes(2, "little")
+    elif size < 1 << 32:
+        flag, fcs = 2, size.to_bytes(4, "little")
+    else:
+        flag, fcs = 3, size.to_bytes(8, "little")
+    parts = [b"\x28\xb5\x2f\xfd", bytes([flag << 6 | 1 << 5]), fcs]
+    view = memoryview(data)
+    start = 0
+    while True:
+        block = view[start:start + RAW_BLOCK]
+        start += len(block)
+        last = start >= size
+        parts += [(len(block) << 3 | int(last)).to_bytes(3, "little"), block]
+        if last:
+            return b"".join(parts)
+
+
+def decode(chunk: Chunk, frame: bytes | memoryview, hashed: bool = True) -> bytes:
     """The verified uncompressed bytes of *chunk* from its frame: a
     zstd frame of ``chunk.length`` bytes declaring and holding ``chunk.size``
-    bytes that hash to ``chunk.sha256``; VerificationError otherwise."""
+    bytes that hash to ``chunk.sha256`` (unless not *hashed*: a caller that
+    checks a hash over them itself); VerificationError otherwise."""
     if len(frame) != chunk.length:
         raise VerificationError(f"chunk at data offset {chunk.offset} has {len(frame)} bytes, "
                                 f"the index says {chunk.length}")
@@ -36,7 +78,7 @@ def decode(chunk: Chunk, frame: bytes | memoryview) -> bytes:
     except zstandard.ZstdError as exc:
         raise VerificationError(f"chunk at data offset {chunk.offset}: corrupt zstd: {exc}"
                                 ) from None
-    if len(data) != chunk.size or hashlib.sha256(data).digest() != chunk.sha256:
+    if len(data) != chunk.size or hashed and hashlib.sha256(data).digest() != chunk.sha256:
         raise VerificationError(f"chunk at data offset {chunk.offset} does not match its hash")
     return data
 
