@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
 async def _serve(args: argparse.Namespace) -> None:
     # Imported here so that `lazystore --help` does not load grpc.
     from lazystore.snapshotter.snapshots import Snapshotter
-    from lazystore.snapshotter.views import DaemonViews
+    from lazystore.snapshotter.views import RESTART_WAIT, DaemonViews
 
     views = DaemonViews(args.control_socket, args.mount_point)
     try:
@@ -59,7 +59,9 @@ async def _serve(args: argparse.Namespace) -> None:
         views.close()
         raise SnapshotterError(f"snapshotter root {args.root}: {exc.strerror or exc}") from None
     try:
+        views.restart_wait = 0.0  # a daemon away now: its views are made when needed
         await sn.restore_views()
+        views.restart_wait = RESTART_WAIT
         if args.metrics_address is None:
             await _run(sn, args, [])
         else:

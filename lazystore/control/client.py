@@ -9,6 +9,12 @@ from lazystore.control import protocol
 from lazystore.errors import ControlError
 
 
+class DaemonUnavailable(ControlError):
+    """The daemon could not be reached, or closed the connection before it
+    answered (it is stopping, restarting or gone): a request that changes
+    nothing twice may be sent again. Not a refusal, not a timeout."""
+
+
 class ControlClient:
     def __init__(self, path: str, timeout: float | None = None) -> None:
         self.path = path
@@ -34,7 +40,7 @@ class ControlClient:
                 sock.connect(self.path)
             except OSError as exc:
                 sock.close()
-                raise ControlError(
+                raise DaemonUnavailable(
                     f"cannot reach the lazystore daemon at {self.path}: {exc.strerror or exc}"
                 ) from None
             self._sock = sock
@@ -47,9 +53,13 @@ class ControlClient:
             sock.sendall(protocol.encode_frame(protocol.request(op, **args)))
             length = protocol.frame_length(self._recv_exact(sock, protocol.HEADER_SIZE))
             body = self._recv_exact(sock, length)
+        except TimeoutError:
+            self.close()
+            raise ControlError(f"control socket {self.path}: timed out") from None
         except OSError as exc:
             self.close()
-            raise ControlError(f"control socket {self.path}: {exc.strerror or exc}") from None
+            raise DaemonUnavailable(
+                f"control socket {self.path}: {exc.strerror or exc}") from None
         return protocol.parse_response(protocol.decode_body(body))
 
     def _recv_exact(self, sock: socket.socket, n: int) -> bytes:
@@ -58,6 +68,7 @@ class ControlClient:
             chunk = sock.recv(n - len(buf))
             if not chunk:
                 self.close()
-                raise ControlError(f"the lazystore daemon at {self.path} closed the connection")
+                raise DaemonUnavailable(
+                    f"the lazystore daemon at {self.path} closed the connection")
             buf += chunk
         return bytes(buf)

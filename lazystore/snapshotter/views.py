@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
-from lazystore.control.client import ControlClient
+from lazystore.control.client import ControlClient, DaemonUnavailable
 from lazystore.errors import ControlError
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,13 @@ CALL_TIMEOUT = 300.0
 # Daemon calls at once; they run in threads of their own, so slow ones never
 # hold up the snapshotter's file system work in asyncio's default threads.
 MAX_CALLS = 16
+# A daemon restarting (``systemctl restart``, or Restart= after a crash) is away
+# for a few seconds: a call for a view (or the data layer) that could not reach
+# it, or whose connection it closed before answering, is sent again (they are
+# idempotent) for this long, so a pull or a container start rides it out. A
+# view's removal is not: a view left behind only costs the daemon memory.
+RESTART_WAIT = 60.0
+RETRY_DELAYS = (0.1, 0.2, 0.5, 1.0)  # between attempts, the last one repeated
 
 
 class ViewProvider(Protocol):
@@ -66,6 +74,9 @@ class DaemonViews:
         self.timeout = timeout
         self._threads = ThreadPoolExecutor(MAX_CALLS, thread_name_prefix="daemon-views")
         self._data_dir: str | None = None
+        # how long a call waits for a daemon that is away (0: not at all, as
+        # at the snapshotter's start, where views are made again when needed)
+        self.restart_wait = RESTART_WAIT
 
     def close(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)
@@ -98,11 +109,24 @@ class DaemonViews:
         log.debug("view %s: %d store paths", view_id, len(result.get("paths") or ()))
 
     async def remove(self, view_id: str) -> None:
-        await self._call("view_remove", {"id": view_id})
+        await self._call("view_remove", {"id": view_id}, wait=0.0)
 
-    async def _call(self, op: str, args: dict[str, object]) -> object:
+    async def _call(self, op: str, args: dict[str, object], wait: float | None = None) -> object:
         def call() -> object:
             with ControlClient(self.control_socket, timeout=self.timeout) as client:
                 return client.call(op, **args)
 
-        return await asyncio.get_running_loop().run_in_executor(self._threads, call)
+        wait = self.restart_wait if wait is None else wait
+        deadline = time.monotonic() + wait
+        attempt = 0
+        while True:
+            try:
+                return await asyncio.get_running_loop().run_in_executor(self._threads, call)
+            except DaemonUnavailable as exc:
+                delay = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)]
+                if time.monotonic() + delay > deadline:
+                    raise
+                if attempt == 0:
+                    log.info("%s; %s again for up to %.0f s", exc, op, wait)
+                attempt += 1
+                await asyncio.sleep(delay)

@@ -6,12 +6,16 @@ real Nix built; :func:`check_cache` says what is wrong in a cache directory
 after a kill (a store path in ``store/`` that differs from Nix's, an index
 record whose verified tree is not Nix's); :func:`crash_loop` kills a
 supervised daemon at random moments of a fetch/unpack/evict/index-save churn
-and starts it again, checking after each start.
+and starts it again, checking after each start. :class:`ContainerLoop` is a
+container (``ctr run -d``) whose busybox shell reads store files in a loop, in
+rounds the caller names, logging every read's md5sum and time into a
+bind-mounted directory, checked against what Nix built (:meth:`results`).
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import random
 import threading
@@ -23,6 +27,7 @@ from typing import Any
 
 from lazystore.errors import ControlError
 from lazystore.store import index, tree
+from lazystore.testing.containerd import Containerd
 from lazystore.testing.daemon import Daemon
 
 NIX_STORE = Path("/nix/store")
@@ -188,3 +193,131 @@ def _evict(d: Daemon, paths: list[str]) -> None:
         d.call("evict", paths=paths)
     except (ControlError, OSError):
         pass  # killed under it
+
+
+# -- containers across restarts ------------------------------------------------
+
+# The container's loop (busybox sh): each pass reads every file that
+# files.<round> lists (the test names the round in the file "round"), timing
+# each read from /proc/uptime (10 ms ticks); one line per read, "ROUND T0 T1
+# STATUS MD5SUM-OUTPUT", and "ROUND start"/"ROUND pass" around each pass.
+CONTAINER_LOOP = """\
+bb=$1
+cd /out
+while [ ! -e stop ]; do
+  read round < round
+  echo "$round start" >> log
+  while read f; do
+    read t0 idle < /proc/uptime
+    s=$($bb md5sum "$f" 2>&1)
+    rc=$?
+    read t1 idle < /proc/uptime
+    echo "$round $t0 $t1 $rc $s" >> log
+  done < files.$round
+  echo "$round pass" >> log
+done
+echo exit >> log
+"""
+
+
+@dataclass
+class ContainerReads:
+    reads: int = 0
+    errors: list[str] = field(default_factory=list)  # failed reads and wrong bytes
+    slowest: float = 0.0
+    exited: bool = False  # the loop saw "stop" and ended
+
+
+class ContainerLoop:
+    """A long-running container (``ctr run -d`` through *snapshotter*) whose
+    busybox shell reads store files in a loop, in rounds the caller names
+    (:meth:`next_round`), and logs each read into *out* (bind-mounted at /out)."""
+
+    def __init__(self, ctd: Containerd, snapshotter: str, image: str, out: Path,
+                 busybox: str) -> None:
+        self.ctd, self.snapshotter, self.image, self.busybox = ctd, snapshotter, image, busybox
+        self.out = out
+        self.name = f"loop{time.monotonic_ns()}"
+        self.round = -1
+        self.files: set[str] = set()  # every file any round listed
+
+    @property
+    def log(self) -> Path:
+        return self.out / "log"
+
+    def start(self, files: list[str]) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "loop.sh").write_text(CONTAINER_LOOP)
+        self.log.touch()
+        self.next_round(files)
+        self.ctd.ctr("run", "-d", "--snapshotter", self.snapshotter,
+                     "--mount", f"type=bind,src={self.out},dst=/out,options=rbind:rw",
+                     self.image, self.name, self.busybox, "sh", "/out/loop.sh", self.busybox,
+                     timeout=180)
+
+    def next_round(self, files: list[str]) -> int:
+        """From its next pass on, the container reads *files* (absolute store paths)."""
+        self.round += 1
+        self.files.update(files)
+        (self.out / f"files.{self.round}").write_text("".join(f + "\n" for f in files))
+        tmp = self.out / "round.tmp"
+        tmp.write_text(f"{self.round}\n")
+        tmp.rename(self.out / "round")
+        return self.round
+
+    def lines(self) -> list[str]:
+        text = self.log.read_text(errors="replace")
+        return text[: text.rfind("\n") + 1].splitlines()
+
+    def wait_pass(self, round_: int, after: int = 0, timeout: float = 180.0) -> None:
+        """Until a whole pass of *round_* began after the log's first *after* lines."""
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = self.lines()[after:]
+            if f"{round_} start" in lines and f"{round_} pass" in \
+                    lines[lines.index(f"{round_} start"):]:
+                return
+            if time.monotonic() > deadline:
+                tail = "\n".join(lines[-10:])
+                raise AssertionError(f"no pass of round {round_} in {timeout} s:\n{tail}")
+            time.sleep(0.05)
+
+    def running(self) -> bool:
+        out = self.ctd.ctr("tasks", "ls").stdout.splitlines()[1:]
+        return any(line.split()[:1] == [self.name] and "RUNNING" in line for line in out)
+
+    def task_pid(self) -> int:
+        out = self.ctd.ctr("tasks", "ls").stdout.splitlines()[1:]
+        return next(int(line.split()[1]) for line in out if line.split()[:1] == [self.name])
+
+    def stop(self, timeout: float = 120.0) -> None:
+        """Ask the loop to end after its pass; wait until it did."""
+        (self.out / "stop").touch()
+        deadline = time.monotonic() + timeout
+        while "exit" not in self.lines() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def remove(self) -> None:
+        """The container and its task gone (killed if still running)."""
+        for args in (("tasks", "kill", "-s", "SIGKILL", self.name),
+                     ("tasks", "delete", "--force", self.name),
+                     ("containers", "delete", self.name)):
+            self.ctd.ctr(*args, check=False, timeout=60)
+
+    def results(self) -> ContainerReads:
+        """Every read of the log checked against the bytes Nix built."""
+        want = {f: hashlib.md5(Path(f).read_bytes()).hexdigest() for f in self.files}
+        out = ContainerReads()
+        for line in self.lines():
+            fields = line.split(maxsplit=4)
+            if len(fields) < 4:
+                out.exited |= fields == ["exit"]
+                continue
+            out.reads += 1
+            out.slowest = max(out.slowest, float(fields[2]) - float(fields[1]))
+            got = fields[4].split() if len(fields) == 5 else []
+            if fields[3] != "0":
+                out.errors.append(f"round {fields[0]}: {' '.join(fields[3:])}")
+            elif len(got) != 2 or got[1] not in want or want[got[1]] != got[0]:
+                out.errors.append(f"round {fields[0]}: wrong bytes: {fields[4]}")
+        return out

@@ -1,0 +1,91 @@
+"""DaemonViews against a stand-in daemon on a real unix socket: a daemon away
+(restarting) is waited for, a refusal is not asked twice."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lazystore.control import protocol
+from lazystore.control.client import DaemonUnavailable
+from lazystore.errors import ControlError
+from lazystore.snapshotter import views
+
+# What the stand-in does with each connection, in turn: answer with a message,
+# or (None) read the request and close without an answer (a daemon stopping).
+Step = dict[str, Any] | None
+
+
+def _read_request(conn: socket.socket) -> dict[str, Any]:
+    header = conn.recv(protocol.HEADER_SIZE, socket.MSG_WAITALL)
+    body = conn.recv(protocol.frame_length(header), socket.MSG_WAITALL)
+    return protocol.decode_body(body)
+
+
+def stand_in(path: Path, steps: list[Step], delay: float) -> tuple[threading.Thread, list[str]]:
+    """A daemon that starts listening at *path* after *delay* seconds."""
+    asked: list[str] = []
+
+    def serve() -> None:
+        time.sleep(delay)
+        with socket.socket(socket.AF_UNIX) as listener:
+            listener.bind(str(path))
+            listener.listen()
+            for step in steps:
+                conn, _ = listener.accept()
+                with conn:
+                    asked.append(_read_request(conn)["op"])
+                    if step is not None:
+                        conn.sendall(protocol.encode_frame(step))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread, asked
+
+
+def ensure(path: Path) -> Callable[[], None]:
+    provider = views.DaemonViews(str(path), "/mnt", timeout=10)
+
+    def call() -> None:
+        try:
+            asyncio.run(provider.ensure("v1", ["/nix/store/" + "a" * 32 + "-x"], None))
+        finally:
+            provider.close()
+    return call
+
+
+def test_a_view_is_asked_again_while_the_daemon_restarts(tmp_path: Path) -> None:
+    # not listening for a while (connect fails), then a daemon that reads the
+    # request and stops without answering, then the next one, which answers
+    sock = tmp_path / "ctl.sock"
+    answer = protocol.ok({"path": "/mnt/.views/v1", "paths": ["x"]})
+    thread, asked = stand_in(sock, [None, answer], delay=0.5)
+    ensure(sock)()
+    thread.join(10)
+    assert asked == ["view_create", "view_create"]
+
+
+def test_a_refusal_is_not_asked_again(tmp_path: Path) -> None:
+    sock = tmp_path / "ctl.sock"
+    thread, asked = stand_in(sock, [protocol.error("no such store path")], delay=0)
+    time.sleep(0.2)
+    with pytest.raises(ControlError, match="no such store path") as info:
+        ensure(sock)()
+    assert not isinstance(info.value, DaemonUnavailable)
+    thread.join(10)
+    assert asked == ["view_create"]
+
+
+def test_a_daemon_away_too_long_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(views, "RESTART_WAIT", 0.5)
+    with pytest.raises(DaemonUnavailable, match="cannot reach the lazystore daemon"):
+        ensure(tmp_path / "none.sock")()
