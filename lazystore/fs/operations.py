@@ -19,6 +19,7 @@ import pyfuse3
 from lazystore.errors import LazystoreError, StoreError
 from lazystore.fs.vfs import Attr, FsError, Vfs
 from lazystore.store.cache import PathNotFound
+from lazystore.store.sink import CacheFullError
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,11 @@ def to_errno(exc: BaseException) -> int:
         return exc.errno
     if isinstance(exc, PathNotFound):  # in none of the substituters (any more)
         return errno.ENOENT
+    if isinstance(exc, CacheFullError):
+        # The kernel passes a reply's errno to the reader as it is: "No space
+        # left on device" names the cause, where EIO would suggest bad data.
+        log.warning("%s", exc)
+        return errno.ENOSPC
     if isinstance(exc, StoreError):
         log.warning("%s", exc)
         return errno.EIO

@@ -40,7 +40,7 @@ from lazystore.store import index, tree
 from lazystore.store.chunks import ChunkCache, Copies, IndexedPath, read_copy
 from lazystore.store.events import EventLog
 from lazystore.store.index import Record
-from lazystore.store.sink import StoreSink
+from lazystore.store.sink import CacheFullError, StoreSink
 from lazystore.store.tree import Node
 from lazystore.substituter.config import NEGATIVE_TTL
 from lazystore.substituter.download import NarSink, OpenSink
@@ -541,8 +541,56 @@ class LocalStore:
         await self._enforce_quota(keep=base)
 
     async def _substitute(self, base: str) -> tuple[Node, int]:
-        """Fetch *base* into ``store/`` through StoreSinks; its tree and footprint."""
+        """Fetch *base* into ``store/`` through StoreSinks; its tree and footprint.
+        When the cache's file system is full, least recently used paths are
+        evicted to make room and the fetch tried again, until nothing more can go."""
         info = await self._narinfo(base)
+        evicted = 0
+        while True:
+            try:
+                return await self._substitute_once(base, info)
+            except CacheFullError:
+                made = await self._make_room(base, self._room_for(base, info))
+                if not made:
+                    raise await self._no_room(base, info, evicted) from None
+                evicted += made
+
+    def _room_for(self, base: str, info: NarInfo) -> int:
+        """Bytes *base* takes unpacked, as well as is known before it is."""
+        hint = self.records[base].tree
+        return max(info.nar_size, tree.footprint(hint) if hint is not None else 0)
+
+    async def _make_room(self, base: str, need: int) -> int:
+        """Evict least recently used paths (never *base*, a pinned one or one
+        in use below its bind) until the cache's file system has *need* bytes
+        free; at least one, since *need* did not fit. How many went (0: none
+        could, or *need* is more than the file system holds)."""
+        total, free = await trio.to_thread.run_sync(_space, self.data_dir)
+        if need > total:
+            return 0
+        evicted = 0
+        for victim in self._evictable(keep=base):
+            if evicted and free >= need:
+                break
+            if await self._evict_one(victim):
+                evicted += 1
+                free = (await trio.to_thread.run_sync(_space, self.data_dir))[1]
+        if evicted:
+            log.info("evicted %s to make room for %s (%d bytes, %d free now)",
+                     _paths(evicted), base, need, free)
+        return evicted
+
+    async def _no_room(self, base: str, info: NarInfo, evicted: int) -> CacheFullError:
+        """The one error of a path that does not fit (its reader's log line)."""
+        total, free = await trio.to_thread.run_sync(_space, self.data_dir)
+        why = ("the NAR is larger than the whole file system" if self._room_for(base, info) > total
+               else f"{_paths(evicted)} evicted for it, the rest is in use" if evicted
+               else "nothing in it can be evicted (in use, or nothing else there)")
+        return CacheFullError(
+            f"no room for {base} in the cache {self.cache_dir}: {free} bytes free on its "
+            f"file system of {total}, the NAR is {info.nar_size} bytes; {why}")
+
+    async def _substitute_once(self, base: str, info: NarInfo) -> tuple[Node, int]:
         sinks: list[StoreSink] = []
 
         def open_sink(_: NarInfo) -> NarSink:
@@ -795,6 +843,16 @@ async def _store_errors(kind: str, key: str, fn: Callable[[], Awaitable[Any]]) -
     except Exception as exc:  # a bug below must not end the daemon
         log.exception("%s of %s failed unexpectedly", kind, key)
         raise StoreError(f"{kind} of {key} failed: {exc!r}") from None
+
+
+def _paths(n: int) -> str:
+    return f"{n} path" if n == 1 else f"{n} paths"
+
+
+def _space(path: Path) -> tuple[int, int]:
+    """(size, bytes free to us) of the file system holding *path*."""
+    st = os.statvfs(path)
+    return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
 
 
 def _scan(path: Path) -> tuple[Node, int]:

@@ -9,6 +9,7 @@ path into ``store/`` in one step: nothing unverified is ever visible there.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
@@ -29,6 +30,13 @@ T = TypeVar("T")
 
 class CacheWriteError(StoreError):
     """The cache directory cannot take a path (full disk, permissions, ...)."""
+
+
+class CacheFullError(CacheWriteError):
+    """The cache's file system has no room left for a path (ENOSPC, EDQUOT)."""
+
+
+FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class StoreSink:
@@ -71,5 +79,8 @@ class StoreSink:
         try:
             return step()
         except (UnpackError, OSError) as exc:
-            raise CacheWriteError(f"cannot write {self.base} into the cache "
-                                  f"{self.dest.parent.parent}: {fsio.reason(exc)}") from None
+            cause = exc if isinstance(exc, OSError) else exc.__cause__
+            full = isinstance(cause, OSError) and cause.errno in FULL
+            raise (CacheFullError if full else CacheWriteError)(
+                f"cannot write {self.base} into the cache {self.dest.parent.parent}: "
+                f"{fsio.reason(exc)}") from None
