@@ -32,6 +32,7 @@ from lazystore.fs.vfs import (
     Vfs,
 )
 from lazystore.store.cache import LocalStore, PathNotFound
+from lazystore.store.sink import CacheFullError
 from tests.test_store_cache import (
     EMPTY,
     LINK,
@@ -353,6 +354,8 @@ def _exception_cases() -> list[tuple[type[BaseException], int, int | None]]:
             cases.append((cls, FS_ERRNOS.get(cls, -1), None))  # -1: add it to FS_ERRNOS
         elif issubclass(cls, PathNotFound):
             cases.append((cls, errno.ENOENT, None))
+        elif issubclass(cls, CacheFullError):  # the reader is told the cause
+            cases.append((cls, errno.ENOSPC, logging.WARNING))
         else:
             cases.append((cls, errno.EIO, logging.WARNING))
     # what os calls raise (the classes of other libraries are theirs to map)
