@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -28,7 +27,7 @@ from lazystore.testing import nixcache, registry
 from lazystore.testing.containerd import Containerd
 from lazystore.testing.daemon import Daemon
 from lazystore.testing.httpserver import serve_directory
-from lazystore.testing.restarts import ContainerLoop, Reader, store_files
+from lazystore.testing.restarts import ContainerLoop, Reader, restart_rounds, store_files
 from lazystore.testing.supervisor import Supervisor
 from tests.test_e2e_containers import (
     SN,
@@ -125,10 +124,6 @@ def test_a_container_and_a_reader_lose_no_read_across_twenty_restarts(
     rounds = [parts[PARTS_PER_ROUND * i:PARTS_PER_ROUND * (i + 1)] + blobs[i - 1:i]
               for i in range(RESTARTS + 1)]  # a 4 MiB blob from round 1 on
     busybox = f"/nix/store/{named(bases, 'bench-busybox')}/bin/busybox"
-
-    def files(i: int) -> list[str]:
-        return [busybox, *(f for b in rounds[i] + rounds[max(i - 1, 0)] for f in files_of(b))]
-
     image = imported(st, st.wide, "wide-loop")
     d.call("prefetch", paths=[f"/nix/store/{b}" for b in rounds[0]])  # fetched before
     sample = store_files(binary_cache.paths)
@@ -138,28 +133,15 @@ def test_a_container_and_a_reader_lose_no_read_across_twenty_restarts(
     loop = ContainerLoop(st.ctd, SN, image, st.base / "loop", busybox)
     takeovers = d.log.read_text().count("taking over the FUSE session")
     log_start = d.log.stat().st_size
-    rng = random.Random(19)
+    assert st.ctd.proc is not None and st.sn_proc is not None
+    processes = (st.ctd.proc.pid, st.sn_proc.pid)
     try:
-        loop.start(files(0))
-        loop.wait_pass(0)
-        task = loop.task_pid()
-        assert st.ctd.proc is not None and st.sn_proc is not None
-        processes = (st.ctd.proc.pid, st.sn_proc.pid)
         reader.start()
         reader.wait_reads(len(sample))
-        for i in range(1, RESTARTS + 1):
-            assert not set(rounds[i]) & st.materialized()  # not yet fetched
-            mark = len(loop.lines())
-            loop.next_round(files(i))
-            while f"{i} start" not in loop.lines()[mark:]:
-                time.sleep(0.01)
-            time.sleep(rng.uniform(0, 0.3))  # a read of a path being fetched, likely
-            d.restart(kill=i % 2 == 0)
-            loop.wait_pass(i, after=len(loop.lines()))  # a whole pass on the new daemon
-            reader.wait_reads(len(sample))
-            d.call("evict", paths=evictable)
+        done = restart_rounds(d, loop, reader, rounds, [busybox], evictable)
+        assert done.fetched_early == []  # each round's paths were new to it
         assert set(rounds[RESTARTS]) <= st.materialized()
-        assert loop.running() and loop.task_pid() == task
+        assert loop.running() and loop.task_pid() == done.task_pid
         assert st.ctd.proc.poll() is None and st.sn_proc.poll() is None
         assert (st.ctd.proc.pid, st.sn_proc.pid) == processes
         reader.wait_reads(len(sample))

@@ -246,6 +246,7 @@ class ContainerLoop:
         return self.out / "log"
 
     def start(self, files: list[str]) -> None:
+        """Start the container, reading *files* (round 0)."""
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "loop.sh").write_text(CONTAINER_LOOP)
         self.log.touch()
@@ -266,7 +267,10 @@ class ContainerLoop:
         return self.round
 
     def lines(self) -> list[str]:
-        text = self.log.read_text(errors="replace")
+        try:
+            text = self.log.read_text(errors="replace")
+        except FileNotFoundError:  # not started
+            return []
         return text[: text.rfind("\n") + 1].splitlines()
 
     def wait_pass(self, round_: int, after: int = 0, timeout: float = 180.0) -> None:
@@ -292,6 +296,8 @@ class ContainerLoop:
 
     def stop(self, timeout: float = 120.0) -> None:
         """Ask the loop to end after its pass; wait until it did."""
+        if self.round < 0:
+            return
         (self.out / "stop").touch()
         deadline = time.monotonic() + timeout
         while "exit" not in self.lines() and time.monotonic() < deadline:
@@ -321,3 +327,48 @@ class ContainerLoop:
             elif len(got) != 2 or got[1] not in want or want[got[1]] != got[0]:
                 out.errors.append(f"round {fields[0]}: wrong bytes: {fields[4]}")
         return out
+
+
+@dataclass
+class RoundsRun:
+    restart_times: list[float] = field(default_factory=list)  # signal to serving again
+    fetched_early: list[str] = field(default_factory=list)  # a round's paths fetched before it
+    task_pid: int = 0  # the container's, once it runs
+
+
+def restart_rounds(
+    d: Daemon, loop: ContainerLoop, reader: Reader, rounds: list[list[str]],
+    always: list[str], evictable: list[str], seed: int = 19,
+) -> RoundsRun:
+    """Start *loop* on round 0, then for each further round: it reads the files of
+    that round's store paths (*rounds*: base names, none fetched yet), of the
+    round before and *always*; once it began the round, the daemon is stopped
+    (SIGTERM, odd rounds) or killed (SIGKILL, even rounds) at a random moment
+    of it and started again; then a whole pass of the round on the new daemon
+    and some reads of *reader*, and *evictable* evicted (read, so fetched, again)."""
+    rng = random.Random(seed)
+    out = RoundsRun()
+
+    def files(i: int) -> list[str]:
+        bases = rounds[i] + (rounds[i - 1] if i else [])
+        return [*always, *(f"/nix/store/{rel}" for rel in sorted(store_files(bases)))]
+
+    loop.start(files(0))
+    loop.wait_pass(0)
+    out.task_pid = loop.task_pid()
+    for i in range(1, len(rounds)):
+        materialized = set(d.status()["paths_materialized"])
+        out.fetched_early += sorted(set(rounds[i]) & materialized)
+        mark = len(loop.lines())
+        loop.next_round(files(i))
+        deadline = time.monotonic() + 120
+        while f"{i} start" not in loop.lines()[mark:] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.3))  # likely a read of a path being fetched
+        start = time.monotonic()
+        d.restart(kill=i % 2 == 0)
+        out.restart_times.append(time.monotonic() - start)
+        loop.wait_pass(i, after=len(loop.lines()))
+        reader.wait_reads(len(reader.files))
+        d.call("evict", paths=evictable)
+    return out
