@@ -12,6 +12,7 @@ import errno
 import os
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -136,4 +137,56 @@ def test_a_full_disk_makes_room_by_evicting_what_is_not_in_use(
         assert manual.read_bytes()[:4] == b"dddd"
         assert d.status()["paths_materialized"] == [docs]
         assert len(warnings(d)) == 2  # the two reads that failed, nothing more
+        assert d.stop() == 0
+
+
+def remount(path: Path, mode: str) -> None:
+    """``mount -o remount,<mode>``; a write in flight (an index save) makes a
+    read-only remount EBUSY for a moment: tried again for up to 20 s."""
+    for _ in range(200):
+        done = subprocess.run(["mount", "-o", f"remount,{mode}", str(path)],
+                              capture_output=True, text=True)
+        if done.returncode == 0:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"cannot remount {path} {mode}: {done.stderr}")
+
+
+def test_a_cache_that_turns_read_only_keeps_serving_what_it_has_and_recovers(
+    tmp_path: Path, binary_cache: nixcache.BinaryCache, http_cache: str
+) -> None:
+    d = Daemon(tmp_path, http_cache, binary_cache.key.public_key, verbose=False)
+    busybox, docs, liba, prog = (by_name(binary_cache.paths, n)
+                                 for n in ("busybox", "docs", "liba", "prog"))
+    program = d.mnt / busybox / "bin/busybox"
+    with on_tmpfs(d, "64m"):
+        d.start()
+        assert (d.mnt / liba / "lib/data").read_bytes() == LIBA
+        remount(d.cache, "ro")  # the daemon holds no file of it open for writing
+        try:
+            new = [(program, busybox), (d.mnt / docs / "share/doc/README", docs),
+                   (d.mnt / prog / "bin/prog", prog), (program, busybox)]
+            for path, base in new:
+                before = warnings(d)
+                with pytest.raises(OSError) as info:
+                    path.read_bytes()
+                assert info.value.errno == errno.EIO
+                assert (d.mnt / liba / "lib/data").read_bytes() == LIBA  # cached: still read
+                lines = [ln for ln in warnings(d)[len(before):] if base in ln]
+                assert len(lines) == 1 and "Read-only file system" in lines[0], lines
+            assert d.status()["paths_materialized"] == [liba]
+            time.sleep(1.5)  # the index saver's delay: its failure is logged too
+        finally:
+            remount(d.cache, "rw")
+        # one line per failed read; the index and the session journal said once each
+        lines = warnings(d)
+        print("\n".join(lines))
+        assert len(lines) == len(new) + 2, lines
+        assert sum("cannot write the cache index" in ln for ln in lines) == 1
+        assert sum("cannot note store paths" in ln for ln in lines) == 1
+        # writable again: fetched, verified, served; the index is written again
+        assert program.read_bytes() == (Path("/nix/store") / busybox / "bin/busybox"
+                                        ).read_bytes()
+        assert d.status()["paths_materialized"] == sorted([busybox, liba])
+        assert len(warnings(d)) == len(lines)
         assert d.stop() == 0

@@ -151,10 +151,16 @@ class FuseSession:
         self._started = False
         # Store paths whose inodes the kernel got, one a line, appended before it
         # gets them: a daemon killed before its index save lost their records.
+        # Opened for each line, not held: a file held open for writing would keep
+        # the cache's file system from being remounted read-only (EBUSY).
         self.journal_file = journal = state_file.with_name(state_file.name + ".paths")
-        flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
-        self._journal = os.open(journal, flags | (0 if taken_over else os.O_TRUNC), 0o600)
-        self.handed_out = _read_lines(self._journal) if taken_over else []
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (0 if taken_over else os.O_TRUNC)
+        fd = os.open(journal, flags, 0o600)
+        try:
+            self.handed_out = _read_lines(fd) if taken_over else []
+        finally:
+            os.close(fd)
+        self._journal_failed = False  # said once until a line is written again
 
     # -- getting a session ---------------------------------------------------
 
@@ -263,9 +269,22 @@ class FuseSession:
 
     def note_path(self, base: str) -> None:
         try:
-            os.write(self._journal, base.encode("utf-8", "surrogateescape") + b"\n")
+            fd = os.open(self.journal_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                         | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, base.encode("utf-8", "surrogateescape") + b"\n")
+            finally:
+                os.close(fd)
         except OSError as exc:
-            log.warning("cannot note %s in the FUSE session state: %s", base, exc.strerror)
+            if not self._journal_failed:
+                log.warning("cannot note store paths in %s (%s): a daemon that takes this "
+                            "mount over may not find them again; said once until it can",
+                            self.journal_file, exc.strerror)
+            self._journal_failed = True
+            return
+        if self._journal_failed:
+            log.info("noting store paths in %s again", self.journal_file)
+            self._journal_failed = False
 
     def set_views(self, views: dict[str, list[str]]) -> None:
         self.state.views = views
@@ -288,7 +307,6 @@ class FuseSession:
                     log.warning("%s", exc)
             self.state_file.unlink(missing_ok=True)
             self.journal_file.unlink(missing_ok=True)
-        os.close(self._journal)
         os.close(self.fuse_fd)
 
 

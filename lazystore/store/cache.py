@@ -160,6 +160,7 @@ class LocalStore:
         self.chunk_bytes_read = 0  # compressed bytes of the distinct chunks reads used
         self._chunks_read: set[bytes] = set()
         self._dirty = trio.Event()
+        self._save_failed = False
         self._stack = AsyncExitStack()
         self._nursery: trio.Nursery | None = None
 
@@ -242,11 +243,18 @@ class LocalStore:
         try:
             await trio.to_thread.run_sync(index.save, self.index_file, snapshot)
         except OSError as exc:  # the index can be rebuilt from store/: keep serving
-            log.warning("cannot write the cache index %s: %s", self.index_file,
-                        exc.strerror or exc)
+            if not self._save_failed:  # one line for the fault, not one per save
+                log.warning("cannot write the cache index %s: %s (said once until it "
+                            "can)", self.index_file, exc.strerror or exc)
+            self._save_failed = True
+            return
         except Exception:  # a bug in encoding a record must not end the daemon either
             log.exception("cannot write the cache index %s (unexpected error; "
                           "it is rebuilt from store/ at the next start)", self.index_file)
+        else:
+            if self._save_failed:
+                log.info("wrote the cache index %s again", self.index_file)
+            self._save_failed = False
 
     async def _final_save(self) -> None:
         with trio.CancelScope(shield=True):
