@@ -19,9 +19,11 @@ from pathlib import Path
 
 import pytest
 
+from lazystore.daemon.binds import bound_paths
 from lazystore.nix.narinfo import NarInfo
 from lazystore.testing import nixcache
 from lazystore.testing.daemon import Daemon
+from tests.test_mount_binds import wait_bound
 from tests.test_mount_daemon import _need_fuse, by_name
 
 pytestmark = pytest.mark.root
@@ -189,4 +191,41 @@ def test_a_cache_that_turns_read_only_keeps_serving_what_it_has_and_recovers(
                                         ).read_bytes()
         assert d.status()["paths_materialized"] == sorted([busybox, liba])
         assert len(warnings(d)) == len(lines)
+        assert d.stop() == 0
+
+
+def test_a_full_disk_never_evicts_a_path_in_use_below_its_bind(
+    tmp_path: Path, binary_cache: nixcache.BinaryCache, http_cache: str
+) -> None:
+    d = Daemon(tmp_path, http_cache, binary_cache.key.public_key)  # binds on (the default)
+    busybox, docs = (by_name(binary_cache.paths, n) for n in ("busybox", "docs"))
+    manual = d.mnt / docs / "share/doc/manual.txt"
+    with on_tmpfs(d, "2560k"):
+        d.start()
+        assert (d.mnt / busybox / "bin/busybox").read_bytes()[:4] == b"\x7fELF"
+        wait_bound(d, busybox)
+        os.chdir(d.mnt / busybox / "bin")  # a working directory below the bind is a use
+        try:
+            line = assert_no_room(d, binary_cache, docs, manual)
+            assert "nothing in it can be evicted" in line
+            assert d.status()["paths_materialized"] == [busybox]
+            assert busybox in bound_paths(d.mnt)
+            assert Path("busybox").read_bytes()[:4] == b"\x7fELF"
+        finally:
+            os.chdir(tmp_path)
+        # unused now: evicted (unbound first) to make room, and docs is read
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                assert manual.read_bytes()[:4] == b"dddd"
+                break
+            except OSError as exc:
+                # only while a mount namespace someone made meanwhile on this machine
+                # (every nix command does) holds a copy of the bind
+                assert exc.errno == errno.ENOSPC
+                assert "mounted elsewhere too" in d.log.read_text()
+                assert time.monotonic() < deadline, "the copy of the bind never went"
+                time.sleep(0.5)
+        assert d.status()["paths_materialized"] == [docs]
+        assert busybox not in bound_paths(d.mnt)
         assert d.stop() == 0
