@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 64 * 1024
 _REQUEST_LINE = re.compile(rb"(?:^|\r\n)(GET|HEAD|POST|PUT|PATCH|DELETE) (\S+) HTTP/1\.[01]\r\n")
+_RANGE = re.compile(rb"\r\nrange: *bytes=(\S+)\r\n", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,8 @@ class Stats:
     bytes_up: int = 0  # clients -> upstream
     connections: int = 0
     requests: list[str] = field(default_factory=list)  # "GET /nar/…"
+    # (time.monotonic() it arrived, "GET /lzdata/… bytes=A-B"): one per request
+    log: list[tuple[float, str]] = field(default_factory=list)
 
     def targets(self, prefix: str) -> list[str]:
         return [r.split(" ", 1)[1] for r in self.requests if r.split(" ", 1)[1].startswith(prefix)]
@@ -184,8 +187,13 @@ class ShapingProxy:
         while chunk := await reader.read(CHUNK):
             arrived = time.monotonic()
             self.stats.bytes_up += len(chunk)
-            for method, target in _REQUEST_LINE.findall(chunk):
-                self.stats.requests.append(f"{method.decode()} {target.decode(errors='replace')}")
+            for found in _REQUEST_LINE.finditer(chunk):
+                line = f"{found[1].decode()} {found[2].decode(errors='replace')}"
+                self.stats.requests.append(line)
+                head = chunk[found.end() - 2:chunk.find(b"\r\n\r\n", found.end()) + 2]
+                if wanted := _RANGE.search(head):
+                    line += f" bytes={wanted[1].decode(errors='replace')}"
+                self.stats.log.append((arrived, line))
             delay = arrived + self.profile.latency - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)

@@ -246,6 +246,7 @@ def _fuse_run(ctx: Context, profile: Path | None = None) -> Record:
         "output": prog.first_line,
         "page_cache_dropped": dropped,
         "timeline": timeline,
+        "link_log": [[round(t - start, 4), line] for t, line in stats.log],
     }
 
 
