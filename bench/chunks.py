@@ -2,11 +2,14 @@
 
 * index cost: ``nix copy --to file://DIR`` of the python workload's closure
   (zstd, signatures made beforehand, untimed) against ``lazystore cache index
-  DIR`` of the same folder (the CLI, ``--jobs 2``);
+  DIR`` of the same folder (the CLI, ``--jobs 2``), wall and CPU seconds of
+  each command, ``--index-runs`` times (a fresh folder each);
 * the python workload (bench/harness) over the shaping proxy (100 Mbit, 20 ms):
-  nix-eager and lazystore-fuse from the indexed folder, alternating; for
+  nix-eager and lazystore-fuse from the indexed folder and
+  lazystore-fuse-noindex from a copy of it without indexes, in turn; for
   lazystore-fuse, bytes through the proxy / compressed bytes of the chunks
-  reads used (``chunk_bytes_read``; the read-ahead fetches more);
+  reads used (``chunk_bytes_read``; the read-ahead fetches more), and the
+  time the link needs for those bytes alone (a floor for any fetch order);
 * first byte of a large random file's last chunk through a fresh mount over
   the same link (stat, open and one 1-byte pread at its last byte).
 
@@ -21,6 +24,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -51,46 +55,87 @@ BIG_NIX = """
 """
 
 
-def timed(argv: list[str], env: dict[str, str] | None = None) -> float:
+def timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
+    """Wall and CPU (user + system) seconds of running *argv*."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.monotonic()
     proc = subprocess.run(argv, capture_output=True, env=env)
     elapsed = time.monotonic() - start
     if proc.returncode:
         raise RuntimeError(f"{argv[:3]} failed: {proc.stderr.decode(errors='replace')[-800:]}")
-    return elapsed
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return elapsed, cpu
 
 
-def write_cache(top: str, dest: Path, key: nixcache.KeyPair) -> dict[str, float]:
-    """``nix copy`` of *top*'s closure into *dest* (timed), then ``lazystore
-    cache index`` of it (timed)."""
+def write_cache(top: str, dest: Path, key: nixcache.KeyPair, chunk_size: str = "1MiB"
+                ) -> dict[str, Any]:
+    """``nix copy`` of *top*'s closure into *dest* (timed), a hard-linked copy
+    of that at *dest*-plain (never indexed), then ``lazystore cache index`` of
+    *dest* (timed)."""
     nixcache.run_nix("nix", "store", "sign", "--key-file", key.secret_file, "-r", top)
-    copy = timed(["nix", "copy", "--to", f"file://{dest}?compression=zstd", top],
-                 nixtool.nix_env())
-    index = timed([LAZYSTORE, "cache", "index", str(dest), "--secret-key-file",
-                   str(key.secret_file), "--jobs", "2"])
+    copy, copy_cpu = timed(["nix", "copy", "--to", f"file://{dest}?compression=zstd", top],
+                           nixtool.nix_env())
+    subprocess.run(["cp", "-al", str(dest), f"{dest}-plain"], check=True)
+    index, index_cpu = timed([LAZYSTORE, "cache", "index", str(dest), "--secret-key-file",
+                              str(key.secret_file), "--jobs", "2", "--chunk-size", chunk_size])
     return {"nix_copy_seconds": copy, "cache_index_seconds": index,
-            "index_over_copy": index / copy}
+            "index_over_copy": index / copy, "nix_copy_cpu_seconds": copy_cpu,
+            "cache_index_cpu_seconds": index_cpu, "index_over_copy_cpu": index_cpu / copy_cpu,
+            "load_average": os.getloadavg()[0]}
+
+
+def index_costs(top: str, key: nixcache.KeyPair, work: Path, runs: int, chunk_size: str
+                ) -> dict[str, Any]:
+    """:func:`write_cache` *runs* times into fresh folders; the first one stays
+    (work/python-cache and its -plain copy) for the runs."""
+    costs = []
+    for rep in range(runs):
+        dest = work / ("python-cache" if rep == 0 else f"python-cache-{rep}")
+        costs.append(write_cache(top, dest, key, chunk_size))
+        log.info("index cost: %s", {k: round(v, 2) for k, v in costs[-1].items()})
+        if rep:
+            shutil.rmtree(dest)
+            shutil.rmtree(f"{dest}-plain")
+    wall = [c["index_over_copy"] for c in costs]
+    cpu = [c["index_over_copy_cpu"] for c in costs]
+    return {"runs": costs, "index_over_copy_median": median(wall),
+            "index_over_copy_range": [min(wall), max(wall)],
+            "index_over_copy_cpu_median": median(cpu)}
 
 
 def python_runs(wl: workloads.Workload, cache: Path, key: nixcache.KeyPair, work: Path,
                 runs: int) -> dict[str, Any]:
-    records: dict[str, list[dict[str, Any]]] = {"nix-eager": [], "lazystore-fuse": []}
-    with serve_directory(cache) as server:
-        with shaping_proxy(server.url, "100mbit") as proxy:  # type: ignore[attr-defined]
-            ctx = modes.Context(wl, PROFILES["100mbit"], "zstd", proxy, key.public_key, work)
-            for rep in range(runs):
-                order = ["nix-eager", "lazystore-fuse"][::1 if rep % 2 == 0 else -1]
-                for mode in order:
-                    record = modes.HOST_MODES[mode](ctx)
-                    log.info("%s: %.2f s, %.1f MB", mode, record["time_to_first_output"],
-                             record["bytes"] / 1e6)
-                    records[mode].append(record)
+    names = ["nix-eager", "lazystore-fuse", "lazystore-fuse-noindex"]
+    records: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    with serve_directory(cache) as server, serve_directory(Path(f"{cache}-plain")) as plain, \
+            shaping_proxy(server.url, "100mbit") as proxy, \
+            shaping_proxy(plain.url, "100mbit") as plain_proxy:  # type: ignore[attr-defined]
+        ctx = modes.Context(wl, PROFILES["100mbit"], "zstd", proxy, key.public_key, work,
+                            unindexed_proxy=plain_proxy)
+        for rep in range(runs):
+            order = names[rep % len(names):] + names[:rep % len(names)]
+            for mode in order:
+                record = modes.HOST_MODES[mode](ctx)
+                log.info("%s: %.2f s, %.1f MB", mode, record["time_to_first_output"],
+                         record["bytes"] / 1e6)
+                records[mode].append(record)
     eager = [r["time_to_first_output"] for r in records["nix-eager"]]
     lazy = [r["time_to_first_output"] for r in records["lazystore-fuse"]]
+    whole = [r["time_to_first_output"] for r in records["lazystore-fuse-noindex"]]
     fuse = records["lazystore-fuse"]
+    rate = PROFILES["100mbit"].rate or 1.0
     return {
         "nix_eager_seconds": eager, "lazystore_fuse_seconds": lazy,
+        "lazystore_fuse_noindex_seconds": whole,
         "ratio_median": median(lazy) / median(eager),
+        "noindex_ratio_median": median(whole) / median(eager),
+        "noindex_bytes": [r["bytes"] for r in records["lazystore-fuse-noindex"]],
+        # the link time of the compressed bytes reads used, as a fraction of nix-eager
+        "link_floor_ratio": median(r["daemon_chunk_bytes_read"] * 8 / rate for r in fuse
+                                   if r.get("daemon_chunk_bytes_read")) / median(eager),
+        "link_logs": [r["link_log"] for r in fuse],
+        "timelines": [r["timeline"] for r in fuse],
         "nix_eager_bytes": [r["bytes"] for r in records["nix-eager"]],
         "lazystore_bytes": [r["bytes"] for r in fuse],
         "lazystore_chunk_bytes": [r.get("daemon_chunk_bytes") for r in fuse],
@@ -109,6 +154,7 @@ def last_chunk_first_byte(mib: int, key: nixcache.KeyPair, work: Path, runs: int
     top = nixcache.build(expr, mib=str(mib))
     cache = work / "big-cache"
     costs = write_cache(top, cache, key)
+    shutil.rmtree(f"{cache}-plain")
     base = Path(top).name
     size = mib << 20
     seconds = []
@@ -142,6 +188,9 @@ def main() -> int:
     parser.add_argument("--big-mib", type=int, default=1024)
     parser.add_argument("--skip-python", action="store_true")
     parser.add_argument("--skip-big", action="store_true")
+    parser.add_argument("--index-runs", type=int, default=3,
+                        help="nix copy + cache index pairs of the python closure (default 3)")
+    parser.add_argument("--chunk-size", default="1MiB", help="of the python cache's index")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     key = workloads.bench_key()
@@ -150,10 +199,10 @@ def main() -> int:
         work = Path(tmp)
         if not args.skip_python:
             wl = workloads.build("python", quick=args.quick)
-            cache = work / "python-cache"
-            result["python_index_cost"] = write_cache(wl.top, cache, key)
-            log.info("index cost: %s", result["python_index_cost"])
-            result["python_100mbit"] = python_runs(wl, cache, key, work, args.runs)
+            result["python_index_cost"] = index_costs(wl.top, key, work, args.index_runs,
+                                                      args.chunk_size)
+            result["python_100mbit"] = python_runs(wl, work / "python-cache", key, work,
+                                                   args.runs)
         if not args.skip_big:
             mib = 64 if args.quick else args.big_mib
             result["last_chunk_first_byte_100mbit"] = last_chunk_first_byte(
