@@ -15,6 +15,8 @@ import asyncio
 import json
 import os
 import shutil
+import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -32,6 +34,7 @@ from lazystore.snapshotter.proto import snapshots_pb2_grpc as pb_grpc
 from lazystore.snapshotter.service import start_server
 from lazystore.snapshotter.snapshots import Snapshotter
 from lazystore.testing.containerd import snapshotter_process
+from lazystore.testing.snapcrash import read_rows
 from tests.support.fakeviews import FakeViews
 
 H1 = "0" * 31 + "1"
@@ -185,6 +188,34 @@ def test_the_process_notifies_ready_once_it_serves(env: Env) -> None:
         with grpc.insecure_channel(f"unix:{env.address}") as channel:
             assert listing(pb_grpc.SnapshotsStub(channel)) == []
         assert stat.S_IMODE(os.stat(env.address).st_mode) == 0o600
+
+
+def test_sigterm_while_the_daemon_makes_a_view_stops_at_once_and_takes_the_snapshot_back(
+    env: Env,
+) -> None:
+    # A daemon that takes a connection and answers nothing (a view of a huge
+    # closure, a daemon hung): the stop must not wait for it (the view call's
+    # timeout is minutes; systemd would SIGKILL), and the remote snapshot the
+    # call was for is taken back before the database closes.
+    hung = socket.socket(socket.AF_UNIX)
+    hung.bind(str(env.base / "ctl.sock"))
+    hung.listen(8)
+    log = env.base / "snapshotter.log"
+    with hung, snapshotter_process(env.root, env.address, env.base / "ctl.sock",
+                                   env.mount_point, log_file=log) as proc:
+        with grpc.insecure_channel(f"unix:{env.address}") as channel:
+            labels = {REF: "sha256:" + "a" * 64, NIX_LAYER: "true", NIX_PATH + "0": P1}
+            call = pb_grpc.SnapshotsStub(channel).Prepare.future(
+                pb.PrepareSnapshotRequest(key="extract-1", labels=labels))
+            asked, _ = hung.accept()  # the view call is in flight
+            with asked:
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(30) == 0
+            assert call.exception().code() in (  # type: ignore[union-attr]
+                grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+    assert ": ERROR: " not in log.read_text()
+    assert read_rows(env.root / "metadata.db") == []
+    assert list((env.root / "snapshots").iterdir()) == []
 
 
 def test_first_layer_is_a_bind_mount_and_commit_makes_it_committed(

@@ -15,6 +15,10 @@ from lazystore.errors import SnapshotterError
 
 log = logging.getLogger(__name__)
 
+# At most this long, after the stop's grace period, for cut-short calls to undo
+# what they began.
+STOP_SETTLE = 10.0
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this module's sub-commands to *sub*."""
@@ -88,6 +92,9 @@ async def _run(sn: Any, args: argparse.Namespace, interceptors: list[Any]) -> No
     await stop.wait()
     sdnotify.notify("STOPPING=1\nSTATUS=stopping")
     await server.stop(grace=2)
+    # The calls cut short by the stop undo what they began (a remote snapshot
+    # whose view was still being made is taken back) before the database closes.
+    await sn.settle(STOP_SETTLE)
 
 
 def _metrics(sn: Any) -> tuple[Any, list[Any]]:

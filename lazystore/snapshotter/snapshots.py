@@ -142,6 +142,13 @@ class Snapshotter:
         self.meta.close()
         os.close(self._root_lock)
 
+    async def settle(self, timeout: float) -> None:
+        """Wait (at most *timeout* s) until no operation holds a snapshot's
+        lock: every change is finished or undone."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while len(self.locks) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+
     # -- views --------------------------------------------------------------
 
     def view_id(self, snapshot_id: int) -> str:

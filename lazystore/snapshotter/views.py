@@ -2,8 +2,9 @@
 
 The snapshotter never fetches. It names a view after the snapshot and asks its
 provider to make it; the provider in production is :class:`DaemonViews` (the
-lazystore daemon over its control socket, blocking client in threads of its
-own); tests hand the snapshotter an in-process one.
+lazystore daemon over its control socket, a blocking client in a daemon thread
+per call: a snapshotter that stops never waits for a daemon's answer); tests
+hand the snapshotter an in-process one.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from lazystore.control.client import ControlClient, DaemonUnavailable
@@ -72,14 +73,15 @@ class DaemonViews:
         self.control_socket = control_socket
         self.mount_point = mount_point
         self.timeout = timeout
-        self._threads = ThreadPoolExecutor(MAX_CALLS, thread_name_prefix="daemon-views")
+        self._slots = asyncio.Semaphore(MAX_CALLS)
         self._data_dir: str | None = None
         # how long a call waits for a daemon that is away (0: not at all, as
         # at the snapshotter's start, where views are made again when needed)
         self.restart_wait = RESTART_WAIT
 
     def close(self) -> None:
-        self._threads.shutdown(wait=False, cancel_futures=True)
+        """Nothing to wait for: a call still waiting for the daemon ends with
+        its socket's timeout, or with the process."""
 
     def path(self, view_id: str) -> str:
         return os.path.join(self.mount_point, ".views", view_id)
@@ -112,16 +114,12 @@ class DaemonViews:
         await self._call("view_remove", {"id": view_id}, wait=0.0)
 
     async def _call(self, op: str, args: dict[str, object], wait: float | None = None) -> object:
-        def call() -> object:
-            with ControlClient(self.control_socket, timeout=self.timeout) as client:
-                return client.call(op, **args)
-
         wait = self.restart_wait if wait is None else wait
         deadline = time.monotonic() + wait
         attempt = 0
         while True:
             try:
-                return await asyncio.get_running_loop().run_in_executor(self._threads, call)
+                return await self._in_thread(op, args)
             except DaemonUnavailable as exc:
                 delay = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)]
                 if time.monotonic() + delay > deadline:
@@ -130,3 +128,34 @@ class DaemonViews:
                     log.info("%s; %s again for up to %.0f s", exc, op, wait)
                 attempt += 1
                 await asyncio.sleep(delay)
+
+    async def _in_thread(self, op: str, args: dict[str, object]) -> object:
+        """One call, in a daemon thread: the interpreter's exit does not wait
+        for it (a pool's threads would hold a stop for up to the call's timeout)."""
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[object] = loop.create_future()
+
+        def settle(result: object, error: Exception | None) -> None:
+            if answer.done():  # the asking operation was cancelled
+                return
+            if error is not None:
+                answer.set_exception(error)
+            else:
+                answer.set_result(result)
+
+        def call() -> None:
+            result: object = None
+            error: Exception | None = None
+            try:
+                with ControlClient(self.control_socket, timeout=self.timeout) as client:
+                    result = client.call(op, **args)
+            except Exception as exc:  # handed to the awaiting operation
+                error = exc
+            try:
+                loop.call_soon_threadsafe(settle, result, error)
+            except RuntimeError:
+                pass  # the loop is closed: the process is stopping
+
+        async with self._slots:
+            threading.Thread(target=call, name=f"daemon-{op}", daemon=True).start()
+            return await answer
