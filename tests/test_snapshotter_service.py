@@ -69,7 +69,8 @@ class Env:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(120)
 
     def start(self) -> pb_grpc.SnapshotsStub:
-        """As ``lazystore snapshotter`` starts: views restored, then it serves."""
+        """As ``lazystore snapshotter`` starts: views restored (the process serves
+        meanwhile; here first, so that tests see them in order), serving."""
 
         async def up() -> tuple[Snapshotter, grpc.aio.Server]:
             sn = Snapshotter(self.root, self.views)
@@ -216,6 +217,26 @@ def test_sigterm_while_the_daemon_makes_a_view_stops_at_once_and_takes_the_snaps
     assert ": ERROR: " not in log.read_text()
     assert read_rows(env.root / "metadata.db") == []
     assert list((env.root / "snapshots").iterdir()) == []
+
+
+def test_a_start_serves_before_the_views_of_its_nix_layers_come_back(env: Env) -> None:
+    # A restart while the daemon is hung (or busy with a restart of its own):
+    # containerd gets answers at once, the views are re-made meanwhile.
+    nix_layer(env.start())
+    env.stop()
+    hung = socket.socket(socket.AF_UNIX)
+    hung.bind(str(env.base / "ctl.sock"))
+    hung.listen(8)
+    log = env.base / "snapshotter.log"
+    with hung, snapshotter_process(env.root, env.address, env.base / "ctl.sock",
+                                   env.mount_point, log_file=log, timeout=20) as proc:
+        with grpc.insecure_channel(f"unix:{env.address}") as channel:
+            assert [i.name for i in listing(pb_grpc.SnapshotsStub(channel))] == ["nix"]
+        asked, _ = hung.accept()  # the view is being asked for
+        with asked:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+    assert ": ERROR: " not in log.read_text()
 
 
 def test_first_layer_is_a_bind_mount_and_commit_makes_it_committed(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 from pathlib import Path
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
 async def _serve(args: argparse.Namespace) -> None:
     # Imported here so that `lazystore --help` does not load grpc.
     from lazystore.snapshotter.snapshots import Snapshotter
-    from lazystore.snapshotter.views import RESTART_WAIT, DaemonViews
+    from lazystore.snapshotter.views import DaemonViews
 
     views = DaemonViews(args.control_socket, args.mount_point)
     try:
@@ -62,10 +63,11 @@ async def _serve(args: argparse.Namespace) -> None:
     except OSError as exc:
         views.close()
         raise SnapshotterError(f"snapshotter root {args.root}: {exc.strerror or exc}") from None
+    # The views come back while it serves: a daemon that is slow, hung or
+    # restarting holds up no answer to containerd (a mount asks for its own
+    # view anyway, and its calls wait for a restarting daemon as these do).
+    restore = asyncio.create_task(sn.restore_views())
     try:
-        views.restart_wait = 0.0  # a daemon away now: its views are made when needed
-        await sn.restore_views()
-        views.restart_wait = RESTART_WAIT
         if args.metrics_address is None:
             await _run(sn, args, [])
         else:
@@ -75,6 +77,9 @@ async def _serve(args: argparse.Namespace) -> None:
             with metrics.exporter(registry, args.metrics_address):
                 await _run(sn, args, interceptors)
     finally:
+        restore.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await restore
         sn.close()
         views.close()
 

@@ -75,8 +75,7 @@ class DaemonViews:
         self.timeout = timeout
         self._slots = asyncio.Semaphore(MAX_CALLS)
         self._data_dir: str | None = None
-        # how long a call waits for a daemon that is away (0: not at all, as
-        # at the snapshotter's start, where views are made again when needed)
+        # how long a call waits for a daemon that is away
         self.restart_wait = RESTART_WAIT
 
     def close(self) -> None:
