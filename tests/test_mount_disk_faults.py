@@ -56,9 +56,11 @@ def warnings(d: Daemon) -> list[str]:
 def assert_no_room(d: Daemon, cache: nixcache.BinaryCache, base: str, path: Path) -> str:
     """Reading *path* (of *base*) is ENOSPC with one log line, nothing partial stays."""
     before = len(warnings(d))
+    start = time.monotonic()
     with pytest.raises(OSError) as info:
         path.read_bytes()
     assert info.value.errno == errno.ENOSPC
+    print(f"time to ENOSPC: {time.monotonic() - start:.2f} s")
     assert base not in os.listdir(d.cache / "store")  # nothing partial
     assert list((d.cache / "tmp").iterdir()) == []
     lines = warnings(d)[before:]
@@ -170,9 +172,11 @@ def test_a_cache_that_turns_read_only_keeps_serving_what_it_has_and_recovers(
                    (d.mnt / prog / "bin/prog", prog), (program, busybox)]
             for path, base in new:
                 before = warnings(d)
+                start = time.monotonic()
                 with pytest.raises(OSError) as info:
                     path.read_bytes()
                 assert info.value.errno == errno.EIO
+                print(f"time to EIO (read-only cache): {time.monotonic() - start:.2f} s")
                 assert (d.mnt / liba / "lib/data").read_bytes() == LIBA  # cached: still read
                 lines = [ln for ln in warnings(d)[len(before):] if base in ln]
                 assert len(lines) == 1 and "Read-only file system" in lines[0], lines
