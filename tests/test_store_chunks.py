@@ -191,6 +191,51 @@ async def test_whole_files_read_through_chunks_are_the_real_bytes(
         assert not [r for r in server.requests if r.startswith("/nar/")]
 
 
+async def test_a_profile_prefetches_only_its_files_chunks_and_reads_then_ask_nothing(
+        indexed: nixcache.BinaryCache, tmp_path: Path) -> None:
+    docs, busybox = base_of(indexed, "docs"), base_of(indexed, "busybox")
+    manual = index_of(indexed, docs).files[-1]
+    binary = ("bin", "busybox")
+    with served(indexed) as server:
+        async with store_over(server.url, indexed.key.public_key, tmp_path) as store:
+            await store.prefetch_in_order([docs, busybox],
+                                          files={docs: ["/".join(MANUAL)]})
+            stats = store.subs.stats  # type: ignore[attr-defined]
+            assert stats.chunk_bytes == sum(c.length for c in manual.chunks)
+            assert store.records[busybox].materialized  # not in files: the whole path
+            assert not store.records[docs].materialized
+            asked = len(server.requests)
+            assert await read(store, docs, MANUAL, 0, 1 << 20) == real(indexed, docs, MANUAL)
+            assert len(server.requests) == asked and stats.chunk_bytes == sum(
+                c.length for c in manual.chunks)
+            assert await read(store, busybox, binary, 0, 10) == real(
+                indexed, busybox, binary)[:10]
+        # adjacent chunks of the profile's files in groups of at most PROFILE_GROUP bytes
+        assert 1 <= len(server.range_requests) <= 1 + manual.size // (1 << 20)
+        assert nar_of(indexed, docs) not in server.requests
+
+
+async def test_a_read_during_a_profiles_prefetch_waits_for_it_and_asks_nothing_again(
+        indexed: nixcache.BinaryCache, tmp_path: Path) -> None:
+    docs = base_of(indexed, "docs")
+    with served(indexed) as server:
+        async with store_over(server.url, indexed.key.public_key, tmp_path) as store:
+            await store.tree(docs)
+            got = {}
+
+            async def reader() -> None:
+                await trio.sleep(0)  # the prefetch has claimed the chunks by now
+                got["tail"] = await read(store, docs, MANUAL, (1 << 20) - 10, 10)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(store.prefetch_files, docs, ["/".join(MANUAL)])
+                nursery.start_soon(reader)
+            assert got["tail"] == real(indexed, docs, MANUAL)[-10:]
+            manual = index_of(indexed, docs).files[-1]
+            stats = store.subs.stats  # type: ignore[attr-defined]
+            assert stats.chunk_bytes == sum(c.length for c in manual.chunks)  # each once
+
+
 async def test_file_cache_reads_chunks_with_pread(
         indexed: nixcache.BinaryCache, tmp_path: Path) -> None:
     docs = base_of(indexed, "docs")

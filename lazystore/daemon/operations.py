@@ -121,7 +121,10 @@ class ControlOperations:
     async def prefetch_profile(self, profile: str) -> dict[str, Any]:
         read = _parse_profile(profile)
         _warn_ignored("the profile", read.ignored)
-        await self.store.prefetch_in_order(read.paths)
+        files: dict[str, list[str]] = {}
+        for r in read.reads:
+            files.setdefault(r.path, []).append(r.file)
+        await self.store.prefetch_in_order(read.paths, files=files)
         return {"fetched": read.paths, "ignored": read.ignored}
 
     async def profile(self, view: str | None) -> dict[str, Any]:

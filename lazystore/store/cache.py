@@ -58,6 +58,10 @@ PREFETCH_PARALLEL = 8
 # A profile's paths at once: few, so that the ones read first are not slowed by
 # the later ones sharing the link equally (they are started in first-read order).
 PROFILE_PARALLEL = 3
+# A profile's files of an indexed path come in groups of adjacent chunks of at
+# most this many compressed bytes, this many groups of a path at once.
+PROFILE_GROUP = 1 << 20
+PROFILE_GROUPS_PARALLEL = 4
 # Narinfos and listings learnt ahead of use (a view's paths, the references of
 # a path looked up) at once: fewer than the substituter's connections, so a
 # reader's own requests always find one.
@@ -150,6 +154,7 @@ class LocalStore:
         self._narinfos: cachetools.LRUCache[str, NarInfo] = cachetools.LRUCache(NARINFOS_HELD)
         # Paths whose cache offers a trusted file index (None: it offers none,
         # or it failed once; read as whole NARs), and the chunks read through them.
+        self._ahead: dict[bytes, trio.Event] = {}  # chunk sha256 -> set when a prefetch has it
         self._indexed: cachetools.LRUCache[str, IndexedPath | None] = cachetools.LRUCache(
             NARINFOS_HELD)
         self.chunks = ChunkCache(self.cache_dir / "chunks", cache_limit)
@@ -443,6 +448,13 @@ class LocalStore:
             pieces = [p if p is not None else await self._read_copy(c, offset, end)
                       for c, p in zip(wanted, pieces, strict=True)]
         missing = [c for c, piece in zip(wanted, pieces, strict=True) if piece is None]
+        ahead_of_us = {self._ahead[c.sha256] for c in missing if c.sha256 in self._ahead}
+        if ahead_of_us:  # a profile's prefetch is fetching them: wait, not fetch twice
+            for arrived in ahead_of_us:
+                await arrived.wait()
+            pieces = [p if p is not None else self.chunks.read(c.sha256, *_span(c, offset, end))
+                      for c, p in zip(wanted, pieces, strict=True)]
+            missing = [c for c, piece in zip(wanted, pieces, strict=True) if piece is None]
         if missing:
             ahead = [c for c in indexed.following(missing[-1], self.read_ahead)
                      if not self.chunks.has(c.sha256) and self._copy_path(c) is None]
@@ -762,16 +774,73 @@ class LocalStore:
                 log.info("prefetching %d store paths ahead of use: %s", len(paths), exc)
 
     async def prefetch_in_order(self, bases: list[str], why: str = "",
-                                parallel: int = PROFILE_PARALLEL) -> None:
+                                parallel: int = PROFILE_PARALLEL,
+                                files: dict[str, list[str]] | None = None) -> None:
         """Materialise *bases* (an access profile's), started in their order,
-        *parallel* at once. A reader of any path meanwhile does not
-        queue behind them (its fetch is a flight of its own, or joins theirs).
-        *why* names the view (or "" for the root) in the event log."""
+        *parallel* at once; with *files* (base -> the profile's files of it),
+        a path with a file index gets only those files' chunks instead. A
+        reader of any path meanwhile does not queue behind them (its fetch is
+        a flight of its own, or joins theirs). *why* names the view (or "" for
+        the root) in the event log."""
         async def one(base: str) -> None:
             self.events.record("profile", base, view=why)
-            await self.materialize(base)
+            if files is None or base not in files or not await self.prefetch_files(
+                    base, files[base]):
+                await self.materialize(base)
 
         await _in_order(bases, one, parallel)
+
+    async def prefetch_files(self, base: str, rels: list[str]) -> bool:
+        """Fetch the chunks of files *rels* of *base* (a profile's reads, in
+        order) when it has a file index, in groups of adjacent chunks, a few at
+        once; readers of them meanwhile wait for their group instead of asking
+        again. False: no index, materialise the path instead."""
+        indexed = await self.file_index(base)
+        if indexed is None:
+            return False
+        wanted: list[Chunk] = []
+        for rel in rels:
+            entry = indexed.files.get(tuple(rel.split("/")) if rel else ())
+            wanted += [] if entry is None else [
+                c for c in entry.chunks if not self.chunks.has(c.sha256)
+                and c.sha256 not in self._ahead and self._copy_path(c) is None]
+        first = {c: at for at, c in reversed(list(enumerate(wanted)))}  # profile order
+        groups: list[list[Chunk]] = []
+        for chunk in sorted(first, key=lambda c: c.offset):
+            group = groups[-1] if groups else None
+            if (group is None or group[-1].offset + group[-1].length != chunk.offset
+                    or sum(c.length for c in group) + chunk.length > PROFILE_GROUP):
+                groups.append([chunk])
+            else:
+                group.append(chunk)
+        groups.sort(key=lambda g: min(first[c] for c in g))
+        events = [trio.Event() for _ in groups]
+        for group, arrived in zip(groups, events, strict=True):
+            self._ahead.update((c.sha256, arrived) for c in group)
+
+        def done(at: int) -> None:
+            for c in groups[at]:
+                if self._ahead.get(c.sha256) is events[at]:
+                    del self._ahead[c.sha256]
+            events[at].set()
+
+        async def fetch(at: int, limiter: trio.CapacityLimiter) -> None:
+            try:
+                await self._fetch_chunks(base, indexed, groups[at])
+            finally:
+                done(at)
+                limiter.release_on_behalf_of(at)
+
+        try:
+            limiter = trio.CapacityLimiter(PROFILE_GROUPS_PARALLEL)
+            async with trio.open_nursery() as nursery:
+                for at in range(len(groups)):  # started in the profile's order
+                    await limiter.acquire_on_behalf_of(at)
+                    nursery.start_soon(fetch, at, limiter)
+        finally:
+            for at in range(len(groups)):
+                done(at)
+        return True
 
     async def _hint(self, base: str) -> None:
         rec = await self.require(base)
