@@ -5,7 +5,8 @@
   DIR`` of the same folder (the CLI, ``--jobs 2``), wall and CPU seconds of
   each command, ``--index-runs`` times (a fresh folder each);
 * the python workload (bench/harness) over the shaping proxy (100 Mbit, 20 ms):
-  nix-eager and lazystore-fuse from the indexed folder and
+  nix-eager, lazystore-fuse and lazystore-fuse-profile (the access profile of
+  an earlier run sent as the program starts) from the indexed folder and
   lazystore-fuse-noindex from a copy of it without indexes, in turn; for
   lazystore-fuse, bytes through the proxy / compressed bytes of the chunks
   reads used (``chunk_bytes_read``; the read-ahead fetches more), and the
@@ -106,7 +107,7 @@ def index_costs(top: str, key: nixcache.KeyPair, work: Path, runs: int, chunk_si
 
 def python_runs(wl: workloads.Workload, cache: Path, key: nixcache.KeyPair, work: Path,
                 runs: int) -> dict[str, Any]:
-    names = ["nix-eager", "lazystore-fuse", "lazystore-fuse-noindex"]
+    names = ["nix-eager", "lazystore-fuse", "lazystore-fuse-noindex", "lazystore-fuse-profile"]
     records: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     with serve_directory(cache) as server, serve_directory(Path(f"{cache}-plain")) as plain, \
             shaping_proxy(server.url, "100mbit") as proxy, \
@@ -123,6 +124,7 @@ def python_runs(wl: workloads.Workload, cache: Path, key: nixcache.KeyPair, work
     eager = [r["time_to_first_output"] for r in records["nix-eager"]]
     lazy = [r["time_to_first_output"] for r in records["lazystore-fuse"]]
     whole = [r["time_to_first_output"] for r in records["lazystore-fuse-noindex"]]
+    ahead = [r["time_to_first_output"] for r in records["lazystore-fuse-profile"]]
     fuse = records["lazystore-fuse"]
     rate = PROFILES["100mbit"].rate or 1.0
     return {
@@ -131,6 +133,9 @@ def python_runs(wl: workloads.Workload, cache: Path, key: nixcache.KeyPair, work
         "ratio_median": median(lazy) / median(eager),
         "noindex_ratio_median": median(whole) / median(eager),
         "noindex_bytes": [r["bytes"] for r in records["lazystore-fuse-noindex"]],
+        "lazystore_fuse_profile_seconds": ahead,
+        "profile_ratio_median": median(ahead) / median(eager),
+        "profile_bytes": [r["bytes"] for r in records["lazystore-fuse-profile"]],
         # the link time of the compressed bytes reads used, as a fraction of nix-eager
         "link_floor_ratio": median(r["daemon_chunk_bytes_read"] * 8 / rate for r in fuse
                                    if r.get("daemon_chunk_bytes_read")) / median(eager),
