@@ -64,7 +64,7 @@ def narinfos(cache: Path) -> list[Path]:
 
 
 def index_cache(cache: Path, secret: SecretKey, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                jobs: int = 4,
+                jobs: int = 4, level: int = chunks.LEVEL,
                 on_done: Callable[[Result | CacheIndexError], None] = lambda _: None
                 ) -> list[Result | CacheIndexError]:
     """Index every path of *cache* (skipping those already indexed), *jobs* at
@@ -79,7 +79,7 @@ def index_cache(cache: Path, secret: SecretKey, chunk_size: int = DEFAULT_CHUNK_
 
         def one(path: Path) -> Result | CacheIndexError:
             try:
-                return index_path(cache, path, secret, chunk_size, workers)
+                return index_path(cache, path, secret, chunk_size, workers, level)
             except CacheIndexError as exc:
                 return exc
 
@@ -97,7 +97,7 @@ def index_cache(cache: Path, secret: SecretKey, chunk_size: int = DEFAULT_CHUNK_
 
 
 def index_path(cache: Path, narinfo_file: Path, secret: SecretKey, chunk_size: int,
-               workers: Executor | None = None) -> Result:
+               workers: Executor | None = None, level: int = chunks.LEVEL) -> Result:
     """Index one narinfo's NAR, unless a good index signed by *secret* is
     there; large chunks are compressed and read back in *workers* (default:
     in this thread)."""
@@ -111,7 +111,7 @@ def index_path(cache: Path, narinfo_file: Path, secret: SecretKey, chunk_size: i
     tmp = data_file.with_name(f".{data_file.name}.{secrets.token_hex(6)}")
     try:
         with open(tmp, "w+b") as out:
-            root = _write_data(cache, info, chunk_size, out, workers)
+            root = _write_data(cache, info, _ChunkWriter(out, chunk_size, workers, level))
             out.flush()
             os.fsync(out.fileno())
             size = out.tell()
@@ -147,10 +147,8 @@ def _indexed(cache: Path, index_file: Path, info: NarInfo, secret: SecretKey) ->
         return False
 
 
-def _write_data(cache: Path, info: NarInfo, chunk_size: int, out: BinaryIO,
-                workers: Executor | None) -> dict[str, Any]:
-    """Stream the NAR through the verifying pipeline into *out*; the tree."""
-    writer = _ChunkWriter(out, chunk_size, workers)
+def _write_data(cache: Path, info: NarInfo, writer: _ChunkWriter) -> dict[str, Any]:
+    """Stream the NAR through the verifying pipeline into *writer*; the tree."""
     pipeline = NarPipeline(info, writer, f"file://{cache}")
     try:
         with open(cache / info.url, "rb") as nar_file:
@@ -169,8 +167,8 @@ def _write_data(cache: Path, info: NarInfo, chunk_size: int, out: BinaryIO,
 Encoded = tuple[bytes, str]  # a chunk's zstd frame and the sha256 (hex) of its bytes
 
 
-def _encode(data: bytearray) -> Encoded:
-    return chunks.encode(data), hashlib.sha256(data).hexdigest()
+def _encode(data: bytearray, level: int) -> Encoded:
+    return chunks.encode(data, level), hashlib.sha256(data).hexdigest()
 
 
 class _Done:
@@ -188,8 +186,10 @@ class _ChunkWriter:
     writes each as a zstd frame to *out*, and builds the index's tree. Large
     chunks are encoded in *workers*, a few ahead, and written in order."""
 
-    def __init__(self, out: BinaryIO, chunk_size: int, workers: Executor | None) -> None:
+    def __init__(self, out: BinaryIO, chunk_size: int, workers: Executor | None,
+                 level: int) -> None:
         self._out, self._chunk_size, self._workers = out, chunk_size, workers
+        self._level = level
         self._parser = nar.NarParser()
         self.root: dict[str, Any] | None = None
         self._dirs: list[dict[str, Any]] = []
@@ -240,9 +240,10 @@ class _ChunkWriter:
         assert self._file is not None
         data, self._buffer = self._buffer, bytearray()
         if self._workers is None or len(data) < POOLED:
-            self._pending.append((_Done(_encode(data)), self._file["chunks"]))
+            self._pending.append((_Done(_encode(data, self._level)), self._file["chunks"]))
         else:
-            self._pending.append((self._workers.submit(_encode, data), self._file["chunks"]))
+            encoded = self._workers.submit(_encode, data, self._level)
+            self._pending.append((encoded, self._file["chunks"]))
         self._write(AHEAD)
 
     def _write(self, keep: int) -> None:

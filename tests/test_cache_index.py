@@ -155,17 +155,19 @@ def test_bad_arguments_are_one_line_errors(tmp_path: Path, test_key: nixcache.Ke
     assert res.returncode == 1 and res.stderr.count("\n") == 1
     res = index(tmp_path, test_key, "--chunk-size", "1GiB")
     assert res.returncode == 2 and "not a size" in res.stderr
+    res = index(tmp_path, test_key, "--level", "20")
+    assert res.returncode == 2 and "not a zstd level from 1 to 19" in res.stderr
     with pytest.raises(cacheindex.CacheIndexError, match="chunk size"):
         cacheindex.index_cache(tmp_path, SecretKey.generate("k"), 128 << 20)
 
 
 MIXED_NIX = """
 derivation {
-  name = "cache-index-mixed";
+  name = "cache-index-mixed-2";
   system = builtins.currentSystem;
   builder = "/bin/sh";
   args = [ "-c" "mkdir $out && head -c 3000000 /dev/urandom > $out/random &&
-                 yes lazystore-chunk | head -c 2000000 > $out/text" ];
+                 seq 1 300000 | head -c 2000000 > $out/text" ];
   PATH = "/usr/bin:/bin";
 }
 """
@@ -194,7 +196,14 @@ def test_large_chunks_rebuild_the_nar_and_random_ones_are_raw_blocks_zstd_reads(
         assert frame[:5] == b"\x28\xb5\x2f\xfd\xa0"
         blocks = -(-chunk.size // (128 << 10))
         assert chunk.length == chunk.size + 4 + 1 + 4 + 3 * blocks
-    assert all(c.length < c.size // 20 for c, _ in text_chunks)
+    assert all(c.length < c.size // 2 for c, _ in text_chunks)
+    shutil.rmtree(cache / fileindex.DATA_DIR)
+    for old in cache.glob("*.lzindex"):
+        old.unlink()
+    assert index(cache, test_key, "--chunk-size", "256KiB", "--level", "1").returncode == 0
+    fast = fileindex.parse(index_file.read_bytes())
+    assert fast.data_size > parsed.data_size  # level 1 compresses the text less than 3
+    assert rebuilt_nar(cache, fast) == nixcache.run_nix("nix-store", "--dump", top)
     # an independent decoder (the zstd command) reads every frame of the data file
     out = subprocess.run(["zstd", "-dc", cache / parsed.data], capture_output=True, check=True)
     assert out.stdout == b"".join(Path(top, name).read_bytes()

@@ -13,6 +13,7 @@ from lazystore.cli.keys import _read_text
 from lazystore.errors import LazystoreError
 from lazystore.nix.signing import SecretKey
 from lazystore.progress import Progress, mib
+from lazystore.substituter.chunks import LEVEL
 
 _UNITS = {"": 1, "k": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mib": 1 << 20}
 
@@ -33,7 +34,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="uncompressed bytes per chunk at most, e.g. 256KiB (default 1MiB)")
     index.add_argument("--jobs", type=_positive_int, default=4, metavar="N",
                        help="paths indexed at once (default 4)")
+    index.add_argument("--level", type=_level, default=LEVEL, metavar="L",
+                       help=f"zstd level of the chunks, 1 to 19 (default {LEVEL}, as nix copy)")
     index.set_defaults(func=cmd_index)
+
+
+def _level(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 19:
+        raise argparse.ArgumentTypeError(f"not a zstd level from 1 to 19: {text!r}")
+    return int(text)
 
 
 def _size(text: str) -> int:
@@ -63,7 +72,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.draw(done, written)
 
-    results = index_cache(args.dir, secret, args.chunk_size, args.jobs, on_done)
+    results = index_cache(args.dir, secret, args.chunk_size, args.jobs, args.level, on_done)
     if bar is not None:
         bar.draw(done, written, final=True)
     indexed = sum(1 for r in results if isinstance(r, Result) and r.indexed)

@@ -19,9 +19,9 @@ STORED = 0.97  # samples that zstd shrinks less than this: the chunk goes in raw
 RAW_BLOCK = 128 << 10  # the largest block a zstd frame may hold (RFC 8878, 3.1.1.2.3)
 
 
-def encode(data: bytes | bytearray | memoryview) -> bytes:
+def encode(data: bytes | bytearray | memoryview, level: int = LEVEL) -> bytes:
     """One chunk as a zstd frame (with its size in the frame header): zstd
-    level LEVEL, or raw blocks when samples of it do not compress (random or
+    *level*, or raw blocks when samples of it do not compress (random or
     already compressed bytes; see :func:`stored`)."""
     view = memoryview(data)
     if len(view) >= 4 * SAMPLE:
@@ -30,7 +30,7 @@ def encode(data: bytes | bytearray | memoryview) -> bytes:
         quick = zstandard.ZstdCompressor(level=1)
         if sum(len(quick.compress(s)) for s in samples) >= STORED * 3 * SAMPLE:
             return stored(view)
-    return zstandard.ZstdCompressor(level=LEVEL, write_content_size=True).compress(view)
+    return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(view)
 
 
 def stored(data: bytes | bytearray | memoryview) -> bytes:
