@@ -67,6 +67,7 @@ def assert_no_room(d: Daemon, cache: nixcache.BinaryCache, base: str, path: Path
     assert len(lines) == 1 and base in lines[0], lines
     line = lines[0]
     print(line)
+    assert f"no room for {base} in the cache {d.cache} (No space left on device): " in line
     free = int(re.search(r": (\d+) bytes free on its file system of (\d+)", line)[1])
     st = os.statvfs(d.cache)
     assert abs(free - st.f_bavail * st.f_frsize) < 64 << 10  # what the disk had for it

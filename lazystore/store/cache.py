@@ -569,10 +569,10 @@ class LocalStore:
         while True:
             try:
                 return await self._substitute_once(base, info)
-            except CacheFullError:
+            except CacheFullError as exc:
                 made = await self._make_room(base, self._room_for(base, info))
                 if not made:
-                    raise await self._no_room(base, info, evicted) from None
+                    raise await self._no_room(base, info, evicted, exc.reason) from None
                 evicted += made
 
     def _room_for(self, base: str, info: NarInfo) -> int:
@@ -600,15 +600,17 @@ class LocalStore:
                      _paths(evicted), base, need, free)
         return evicted
 
-    async def _no_room(self, base: str, info: NarInfo, evicted: int) -> CacheFullError:
+    async def _no_room(self, base: str, info: NarInfo, evicted: int,
+                       reason: str) -> CacheFullError:
         """The one error of a path that does not fit (its reader's log line)."""
         total, free = await trio.to_thread.run_sync(_space, self.data_dir)
         why = ("the NAR is larger than the whole file system" if self._room_for(base, info) > total
                else f"{_paths(evicted)} evicted for it, the rest is in use" if evicted
                else "nothing in it can be evicted (in use, or nothing else there)")
         return CacheFullError(
-            f"no room for {base} in the cache {self.cache_dir}: {free} bytes free on its "
-            f"file system of {total}, the NAR is {info.nar_size} bytes; {why}")
+            f"no room for {base} in the cache {self.cache_dir} ({reason}): {free} bytes "
+            f"free on its file system of {total}, the NAR is {info.nar_size} bytes; {why}",
+            reason)
 
     async def _substitute_once(self, base: str, info: NarInfo) -> tuple[Node, int]:
         sinks: list[StoreSink] = []

@@ -35,6 +35,10 @@ class CacheWriteError(StoreError):
 class CacheFullError(CacheWriteError):
     """The cache's file system has no room left for a path (ENOSPC, EDQUOT)."""
 
+    def __init__(self, message: str, reason: str = os.strerror(errno.ENOSPC)) -> None:
+        super().__init__(message)
+        self.reason = reason  # in the OS's words
+
 
 FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
@@ -81,6 +85,8 @@ class StoreSink:
         except (UnpackError, OSError) as exc:
             cause = exc if isinstance(exc, OSError) else exc.__cause__
             full = isinstance(cause, OSError) and cause.errno in FULL
-            raise (CacheFullError if full else CacheWriteError)(
-                f"cannot write {self.base} into the cache {self.dest.parent.parent}: "
-                f"{fsio.reason(exc)}") from None
+            message = (f"cannot write {self.base} into the cache {self.dest.parent.parent}: "
+                       f"{fsio.reason(exc)}")
+            if full:
+                raise CacheFullError(message, fsio.reason(exc)) from None
+            raise CacheWriteError(message) from None
