@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.lazymount import load_note  # noqa: E402
+from lazystore.testing.containerd import unmount_below  # noqa: E402
 from lazystore.testing.snapcrash import LoopResult, crash_loop  # noqa: E402
 
 
@@ -48,10 +48,7 @@ def main() -> int:
     try:
         result = crash_loop(base, args.kills, seed=args.seed, progress=progress)
     finally:
-        with open("/proc/self/mounts") as f:
-            targets = [ln.split()[1] for ln in f if ln.split()[1].startswith(f"{base}/")]
-        for target in sorted(targets, reverse=True):
-            subprocess.run(["umount", "-l", target], capture_output=True)
+        unmount_below(base)
         shutil.rmtree(base, ignore_errors=True)
     again = sorted(result.serve_again)
     during = ", ".join(f"{k} {v}" for k, v in result.in_flight.most_common())

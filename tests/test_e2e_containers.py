@@ -35,7 +35,7 @@ from lazystore.nix.signing import SecretKey
 from lazystore.snapshotter.proto import snapshots_pb2 as pb
 from lazystore.snapshotter.proto import snapshots_pb2_grpc as pb_grpc
 from lazystore.testing import nixcache, registry
-from lazystore.testing.containerd import Containerd, snapshotter_process
+from lazystore.testing.containerd import Containerd, logs_tail, snapshotter_process
 from lazystore.testing.daemon import LAZYSTORE, Daemon, container_stack_missing
 from lazystore.testing.httpserver import serve_directory
 
@@ -98,13 +98,7 @@ class Stack:
         return set(self.daemon.status()["paths_materialized"])
 
     def logs(self) -> str:
-        parts = []
-        for name in ("snapshotter.log", "daemon.log"):
-            p = self.base / name
-            if p.exists():
-                parts.append(f"--- {name}\n" + p.read_text(errors="replace")[-3000:])
-        parts.append("--- containerd\n" + self.ctd.log_tail())
-        return "\n".join(parts)
+        return logs_tail([self.base / "snapshotter.log", self.daemon.log], self.ctd)
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from lazystore.testing.containerd import unmount_below
 from lazystore.testing.snapcrash import crash_loop
 
 KILLS = 30
@@ -36,10 +36,7 @@ def base() -> Iterator[Path]:
     try:
         yield path
     finally:
-        with open("/proc/self/mounts") as f:
-            targets = [ln.split()[1] for ln in f if ln.split()[1].startswith(f"{path}/")]
-        for target in sorted(targets, reverse=True):
-            subprocess.run(["umount", "-l", target], capture_output=True)
+        unmount_below(path)
         shutil.rmtree(path, ignore_errors=True)
 
 

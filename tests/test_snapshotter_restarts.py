@@ -36,10 +36,15 @@ from lazystore.snapshotter.metadata import Kind
 from lazystore.snapshotter.proto import snapshots_pb2 as pb
 from lazystore.snapshotter.proto import snapshots_pb2_grpc as pb_grpc
 from lazystore.testing import nixcache, registry
-from lazystore.testing.containerd import Containerd, snapshotter_process
+from lazystore.testing.containerd import (
+    Containerd,
+    logs_tail,
+    snapshotter_process,
+    unmount_below,
+)
 from lazystore.testing.daemon import LAZYSTORE, Daemon, container_stack_missing
 from lazystore.testing.restarts import store_files
-from lazystore.testing.snapcrash import read_rows
+from lazystore.testing.snapcrash import compare, mounted, read_rows
 from tests.test_e2e_containers import _tar, oci_archive, placeholder_layer
 
 SN = "lazystore"
@@ -154,13 +159,7 @@ class Stack:
             time.sleep(0.5)
 
     def logs(self) -> str:
-        parts = []
-        for name in ("snapshotter.log", "daemon.log"):
-            p = self.base / name
-            if p.exists():
-                parts.append(f"--- {name}\n" + p.read_text(errors="replace")[-3000:])
-        parts.append("--- containerd\n" + self.ctd.log_tail())
-        return "\n".join(parts)
+        return logs_tail([self.sn_log, self.daemon.log], self.ctd)
 
 
 @pytest.fixture(scope="module")
@@ -197,15 +196,8 @@ def stack(binary_cache: nixcache.BinaryCache, http_cache: str,
                           f"listing again: max {max(st.serve_again):.2f} s, "
                           f"all {[round(t, 2) for t in st.serve_again]}")
     finally:
-        _unmount_below(base)
+        unmount_below(base)
         shutil.rmtree(base, ignore_errors=True)
-
-
-def _unmount_below(path: Path) -> None:
-    with open("/proc/self/mounts") as f:
-        targets = [ln.split()[1] for ln in f if ln.split()[1].startswith(f"{path}/")]
-    for target in sorted(targets, reverse=True):
-        subprocess.run(["umount", "-l", target], capture_output=True)
 
 
 def pull(st: Stack) -> None:
@@ -293,27 +285,9 @@ def check_image_snapshots(st: Stack) -> list[str]:
 
 
 def _mounted_sums(st: Stack, mounts: list, layers: list[list[tuple[str, str]]]) -> list[str]:
-    target = Path(tempfile.mkdtemp(dir=st.base))
-    (m,) = mounts
-    opts = ",".join(m.options)
-    argv = (["mount", "-o", opts, m.source, str(target)] if m.type == "bind" else
-            ["mount", "-t", m.type, "-o", opts, m.source, str(target)])
-    subprocess.run(argv, check=True, capture_output=True)
-    try:
-        out = []
-        for layer in layers:
-            for path, md5 in layer:
-                try:
-                    got = _md5((target / path.lstrip("/")).read_bytes())
-                except OSError as exc:
-                    out.append(f"{path}: {exc.strerror}")
-                    continue
-                if got != md5:
-                    out.append(f"{path}: other bytes")
-        return out
-    finally:
-        subprocess.run(["umount", str(target)], check=True)
-        target.rmdir()
+    want = {path.lstrip("/"): md5 for layer in layers for path, md5 in layer}
+    with mounted(mounts, st.base) as target:
+        return compare(target, want, "view", _md5)
 
 
 def remove_image(st: Stack) -> None:
@@ -350,10 +324,8 @@ def half_committed(st: Stack) -> list[str]:
             want = [fs / p.lstrip("/") for p in nixcache.closure(st.top)]
             out += [f"layer 1: no placeholder {p}" for p in want if not os.path.lexists(p)]
             continue
-        for path, md5 in st.image.sums[n]:
-            target = fs / path.lstrip("/")
-            if not target.is_file() or _md5(target.read_bytes()) != md5:
-                out.append(f"layer {n} ({row.key}) committed without all of {path}")
+        want = {path.lstrip("/"): md5 for path, md5 in st.image.sums[n]}
+        out += compare(fs, want, f"layer {n} ({row.key}), committed", _md5)
     return out
 
 

@@ -33,7 +33,7 @@ from lazystore.snapshotter.proto import snapshots_pb2 as pb
 from lazystore.snapshotter.proto import snapshots_pb2_grpc as pb_grpc
 from lazystore.snapshotter.service import start_server
 from lazystore.snapshotter.snapshots import Snapshotter
-from lazystore.testing.containerd import snapshotter_process
+from lazystore.testing.containerd import snapshotter_process, unmount_below
 from lazystore.testing.snapcrash import read_rows
 from tests.support.fakeviews import FakeViews
 
@@ -112,20 +112,13 @@ def env() -> Iterator[Env]:
         yield e
     finally:
         e.close()
-        _unmount_below(base)
+        unmount_below(base)
         shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
 def sn(env: Env) -> pb_grpc.SnapshotsStub:
     return env.start()
-
-
-def _unmount_below(path: Path) -> None:
-    with open("/proc/self/mounts") as f:
-        targets = [line.split()[1] for line in f if line.split()[1].startswith(str(path) + "/")]
-    for t in sorted(targets, reverse=True):
-        subprocess.run(["umount", "-l", t], capture_output=True)
 
 
 # -- helpers ------------------------------------------------------------------

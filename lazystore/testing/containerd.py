@@ -186,8 +186,8 @@ class Containerd:
         self._kill_own_shims()
         ids = set(containers) | set(self._runc_containers())
         self._kill_runc_containers()
-        self._unmount_below(self.state)
-        self._unmount_below(self.root)
+        unmount_below(self.state)
+        unmount_below(self.root)
         shutil.rmtree(RUNC_ROOT / self.namespace, ignore_errors=True)
         for task in cri_tasks:
             shutil.rmtree(RUNC_ROOT / CRI_NAMESPACE / task, ignore_errors=True)
@@ -245,14 +245,6 @@ class Containerd:
                     pass
         _wait_until(lambda: not any(_alive(p) for p in killed))
 
-    @staticmethod
-    def _unmount_below(path: Path) -> None:
-        prefix = str(path.resolve()) + "/"
-        with open("/proc/self/mounts") as f:
-            targets = [line.split()[1] for line in f]
-        for target in sorted((t for t in targets if t.startswith(prefix)), reverse=True):
-            subprocess.run(["umount", "-l", target], capture_output=True)
-
     def ctr(
         self,
         *args: str,
@@ -279,6 +271,23 @@ class Containerd:
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-n:])
         except OSError:
             return ""
+
+
+def unmount_below(path: Path) -> None:
+    """Lazily unmount everything mounted below *path* (a test's tree), deepest first."""
+    prefix = str(path.resolve()) + "/"
+    with open("/proc/self/mounts") as f:
+        targets = [line.split()[1] for line in f]
+    for target in sorted((t for t in targets if t.startswith(prefix)), reverse=True):
+        subprocess.run(["umount", "-l", target], capture_output=True)
+
+
+def logs_tail(logs: Sequence[Path], ctd: Containerd, chars: int = 3000) -> str:
+    """The ends of *logs* (those that exist) and of containerd's, for a failure's message."""
+    parts = [f"--- {p.name}\n" + p.read_text(errors="replace")[-chars:]
+             for p in logs if p.exists()]
+    parts.append("--- containerd\n" + ctd.log_tail())
+    return "\n".join(parts)
 
 
 def _alive(proc: Path) -> bool:

@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,20 +107,23 @@ def check_files(root: Path) -> tuple[list[str], int]:
         if row.kind == Kind.ACTIVE and not (snapshots / str(row.id) / "work").is_dir():
             problems.append(f"{where}: active without its work directory")
         if row.kind == Kind.COMMITTED and (key := row.labels.get(KEY_LABEL)):
-            problems += _compare(fs, layer_files(key), f"committed {where}")
+            problems += compare(fs, layer_files(key), f"committed {where}")
     orphans = sum(1 for p in snapshots.iterdir() if not (p.name.isdigit() and int(p.name) in rows))
     return problems, orphans
 
 
-def _compare(top: Path, want: dict[str, bytes], where: str) -> list[str]:
+def compare(top: Path, want: Mapping[str, object], where: str,
+            digest: Callable[[bytes], object] = bytes) -> list[str]:
+    """The files of *want* (path below *top* -> their *digest*, by default
+    their bytes) that are missing or differ below *top*, one line each."""
     out = []
-    for rel, data in want.items():
+    for rel, expected in want.items():
         try:
-            got = (top / rel).read_bytes()
+            got = digest((top / rel).read_bytes())
         except OSError as exc:
             out.append(f"{where}: {rel}: {exc.strerror}")
             continue
-        if got != data:
+        if got != expected:
             out.append(f"{where}: {rel} has other bytes")
     return out
 
@@ -267,31 +270,41 @@ def _chain(row: Row, by_id: dict[int, Row]) -> list[str]:
     return keys
 
 
+@contextmanager
+def mounted(mounts: list, scratch: Path) -> Iterator[Path]:
+    """The one mount of a snapshot (its gRPC ``Mount`` messages, as containerd
+    mounts them) on a new directory below *scratch*; CalledProcessError if it
+    does not mount."""
+    target = Path(tempfile.mkdtemp(dir=scratch))
+    try:
+        (m,) = mounts
+        kind = [] if m.type == "bind" else ["-t", m.type]
+        subprocess.run(["mount", *kind, "-o", ",".join(m.options), m.source, str(target)],
+                       check=True, capture_output=True, text=True)
+        try:
+            yield target
+        finally:
+            subprocess.run(["umount", str(target)], check=True)
+    finally:
+        target.rmdir()
+
+
 def _check_mount(mounts: list, chain: list[str], scratch: Path, where: str,
                  top: bool = True) -> list[str]:
     """Mount *mounts* below *scratch*: the files of the layers *chain* (keys,
     nearest first) must be there, and with *top* the nearest layer's ``top``."""
-    target = Path(tempfile.mkdtemp(dir=scratch))
-    (m,) = mounts
-    argv = ["mount", "-t", m.type, "-o", ",".join(m.options), m.source, str(target)]
-    if m.type == "bind":
-        argv = ["mount", "-o", ",".join(m.options), m.source, str(target)]
-    done = subprocess.run(argv, capture_output=True, text=True)
-    if done.returncode != 0:
-        target.rmdir()
-        return [f"{where} does not mount: {done.stderr.strip()}"]
     try:
-        out = []
-        for key in chain:
-            want = layer_files(key)
-            want.pop("top")
-            out += _compare(target, want, where)
-        if chain and top:
-            out += _compare(target, {"top": chain[0].encode()}, where)
-        return out
-    finally:
-        subprocess.run(["umount", str(target)], check=True)
-        target.rmdir()
+        with mounted(mounts, scratch) as target:
+            out = []
+            for key in chain:
+                want = layer_files(key)
+                want.pop("top")
+                out += compare(target, want, where)
+            if chain and top:
+                out += compare(target, {"top": chain[0].encode()}, where)
+            return out
+    except subprocess.CalledProcessError as exc:
+        return [f"{where} does not mount: {exc.stderr.strip()}"]
 
 
 @dataclass
