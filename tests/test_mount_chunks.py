@@ -78,6 +78,8 @@ class HandMadeCache:
         self.secret = SecretKey.generate("hand-made-1")
         (root / "nar").mkdir(parents=True)
         (root / "nix-cache-info").write_text("StoreDir: /nix/store\n")
+        # indexed from the start (the daemon asks for the marker as it starts)
+        (root / fileindex.MARKER).write_bytes(fileindex.MAGIC)
 
     def add(self, tree: Tree) -> str:
         """Publish *tree* as a new store path; its basename."""

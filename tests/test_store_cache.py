@@ -68,8 +68,11 @@ class FakeSubstituters:
             node["entries"][parts[-1]] = _ls_node(content)
         return {"version": 1, "root": root}
 
+    def expect_index(self, path: Any) -> None:
+        pass  # these caches offer no file indexes (see test_store_chunks.py)
+
     async def file_index(self, info: Any) -> None:
-        return None  # these caches offer no file indexes (see test_store_chunks.py)
+        return None
 
     async def read_chunks(self, info: Any, index: Any, wanted: Any) -> Any:
         raise AssertionError("no file index was offered")

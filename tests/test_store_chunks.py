@@ -26,6 +26,7 @@ from lazystore.substituter.client import Substituters
 from lazystore.substituter.config import SubstituterConfig
 from lazystore.testing import nixcache
 from lazystore.testing.httpserver import serve_directory
+from tests.support.faultserver import Fault, FaultServer
 
 CHUNK = 64 << 10
 MANUAL = ("share", "doc", "manual.txt")  # 1 MiB of "d" in the docs path
@@ -283,6 +284,60 @@ async def test_an_unindexed_cache_asks_once_for_the_marker(
         assert server.requests.count("/lzindex-info") == 1
         assert not [r for r in server.requests if r.endswith(".lzindex")]
         assert not server.range_requests
+
+
+# --- round trips before the first chunk -------------------------------------------
+
+
+async def test_the_marker_is_asked_with_the_first_narinfo(
+        indexed: nixcache.BinaryCache, tmp_path: Path) -> None:
+    # Each is held until both are held: asked one after the other, the lookup
+    # would wait for the gather's 60 s. (The daemon asks it even before, with
+    # nix-cache-info as it starts: test_mount_requests.py.)
+    docs = base_of(indexed, "docs")
+    with FaultServer(indexed.root) as server:
+        for name in (f"/{docs[:32]}.narinfo", "/lzindex-info"):
+            server.always(name, Fault.gather(2))
+        async with store_over(server.url, indexed.key.public_key, tmp_path) as store:
+            with trio.fail_after(30):
+                await store.tree(docs)
+        assert server.most_held == 2
+        assert server.count("/lzindex-info") == 1
+
+
+async def test_the_index_is_asked_with_the_narinfo(
+        indexed: nixcache.BinaryCache, tmp_path: Path) -> None:
+    docs = base_of(indexed, "docs")
+    narinfo, index = f"/{docs[:32]}.narinfo", f"/{docs[:32]}.lzindex"
+    with FaultServer(indexed.root) as server:
+        for name in (narinfo, index):
+            server.always(name, Fault.gather(2))
+        async with store_over(server.url, indexed.key.public_key, tmp_path) as store:
+            with trio.fail_after(30):
+                assert await store.lookup(docs) is not None
+                node = await store.tree(docs)
+            assert node.child("share").child("doc").child("manual.txt").size == 1 << 20
+            assert (await store.file_index(docs)) is not None
+        assert server.most_held == 2
+        assert server.count(narinfo) == server.count(index) == 1
+        assert f"/{docs[:32]}.ls" not in server.requests
+
+
+async def test_references_file_indexes_are_learnt_ahead_of_their_first_read(
+        indexed: nixcache.BinaryCache, tmp_path: Path) -> None:
+    top = Path(indexed.top).name
+    refs = [Path(r).name for r in nixcache.references(indexed.top) if Path(r).name != top]
+    assert refs
+    with served(indexed) as server:
+        async with store_over(server.url, indexed.key.public_key, tmp_path) as store:
+            await store.lookup(top)
+            with trio.fail_after(30):  # learnt in the background: no read asked for them
+                while not all(f"/{r[:32]}.lzindex" in server.requests for r in refs):
+                    await trio.sleep(0.01)
+            assert await read(store, base_of(indexed, "docs"), MANUAL, 0, 3) == b"ddd"
+        for ref in refs:
+            assert server.requests.count(f"/{ref[:32]}.lzindex") == 1
+            assert f"/{ref[:32]}.ls" not in server.requests  # the index has the tree
 
 
 # --- hostile indexes, data and servers -------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager, AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -49,8 +50,12 @@ class Daemon:
         substituter_urls: list[str] | None = None,
         bind_finished: bool = True,
         background_fetch: bool = False,
+        learn_caches: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self.store = store
+        # Read every cache's nix-cache-info (and file index marker) as FUSE is
+        # served, so that the first lookup does not wait for them.
+        self.learn_caches = learn_caches
         self.mountpoint = os.path.abspath(mountpoint)
         self.control_socket = control_socket
         self.allow_other = allow_other
@@ -86,6 +91,8 @@ class Daemon:
                 nursery.start_soon(self._watch_signals, nursery, keep)
                 if self.binds is not None:
                     nursery.start_soon(self._bind_finished, nursery)
+                if self.learn_caches is not None:
+                    nursery.start_soon(self.learn_caches)
                 await nursery.start(server.serve, self.control_socket, self.operations.handle)
                 log.info("serving %s (control socket %s)", self.mountpoint, self.control_socket)
                 sdnotify.notify(f"READY=1\nSTATUS=serving {self.mountpoint}")
@@ -167,7 +174,7 @@ async def run(
         )
         daemon = Daemon(
             store, mountpoint, control_socket, store_dir, allow_other, substituter_urls,
-            bind_finished, background_fetch,
+            bind_finished, background_fetch, subs.substituters,
         )
         if metrics_address is not None:
             stack.enter_context(_metrics(daemon, metrics_address))

@@ -87,6 +87,7 @@ class SubstituterAPI(Protocol):
     stats: Any
 
     async def query(self, path: StorePath) -> NarInfo | None: ...
+    def expect_index(self, path: StorePath) -> None: ...
     async def listing(self, what: NarInfo) -> dict[str, Any] | None: ...
     async def fetch(self, what: NarInfo, open_sink: OpenSink) -> NarInfo: ...
     async def closure(self, paths: list[StorePath]) -> list[NarInfo]: ...
@@ -284,8 +285,10 @@ class LocalStore:
 
     # -- lookups ----------------------------------------------------------
 
-    async def lookup(self, base: str) -> Record | None:
-        """The record of store path *base*, asking the substituters once."""
+    async def lookup(self, base: str, index: bool = True) -> Record | None:
+        """The record of store path *base*, asking the substituters once (and,
+        with *index*, its file index at the same time: its tree and reads
+        follow a lookup; a fetch of the whole NAR does not need it)."""
         rec = self.records.get(base)
         if rec is not None:
             return rec
@@ -296,13 +299,15 @@ class LocalStore:
         except FormatError:
             return None
         try:
-            await self._single("query", base, lambda: self._query(sp))
+            await self._single("query", base, lambda: self._query(sp, index))
         except PathNotFound:
             return None
         return self.records[base]
 
-    async def _query(self, sp: StorePath) -> NarInfo:
+    async def _query(self, sp: StorePath, index: bool) -> NarInfo:
         self.events.record("narinfo", sp.basename)
+        if index:
+            self.subs.expect_index(sp)
         info = await self.subs.query(sp)  # its errors: mapped by _store_errors
         self.events.record("narinfo-done", sp.basename, size=-1 if info is None else info.nar_size)
         if info is None:
@@ -320,36 +325,40 @@ class LocalStore:
                 self.resolve_soon(ahead)
         return info
 
-    async def _narinfo(self, base: str) -> NarInfo:
+    async def _narinfo(self, base: str, index: bool = False) -> NarInfo:
         """The narinfo of known path *base*: the one its lookup got, if still held."""
         info = self._narinfos.get(base)
         if info is None:
-            info = await self._single("query", base,
-                                      lambda: self._query(StorePath.from_basename(base)))
+            info = await self._single(
+                "query", base, lambda: self._query(StorePath.from_basename(base), index))
         return info
 
-    async def require(self, base: str) -> Record:
-        rec = await self.lookup(base)
+    async def require(self, base: str, index: bool = True) -> Record:
+        rec = await self.lookup(base, index)
         if rec is None:
             raise PathNotFound(f"{base} is in none of the substituters")
         return rec
 
     async def tree(self, base: str) -> Node:
-        """The metadata tree of *base*: the listing's hint, else fetched."""
+        """The metadata tree of *base*: its file index's or the listing's, else fetched."""
         rec = await self.require(base)
         if rec.tree is None:
-            indexed = await self.file_index(base)
-            if indexed is not None and rec.tree is None:
-                builder = tree.TreeBuilder(f"the file index of {base}")
-                builder.add(indexed.index.events())
-                rec.tree = builder.tree()
-                self._changed()
-        if rec.tree is None:
-            await self._single("listing", base, lambda: self._load_listing(base))
+            await self._learn_tree(base, rec)
         if rec.tree is None:
             await self.materialize(base)
         assert rec.tree is not None
         return rec.tree
+
+    async def _learn_tree(self, base: str, rec: Record) -> None:
+        """*base*'s tree from its signed file index, else its listing (no NAR)."""
+        indexed = await self.file_index(base)
+        if indexed is not None and rec.tree is None:
+            builder = tree.TreeBuilder(f"the file index of {base}")
+            builder.add(indexed.index.events())
+            rec.tree = builder.tree()
+            self._changed()
+        if rec.tree is None:
+            await self._single("listing", base, lambda: self._load_listing(base))
 
     async def _load_listing(self, base: str) -> None:
         info = await self._narinfo(base)
@@ -388,7 +397,7 @@ class LocalStore:
         return found
 
     async def _load_index(self, base: str) -> IndexedPath | None:
-        info = await self._narinfo(base)
+        info = await self._narinfo(base, index=True)
         try:
             index = await self.subs.file_index(info)
         except VerificationError as exc:
@@ -520,7 +529,7 @@ class LocalStore:
 
     async def materialize(self, base: str) -> Path:
         """Make *base*'s verified data present in ``store/``; return its path."""
-        rec = await self.require(base)
+        rec = await self.require(base, index=False)
         if rec.materialized and not os.path.lexists(self.data_path(base)):
             log.warning("%s vanished from the cache directory; fetching it again", base)
             rec.materialized = False
@@ -740,10 +749,11 @@ class LocalStore:
         await _each(bases, self.require, QUERY_PARALLEL)
 
     def resolve_soon(self, bases: list[str]) -> None:
-        """Learn the narinfos and listings of *bases* in the background (a task
-        of the store's nursery, *BACKGROUND_PARALLEL* at once for all of the
-        store's background learning): each listing is
-        asked as soon as its narinfo arrives, no NAR is fetched. A reader of
+        """Learn the narinfos and trees of *bases* in the background (a task of
+        the store's nursery, *BACKGROUND_PARALLEL* at once for all of the
+        store's background learning): each file index is asked with its
+        narinfo, a listing as soon as the narinfo arrives (caches without
+        indexes); no NAR is fetched. A reader of
         one of them meanwhile waits only for that one (the same flights);
         failures are the reader's to see, here they are only logged."""
         assert self._nursery is not None, "LocalStore used outside its context"
@@ -847,7 +857,9 @@ class LocalStore:
     async def _hint(self, base: str) -> None:
         rec = await self.require(base)
         if rec.tree is None:
-            await self._single("listing", base, lambda: self._load_listing(base))
+            await self._learn_tree(base, rec)
+        else:  # the tree is known: the index still, so a first read need not wait for it
+            await self.file_index(base)
 
     async def read_small_file(self, base: str, rel: str, limit: int = 64 << 20) -> bytes:
         """Contents of file *rel* inside store path *base* (fetched if needed)."""

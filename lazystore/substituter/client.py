@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+INDEXES_AHEAD_BYTES = 16 << 20  # file indexes asked ahead and not taken yet, per cache
+
 
 @dataclass
 class Stats:
@@ -99,8 +101,9 @@ class ServedNarInfo(NarInfo):
 
 
 def _request_cancelled(key: Any) -> SubstituterError:
-    url, hash_part = key
-    return SubstituterError(f"{url}/{hash_part}.narinfo: cancelled (closing)")
+    url, name = key  # a hash part (its narinfo) or a file name
+    name = name if "." in name or "-" in name else f"{name}.narinfo"
+    return SubstituterError(f"{url}/{name}: cancelled (closing)")
 
 
 def _path_of(what: StorePath | NarInfo) -> StorePath:
@@ -119,6 +122,10 @@ class _Cache:
         self.loaded = False
         self.retry_at: float | None = None  # when to read nix-cache-info again
         self.file_indexes: bool | None = None  # offers file indexes (None: not asked yet)
+        # File indexes asked ahead of Substituters.file_index (expect_index),
+        # by name, until it takes them (None: the cache had none).
+        self.indexes_ahead: cachetools.LRUCache[str, bytes | None] = cachetools.LRUCache(
+            INDEXES_AHEAD_BYTES, getsizeof=lambda data: len(data or b"") + 1)
         size = config.narinfo_cache_size
         self.positive: cachetools.TTLCache[str, NarInfo] = cachetools.TTLCache(
             size, config.positive_ttl, timer=trio_time)
@@ -225,6 +232,9 @@ class Substituters:
                     f"{info.store_dir}, not {self.config.store_dir}")
         if error is not None:
             log.warning("%s", error)
+        elif cache.file_indexes is None:  # now, not a round trip after the first narinfo
+            assert self._nursery is not None, "Substituters used outside its context"
+            self._nursery.start_soon(self._marker_ahead, cache)
         cache.info, cache.error, cache.retry_at, cache.loaded = info, error, retry_at, True
 
     async def _disabled_reasons(self) -> list[str]:
@@ -419,7 +429,11 @@ class Substituters:
         if not await self._offers_indexes(cache):
             return None
         name = f"{info.path.hash_part}{fileindex.SUFFIX}"
-        data = await self._retry(lambda: cache.transport.get(name), f"{cache.url}/{name}")
+        if name in cache.indexes_ahead:
+            data = cache.indexes_ahead.pop(name)
+        else:  # or join the request asked ahead, still under way
+            data = await self._index_bytes(cache, name)
+            cache.indexes_ahead.pop(name, None)
         if data is None:
             return None
         try:  # a large index takes a while to check: not on the trio thread
@@ -429,23 +443,61 @@ class Substituters:
             raise VerificationError(f"{cache.url}/{name}: {exc}") from None
         return index
 
+    def expect_index(self, path: StorePath) -> None:
+        """The caller will want :meth:`file_index` of *path*: its index is
+        asked now of the best cache that offers indexes, at the same time as
+        the narinfo instead of a round trip after it, and kept (bounded) until
+        :meth:`file_index` takes it. Only then is it checked, against the
+        narinfo that came (an index asked of another cache than the one that
+        served the narinfo is not used)."""
+        assert self._nursery is not None, "Substituters used outside its context"
+        self._nursery.start_soon(self._index_ahead, f"{path.hash_part}{fileindex.SUFFIX}")
+
+    async def _index_ahead(self, name: str) -> None:
+        try:
+            for cache in await self.substituters():
+                if await self._offers_indexes(cache):
+                    await self._index_bytes(cache, name)
+                    return
+        except SubstituterError as exc:  # file_index asks again, and reports it
+            log.debug("%s asked ahead: %s", name, exc)
+
+    async def _index_bytes(self, cache: _Cache, name: str) -> bytes | None:
+        """*cache*'s file *name* (one request for concurrent askers), also kept
+        in ``indexes_ahead`` for an asker that comes after it arrived."""
+        async def get() -> bytes | None:
+            data = await self._retry(lambda: cache.transport.get(name), f"{cache.url}/{name}")
+            cache.indexes_ahead[name] = data
+            return data
+
+        assert self._requests is not None, "Substituters used outside its context"
+        data: bytes | None = await self._requests.run((cache.url, name), get)
+        return data
+
     def _checked_index(self, data: bytes, info: NarInfo) -> FileIndex:
         index = fileindex.parse(data)
         fileindex.check(index, info, self._keys)
         return index
 
+    async def _marker_ahead(self, cache: _Cache) -> None:
+        try:
+            await self._offers_indexes(cache)
+        except SubstituterError as exc:  # asked again when an index is wanted
+            log.debug("%s/%s: %s", cache.url, fileindex.MARKER, exc)
+
     async def _offers_indexes(self, cache: _Cache) -> bool:
         """Whether *cache* has the marker of an indexed cache (asked once)."""
-        if cache.file_indexes is None:
-            assert self._requests is not None, "Substituters used outside its context"
+        async def ask() -> None:  # the answer is kept before the flight ends
             name = fileindex.MARKER
-            text = await self._requests.run(
-                (cache.url, name),
-                lambda: self._retry(lambda: cache.transport.get(name), f"{cache.url}/{name}"))
+            text = await self._retry(lambda: cache.transport.get(name), f"{cache.url}/{name}")
             cache.file_indexes = text is not None and fileindex.offered(text)
             if text is not None and not cache.file_indexes:
                 log.info("%s/%s: not a file index version this lazystore reads", cache.url, name)
-        return cache.file_indexes
+
+        if cache.file_indexes is None:
+            assert self._requests is not None, "Substituters used outside its context"
+            await self._requests.run((cache.url, fileindex.MARKER), ask)
+        return bool(cache.file_indexes)
 
     async def read_chunks(self, info: NarInfo, index: FileIndex,
                           wanted: list[Chunk]) -> dict[Chunk, bytes]:
