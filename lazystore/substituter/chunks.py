@@ -4,6 +4,7 @@ each an independent zstd frame, checked against the index before use."""
 from __future__ import annotations
 
 import hashlib
+import threading
 
 import zstandard
 
@@ -19,6 +20,22 @@ STORED = 0.97  # samples that zstd shrinks less than this: the chunk goes in raw
 RAW_BLOCK = 128 << 10  # the largest block a zstd frame may hold (RFC 8878, 3.1.1.2.3)
 
 
+_local = threading.local()  # a thread's zstd contexts (not thread-safe; costly to make)
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    made: dict[int, zstandard.ZstdCompressor] = _local.__dict__.setdefault("compressors", {})
+    if level not in made:
+        made[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return made[level]
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    if not hasattr(_local, "decompressor"):
+        _local.decompressor = zstandard.ZstdDecompressor()
+    return _local.decompressor
+
+
 def encode(data: bytes | bytearray | memoryview, level: int = LEVEL) -> bytes:
     """One chunk as a zstd frame (with its size in the frame header): zstd
     *level*, or raw blocks when samples of it do not compress (random or
@@ -27,10 +44,10 @@ def encode(data: bytes | bytearray | memoryview, level: int = LEVEL) -> bytes:
     if len(view) >= 4 * SAMPLE:
         middle = len(view) // 2
         samples = [view[:SAMPLE], view[middle:middle + SAMPLE], view[-SAMPLE:]]
-        quick = zstandard.ZstdCompressor(level=1)
+        quick = _compressor(1)
         if sum(len(quick.compress(s)) for s in samples) >= STORED * 3 * SAMPLE:
             return stored(view)
-    return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(view)
+    return _compressor(level).compress(view)
 
 
 def stored(data: bytes | bytearray | memoryview) -> bytes:
@@ -74,7 +91,7 @@ def decode(chunk: Chunk, frame: bytes | memoryview, hashed: bool = True) -> byte
         if declared != chunk.size:
             raise VerificationError(f"chunk at data offset {chunk.offset} declares "
                                     f"{declared} bytes, the index says {chunk.size}")
-        data = zstandard.ZstdDecompressor().decompress(frame)
+        data = _decompressor().decompress(frame)
     except zstandard.ZstdError as exc:
         raise VerificationError(f"chunk at data offset {chunk.offset}: corrupt zstd: {exc}"
                                 ) from None
