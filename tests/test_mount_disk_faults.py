@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,10 +20,13 @@ from pathlib import Path
 
 import pytest
 
+from lazystore import cacheindex
 from lazystore.daemon.binds import bound_paths
 from lazystore.nix.narinfo import NarInfo
+from lazystore.nix.signing import SecretKey
 from lazystore.testing import nixcache
 from lazystore.testing.daemon import Daemon
+from lazystore.testing.httpserver import serve_directory
 from tests.test_mount_binds import wait_bound
 from tests.test_mount_daemon import _need_fuse, by_name
 
@@ -234,3 +238,33 @@ def test_a_full_disk_never_evicts_a_path_in_use_below_its_bind(
         assert d.status()["paths_materialized"] == [docs]
         assert busybox not in bound_paths(d.mnt)
         assert d.stop() == 0
+
+
+def test_chunk_reads_on_a_read_only_cache_are_served_from_memory_with_one_line_each(
+    tmp_path: Path, binary_cache: nixcache.BinaryCache, test_key: nixcache.KeyPair
+) -> None:
+    served = tmp_path / "served"
+    shutil.copytree(binary_cache.root, served)
+    cacheindex.index_cache(served, SecretKey.parse(test_key.secret_file.read_text()), 64 << 10)
+    docs = by_name(binary_cache.paths, "docs")
+    with serve_directory(served) as server:
+        d = Daemon(tmp_path / "d", server.url, test_key.public_key, verbose=False)
+        with on_tmpfs(d, "64m"):
+            d.start()
+            manual = d.mnt / docs / "share/doc/manual.txt"
+            assert manual.stat().st_size == 1 << 20
+            remount(d.cache, "ro")
+            try:
+                with open(manual, "rb") as f:
+                    for offset in ((1 << 20) - 10, 0):  # two reads, apart
+                        before = warnings(d)
+                        assert os.pread(f.fileno(), 10, offset) == b"d" * 10
+                        lines = [ln for ln in warnings(d)[len(before):] if "chunks of" in ln]
+                        assert len(lines) == 1, lines
+                        # the chunk read and those read ahead with it: none kept
+                        assert re.search(rf"cannot keep (\d+) of \1 chunks of {docs} ", lines[0])
+                        assert "Read-only file system" in lines[0]
+                assert d.status()["nars_fetched"] == 0
+            finally:
+                remount(d.cache, "rw")
+            assert d.stop() == 0

@@ -514,12 +514,16 @@ class LocalStore:
         except VerificationError as exc:
             self._index_failed(base, exc)
             return None
+        failed: list[OSError] = []
         for chunk, data in fetched.items():
             try:
                 await self.chunks.put(chunk.sha256, data)
             except OSError as exc:  # served from memory all the same
-                log.warning("cannot keep a chunk of %s in %s: %s", base,
-                            self.chunks.directory, exc.strerror or exc)
+                failed.append(exc)
+        if failed:  # one line for the read, however many chunks it brought
+            log.warning("cannot keep %d of %d chunks of %s in %s: %s", len(failed),
+                        len(fetched), base, self.chunks.directory,
+                        failed[0].strerror or failed[0])
         return fetched
 
     # -- data -------------------------------------------------------------
