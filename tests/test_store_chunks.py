@@ -18,6 +18,7 @@ import pytest
 import trio
 
 from lazystore import cacheindex
+from lazystore.fs.vfs import Vfs
 from lazystore.nix import fileindex
 from lazystore.nix.narinfo import NarInfo
 from lazystore.nix.signing import SecretKey
@@ -272,6 +273,40 @@ async def test_chunks_stay_on_disk_across_a_restart_and_under_a_quota(
             assert store.chunks.bytes <= 2 * CHUNK and store.chunks.evictions >= 3
             # What was evicted is fetched again, verified.
             assert await read(store, busybox, binary, 0, 10) == data[:10]
+
+
+async def test_chunks_and_paths_share_one_quota_least_recently_used_first(
+        indexed: nixcache.BinaryCache, tmp_path: Path) -> None:
+    busybox, liba = base_of(indexed, "busybox"), base_of(indexed, "liba")
+    binary = ("bin", "busybox")
+    with served(indexed) as server:
+        # Chunks older than the path just fetched go first (the path is kept).
+        async with store_over(server.url, indexed.key.public_key, tmp_path / "a",
+                              cache_limit=4 * CHUNK + 10_000) as store:
+            await read(store, busybox, binary, 0, 4 * CHUNK)
+            assert store.chunks.bytes == 4 * CHUNK
+            await store.materialize(liba)
+            disk = store.records[liba].disk_bytes
+            assert store.records[liba].materialized and disk > 10_000
+            assert store.chunks.bytes == 3 * CHUNK and store.chunks.evictions == 1
+            assert store.used_bytes == store.cache_bytes + store.chunks.bytes
+            assert store.used_bytes <= 4 * CHUNK + 10_000
+            statfs = Vfs(store).statfs()  # df counts both
+            assert statfs["f_blocks"] - statfs["f_bfree"] == -(-store.used_bytes // 4096)
+        # A path older than the chunks read after it goes first.
+        async with store_over(server.url, indexed.key.public_key, tmp_path / "b",
+                              cache_limit=4 * CHUNK + 10_000) as store:
+            await store.materialize(liba)
+            await read(store, busybox, binary, 0, 4 * CHUNK)
+            assert not store.records[liba].materialized and store.evictions == 1
+            assert store.chunks.bytes == 4 * CHUNK and store.chunks.evictions == 0
+            # Chunks of an open file are not evicted, whatever their age.
+            entry = await store.open_indexed(busybox, binary)
+            assert entry is not None
+            await store.materialize(liba)
+            assert store.chunks.bytes == 4 * CHUNK and store.records[liba].materialized
+            assert store.used_bytes > 4 * CHUNK + 10_000  # over: the rest is in use
+            store.close_indexed(entry)
 
 
 async def test_an_unindexed_cache_asks_once_for_the_marker(

@@ -73,6 +73,7 @@ def lines(st: dict[str, Any], before: dict[str, Any] | None = None, dt: float = 
         f"mount:           {st.get('mount_point')}",
         f"substituters:    {' '.join(st.get('substituters', [])) or '-'}",
         f"cache:           {st.get('cache_dir')}: {human(st['cache_bytes'])}"
+        f"{f' + {human(chunks)} of chunks' if (chunks := st.get('chunk_cache_bytes')) else ''}"
         f" {f'of {human(limit)}' if limit is not None else '(no limit)'}"
         f", {st.get('evictions', 0)} evicted",
         f"paths known:     {st.get('paths_known')}",

@@ -615,7 +615,7 @@ class Vfs:
         block = 4096
         disk = os.statvfs(self.store.cache_dir)
         disk_free = disk.f_bavail * disk.f_frsize // block
-        used = -(-self.store.cache_bytes // block)
+        used = -(-self.store.used_bytes // block)
         if self.store.cache_limit is None:
             total, free = disk.f_blocks * disk.f_frsize // block, disk_free
         else:

@@ -158,7 +158,7 @@ class LocalStore:
         self._ahead: dict[bytes, trio.Event] = {}  # chunk sha256 -> set when a prefetch has it
         self._indexed: cachetools.LRUCache[str, IndexedPath | None] = cachetools.LRUCache(
             NARINFOS_HELD)
-        self.chunks = ChunkCache(self.cache_dir / "chunks", cache_limit)
+        self.chunks = ChunkCache(self.cache_dir / "chunks")  # within cache_limit too
         self.copies = Copies(COPIES_HELD)
         self.chunks_from_copies = 0  # chunks read from materialised paths, not fetched
         self.events = EventLog()  # when narinfos, listings and NARs came (and first reads)
@@ -524,6 +524,7 @@ class LocalStore:
             log.warning("cannot keep %d of %d chunks of %s in %s: %s", len(failed),
                         len(fetched), base, self.chunks.directory,
                         failed[0].strerror or failed[0])
+        await self._enforce_quota()
         return fetched
 
     # -- data -------------------------------------------------------------
@@ -672,18 +673,32 @@ class LocalStore:
         ]
         return [b for _, b in sorted(cands)]
 
+    @property
+    def used_bytes(self) -> int:
+        """What counts toward the quota: materialised paths and cached chunks."""
+        return self.cache_bytes + self.chunks.bytes
+
     async def _enforce_quota(self, keep: str | None = None) -> None:
-        if self.cache_limit is None or self.cache_bytes <= self.cache_limit:
+        """Evict until paths and chunks together fit the quota, least recently
+        used first across both; never *keep*, a path in use or a chunk of an
+        open file."""
+        limit = self.cache_limit
+        if limit is None or self.used_bytes <= limit:
             return
-        for base in self._evictable(keep):
-            if not await self._evict_one(base):
-                continue
-            if self.cache_bytes <= self.cache_limit:
+        paths = iter(self._evictable(keep))
+        path = next(paths, None)
+        while self.used_bytes > limit:
+            older = None if path is None else self.records[path].last_used
+            victims = self.chunks.victims(self.used_bytes - limit, older)
+            if victims:
+                await self.chunks.drop(victims)
+            elif path is None:
+                log.info("cache holds %d bytes (%d of chunks) over its limit of %d: the "
+                         "rest is in use", self.used_bytes, self.chunks.bytes, limit)
                 return
-        log.info(
-            "cache holds %d bytes over its limit of %d: the rest is in use",
-            self.cache_bytes, self.cache_limit,
-        )
+            else:
+                await self._evict_one(path)
+                path = next(paths, None)
 
     async def _evict_one(self, base: str) -> bool:
         """Evict *base* (materialised, unpinned, not being fetched); False if it

@@ -4,9 +4,10 @@
 lazystore.nix.fileindex), written under a temporary name and renamed into
 place only after the substituter verified them against the signed index, so
 whatever is there has the hash its name says. Chunks are shared by every
-path and file that holds the same bytes. The cache has a byte quota; the
-least recently used chunks that no open file pins are evicted first. Runs
-on the trio thread; file writes go to worker threads.
+path and file that holds the same bytes. Their bytes count toward the
+store's one quota, with the materialised paths': LocalStore evicts the least
+recently used of both (:meth:`ChunkCache.victims`), never a chunk that an
+open file pins. Runs on the trio thread; file writes go to worker threads.
 
 :class:`Copies` remembers where the chunks of the indexes seen sit in their
 files, so that a chunk the cache no longer has (or never had: its path came
@@ -21,6 +22,7 @@ import hashlib
 import logging
 import os
 import secrets
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -91,12 +93,13 @@ def _targets(index: FileIndex) -> dict[tuple[str, ...], str]:
 
 
 class ChunkCache:
-    def __init__(self, directory: Path, limit: int | None = None) -> None:
+    def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.limit = limit
         self.bytes = 0
         self.evictions = 0
-        self._sizes: OrderedDict[bytes, int] = OrderedDict()  # least recently used first
+        # sha256 -> (size, last used as time.time(), as paths' last_used),
+        # least recently used first
+        self._sizes: OrderedDict[bytes, tuple[int, float]] = OrderedDict()
         self._pins: Counter[bytes] = Counter()
 
     def prepare(self) -> None:
@@ -110,8 +113,8 @@ class ChunkCache:
                 continue
             stat = entry.stat(follow_symlinks=False)
             found.append((stat.st_mtime, digest, stat.st_size))
-        for _, digest, size in sorted(found):
-            self._sizes[digest] = size
+        for used, digest, size in sorted(found):
+            self._sizes[digest] = (size, used)
             self.bytes += size
 
     def has(self, digest: bytes) -> bool:
@@ -133,18 +136,20 @@ class ChunkCache:
             data = os.pread(fd, size, offset)
         finally:
             os.close(fd)
-        self._sizes.move_to_end(digest)
+        if digest in self._sizes:  # not dropped meanwhile
+            self._sizes[digest] = (self._sizes[digest][0], time.time())
+            self._sizes.move_to_end(digest)
         return data
 
     async def put(self, digest: bytes, data: bytes) -> None:
-        """Keep verified chunk *data* (OSError if the directory cannot take it)."""
+        """Keep verified chunk *data* (OSError if the directory cannot take it);
+        the store enforces the quota after."""
         if digest in self._sizes:
             return
         await trio.to_thread.run_sync(self._write, digest, data)
         if digest not in self._sizes:
-            self._sizes[digest] = len(data)
+            self._sizes[digest] = (len(data), time.time())
             self.bytes += len(data)
-        await self._enforce()
 
     def _write(self, digest: bytes, data: bytes) -> None:
         tmp = self.directory / f".{digest.hex()}.{secrets.token_hex(4)}"
@@ -162,26 +167,29 @@ class ChunkCache:
         self._pins.subtract(digests)
         self._pins += Counter()  # drops the counts that reached zero
 
-    async def _enforce(self) -> None:
-        if self.limit is None or self.bytes <= self.limit:
-            return
-        victims = []
-        for digest, size in self._sizes.items():
-            if self.bytes <= self.limit:
+    def victims(self, excess: int, before: float | None = None) -> list[bytes]:
+        """Least recently used chunks no open file pins, of at least *excess*
+        bytes together (fewer if there are not so many), each last used
+        before *before* when given (the oldest path that could go instead)."""
+        found, total = [], 0
+        for digest, (size, used) in self._sizes.items():
+            if total >= excess or (before is not None and used >= before):
                 break
             if self._pins[digest] <= 0:
-                victims.append(digest)
-                self.bytes -= size
-        for digest in victims:
-            del self._sizes[digest]
-        self.evictions += len(victims)
-        await trio.to_thread.run_sync(_remove, [self.path(d) for d in victims])
-        if self.bytes > self.limit:
-            log.info("chunk cache holds %d bytes over its limit of %d: the rest is in use",
-                     self.bytes, self.limit)
+                found.append(digest)
+                total += size
+        return found
+
+    async def drop(self, digests: list[bytes]) -> None:
+        """Evict *digests* (from :meth:`victims`)."""
+        gone = [d for d in digests if d in self._sizes]
+        for digest in gone:
+            self._forget(digest)
+        self.evictions += len(gone)
+        await trio.to_thread.run_sync(_remove, [self.path(d) for d in gone])
 
     def _forget(self, digest: bytes) -> None:
-        self.bytes -= self._sizes.pop(digest, 0)
+        self.bytes -= self._sizes.pop(digest, (0, 0.0))[0]
 
 
 @dataclass(frozen=True, slots=True)
