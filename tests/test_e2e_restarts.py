@@ -259,3 +259,25 @@ def test_a_restart_during_a_containers_view_creation_leaves_it_correct(
     made = set(st.daemon.status()["views"]) - views
     assert len(made) == 1 and made.pop().endswith(".data"), st.logs()
     reads_right(st, name, top)
+
+
+def test_the_snapshotter_starts_while_the_daemon_is_down(st: Stack) -> None:
+    # Its start re-makes the views of committed nix layers; a daemon away then
+    # is not waited for (a view call would wait a minute for a restarting one):
+    # the views are made when a container needs them.
+    image = imported(st, st.wide, "wide-loop")
+    st.stop_snapshotter()
+    st.daemon.stop()
+    log = (st.base / "snapshotter.log").read_text()
+    try:
+        st.start_snapshotter()  # READY=1 within snapshotter_process's 30 s
+    finally:
+        st.daemon.start()
+    started = (st.base / "snapshotter.log").read_text()[len(log):]
+    assert "will retry when a container needs it" in started
+    deadline = time.monotonic() + 60  # containerd reconnects with its own backoff
+    while st.ctd.ctr("snapshots", "--snapshotter", SN, "ls", check=False).returncode != 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    wide = f"{st.wide}/bin/wide"
+    assert run(st, image, wide) == "wide ready\n"
