@@ -187,8 +187,9 @@ class Operations(pyfuse3.Operations):
             setattr(st, name, value)
         return st
 
+    @mapped
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
-        value = self.vfs.overlay_xattr(inode, name)
+        value = await self.vfs.overlay_xattr(inode, name)
         if value is None:
             raise pyfuse3.FUSEError(errno.ENODATA)
         return value

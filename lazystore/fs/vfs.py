@@ -443,15 +443,19 @@ class Vfs:
 
     # -- overlay data redirects --------------------------------------------
 
-    def overlay_xattr(self, ino: int, name: bytes) -> bytes | None:
+    async def overlay_xattr(self, ino: int, name: bytes) -> bytes | None:
         """``trusted.overlay.metacopy``/``redirect`` of a regular file whose path
         is materialised: an overlay with ``<cache>/store`` as a data-only lower
         layer then reads its data there (one page cache, no FUSE), and the file
-        through FUSE otherwise. Only overlay (as root) reads these names."""
+        through FUSE otherwise. Only overlay (as root) reads these names.
+        An inode the kernel holds from an earlier daemon is found again first:
+        overlay asks metacopy, then redirect, and across a restart the two
+        questions may reach two daemons; saying "none" to the second is EIO
+        for the file ("metacopy with no lower data found")."""
         if name not in (METACOPY, REDIRECT):
             return None
-        inode = self.inodes.get(ino)
-        if inode is None or inode.kind != "store" or inode.space != REDIRECTING:
+        inode = await self._inode(ino)
+        if inode.kind != "store" or inode.space != REDIRECTING:
             return None
         rec = self.store.records.get(inode.base)
         if rec is None or not rec.materialized or not rec.tree_verified or rec.tree is None:

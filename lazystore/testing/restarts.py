@@ -342,15 +342,17 @@ def restart_rounds(
 ) -> RoundsRun:
     """Start *loop* on round 0, then for each further round: it reads the files of
     that round's store paths (*rounds*: base names, none fetched yet), of the
-    round before and *always*; once it began the round, the daemon is stopped
-    (SIGTERM, odd rounds) or killed (SIGKILL, even rounds) at a random moment
-    of it and started again; then a whole pass of the round on the new daemon
-    and some reads of *reader*, and *evictable* evicted (read, so fetched, again)."""
+    round before, of round 0 (which the caller may have fetched before: a
+    container reads those through overlay's data-only layer) and *always*;
+    once it began the round, the daemon is stopped (SIGTERM, odd rounds) or
+    killed (SIGKILL, even rounds) at a random moment of it and started again;
+    then a whole pass of the round on the new daemon and some reads of
+    *reader*, and *evictable* evicted (read, so fetched, again)."""
     rng = random.Random(seed)
     out = RoundsRun()
 
     def files(i: int) -> list[str]:
-        bases = rounds[i] + (rounds[i - 1] if i else [])
+        bases = sorted({*rounds[0], *rounds[max(i - 1, 0)], *rounds[i]})
         return [*always, *(f"/nix/store/{rel}" for rel in sorted(store_files(bases)))]
 
     loop.start(files(0))
