@@ -375,6 +375,42 @@ async def test_references_file_indexes_are_learnt_ahead_of_their_first_read(
             assert f"/{ref[:32]}.ls" not in server.requests  # the index has the tree
 
 
+async def test_a_big_index_learnt_ahead_is_only_its_start_until_its_first_read(
+        indexed: nixcache.BinaryCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+        ) -> None:
+    monkeypatch.setattr("lazystore.store.cache.INDEX_AHEAD", 300)
+    top, docs = Path(indexed.top).name, base_of(indexed, "docs")
+    name = f"/{docs[:32]}.lzindex"
+    size = (indexed.root / name[1:]).stat().st_size
+    assert size > 300
+    with served(indexed) as server:
+        async with store_over(server.url, indexed.key.public_key, tmp_path) as store:
+            await store.lookup(top)
+            with trio.fail_after(30):  # the references learnt in the background
+                while name not in server.requests:
+                    await trio.sleep(0.01)
+            assert server.range_requests.count(name) == 1  # its first 300 bytes only
+            assert await read(store, docs, MANUAL, 5, 10) == real(indexed, docs, MANUAL)[5:15]
+            assert (await store.file_index(docs)) is not None
+        assert server.requests.count(name) == server.range_requests.count(name) == 2  # the rest
+
+
+async def test_an_index_start_asked_of_a_server_that_ignores_range_is_the_whole_index(
+        indexed: nixcache.BinaryCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+        ) -> None:
+    monkeypatch.setattr("lazystore.store.cache.INDEX_AHEAD", 300)
+    top, docs = Path(indexed.top).name, base_of(indexed, "docs")
+    name = f"/{docs[:32]}.lzindex"
+    with served(indexed, ranges=False) as server:
+        async with store_over(server.url, indexed.key.public_key, tmp_path) as store:
+            await store.lookup(top)
+            with trio.fail_after(30):
+                while docs not in store._indexed:  # the 200's whole index, taken
+                    await trio.sleep(0.01)
+            assert store.records[docs].tree is not None  # from that index
+        assert server.requests.count(name) == 1
+
+
 # --- hostile indexes, data and servers -------------------------------------------
 
 

@@ -73,6 +73,9 @@ BACKGROUND_FETCH_PARALLEL = 2  # a view's other paths after its profile (--backg
 # A path with more references than this is an aggregate (a closure of hundreds
 # of paths of which a program reads a few): its references are not learnt ahead.
 REFERENCES_AHEAD = 32
+# Bytes of a file index learnt ahead of use (references, views): a bigger one
+# (a path of thousands of files, maybe never read) is finished at its first use.
+INDEX_AHEAD = 64 << 10
 
 
 class PathNotFound(StoreError):
@@ -88,6 +91,7 @@ class SubstituterAPI(Protocol):
 
     async def query(self, path: StorePath) -> NarInfo | None: ...
     def expect_index(self, path: StorePath) -> None: ...
+    async def index_ahead(self, info: NarInfo, limit: int) -> bool: ...
     async def listing(self, what: NarInfo) -> dict[str, Any] | None: ...
     async def fetch(self, what: NarInfo, open_sink: OpenSink) -> NarInfo: ...
     async def closure(self, paths: list[StorePath]) -> list[NarInfo]: ...
@@ -349,9 +353,10 @@ class LocalStore:
         assert rec.tree is not None
         return rec.tree
 
-    async def _learn_tree(self, base: str, rec: Record) -> None:
-        """*base*'s tree from its signed file index, else its listing (no NAR)."""
-        indexed = await self.file_index(base)
+    async def _learn_tree(self, base: str, rec: Record, index: bool = True) -> None:
+        """*base*'s tree from its signed file index (with *index*), else its
+        listing (no NAR)."""
+        indexed = await self.file_index(base) if index else None
         if indexed is not None and rec.tree is None:
             builder = tree.TreeBuilder(f"the file index of {base}")
             builder.add(indexed.index.events())
@@ -874,11 +879,20 @@ class LocalStore:
         return True
 
     async def _hint(self, base: str) -> None:
-        rec = await self.require(base)
+        """Learn *base*'s narinfo, then its file index (if small: see
+        INDEX_AHEAD; the tree from it) or listing, so that a first read
+        waits for neither."""
+        rec = await self.require(base, index=False)
+        whole = False
+        if not rec.materialized and base not in self._indexed:
+            try:
+                whole = await self.subs.index_ahead(await self._narinfo(base), INDEX_AHEAD)
+            except LazystoreError as exc:  # the reader asks again, and sees it
+                log.info("learning the file index of %s ahead: %s", base, exc)
         if rec.tree is None:
-            await self._learn_tree(base, rec)
-        else:  # the tree is known: the index still, so a first read need not wait for it
-            await self.file_index(base)
+            await self._learn_tree(base, rec, index=whole)
+        elif whole:
+            await self.file_index(base)  # no request: its bytes are here
 
     async def read_small_file(self, base: str, rel: str, limit: int = 64 << 20) -> bytes:
         """Contents of file *rel* inside store path *base* (fetched if needed)."""

@@ -52,6 +52,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 INDEXES_AHEAD_BYTES = 16 << 20  # file indexes asked ahead and not taken yet, per cache
+# An index asked ahead: the file, None (absent), or its start and whole size.
+IndexAhead = bytes | None | tuple[bytes, int]
+
+
+def _ahead_size(ahead: IndexAhead) -> int:
+    return 1 + (len(ahead[0]) if isinstance(ahead, tuple) else len(ahead or b""))
 
 
 @dataclass
@@ -122,10 +128,10 @@ class _Cache:
         self.loaded = False
         self.retry_at: float | None = None  # when to read nix-cache-info again
         self.file_indexes: bool | None = None  # offers file indexes (None: not asked yet)
-        # File indexes asked ahead of Substituters.file_index (expect_index),
-        # by name, until it takes them (None: the cache had none).
-        self.indexes_ahead: cachetools.LRUCache[str, bytes | None] = cachetools.LRUCache(
-            INDEXES_AHEAD_BYTES, getsizeof=lambda data: len(data or b"") + 1)
+        # File indexes asked ahead of Substituters.file_index (expect_index,
+        # index_ahead), by name, until it takes them (None: the cache had none).
+        self.indexes_ahead: cachetools.LRUCache[str, IndexAhead] = cachetools.LRUCache(
+            INDEXES_AHEAD_BYTES, getsizeof=_ahead_size)
         size = config.narinfo_cache_size
         self.positive: cachetools.TTLCache[str, NarInfo] = cachetools.TTLCache(
             size, config.positive_ttl, timer=trio_time)
@@ -429,11 +435,7 @@ class Substituters:
         if not await self._offers_indexes(cache):
             return None
         name = f"{info.path.hash_part}{fileindex.SUFFIX}"
-        if name in cache.indexes_ahead:
-            data = cache.indexes_ahead.pop(name)
-        else:  # or join the request asked ahead, still under way
-            data = await self._index_bytes(cache, name)
-            cache.indexes_ahead.pop(name, None)
+        data = await self._index_file(cache, name)
         if data is None:
             return None
         try:  # a large index takes a while to check: not on the trio thread
@@ -453,6 +455,35 @@ class Substituters:
         assert self._nursery is not None, "Substituters used outside its context"
         self._nursery.start_soon(self._index_ahead, f"{path.hash_part}{fileindex.SUFFIX}")
 
+    async def index_ahead(self, info: NarInfo, limit: int) -> bool:
+        """Learn the file index of *info* (a narinfo this client returned)
+        ahead of use, at most its first *limit* bytes (a big index of a path
+        that may never be read costs the link little); :meth:`file_index`
+        asks for the rest. Whether it needs no request now (the whole index
+        is here, or there is none)."""
+        found = self._offered(info)
+        if found is None or not await self._offers_indexes(found[0]):
+            return True
+        ahead = await self._index_bytes(found[0], f"{info.path.hash_part}{fileindex.SUFFIX}",
+                                        limit)
+        return not isinstance(ahead, tuple)
+
+    async def _index_file(self, cache: _Cache, name: str) -> bytes | None:
+        """*cache*'s index *name*: as asked ahead (only its start: the rest
+        now), else asked now or joining the request asked ahead."""
+        if name in cache.indexes_ahead:
+            ahead = cache.indexes_ahead.pop(name)
+        else:
+            ahead = await self._index_bytes(cache, name)
+            cache.indexes_ahead.pop(name, None)
+        if not isinstance(ahead, tuple):
+            return ahead
+        start, size = ahead
+        rest = await self._retry(
+            lambda: cache.transport.get_range(name, len(start), size - len(start)),
+            f"{cache.url}/{name}")
+        return start + rest
+
     async def _index_ahead(self, name: str) -> None:
         try:
             for cache in await self.substituters():
@@ -462,16 +493,24 @@ class Substituters:
         except SubstituterError as exc:  # file_index asks again, and reports it
             log.debug("%s asked ahead: %s", name, exc)
 
-    async def _index_bytes(self, cache: _Cache, name: str) -> bytes | None:
-        """*cache*'s file *name* (one request for concurrent askers), also kept
-        in ``indexes_ahead`` for an asker that comes after it arrived."""
-        async def get() -> bytes | None:
-            data = await self._retry(lambda: cache.transport.get(name), f"{cache.url}/{name}")
+    async def _index_bytes(self, cache: _Cache, name: str, limit: int | None = None
+                           ) -> IndexAhead:
+        """*cache*'s file *name* (only its first *limit* bytes and its size if
+        larger; one request for concurrent askers, whoever asked first says
+        which), also kept in ``indexes_ahead`` for an asker that comes after."""
+        async def get() -> IndexAhead:
+            what = f"{cache.url}/{name}"
+            data: IndexAhead
+            if limit is None:
+                data = await self._retry(lambda: cache.transport.get(name), what)
+            else:
+                got = await self._retry(lambda: cache.transport.get_prefix(name, limit), what)
+                data = got if got is None or got[1] > len(got[0]) else got[0]
             cache.indexes_ahead[name] = data
             return data
 
         assert self._requests is not None, "Substituters used outside its context"
-        data: bytes | None = await self._requests.run((cache.url, name), get)
+        data: IndexAhead = await self._requests.run((cache.url, name), get)
         return data
 
     def _checked_index(self, data: bytes, info: NarInfo) -> FileIndex:

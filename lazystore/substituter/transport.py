@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import re
 import ssl
 import urllib.parse
 from collections import deque
@@ -56,6 +57,7 @@ HTTPX_ENCODINGS = frozenset({"identity", "gzip", "deflate", "br", "zstd"})
 # Accept-Encoding; small documents may be compressed on the way. Whatever
 # Content-Encoding still arrives is undone before any check (NixOS/nix #10275).
 DOCUMENT_ACCEPT_ENCODING = "gzip, deflate, br, zstd"
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 NAR_ACCEPT_ENCODING = "identity"
 
 
@@ -76,6 +78,10 @@ class Transport(Protocol):
     async def get_range(self, name: str, offset: int, length: int) -> bytes:
         """Exactly bytes [offset, offset+length) of *name*; RangeError if the
         server does not honour the range (NotFoundError if absent)."""
+
+    async def get_prefix(self, name: str, length: int) -> tuple[bytes, int] | None:
+        """The first bytes of *name* (at most *length*, or all of it from a
+        server that ignores Range) and its whole size; None when absent."""
 
 
 def make_client(
@@ -236,6 +242,30 @@ class HttpTransport:
             raise RangeError(f"{url}: a Range reply of {len(body)} bytes, not {length}")
         return bytes(body)
 
+    async def get_prefix(self, name: str, length: int) -> tuple[bytes, int] | None:
+        url = self._url(name)
+        async with self._open(url, NAR_ACCEPT_ENCODING, {"Range": f"bytes=0-{length - 1}"}
+                              ) as response:
+            if response.status_code in NOT_FOUND_STATUSES:
+                return None
+            if response.status_code == 416:  # an empty file
+                return b"", 0
+            _check_status(response, url)
+            _check_stream_encoding(response, url)
+            body = bytearray()
+            reader = _HttpReader(response, url, self._stall)
+            while chunk := await reader.read():
+                body += chunk
+                if len(body) > MAX_DOCUMENT:
+                    raise RequestError(f"{url}: larger than {MAX_DOCUMENT} bytes")
+            if response.status_code != 206:  # the whole file
+                return bytes(body), len(body)
+            got = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", ""))
+            if got is None or int(got[1]) != 0 or int(got[2]) != len(body) - 1 \
+                    or len(body) > length or int(got[3]) < len(body):
+                raise RangeError(f"{url}: a Range reply that is not the start asked for")
+            return bytes(body), int(got[3])
+
     @asynccontextmanager
     async def _open(self, url: str, accept_encoding: str, extra: dict[str, str] | None = None
                     ) -> AsyncIterator[httpx.Response]:
@@ -369,6 +399,10 @@ class FileTransport:
         async with f:
             yield _FileReader(f, path)
 
+
+    async def get_prefix(self, name: str, length: int) -> tuple[bytes, int] | None:
+        data = await self.get(name)  # local: no link to spare, the whole of it
+        return None if data is None else (data, len(data))
 
     async def get_range(self, name: str, offset: int, length: int) -> bytes:
         path = self._path(name)
