@@ -27,6 +27,7 @@ from lazystore.testing import nixcache, registry
 from lazystore.testing.containerd import Containerd
 from lazystore.testing.daemon import Daemon
 from lazystore.testing.httpserver import serve_directory
+from lazystore.testing.ocilayout import oci_archive, placeholder_layer
 from lazystore.testing.restarts import ContainerLoop, Reader, restart_rounds, store_files
 from lazystore.testing.supervisor import Supervisor
 from tests.test_e2e_containers import (
@@ -38,8 +39,6 @@ from tests.test_e2e_containers import (
     closure_bases,
     lazystore,
     named,
-    oci_archive,
-    placeholder_layer,
     run,
 )
 
