@@ -264,19 +264,19 @@ def test_a_restart_during_a_containers_view_creation_leaves_it_correct(
 
 
 def test_the_snapshotter_starts_while_the_daemon_is_down(st: Stack) -> None:
-    # Its start re-makes the views of committed nix layers; a daemon away then
-    # is not waited for (a view call would wait a minute for a restarting one):
-    # the views are made when a container needs them.
+    # It serves at once and makes the views of committed nix layers again
+    # meanwhile, waiting for a daemon that is away (as for a restarting one);
+    # a container started once the daemon is back runs.
     image = imported(st, st.wide, "wide-loop")
     st.stop_snapshotter()
     st.daemon.stop()
     log = (st.base / "snapshotter.log").read_text()
     try:
         st.start_snapshotter()  # READY=1 within snapshotter_process's 30 s
+        started = (st.base / "snapshotter.log").read_text()[len(log):]
     finally:
         st.daemon.start()
-    started = (st.base / "snapshotter.log").read_text()[len(log):]
-    assert "will retry when a container needs it" in started
+    assert "view_create again for up to 60 s" in started
     deadline = time.monotonic() + 60  # containerd reconnects with its own backoff
     while st.ctd.ctr("snapshots", "--snapshotter", SN, "ls", check=False).returncode != 0:
         assert time.monotonic() < deadline

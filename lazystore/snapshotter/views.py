@@ -75,8 +75,6 @@ class DaemonViews:
         self.timeout = timeout
         self._slots = asyncio.Semaphore(MAX_CALLS)
         self._data_dir: str | None = None
-        # how long a call waits for a daemon that is away
-        self.restart_wait = RESTART_WAIT
 
     def close(self) -> None:
         """Nothing to wait for: a call still waiting for the daemon ends with
@@ -113,7 +111,7 @@ class DaemonViews:
         await self._call("view_remove", {"id": view_id}, wait=0.0)
 
     async def _call(self, op: str, args: dict[str, object], wait: float | None = None) -> object:
-        wait = self.restart_wait if wait is None else wait
+        wait = RESTART_WAIT if wait is None else wait
         deadline = time.monotonic() + wait
         attempt = 0
         while True:
