@@ -4,6 +4,12 @@ listing and NAR was asked and arrived and when each file was first read, as
 a plot (one row per store path) and a summary of where the time went.
 
     .venv/bin/python -m bench.timeline RESULTS.json [--profile 100mbit] [--out PNG]
+
+``--requests`` prints instead, one line each in time order, the requests
+that crossed the shaping proxy (``link_log``: arrival time, target and Range)
+among the daemon's events (first reads of files, narinfos, NARs), and a count
+of the requests by kind: where a cold start with file indexes waits on round
+trips.
 """
 
 from __future__ import annotations
@@ -43,6 +49,22 @@ def summary(events: list[dict[str, Any]], first_output: float) -> dict[str, floa
         waited[key] += step
         t += step
     return {k: round(v, 3) for k, v in waited.items()}
+
+
+def requests(run: dict[str, Any]) -> list[str]:
+    """The run's proxy requests among its events, one line each, in time order,
+    then the count of requests by kind (narinfo, lzindex, lzdata, nar, ...)."""
+    rows = [(e["time"], f"{e['kind']:<12} {e['path'][:32]} {e['file']}".rstrip())
+            for e in run.get("timeline", [])]
+    kinds: dict[str, int] = {}
+    for at, line in run.get("link_log", []):
+        target = line.split()[1]
+        kind = "lzdata" if target.startswith("/lzdata/") else "nar" if target.startswith(
+            "/nar/") else target.rsplit(".", 1)[-1] if "." in target else target.strip("/")
+        kinds[kind] = kinds.get(kind, 0) + 1
+        rows.append((at, f"  -> {line}"))
+    out = [f"{at:8.3f}  {text}" for at, text in sorted(rows)]
+    return out + ["requests: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items()))]
 
 
 def plot(events: list[dict[str, Any]], first_output: float, title: str, dest: Path) -> None:
@@ -85,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workload", default=None)
     p.add_argument("--mode", default="lazystore-fuse", help="lazystore-fuse or -fuse-profile")
     p.add_argument("--out", type=Path, help="PNG to write (default: RESULTS-timeline-PROFILE.png)")
+    p.add_argument("--requests", action="store_true",
+                   help="print the proxy's requests among the events instead of plotting")
+    p.add_argument("--rep", type=int, default=0, help="which repetition (default the first)")
     args = p.parse_args(argv)
     result = json.loads(args.results.read_text())
     runs = [r for r in result["runs"] if r.get("mode") == args.mode
@@ -92,8 +117,12 @@ def main(argv: list[str] | None = None) -> int:
             and (args.workload is None or r.get("workload") == args.workload)]
     if not runs:
         raise SystemExit(f"bench.timeline: no {args.mode} run with a time line there")
-    run = runs[0]
+    run = next((r for r in runs if r.get("rep") == args.rep), runs[0])
     first = run["time_to_first_output"]
+    if args.requests:
+        print("\n".join([f"{run['workload']}, {args.profile}, {args.mode}, rep {run.get('rep')}:"
+                         f" first output {first:.3f} s", *requests(run)]))
+        return 0
     dest = args.out or args.results.with_name(
         f"{args.results.stem}-timeline-{args.mode}-{args.profile}.png")
     title = (f"{run['workload']}, {args.profile}: {args.mode} cold start "

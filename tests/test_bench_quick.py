@@ -138,3 +138,15 @@ def test_proxy_counts_what_crosses_it(tmp_path: Path) -> None:
     assert stats.targets("/nar/") == ["/nar/x.nar.zst"]
     assert len(payload) < stats.bytes_down < len(payload) + 1000  # body + headers
     assert stats.connections == 1 and stats.bytes_up > 0
+
+
+def test_timeline_requests_interleave_the_link_log_with_the_events() -> None:
+    from bench import timeline
+
+    run = {"timeline": [{"time": 0.2, "kind": "read", "path": "abc-python3", "file": "bin/py"}],
+           "link_log": [[0.1, "GET /abc.narinfo"], [0.25, "GET /lzdata/abc.lzdata bytes=0-9"],
+                        [0.05, "GET /nix-cache-info"]]}
+    lines = timeline.requests(run)
+    assert [line.split()[0] for line in lines[:-1]] == ["0.050", "0.100", "0.200", "0.250"]
+    assert "-> GET /lzdata/abc.lzdata bytes=0-9" in lines[3]
+    assert lines[-1] == "requests: lzdata 1, narinfo 1, nix-cache-info 1"
