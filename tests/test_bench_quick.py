@@ -150,3 +150,19 @@ def test_timeline_requests_interleave_the_link_log_with_the_events() -> None:
     assert [line.split()[0] for line in lines[:-1]] == ["0.050", "0.100", "0.200", "0.250"]
     assert "-> GET /lzdata/abc.lzdata bytes=0-9" in lines[3]
     assert lines[-1] == "requests: lzdata 1, narinfo 1, nix-cache-info 1"
+
+
+def test_file_index_targets_from_the_runs_chunk_bytes() -> None:
+    def run(mode: str, t: float, nbytes: int, read: int | None) -> dict[str, Any]:
+        return {"workload": "python", "profile": "100mbit", "compression": "zstd", "mode": mode,
+                "rep": 0, "status": "ok", "time_to_first_output": t, "bytes": nbytes,
+                "store_paths_fetched": 1, "daemon_chunk_bytes_read": read}
+
+    runs = [run("nix-eager", 10.0, 1000, None), run("lazystore-fuse", 0.4, 120, 100)]
+    summary, ratios = report.summarize(runs), report.ratios(runs)
+    got = {t["target"]: (t["reached"], round(t["value"], 3)) for t in
+           report.targets(summary, ratios) if t["target"].startswith("lazystore-fuse")}
+    assert got["lazystore-fuse with file indexes <= 0.05x nix-eager (python, 100mbit, time to "
+               "first output)"] == (True, 0.04)
+    assert got["lazystore-fuse: bytes through the link <= 1.3x compressed bytes of the chunks "
+               "reads used (python, 100mbit)"] == (True, 1.2)
