@@ -152,13 +152,13 @@ def python_runs(wl: workloads.Workload, cache: Path, key: nixcache.KeyPair, work
     }
 
 
-def last_chunk_first_byte(mib: int, key: nixcache.KeyPair, work: Path, runs: int
-                          ) -> dict[str, Any]:
+def last_chunk_first_byte(mib: int, key: nixcache.KeyPair, work: Path, runs: int,
+                          chunk_size: str = "1MiB") -> dict[str, Any]:
     expr = work / "big.nix"
     expr.write_text(BIG_NIX)
     top = nixcache.build(expr, mib=str(mib))
     cache = work / "big-cache"
-    costs = write_cache(top, cache, key)
+    costs = write_cache(top, cache, key, chunk_size)
     shutil.rmtree(f"{cache}-plain")
     base = Path(top).name
     size = mib << 20
@@ -182,7 +182,8 @@ def last_chunk_first_byte(mib: int, key: nixcache.KeyPair, work: Path, runs: int
                     status = daemon.status()
                     assert status["nars_fetched"] == 0
                 shutil.rmtree(root, ignore_errors=True)
-    return {"file_mib": mib, "seconds": seconds, "median": median(seconds),
+    return {"file_mib": mib, "chunk_size": chunk_size, "seconds": seconds,
+            "median": median(seconds),
             "chunk_bytes_last_run": status["chunk_bytes"], **costs}
 
 
@@ -196,6 +197,7 @@ def main() -> int:
     parser.add_argument("--index-runs", type=int, default=3,
                         help="nix copy + cache index pairs of the python closure (default 3)")
     parser.add_argument("--chunk-size", default="1MiB", help="of the python cache's index")
+    parser.add_argument("--big-chunk-size", default="1MiB", help="of the large file's index")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     key = workloads.bench_key()
@@ -211,7 +213,7 @@ def main() -> int:
         if not args.skip_big:
             mib = 64 if args.quick else args.big_mib
             result["last_chunk_first_byte_100mbit"] = last_chunk_first_byte(
-                mib, key, work, args.runs)
+                mib, key, work, args.runs, args.big_chunk_size)
     result["uptime_after"] = _uptime()
     text = json.dumps(result, indent=2)
     print(text)
