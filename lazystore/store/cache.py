@@ -463,7 +463,7 @@ class LocalStore:
                       for c, p in zip(wanted, pieces, strict=True)]
         missing = [c for c, piece in zip(wanted, pieces, strict=True) if piece is None]
         ahead_of_us = {self._ahead[c.sha256] for c in missing if c.sha256 in self._ahead}
-        if ahead_of_us:  # a profile's prefetch is fetching them: wait, not fetch twice
+        if ahead_of_us:  # another read or a prefetch is fetching them: wait, not fetch twice
             for arrived in ahead_of_us:
                 await arrived.wait()
             pieces = [p if p is not None else self.chunks.read(c.sha256, *_span(c, offset, end))
@@ -471,15 +471,34 @@ class LocalStore:
             missing = [c for c, piece in zip(wanted, pieces, strict=True) if piece is None]
         if missing:
             ahead = [c for c in indexed.following(missing[-1], self.read_ahead)
-                     if not self.chunks.has(c.sha256) and self._copy_path(c) is None]
-            fetched = await self._single(
-                "chunks", f"{base}@{','.join(str(c.offset) for c in missing)}",
-                lambda: self._fetch_chunks(base, indexed, missing + ahead))
+                     if not self.chunks.has(c.sha256) and c.sha256 not in self._ahead
+                     and self._copy_path(c) is None]
+            fetched = await self._fetch_once(base, indexed, missing, ahead)
             if fetched is None:
                 return None
             pieces = [p if p is not None else _cut(fetched[c], c, offset, end)
                       for c, p in zip(wanted, pieces, strict=True)]
         return b"".join(pieces)  # type: ignore[arg-type]
+
+    async def _fetch_once(self, base: str, indexed: IndexedPath, missing: list[Chunk],
+                        ahead: list[Chunk]) -> dict[Chunk, bytes] | None:
+        """Fetch *missing* and *ahead* (a read's), each marked as under way in
+        ``_ahead`` until then, so that concurrent reads (the kernel reads a
+        file in several requests at once) wait for it instead of fetching it
+        again."""
+        arrived = trio.Event()
+        mine = [c for c in missing + ahead if c.sha256 not in self._ahead]
+        self._ahead.update((c.sha256, arrived) for c in mine)
+        try:
+            fetched: dict[Chunk, bytes] | None = await self._single(
+                "chunks", f"{base}@{','.join(str(c.offset) for c in missing)}",
+                lambda: self._fetch_chunks(base, indexed, missing + ahead))
+        finally:
+            for chunk in mine:
+                if self._ahead.get(chunk.sha256) is arrived:
+                    del self._ahead[chunk.sha256]
+            arrived.set()
+        return fetched
 
     def _copy_path(self, chunk: Chunk) -> tuple[Path, int, bool] | None:
         """(file, offset of *chunk* in it, checked) in a materialised path

@@ -119,6 +119,8 @@ http {{
     default_type application/octet-stream;
     log_format lazystore '$request_uri $status $upstream_cache_status '
                          '$body_bytes_sent enc=$sent_http_content_encoding';
+    log_format lazystore_static '$request_uri $status $body_bytes_sent '
+                                'range=$http_range enc=$sent_http_content_encoding';
     access_log {logs}/access.log lazystore;
     client_body_temp_path {work}/client_temp;
     proxy_temp_path {work}/proxy_temp;
@@ -126,7 +128,15 @@ http {{
     uwsgi_temp_path {work}/uwsgi_temp;
     scgi_temp_path {work}/scgi_temp;
     {extra}
-    include {work}/lazystore-cache.conf;
+    include {work}/{server};
+}}
+"""
+
+# A binary cache folder served as static files (nginx honours Range on them).
+NGINX_STATIC = """server {{
+    listen {listen};
+    root {root};
+    access_log {logs}/access.log lazystore_static;
 }}
 """
 
@@ -143,8 +153,33 @@ def nginx(workdir: Path, upstream: str, extra: str = "", workers: int = 1,
     port = port or free_port()
     (workdir / "lazystore-cache.conf").write_text(render(
         NGINX_CONF, LISTEN=f"127.0.0.1:{port}", UPSTREAM=upstream, CACHE_DIR=str(cache)))
+    with _nginx(workdir, "lazystore-cache.conf", port, extra, workers) as proxy:
+        yield proxy
+
+
+@contextmanager
+def nginx_static(workdir: Path, root: Path, extra: str = "") -> Iterator[Proxy]:
+    """nginx serving the folder *root* (a binary cache) as it is, Range
+    honoured; access log lines ``<uri> <status> <body bytes> range=<Range
+    asked> enc=<Content-Encoding>`` (*extra*: into the http block, e.g. ``gzip on``)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    logs = workdir / "logs"
+    logs.mkdir(exist_ok=True)
+    port = free_port()
+    (workdir / "static.conf").write_text(NGINX_STATIC.format(
+        listen=f"127.0.0.1:{port}", root=root, logs=logs))
+    with _nginx(workdir, "static.conf", port, extra) as proxy:
+        yield proxy
+
+
+@contextmanager
+def _nginx(workdir: Path, server: str, port: int, extra: str = "", workers: int = 1
+           ) -> Iterator[Proxy]:
+    """nginx running *workdir*/*server* on *port*, always stopped."""
+    cache, logs = workdir / "cache", workdir / "logs"
     main = workdir / "nginx.conf"
-    main.write_text(NGINX_MAIN.format(work=workdir, logs=logs, extra=extra, workers=workers))
+    main.write_text(NGINX_MAIN.format(work=workdir, logs=logs, extra=extra, workers=workers,
+                                      server=server))
     argv = [_binary("nginx"), "-c", str(main), "-p", str(workdir), "-e", str(logs / "error.log")]
     check = subprocess.run([*argv, "-t"], capture_output=True, text=True)
     if check.returncode != 0:
