@@ -395,6 +395,23 @@ async def test_a_big_index_learnt_ahead_is_only_its_start_until_its_first_read(
         assert server.requests.count(name) == server.range_requests.count(name) == 2  # the rest
 
 
+async def test_a_big_index_start_learnt_ahead_is_asked_once_for_every_view_of_it(
+        indexed: nixcache.BinaryCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+        ) -> None:
+    """A second image's view holding a path whose big index was learnt ahead
+    (and never read) does not ask its start again (a delta pull's bytes)."""
+    monkeypatch.setattr("lazystore.store.cache.INDEX_AHEAD", 300)
+    docs = base_of(indexed, "docs")
+    name = f"/{docs[:32]}.lzindex"
+    with served(indexed) as server:
+        async with store_over(server.url, indexed.key.public_key, tmp_path) as store:
+            for _ in range(3):  # as three views of it learn it ahead
+                await store._hint(docs)
+            assert server.range_requests.count(name) == 1
+            assert await read(store, docs, MANUAL, 5, 10) == real(indexed, docs, MANUAL)[5:15]
+        assert server.requests.count(name) == 2  # its start, then the rest at the read
+
+
 async def test_an_index_start_asked_of_a_server_that_ignores_range_is_the_whole_index(
         indexed: nixcache.BinaryCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         ) -> None:

@@ -464,8 +464,10 @@ class Substituters:
         found = self._offered(info)
         if found is None or not await self._offers_indexes(found[0]):
             return True
-        ahead = await self._index_bytes(found[0], f"{info.path.hash_part}{fileindex.SUFFIX}",
-                                        limit)
+        cache, name = found[0], f"{info.path.hash_part}{fileindex.SUFFIX}"
+        if name in cache.indexes_ahead:  # asked ahead before (another view of the path)
+            return not isinstance(cache.indexes_ahead[name], tuple)
+        ahead = await self._index_bytes(cache, name, limit)
         return not isinstance(ahead, tuple)
 
     async def _index_file(self, cache: _Cache, name: str) -> bytes | None:
