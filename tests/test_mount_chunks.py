@@ -189,7 +189,7 @@ def test_a_second_path_reads_the_chunks_it_shares_with_a_first_from_the_cache(
 @pytest.mark.parametrize("damaged", [False, True])
 def test_chunks_held_only_in_a_materialised_path_are_read_there_and_checked(
         tmp_path: Path, damaged: bool) -> None:
-    """v1 read chunk by chunk, then materialised (a prefetch: its whole NAR),
+    """v1 read chunk by chunk, then materialised (a prefetch: from its chunks),
     and its chunk files gone (as an eviction leaves it): v2's interpreter is
     read from v1's materialised file, each chunk checked against its sha256,
     and nothing of v2's data is requested for it. A materialised file whose
@@ -199,7 +199,9 @@ def test_chunks_held_only_in_a_materialised_path_are_read_there_and_checked(
         with lazystore_mount(tmp_path / "d", server.url, str(cache.secret.public_key)) as daemon:
             assert (daemon.mnt / v1 / "bin" / "python").read_bytes() == interpreter
             daemon.call("prefetch", paths=[f"/nix/store/{v1}"])
-            assert f"/nar/{v1[:32]}.nar" in server.requests
+            # every chunk of v1 is here: assembled from them, not its NAR
+            assert v1 in daemon.status()["paths_materialized"]
+            assert f"/nar/{v1[:32]}.nar" not in server.requests
             for chunk in (daemon.cache / "chunks").iterdir():
                 chunk.unlink()
             copy = daemon.cache / "store" / v1 / "bin" / "python"

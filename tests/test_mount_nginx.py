@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,23 @@ def test_reads_through_the_mount_fetch_only_their_chunks_from_nginx(
         for uri, sent in sizes.items():
             assert sent < (indexed.root / uri[1:]).stat().st_size
         assert all(r[4] == "gzip" for r in indexes)
+
+
+def test_verify_complete_assembles_a_path_read_whole_without_its_nar(
+        tmp_path: Path, indexed: nixcache.BinaryCache) -> None:
+    docs = next(Path(p).name for p in indexed.paths if p.endswith("-docs"))
+    files = fileindex.parse((indexed.root / f"{docs[:32]}.lzindex").read_bytes()).files
+    with proxies.nginx_static(tmp_path / "nginx", indexed.root) as nginx:
+        with lazystore_mount(tmp_path / "d", nginx.url, indexed.key.public_key,
+                             "--verify-complete") as daemon:
+            for entry in files:
+                rel = Path(*(p.decode() for p in entry.path))
+                assert (daemon.mnt / docs / rel).read_bytes() == Path(
+                    "/nix/store", docs, rel).read_bytes()
+            deadline = time.monotonic() + 30
+            while docs not in daemon.status()["paths_materialized"]:
+                assert time.monotonic() < deadline, daemon.log.read_text()[-2000:]
+                time.sleep(0.05)
+            assert (daemon.cache / "store" / docs / "share" / "doc" / "README").is_file()
+            assert "assembled" in daemon.log.read_text()
+    assert not [r for r in log_rows(nginx) if r[0].startswith("/nar/")]

@@ -7,6 +7,8 @@ one warning naming the cache and the path, and serves the right bytes."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -23,6 +25,7 @@ from lazystore.nix import fileindex
 from lazystore.nix.narinfo import NarInfo
 from lazystore.nix.signing import SecretKey
 from lazystore.store.cache import LocalStore
+from lazystore.substituter.chunks import encode
 from lazystore.substituter.client import Substituters
 from lazystore.substituter.config import SubstituterConfig
 from lazystore.testing import nixcache
@@ -426,6 +429,83 @@ async def test_an_index_start_asked_of_a_server_that_ignores_range_is_the_whole_
                     await trio.sleep(0.01)
             assert store.records[docs].tree is not None  # from that index
         assert server.requests.count(name) == 1
+
+
+# --- complete paths: assembled from their chunks, NarHash checked ----------------
+
+
+async def read_all(store: LocalStore, cache: nixcache.BinaryCache, base: str) -> None:
+    for entry in index_of(cache, base).files:
+        rel = tuple(p.decode() for p in entry.path)
+        assert await read(store, base, rel, 0, entry.size + 1) == real(cache, base, rel)
+
+
+async def test_a_complete_path_is_materialised_from_its_chunks_not_its_nar(
+        indexed: nixcache.BinaryCache, tmp_path: Path) -> None:
+    docs = base_of(indexed, "docs")
+    with served(indexed) as server:
+        async with store_over(server.url, indexed.key.public_key, tmp_path) as store:
+            await read_all(store, indexed, docs)
+            assert not store.records[docs].materialized
+            path = await store.materialize(docs)  # e.g. a read that needs the data path
+            assert store.records[docs].materialized and store.records[docs].tree_verified
+            assert (path / "share/doc/manual.txt").read_bytes() == real(indexed, docs, MANUAL)
+            assert [e for e in store.events.since(0, 1000) if e.kind == "assembled"]
+            assert store.subs.stats.nars_fetched == 0  # type: ignore[attr-defined]
+        assert nar_of(indexed, docs) not in server.requests
+
+
+async def test_verify_complete_assembles_a_path_as_its_last_chunk_comes(
+        indexed: nixcache.BinaryCache, tmp_path: Path) -> None:
+    docs = base_of(indexed, "docs")
+    with served(indexed) as server:
+        async with store_over(server.url, indexed.key.public_key, tmp_path,
+                              verify_complete=True) as store:
+            await read_all(store, indexed, docs)
+            with trio.fail_after(30):
+                while not store.records[docs].materialized:
+                    await trio.sleep(0.01)
+            assert (store.data_path(docs) / "share/doc/README").is_file()
+        assert nar_of(indexed, docs) not in server.requests
+
+
+@pytest.mark.allow_log(r"does not match its NarHash; reading .* as a whole NAR instead")
+async def test_a_complete_path_whose_nar_is_not_its_narhash_goes_the_whole_nar_way(
+        indexed: nixcache.BinaryCache, tmp_path: Path, caplog: pytest.LogCaptureFixture
+        ) -> None:
+    # An index signed by the trusted key, each chunk true to its own hash, but
+    # one of them is not the NAR's bytes: only the NAR check can tell.
+    cache = copy_of(indexed, tmp_path / "cache")
+    docs = base_of(cache, "docs")
+    index = index_of(cache, docs)
+    info = NarInfo.parse(cache.narinfo_path(docs).read_text())
+    data = cache.root / index.data
+    genuine = data.read_bytes()
+    fake = b"e" * CHUNK
+    frame = encode(fake)
+    data.write_bytes(genuine + frame)
+    root = json.loads(index.body)["root"]
+    manual = root["entries"]["share"]["entries"]["doc"]["entries"]["manual.txt"]
+    manual["chunks"][0] = [len(genuine), len(frame), hashlib.sha256(fake).hexdigest()]
+    secret = SecretKey.parse(cache.key.secret_file.read_text())
+    cache.narinfo_path(docs).with_suffix(".lzindex").write_bytes(fileindex.write(
+        info, index.chunk_size, index.data, len(genuine) + len(frame), root, secret))
+    with served(cache) as server:
+        async with store_over(server.url, cache.key.public_key, tmp_path / "d",
+                              verify_complete=True) as store:
+            for entry in index_of(cache, docs).files:  # every chunk arrives
+                await read(store, docs, tuple(p.decode() for p in entry.path), 0, entry.size)
+            with trio.fail_after(30):
+                while docs in store._indexed and store._indexed[docs] is not None:
+                    await trio.sleep(0.01)
+            assert not store.records[docs].materialized  # nothing assembled
+            # From now on the whole NAR: the real bytes.
+            assert await read(store, docs, MANUAL, 0, 4) == b"dddd"
+            assert store.records[docs].materialized
+        assert nar_of(cache, docs) in server.requests
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "NarHash" in warnings[0] and docs in warnings[0] and server.url in warnings[0]
 
 
 # --- hostile indexes, data and servers -------------------------------------------

@@ -74,6 +74,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="let other users (containers) read the mount")
     p.add_argument("--background-fetch", action="store_true",
                    help="after a view's profile, fetch the rest of its paths at low priority")
+    p.add_argument("--verify-complete", action="store_true",
+                   help="assemble a path from indexed chunks as soon as all have come, "
+                        "its NAR checked against NarHash (by default only when it is "
+                        "materialised)")
     p.add_argument("--no-binds", dest="bind_finished", action="store_false",
                    help="serve fetched paths through FUSE too (by default each is bound "
                         "read-only over its directory in the mount)")
@@ -140,6 +144,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             metrics_address=args.metrics_address,
             bind_finished=args.bind_finished,
             background_fetch=args.background_fetch,
+            verify_complete=args.verify_complete,
         ))
     except BaseExceptionGroup as group:
         raise first_error(group) from None

@@ -163,6 +163,7 @@ async def run(
     metrics_address: str | None = None,
     bind_finished: bool = True,
     background_fetch: bool = False,
+    verify_complete: bool = False,
 ) -> None:
     """Serve until SIGTERM/SIGINT or an external unmount (with Prometheus
     metrics on *metrics_address* when given)."""
@@ -170,7 +171,8 @@ async def run(
         subs = await stack.enter_async_context(substituters)
         store = await stack.enter_async_context(
             LocalStore(subs, cache_dir, cache_size, store_dir=store_dir,
-                       negative_ttl=subs.config.negative_ttl)  # nix.conf's
+                       negative_ttl=subs.config.negative_ttl,  # nix.conf's
+                       verify_complete=verify_complete)
         )
         daemon = Daemon(
             store, mountpoint, control_socket, store_dir, allow_other, substituter_urls,

@@ -37,7 +37,14 @@ from lazystore.nix.fileindex import Chunk, FileEntry, FileIndex
 from lazystore.nix.narinfo import NarInfo
 from lazystore.nix.storepath import StorePath
 from lazystore.store import index, tree
-from lazystore.store.chunks import ChunkCache, Copies, IndexedPath, read_copy
+from lazystore.store.chunks import (
+    ChunkCache,
+    Copies,
+    Incomplete,
+    IndexedPath,
+    assemble,
+    read_copy,
+)
 from lazystore.store.events import EventLog
 from lazystore.store.index import Record
 from lazystore.store.sink import CacheFullError, StoreSink
@@ -128,6 +135,7 @@ class LocalStore:
         store_dir: str = "/nix/store",
         negative_ttl: float = NEGATIVE_TTL,  # narinfo-cache-negative-ttl
         resolve_references: bool = True,
+        verify_complete: bool = False,
     ) -> None:
         self.subs = substituters
         self.cache_dir = Path(cache_dir)
@@ -137,6 +145,9 @@ class LocalStore:
         # A path looked up is likely followed by its references: their narinfos
         # and listings are asked in the background as soon as its narinfo came.
         self.resolve_references = resolve_references
+        # A path all of whose chunks came is assembled into store/ (its NAR
+        # checked against NarHash) at once, not only when it is materialised.
+        self.verify_complete = verify_complete
         self._background = trio.CapacityLimiter(BACKGROUND_PARALLEL)
         self.data_dir = self.cache_dir / "store"
         self.tmp_dir = self.cache_dir / "tmp"
@@ -548,8 +559,22 @@ class LocalStore:
             log.warning("cannot keep %d of %d chunks of %s in %s: %s", len(failed),
                         len(fetched), base, self.chunks.directory,
                         failed[0].strerror or failed[0])
+        if self.verify_complete and self._complete(base) is not None:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._verify_complete, base)
         await self._enforce_quota()
         return fetched
+
+    async def _verify_complete(self, base: str) -> None:
+        rec = self.records.get(base)
+        if rec is None or rec.materialized or self._fetching(base):
+            return
+        try:  # from the chunks only, never a NAR
+            await self._single("fetch", base, lambda: self._fetch(base, rec, whole=False))
+            if rec.materialized and self.direct is not None:
+                self.direct.materialized(base)
+        except StoreError as exc:
+            log.info("%s is complete, but not materialised: %s", base, exc)
 
     # -- data -------------------------------------------------------------
 
@@ -572,13 +597,17 @@ class LocalStore:
             started = trio.current_time()
             try:
                 await self._single("fetch", base, lambda: self._fetch(base, rec))
+                if not rec.materialized:  # joined an assembly that could not finish
+                    await self._single("fetch", base, lambda: self._fetch(base, rec))
             finally:
                 self.wait_seconds.observe(trio.current_time() - started)
         if self.direct is not None:
             self.direct.materialized(base)
         return self.data_path(base)
 
-    async def _fetch(self, base: str, rec: Record) -> None:
+    async def _fetch(self, base: str, rec: Record, whole: bool = True) -> None:
+        """Materialise *base*: adopted from ``store/``, assembled from its
+        chunks when all are here, else (with *whole*) from its NAR."""
         dest = self.data_path(base)
         if os.path.lexists(dest):  # put there behind the index: adopt it as at start
             try:
@@ -587,7 +616,10 @@ class LocalStore:
                 await trio.to_thread.run_sync(fsio.remove_tree, dest)
                 raise
         else:
-            node, usage = await self._substitute(base)
+            found = await self._assembled(base)
+            if found is None and not whole:
+                return
+            node, usage = found or await self._substitute(base)
         hint = rec.tree if not rec.tree_verified else None
         self._fill(rec, node, usage)
         self._narinfos.pop(base, None)
@@ -597,6 +629,34 @@ class LocalStore:
         log.info("materialised %s (%d bytes on disk)", base, rec.disk_bytes)
         self._changed()
         await self._enforce_quota(keep=base)
+
+    def _complete(self, base: str) -> IndexedPath | None:
+        """*base*'s index when every chunk of it is in the chunk cache."""
+        indexed = self._indexed.get(base)
+        if indexed is None or not all(self.chunks.has(c.sha256) for c in indexed.by_offset):
+            return None
+        return indexed
+
+    async def _assembled(self, base: str) -> tuple[Node, int] | None:
+        """*base* put into ``store/`` from its chunks when every one is here
+        (no NAR fetched), its NAR checked against NarHash on the way; None
+        when it is not complete. A NAR that does not match: one warning, and
+        the path goes the whole-NAR way from then on."""
+        indexed = self._complete(base)
+        if indexed is None:
+            return None
+        sink = StoreSink(base, self.tmp_dir, self.data_dir)
+        try:
+            await trio.to_thread.run_sync(assemble, indexed, self.chunks, sink)
+        except (Incomplete, CacheFullError):  # the whole NAR then (it makes room)
+            return None
+        except VerificationError as exc:
+            self._index_failed(base, exc)
+            return None
+        assert sink.tree is not None
+        self.events.record("assembled", base, size=indexed.info.nar_size)
+        log.info("assembled %s from its chunks (NarHash verified)", base)
+        return sink.tree, sink.disk_bytes
 
     async def _substitute(self, base: str) -> tuple[Node, int]:
         """Fetch *base* into ``store/`` through StoreSinks; its tree and footprint.

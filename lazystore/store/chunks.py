@@ -18,23 +18,25 @@ checked against its sha256, before it is fetched.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import hashlib
 import logging
 import os
 import secrets
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import cachetools
 import trio
 
-from lazystore.nix import listing
+from lazystore.nix import listing, nar
 from lazystore.nix.fileindex import Chunk, FileEntry, FileIndex
 from lazystore.nix.nar import DirEnd, DirStart, Symlink
 from lazystore.nix.narinfo import NarInfo
+from lazystore.substituter.download import NarPipeline, NarSink
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +250,37 @@ def read_copy(path: Path, start: int, chunk: Chunk, at: int, length: int,
                     "fetching the chunk instead", path, chunk.sha256.hex())
         return None
     return whole[at:at + length]
+
+
+class Incomplete(Exception):
+    """A chunk :func:`assemble` needs is no longer in the chunk cache."""
+
+
+def assemble(indexed: IndexedPath, cache: ChunkCache, sink: NarSink) -> None:
+    """Blocking: the NAR of *indexed* rebuilt from its index and the chunk
+    cache's chunks, fed to *sink* through the substituter's verifying
+    pipeline, so *sink* is finished only if it has the narinfo's NarHash and
+    NarSize (VerificationError otherwise; Incomplete if a chunk went)."""
+    info = dataclasses.replace(indexed.info, compression="none", file_size=None,
+                               file_hash=None)
+    origin = getattr(indexed.info, "substituter", "") or "its cache"
+    pipeline = NarPipeline(info, sink, f"the file index and chunks of {origin}")
+
+    def contents(entry: FileEntry) -> Iterator[bytes]:
+        for chunk in entry.chunks:
+            try:
+                data = cache.path(chunk.sha256).read_bytes()
+            except FileNotFoundError:
+                raise Incomplete(chunk.sha256.hex()) from None
+            yield data  # checked when written; the NarHash covers it again
+
+    try:
+        for piece in nar.serialize(indexed.index.nar_events(contents)):
+            pipeline.feed(bytes(piece))
+        pipeline.finish()
+    except BaseException:
+        pipeline.abort()
+        raise
 
 
 def _digest(name: str) -> bytes | None:

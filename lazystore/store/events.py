@@ -26,6 +26,7 @@ KINDS = {
     "nar": "a NAR download starts",
     "nar-done": "it verified and the path is in the cache (size: NarSize)",
     "nar-failed": "it failed",
+    "assembled": "a path put into the cache from its file index's chunks, NarHash verified",
     "read": "a file is opened for the first time since the daemon started (file, size)",
     "profile": "a path is asked for ahead of use: a profile's, or --background-fetch's (view)",
 }
