@@ -273,7 +273,13 @@ def test_the_snapshotter_starts_while_the_daemon_is_down(st: Stack) -> None:
     log = (st.base / "snapshotter.log").read_text()
     try:
         st.start_snapshotter()  # READY=1 within snapshotter_process's 30 s
-        started = (st.base / "snapshotter.log").read_text()[len(log):]
+        # the views are made in the background: its first call finds the daemon away
+        deadline = time.monotonic() + 30
+        while True:
+            started = (st.base / "snapshotter.log").read_text()[len(log):]
+            if "view_create again for up to 60 s" in started or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
     finally:
         st.daemon.start()
     assert "view_create again for up to 60 s" in started
