@@ -147,8 +147,8 @@ def timed_reads(busybox: str, paths: list[str], samples: int) -> str:
     """A shell script printing busybox ``time`` of READS_PER_SAMPLE dd reads of
     each of *paths* in turn, *samples* + 1 rounds (the first warms)."""
     def sample(path: str) -> str:
-        reads = "; ".join([f"{busybox} dd if={path} of=/dev/null bs=1M 2>/dev/null"]
-                          * READS_PER_SAMPLE)
+        reads = (f"i=0; while [ $i -lt {READS_PER_SAMPLE} ]; do "
+                 f"{busybox} dd if={path} of=/dev/null bs=1M 2>/dev/null; i=$((i+1)); done")
         return f"{busybox} time {busybox} sh -c '{reads}'"
 
     return "; ".join(sample(p) for _ in range(samples + 1) for p in paths)
