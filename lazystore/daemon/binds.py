@@ -262,8 +262,13 @@ class Binds:
                 return
             source = str(self.store.data_path(base))
             try:
+                # The mount call resolves its target through FUSE: a stop that
+                # cancels the FUSE loop meanwhile must not wait for it (it would
+                # never return), so it is abandoned; a bind it still makes is
+                # adopted by the next daemon, as any bind left over.
                 if not await trio.to_thread.run_sync(_bind_canonical, source,
-                                                     self._target(base)):
+                                                     self._target(base),
+                                                     abandon_on_cancel=True):
                     return
             except OSError as exc:
                 if exc.errno in (errno.EPERM, errno.ENOSYS):
