@@ -77,6 +77,9 @@ class Fault:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # TCP_NODELAY, as lazystore.testing.httpserver: otherwise every request after the
+    # first on a kept-alive connection waits ~40 ms (Nagle and the client's delayed ACK)
+    disable_nagle_algorithm = True
     server: _Server
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002
