@@ -25,6 +25,7 @@ from lazystore.nix import fileindex
 from lazystore.nix.narinfo import NarInfo
 from lazystore.nix.signing import SecretKey
 from lazystore.store.cache import LocalStore
+from lazystore.store.chunks import ChunkCache
 from lazystore.substituter.chunks import encode
 from lazystore.substituter.client import Substituters
 from lazystore.substituter.config import SubstituterConfig
@@ -159,6 +160,32 @@ async def test_read_ahead_takes_the_next_chunks_in_the_same_request(
             assert got == real(indexed, busybox, binary)[CHUNK:3 * CHUNK]
             assert stats.chunk_bytes == chunks[0].length + budget
         assert len(server.range_requests) == 1
+
+
+async def test_the_chunks_of_a_read_are_kept_by_one_worker_thread_and_a_failure_is_its_own(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-ahead brings many small chunks: they go to disk in one thread
+    hop, not one each; a chunk the directory refuses is reported and not
+    counted, the others are kept."""
+    cache = ChunkCache(tmp_path / "chunks")
+    cache.prepare()
+    good = {hashlib.sha256(data).digest(): data for data in (b"a" * 10, b"b" * 20, b"c" * 30)}
+    bad = hashlib.sha256(b"x").digest()
+    cache.path(bad).mkdir()  # the rename into place fails for this one
+    hops: list[Callable[..., Any]] = []
+    run_sync = trio.to_thread.run_sync
+
+    async def counted(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        hops.append(fn)
+        return await run_sync(fn, *args, **kwargs)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+    failed = await cache.put({**good, bad: b"x"})
+    assert len(hops) == 1
+    assert [type(exc) for exc in failed] == [IsADirectoryError]
+    assert cache.bytes == 60 and not cache.has(bad)
+    assert all(cache.read(digest, 0, 100) == data for digest, data in good.items())
+    assert await cache.put(good) == [] and len(hops) == 1  # kept already: no hop at all
 
 
 async def test_concurrent_overlapping_reads_get_their_own_bytes(

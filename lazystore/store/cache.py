@@ -549,12 +549,7 @@ class LocalStore:
         except VerificationError as exc:
             self._index_failed(base, exc)
             return None
-        failed: list[OSError] = []
-        for chunk, data in fetched.items():
-            try:
-                await self.chunks.put(chunk.sha256, data)
-            except OSError as exc:  # served from memory all the same
-                failed.append(exc)
+        failed = await self.chunks.put({c.sha256: data for c, data in fetched.items()})
         if failed:  # one line for the read, however many chunks it brought
             log.warning("cannot keep %d of %d chunks of %s in %s: %s", len(failed),
                         len(fetched), base, self.chunks.directory,
