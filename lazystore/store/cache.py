@@ -549,10 +549,11 @@ class LocalStore:
         except VerificationError as exc:
             self._index_failed(base, exc)
             return None
-        failed = await self.chunks.put({c.sha256: data for c, data in fetched.items()})
+        distinct = {c.sha256: data for c, data in fetched.items()}  # equal chunks: one file
+        failed = await self.chunks.put(distinct)
         if failed:  # one line for the read, however many chunks it brought
             log.warning("cannot keep %d of %d chunks of %s in %s: %s", len(failed),
-                        len(fetched), base, self.chunks.directory,
+                        len(distinct), base, self.chunks.directory,
                         failed[0].strerror or failed[0])
         if self.verify_complete and self._complete(base) is not None:
             assert self._nursery is not None
