@@ -12,11 +12,14 @@ from typing import Any
 import grpc
 import pytest
 
+from lazystore.control import protocol
 from lazystore.cri.containerd import Ctr
 from lazystore.cri.proto import api_pb2 as api
 from lazystore.cri.service import Daemon, ImageService, Upstream, start_server
+from tests.support.standin import stand_in
 
 IMAGES = "/runtime.v1.ImageService/"
+RESTART_WAIT = 0.5  # how long the service under test waits for an absent daemon
 UNKNOWN_FIELD = b"\xf8\x06\x2a"  # field 111, varint 42: no .proto of ours knows it
 
 
@@ -43,7 +46,10 @@ class FakeCri(grpc.GenericRpcHandler):
 Body = Callable[[grpc.aio.Channel, FakeCri], Awaitable[None]]
 
 
-def serve(tmp_path: Path, body: Body) -> None:
+def serve(tmp_path: Path, body: Body, daemon_socket: Path | None = None,
+          restart_wait: float = RESTART_WAIT) -> None:
+    """*body* against the service, whose daemon (at *daemon_socket*; by default
+    none at all) is waited for up to *restart_wait* seconds while it is away."""
     async def main() -> None:
         fake = FakeCri()
         upstream_server = grpc.aio.server()
@@ -54,7 +60,8 @@ def serve(tmp_path: Path, body: Body) -> None:
             async with grpc.aio.insecure_channel(f"unix:{tmp_path}/cri.sock") as up:
                 service = ImageService(
                     Upstream(up), Ctr(str(tmp_path / "cri.sock"), "k8s.io", "x"),
-                    Daemon(str(tmp_path / "no-daemon.sock"), str(tmp_path)))
+                    Daemon(str(daemon_socket or tmp_path / "no-daemon.sock"), str(tmp_path),
+                           restart_wait=restart_wait))
                 fake.under_test = service
                 server = await start_server(service, str(tmp_path / "img.sock"))
                 try:
@@ -132,6 +139,47 @@ def test_nix_pull_without_the_daemon_is_unavailable(tmp_path: Path) -> None:
         status = api.ImageStatusRequest.FromString(fake.calls[0][1])
         assert status.image.image == ref + ":latest"
     serve(tmp_path, body)
+
+
+def test_a_nix_pull_rides_out_a_daemon_restart(tmp_path: Path) -> None:
+    # The daemon's socket refuses connections at first, then a daemon reads the
+    # status request and goes away without an answer (stopping), then the next
+    # one answers: the pull goes on to read the archive through the mount
+    # (absent here, so NOT_FOUND), where without the retry it was UNAVAILABLE.
+    ref = "nix:0/nix/store/" + "1" * 32 + "-image.tar"
+    sock = tmp_path / "daemon.sock"
+    thread, asked = stand_in(sock, [None, protocol.ok({"views": []})], delay=0.2)
+
+    async def body(ch: grpc.aio.Channel, fake: FakeCri) -> None:
+        req = api.PullImageRequest(image=api.ImageSpec(image=ref))
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call(ch, "PullImage", req.SerializeToString())
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND, info.value.details()
+        assert "is not in any substituter" in (info.value.details() or "")
+    serve(tmp_path, body, daemon_socket=sock, restart_wait=10.0)
+    thread.join(10)
+    assert asked == ["status", "status"]
+
+
+@pytest.mark.allow_log("ImageFsInfo without the lazystore cache")
+def test_image_fs_info_does_not_wait_for_an_absent_daemon(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # kubelet asks ImageFsInfo every few seconds: it gets containerd's answer at
+    # once, even from a service that would wait for a pull's calls
+    sock = tmp_path / "daemon.sock"
+    thread, asked = stand_in(sock, [protocol.ok({})], delay=1.0)
+    usage = api.ImageFsInfoResponse(image_filesystems=[api.FilesystemUsage(
+        fs_id=api.FilesystemIdentifier(mountpoint="/var/lib/containerd"),
+        used_bytes=api.UInt64Value(value=123))]).SerializeToString()
+
+    async def body(ch: grpc.aio.Channel, fake: FakeCri) -> None:
+        fake.replies[IMAGES + "ImageFsInfo"] = usage
+        assert await call(ch, "ImageFsInfo", b"") == usage
+        assert asked == []
+    serve(tmp_path, body, daemon_socket=sock, restart_wait=30.0)
+    assert any("ImageFsInfo without the lazystore cache" in r.getMessage()
+               for r in caplog.records if r.levelname == "WARNING")
 
 
 def test_a_request_that_does_not_parse_is_invalid_argument(tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from lazystore import grpcunix
-from lazystore.control.client import ControlClient
+from lazystore.control.aio import RESTART_WAIT, AsyncControl
 from lazystore.cri import archive, errors, reference
 from lazystore.cri.containerd import Ctr
 from lazystore.cri.proto import api_pb2 as api
@@ -108,16 +108,24 @@ class Upstream:
 
 
 class Daemon:
-    """The lazystore daemon: its control socket (from a worker thread) and mount."""
+    """The lazystore daemon: its control socket and mount. A pull's calls
+    (``status``, ``view_create``: idempotent) ride out a daemon restart for
+    up to *restart_wait* seconds, well inside kubelet's two-minute request
+    deadline; ImageFsInfo's and a removal's are asked once."""
 
-    def __init__(self, control_socket: str, mount_point: str) -> None:
+    def __init__(self, control_socket: str, mount_point: str,
+                 restart_wait: float = RESTART_WAIT) -> None:
         self.control_socket, self.mount_point = control_socket, mount_point
+        self.restart_wait = restart_wait
+        self._control = AsyncControl(control_socket)
 
     async def call(self, op: str, **args: Any) -> Any:
-        def call() -> Any:
-            with ControlClient(self.control_socket, timeout=300) as client:
-                return client.call(op, **args)
-        return await asyncio.to_thread(call)
+        """Asked once."""
+        return await self._control.call(op, args)
+
+    async def call_again(self, op: str, **args: Any) -> Any:
+        """Asked again while the daemon is away (for calls safe to repeat)."""
+        return await self._control.call(op, args, self.restart_wait)
 
 
 def _view_id(image_id: str, i: int) -> str:
@@ -189,7 +197,7 @@ class ImageService:
 
     async def _read(self, ref: reference.NixReference) -> archive.Image:
         """The checked archive *ref* names, read through the mount."""
-        await self.daemon.call("status")  # a clear UNAVAILABLE when it is not running
+        await self.daemon.call_again("status")  # a clear UNAVAILABLE when it is not running
         return await asyncio.to_thread(self._inspect, self._source(ref))
 
     def _source(self, ref: reference.NixReference) -> Path:
@@ -204,6 +212,12 @@ class ImageService:
         except UpstreamError as exc:
             log.warning("cannot list containerd's images to pin nix images: %s", exc.details)
             return
+        if any(reference.is_nix(tag) for image in listed for tag in image.repo_tags):
+            try:  # a daemon that is starting too is waited for once, not per image
+                await self.daemon.call_again("status")
+            except LazystoreError as exc:
+                log.warning("cannot pin the store paths of nix images: %s", exc)
+                return
         for image in listed:
             for tag in image.repo_tags:
                 if reference.is_nix(tag):
@@ -219,7 +233,7 @@ class ImageService:
 
     async def _pinned(self, image_id: str) -> bool:
         prefix = _view_id(image_id, 0)[:-1]
-        views = (await self.daemon.call("status"))["views"]
+        views = (await self.daemon.call_again("status"))["views"]
         return any(v.startswith(prefix) for v in views)
 
     def _inspect(self, source: Path) -> archive.Image:
@@ -236,9 +250,10 @@ class ImageService:
     async def _pin(self, image: archive.Image) -> None:
         # View 0 always exists (empty for an image without nix layers): it marks
         # the image as pinned, so a later pull need not read the archive again.
-        await self.daemon.call("view_create", id=_view_id(image.id, 0), paths=image.store_paths)
+        await self.daemon.call_again("view_create", id=_view_id(image.id, 0),
+                                     paths=image.store_paths)
         for i, closure in enumerate(image.closures, 1):
-            await self.daemon.call("view_create", id=_view_id(image.id, i), paths=[],
+            await self.daemon.call_again("view_create", id=_view_id(image.id, i), paths=[],
                                    closure_info=closure)
 
     async def _visible(self, name: str) -> str:

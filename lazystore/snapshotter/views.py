@@ -2,39 +2,26 @@
 
 The snapshotter never fetches. It names a view after the snapshot and asks its
 provider to make it; the provider in production is :class:`DaemonViews` (the
-lazystore daemon over its control socket, a blocking client in a daemon thread
-per call: a snapshotter that stops never waits for a daemon's answer); tests
+lazystore daemon over its control socket, through
+:class:`lazystore.control.aio.AsyncControl`); tests
 hand the snapshotter an in-process one.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
-import threading
-import time
 from collections.abc import Sequence
 from typing import Protocol
 
-from lazystore.control.client import ControlClient, DaemonUnavailable
+from lazystore.control.aio import CALL_TIMEOUT, RESTART_WAIT, AsyncControl
 from lazystore.errors import ControlError
 
 log = logging.getLogger(__name__)
 
-# A view of hundreds of paths waits for their narinfos; a daemon that answers
-# nothing in this long is treated as unavailable (only the snapshot asking waits).
-CALL_TIMEOUT = 300.0
-# Daemon calls at once; they run in threads of their own, so slow ones never
-# hold up the snapshotter's file system work in asyncio's default threads.
-MAX_CALLS = 16
-# A daemon restarting (``systemctl restart``, or Restart= after a crash) is away
-# for a few seconds: a call for a view (or the data layer) that could not reach
-# it, or whose connection it closed before answering, is sent again (they are
-# idempotent) for this long, so a pull or a container start rides it out. A
-# view's removal is not: a view left behind only costs the daemon memory.
-RESTART_WAIT = 60.0
-RETRY_DELAYS = (0.1, 0.2, 0.5, 1.0)  # between attempts, the last one repeated
+# A call for a view (or the data layer) is asked again while the daemon
+# restarts (control.aio.RESTART_WAIT), so a pull or a container start rides it
+# out; a view's removal is not: a view left behind only costs the daemon memory.
 
 
 class ViewProvider(Protocol):
@@ -72,8 +59,7 @@ class DaemonViews:
     ) -> None:
         self.control_socket = control_socket
         self.mount_point = mount_point
-        self.timeout = timeout
-        self._slots = asyncio.Semaphore(MAX_CALLS)
+        self._control = AsyncControl(control_socket, timeout)
         self._data_dir: str | None = None
 
     def close(self) -> None:
@@ -111,48 +97,4 @@ class DaemonViews:
         await self._call("view_remove", {"id": view_id}, wait=0.0)
 
     async def _call(self, op: str, args: dict[str, object], wait: float | None = None) -> object:
-        wait = RESTART_WAIT if wait is None else wait
-        deadline = time.monotonic() + wait
-        attempt = 0
-        while True:
-            try:
-                return await self._in_thread(op, args)
-            except DaemonUnavailable as exc:
-                delay = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)]
-                if time.monotonic() + delay > deadline:
-                    raise
-                if attempt == 0:
-                    log.info("%s; %s again for up to %.0f s", exc, op, wait)
-                attempt += 1
-                await asyncio.sleep(delay)
-
-    async def _in_thread(self, op: str, args: dict[str, object]) -> object:
-        """One call, in a daemon thread: the interpreter's exit does not wait
-        for it (a pool's threads would hold a stop for up to the call's timeout)."""
-        loop = asyncio.get_running_loop()
-        answer: asyncio.Future[object] = loop.create_future()
-
-        def settle(result: object, error: Exception | None) -> None:
-            if answer.done():  # the asking operation was cancelled
-                return
-            if error is not None:
-                answer.set_exception(error)
-            else:
-                answer.set_result(result)
-
-        def call() -> None:
-            result: object = None
-            error: Exception | None = None
-            try:
-                with ControlClient(self.control_socket, timeout=self.timeout) as client:
-                    result = client.call(op, **args)
-            except Exception as exc:  # handed to the awaiting operation
-                error = exc
-            try:
-                loop.call_soon_threadsafe(settle, result, error)
-            except RuntimeError:
-                pass  # the loop is closed: the process is stopping
-
-        async with self._slots:
-            threading.Thread(target=call, name=f"daemon-{op}", daemon=True).start()
-            return await answer
+        return await self._control.call(op, args, RESTART_WAIT if wait is None else wait)
