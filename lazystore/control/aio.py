@@ -53,7 +53,7 @@ class AsyncControl:
                 if time.monotonic() + delay > deadline:
                     raise
                 if attempt == 0:
-                    log.info("%s; %s again for up to %.1f s", exc, op, wait)
+                    log.info("%s; %s again for up to %g s", exc, op, wait)
                 attempt += 1
                 await asyncio.sleep(delay)
 
