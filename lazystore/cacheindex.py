@@ -2,38 +2,51 @@
 
 For each ``<hash>.narinfo`` of the folder this writes ``lzdata/<hash>.lzdata``
 (the NAR's regular files, cut into chunks, each an independent zstd frame) and
-``<hash>.lzindex`` (lazystore.nix.fileindex, signed). The NAR is read through
-the substituter's verifying pipeline (decompression, NarSize, NarHash, FileSize,
-FileHash); the data file is read back and the NAR rebuilt from the index and
-the chunks must have the NarHash again before the index is renamed into place,
-so an index is only ever there for data that reproduces the NAR. Nothing Nix
-reads is touched. Blocking; paths are indexed in parallel threads, and the
-chunks of a path are compressed, hashed and read back in a pool of as many
-threads as paths (zstd, lzma and hashlib release the GIL), so one large path
-keeps every core busy too.
+``<hash>.lzindex`` (lazystore.nix.fileindex, signed). Nothing Nix reads is
+touched.
+
+The NAR file is decompressed (its size checked against FileSize and NarSize),
+parsed as Nix parses it, and each file's chunks compressed and written. Then
+the data file is read back: every frame is decompressed (its declared and real
+size checked), the chunk's sha256 that goes into the index is taken of those
+bytes, and the NAR rebuilt from them and the tree as a reader walks it must
+have the narinfo's NarHash and NarSize. Only then is the index written, and
+its parsed tree must be the one that was read back. The NAR file itself is not
+hashed on the way in: the rebuilt NAR's NarHash is the proof, and a NAR that
+does not match its NarHash can only rebuild into one that does not either
+(when that happens, the NAR file is hashed to tell the two causes apart).
+
+Blocking. Paths are indexed largest first in ``jobs`` worker processes
+(forked, so only from a process without other threads; else in threads), and
+the chunks of a path are compressed and read back in a pool of ``jobs``
+threads a few chunks ahead (zstd and hashlib release the GIL), so one large
+path keeps every core busy too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing
 import os
-import secrets
+import signal
+import threading
+import traceback
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from lazystore.errors import LazystoreError, NarError, NarInfoError
 from lazystore.nix import fileindex, fsio, listing, nar
-from lazystore.nix.fileindex import FileEntry, FileIndex, FileIndexError
+from lazystore.nix.fileindex import Chunk, FileIndexError
 from lazystore.nix.nar import DirEnd, DirStart, FileData, FileEnd, FileStart, Symlink
 from lazystore.nix.narinfo import NarInfo
 from lazystore.nix.signing import SecretKey
-from lazystore.substituter import chunks
-from lazystore.substituter.download import NarPipeline
+from lazystore.substituter import chunks, decompress
 from lazystore.substituter.errors import SubstituterError
 
 log = logging.getLogger(__name__)
@@ -55,6 +68,9 @@ class Result:
     data_bytes: int = 0
 
 
+OnDone = Callable[["Result | CacheIndexError"], None]
+
+
 def narinfos(cache: Path) -> list[Path]:
     """The narinfo files of a cache folder, sorted."""
     try:
@@ -64,36 +80,202 @@ def narinfos(cache: Path) -> list[Path]:
 
 
 def index_cache(cache: Path, secret: SecretKey, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                jobs: int = 4, level: int = chunks.LEVEL,
-                on_done: Callable[[Result | CacheIndexError], None] = lambda _: None
-                ) -> list[Result | CacheIndexError]:
+                jobs: int = 4, level: int = chunks.LEVEL, on_done: OnDone = lambda _: None,
+                processes: bool | None = None) -> list[Result | CacheIndexError]:
     """Index every path of *cache* (skipping those already indexed), *jobs* at
-    a time; *on_done* gets each result or error as it comes."""
+    a time, largest first; *on_done* gets each result or error as it comes, the
+    list is in :func:`narinfos` order. *processes*: index paths in forked
+    worker processes (default: when there are several paths and jobs and this
+    process runs no other thread, which a fork would not copy)."""
     if not 0 < chunk_size <= fileindex.MAX_CHUNK_SIZE:
         raise CacheIndexError(f"chunk size must be 1 to {fileindex.MAX_CHUNK_SIZE} bytes")
     files = narinfos(cache)
     (cache / fileindex.DATA_DIR).mkdir(exist_ok=True)
-    results: list[Result | CacheIndexError] = []
+    results: dict[Path, Result | CacheIndexError] = {}
 
-    with ThreadPoolExecutor(max_workers=jobs) as workers:
+    def done(path: Path, result: Result | CacheIndexError) -> None:
+        results[path] = result
+        on_done(result)
 
-        def one(path: Path) -> Result | CacheIndexError:
-            try:
-                return index_path(cache, path, secret, chunk_size, workers, level)
-            except CacheIndexError as exc:
-                return exc
-
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            for result in pool.map(one, files):
-                results.append(result)
-                on_done(result)
+    order = sorted(files, key=_cost, reverse=True)  # the costliest first: a short tail
+    if processes is None:
+        processes = jobs > 1 and len(files) > 1 and threading.active_count() == 1
+    job = _Job(cache, secret, chunk_size, level, jobs)
+    if processes:
+        _in_processes(order, min(jobs, len(files)), job, done)
+    else:
+        with ThreadPoolExecutor(max_workers=jobs) as threads, \
+                ThreadPoolExecutor(max_workers=jobs) as paths:
+            for path, result in zip(order, paths.map(lambda p: job(p, threads), order),
+                                    strict=True):
+                done(path, result)
     marker = cache / fileindex.MARKER
     if not marker.exists():
         try:
             fsio.write_atomic(marker, fileindex.MAGIC)
         except OSError as exc:
             raise CacheIndexError(f"cannot write {marker}: {exc.strerror}") from None
-    return results
+    return [results[path] for path in files]
+
+
+def _cost(narinfo_file: Path) -> int:
+    """About how much work a path is: its NAR's bytes, the compressible ones
+    (what compression saved in the NAR file) three times (they are compressed,
+    the others are stored)."""
+    try:
+        info = NarInfo.parse(narinfo_file.read_text())
+    except (OSError, UnicodeDecodeError, NarInfoError):
+        return 0  # its worker reports it
+    saved = info.nar_size - min(info.file_size or 0, info.nar_size)
+    return info.nar_size + 2 * saved
+
+
+@dataclass
+class _Job:
+    """Index one narinfo; its errors as a value."""
+
+    cache: Path
+    secret: SecretKey
+    chunk_size: int
+    level: int
+    threads: int  # of each worker process's chunk pool
+
+    def __call__(self, narinfo_file: Path, threads: Executor) -> Result | CacheIndexError:
+        try:
+            return index_path(self.cache, narinfo_file, self.secret, self.chunk_size, threads,
+                              self.level)
+        except CacheIndexError as exc:
+            return exc
+
+
+# --- worker processes ----------------------------------------------------------
+
+
+def _in_processes(order: list[Path], jobs: int, job: _Job,
+                  done: Callable[[Path, Result | CacheIndexError], None]) -> None:
+    """Run *job* on each path of *order* in *jobs* forked processes, one path
+    at a time each. A worker that dies fails its path (its temporary files
+    removed) and is replaced; on any exception here (Ctrl-C) every worker is
+    terminated and their temporary files removed before it propagates."""
+    context = multiprocessing.get_context("fork")
+    queue = deque(order)
+    idle: list[_Worker] = []
+    busy: dict[Connection, _Worker] = {}
+    try:
+        while queue or busy:
+            while queue and len(idle) + len(busy) < jobs:
+                idle.append(_Worker(context, job))
+            while queue and idle:
+                worker = idle.pop()
+                if worker.send(queue.popleft()):
+                    busy[worker.conn] = worker
+                else:
+                    done(*worker.died(job.cache))
+            for conn in wait(list(busy)):
+                worker = busy.pop(conn)  # type: ignore[arg-type]
+                path = worker.path
+                try:
+                    result = worker.receive()
+                except (EOFError, OSError):
+                    done(*worker.died(job.cache))
+                    continue
+                idle.append(worker)
+                done(path, result)
+    finally:
+        for worker in idle:
+            worker.stop()
+        for worker in busy.values():
+            worker.kill(job.cache)
+
+
+class _Worker:
+    """A forked process indexing the paths it is sent, one at a time."""
+
+    def __init__(self, context: Any, job: _Job) -> None:
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_serve, args=(child, job), daemon=True,
+                                       name="lazystore-cache-index")
+        self.process.start()
+        child.close()
+        self.path = Path()
+
+    def send(self, path: Path) -> bool:
+        self.path = path
+        try:
+            self.conn.send(path)
+        except OSError:
+            return False
+        return True
+
+    def receive(self) -> Result | CacheIndexError:
+        result: Result | CacheIndexError = self.conn.recv()
+        self.path = Path()
+        return result
+
+    def died(self, cache: Path) -> tuple[Path, CacheIndexError]:
+        """The error of the path this worker had when it died; cleaned up."""
+        self.process.join()
+        code = self.process.exitcode or 0
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        self._remove_temporary(cache)
+        self.conn.close()
+        name = _store_path(self.path)
+        return self.path, CacheIndexError(f"{name}: the process indexing it died ({how})")
+
+    def stop(self) -> None:
+        try:
+            self.conn.send(None)
+        except OSError:
+            pass
+        self.process.join()
+        self.conn.close()
+
+    def kill(self, cache: Path) -> None:
+        self.process.terminate()
+        self.process.join()
+        self._remove_temporary(cache)
+        self.conn.close()
+
+    def _remove_temporary(self, cache: Path) -> None:
+        pid = self.process.pid
+        assert pid is not None
+        hash_part = self.path.name.removesuffix(".narinfo")
+        _temporary(cache / fileindex.DATA_DIR / f"{hash_part}.lzdata", pid).unlink(missing_ok=True)
+        _temporary(cache / f"{hash_part}{fileindex.SUFFIX}", pid).unlink(missing_ok=True)
+
+
+def _serve(conn: Connection, job: _Job) -> None:
+    """A worker's loop: paths in, results out, until None or the parent is gone."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us on Ctrl-C
+    with ThreadPoolExecutor(max_workers=job.threads) as threads:
+        while True:
+            try:
+                path = conn.recv()
+            except EOFError:
+                return
+            if path is None:
+                return
+            try:
+                result = job(path, threads)
+            except Exception as exc:  # a bug: one path fails, with the traceback logged
+                log.error("indexing %s failed:\n%s", path.name, traceback.format_exc())
+                result = CacheIndexError(f"{_store_path(path)}: internal error: {exc!r}")
+            conn.send(result)
+
+
+def _store_path(narinfo_file: Path) -> str:
+    try:
+        return NarInfo.parse(narinfo_file.read_text()).store_path
+    except (OSError, UnicodeDecodeError, NarInfoError):
+        return narinfo_file.name
+
+
+def _temporary(path: Path, pid: int) -> Path:
+    """The temporary name a process writes *path* under (as fsio.write_atomic)."""
+    return path.with_name(f".{path.name}.{pid}.tmp")
+
+
+# --- one path --------------------------------------------------------------------
 
 
 def index_path(cache: Path, narinfo_file: Path, secret: SecretKey, chunk_size: int,
@@ -108,19 +290,27 @@ def index_path(cache: Path, narinfo_file: Path, secret: SecretKey, chunk_size: i
     if _indexed(cache, index_file, info, secret):
         return Result(info.store_path, indexed=False)
     data_file = cache / data_name
-    tmp = data_file.with_name(f".{data_file.name}.{secrets.token_hex(6)}")
+    tmp = _temporary(data_file, os.getpid())
     try:
         with open(tmp, "w+b") as out:
-            root = _write_data(cache, info, _ChunkWriter(out, chunk_size, workers, level))
+            writer = _ChunkWriter(out, chunk_size, workers, level)
+            _read_nar(cache, info, writer)
+            assert writer.root is not None
             out.flush()
             os.fsync(out.fileno())
             size = out.tell()
-            text = fileindex.write(info, chunk_size, data_name, size, root, secret)
-            verify_data(fileindex.parse(text), info, out, workers)
+            read_back(info, writer.root, chunk_size, out, workers, cache)
+        text, index = fileindex.write_parsed(info, chunk_size, data_name, size, writer.root,
+                                             secret)
+        if index.root != writer.root:
+            raise CacheIndexError(f"{info.store_path}: its index does not parse into the tree "
+                                  "that was read back")
         os.rename(tmp, data_file)
         fsio.write_atomic(index_file, text)
     except OSError as exc:
         raise CacheIndexError(f"{info.store_path}: cannot write the index: {exc}") from None
+    except FileIndexError as exc:
+        raise CacheIndexError(f"{info.store_path}: {exc}") from None
     finally:
         tmp.unlink(missing_ok=True)
     return Result(info.store_path, indexed=True, data_bytes=size)
@@ -147,44 +337,44 @@ def _indexed(cache: Path, index_file: Path, info: NarInfo, secret: SecretKey) ->
         return False
 
 
-def _write_data(cache: Path, info: NarInfo, writer: _ChunkWriter) -> dict[str, Any]:
-    """Stream the NAR through the verifying pipeline into *writer*; the tree."""
-    pipeline = NarPipeline(info, writer, f"file://{cache}")
+def _read_nar(cache: Path, info: NarInfo, sink: _ChunkWriter | _Hasher) -> None:
+    """Decompress *info*'s NAR file into *sink*, checking FileSize and NarSize."""
+    size = 0
+
+    def consume(piece: bytes) -> None:
+        nonlocal size
+        size += len(piece)
+        if size > info.nar_size:
+            raise CacheIndexError(f"{info.store_path}: its NAR is larger than its NarSize "
+                                  f"{info.nar_size}")
+        sink.feed(piece)
+
     try:
         with open(cache / info.url, "rb") as nar_file:
+            file_size = os.fstat(nar_file.fileno()).st_size
+            if info.file_size is not None and file_size != info.file_size:
+                raise CacheIndexError(f"{info.store_path}: {info.url} has {file_size} bytes, "
+                                      f"its FileSize says {info.file_size}")
+            unpack = decompress.make(info.compression, consume)
             while block := nar_file.read(READ_SIZE):
-                pipeline.feed(block)
-        pipeline.finish()
+                unpack.feed(block)
+            unpack.finish()
+        sink.finish()
     except (SubstituterError, NarError) as exc:
-        raise CacheIndexError(f"{info.store_path}: {exc}") from None
+        raise CacheIndexError(f"{info.store_path}: {info.url}: {exc}") from None
     except OSError as exc:
         raise CacheIndexError(f"{info.store_path}: cannot read {info.url}: {exc.strerror}"
                               ) from None
-    assert writer.root is not None
-    return writer.root
-
-
-Encoded = tuple[bytes, str]  # a chunk's zstd frame and the sha256 (hex) of its bytes
-
-
-def _encode(data: bytearray, level: int) -> Encoded:
-    return chunks.encode(data, level), hashlib.sha256(data).hexdigest()
-
-
-class _Done:
-    """A finished result where a Future may be."""
-
-    def __init__(self, value: Encoded) -> None:
-        self._value = value
-
-    def result(self) -> Encoded:
-        return self._value
+    if size != info.nar_size:
+        raise CacheIndexError(f"{info.store_path}: its NAR has {size} bytes, NarSize says "
+                              f"{info.nar_size}")
 
 
 class _ChunkWriter:
-    """A NarSink: parses the NAR, cuts each file's contents into chunks,
-    writes each as a zstd frame to *out*, and builds the index's tree. Large
-    chunks are encoded in *workers*, a few ahead, and written in order."""
+    """Parses the NAR, cuts each file's contents into chunks, writes each as a
+    zstd frame to *out*, and builds the index's tree (each chunk's sha256 left
+    empty: :func:`read_back` takes it from the frame). Large chunks are
+    compressed in *workers*, a few ahead, and written in order."""
 
     def __init__(self, out: BinaryIO, chunk_size: int, workers: Executor | None,
                  level: int) -> None:
@@ -195,8 +385,8 @@ class _ChunkWriter:
         self._dirs: list[dict[str, Any]] = []
         self._file: dict[str, Any] | None = None
         self._buffer = bytearray()
-        # encoded or being encoded, not yet written: (frame + digest, the file's chunk list)
-        self._pending: deque[tuple[Future[Encoded] | _Done, list[list[Any]]]] = deque()
+        # compressed or being compressed, not yet written: (frame, the file's chunk list)
+        self._pending: deque[tuple[Future[bytes] | bytes, list[list[Any]]]] = deque()
 
     def feed(self, data: bytes) -> None:
         for event in self._parser.feed(data):
@@ -240,64 +430,105 @@ class _ChunkWriter:
         assert self._file is not None
         data, self._buffer = self._buffer, bytearray()
         if self._workers is None or len(data) < POOLED:
-            self._pending.append((_Done(_encode(data, self._level)), self._file["chunks"]))
+            self._pending.append((chunks.encode(data, self._level), self._file["chunks"]))
         else:
-            encoded = self._workers.submit(_encode, data, self._level)
-            self._pending.append((encoded, self._file["chunks"]))
+            frame = self._workers.submit(chunks.encode, data, self._level)
+            self._pending.append((frame, self._file["chunks"]))
         self._write(AHEAD)
 
     def _write(self, keep: int) -> None:
         """Write pending chunks in order until at most *keep* are left."""
         while len(self._pending) > keep:
             encoded, into = self._pending.popleft()
-            frame, digest = encoded.result()
-            into.append([self._out.tell(), len(frame), digest])
+            frame = encoded if isinstance(encoded, bytes) else encoded.result()
+            into.append([self._out.tell(), len(frame), ""])
             self._out.write(frame)
 
     def finish(self) -> None:
         self._parser.close()
         self._write(0)
 
-    def abort(self) -> None:
-        for encoded, _ in self._pending:
-            if isinstance(encoded, Future):
-                encoded.cancel()
-        self._pending.clear()  # the caller removes the temporary data file
 
+def read_back(info: NarInfo, root: dict[str, Any], chunk_size: int, data: BinaryIO,
+              workers: Executor | None = None, cache: Path | None = None) -> None:
+    """Read every chunk of the tree *root* (as :class:`_ChunkWriter` makes it)
+    back from *data*, decompressed and checked for its size, set its sha256
+    from those bytes, and rebuild the NAR from them and the tree, walked as a
+    reader walks an index; CacheIndexError unless it has *info*'s NarHash and
+    NarSize (with *cache*, the NAR file is then hashed to say which is wrong).
+    Files of several chunks are read in *workers*, a few chunks ahead."""
+    fd = data.fileno()
 
-def verify_data(index: FileIndex, info: NarInfo, data: BinaryIO,
-                workers: Executor | None = None) -> None:
-    """Rebuild the NAR from *index* and the chunks in *data* (read back from
-    the file, each frame decompressed and checked for its size; the NarHash
-    over all of them stands for the chunks' own hashes); CacheIndexError
-    unless it has *info*'s NarHash and NarSize. Files of several chunks are
-    decompressed in *workers*, a few chunks ahead."""
-    digest, size = hashlib.sha256(), 0
+    def read(item: list[Any], start: int, size: int) -> bytes:
+        frame = os.pread(fd, item[1], item[0])
+        piece = chunks.decode(Chunk(item[0], item[1], start, size, b""), frame, hashed=False)
+        item[2] = hashlib.sha256(piece).hexdigest()
+        return piece
 
-    def read(chunk: fileindex.Chunk) -> bytes:
-        frame = os.pread(data.fileno(), chunk.length, chunk.offset)
-        return chunks.decode(chunk, frame, hashed=False)
-
-    def contents(entry: FileEntry) -> Iterator[bytes]:
-        if workers is None or len(entry.chunks) < 2:
-            yield from map(read, entry.chunks)
+    def contents(node: dict[str, Any], size: int) -> Iterator[bytes]:
+        items: list[list[Any]] = node["chunks"]
+        ranges = fileindex.chunk_ranges(size, chunk_size)
+        if len(items) != len(ranges):
+            raise CacheIndexError(f"{info.store_path}: a file of {size} bytes has "
+                                  f"{len(items)} chunks written")
+        if workers is None or len(items) < 2:
+            for item, (start, length) in zip(items, ranges, strict=True):
+                yield read(item, start, length)
             return
         pending: deque[Future[bytes]] = deque()
-        for chunk in entry.chunks:
-            pending.append(workers.submit(read, chunk))
+        for item, (start, length) in zip(items, ranges, strict=True):
+            pending.append(workers.submit(read, item, start, length))
             if len(pending) > AHEAD:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
 
+    digest, total = hashlib.sha256(), 0
+    writer = nar.NarWriter()
+    dirs: list[dict[str, Any]] = []
     try:
-        for piece in nar.serialize(index.nar_events(contents)):
+        for event in listing.events({"root": root}):
+            piece = writer.write(event)
             digest.update(piece)
-            size += len(piece)
-    except SubstituterError as exc:
+            total += len(piece)
+            if isinstance(event, DirEnd):
+                dirs.pop()
+            elif isinstance(event, (DirStart, FileStart)):
+                name = event.name
+                node = root if name is None else dirs[-1]["entries"][listing.decode_name(name)]
+                if isinstance(event, DirStart):
+                    dirs.append(node)
+                else:
+                    for part in contents(node, event.size):
+                        piece = writer.write(FileData(part))
+                        digest.update(piece)
+                        total += len(piece)
+        writer.close()
+    except (SubstituterError, NarError, listing.ListingError) as exc:
         raise CacheIndexError(f"{info.store_path}: data file does not read back: {exc}"
                               ) from None
-    if size != info.nar_size or digest.digest() != info.nar_hash.digest:
+    if total != info.nar_size or digest.digest() != info.nar_hash.digest:
+        if cache is not None and not _nar_file_matches(cache, info):
+            raise CacheIndexError(f"{info.store_path}: its NAR file does not match its NarHash")
         raise CacheIndexError(f"{info.store_path}: the chunks do not reproduce its NarHash")
 
 
+class _Hasher:
+    def __init__(self) -> None:
+        self.digest = hashlib.sha256()
+
+    def feed(self, data: bytes) -> None:
+        self.digest.update(data)
+
+    def finish(self) -> None:
+        pass
+
+
+def _nar_file_matches(cache: Path, info: NarInfo) -> bool:
+    """Whether *info*'s NAR file decompresses into its NarHash (for a message)."""
+    hasher = _Hasher()
+    try:
+        _read_nar(cache, info, hasher)
+    except CacheIndexError:
+        return False
+    return hasher.digest.digest() == info.nar_hash.digest

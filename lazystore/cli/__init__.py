@@ -63,6 +63,14 @@ class Stdout:
             raise LazystoreError(f"cannot write to stdout: {exc.strerror or exc}") from exc
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser of every command; with *only* (a command word), of the module
     that registers it alone when that module is known (its own name, or

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from lazystore.cacheindex import DEFAULT_CHUNK_SIZE, CacheIndexError, Result, index_cache, narinfos
-from lazystore.cli.fetch import _positive_int
+from lazystore.cli import positive_int
 from lazystore.cli.keys import _read_text
 from lazystore.errors import LazystoreError
 from lazystore.nix.signing import SecretKey
@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="the cache's signing key (as nix-store --generate-binary-cache-key)")
     index.add_argument("--chunk-size", type=_size, default=DEFAULT_CHUNK_SIZE, metavar="SIZE",
                        help="uncompressed bytes per chunk at most, e.g. 256KiB (default 1MiB)")
-    index.add_argument("--jobs", type=_positive_int, default=4, metavar="N",
+    index.add_argument("--jobs", type=positive_int, default=4, metavar="N",
                        help="paths indexed at once (default 4)")
     index.add_argument("--level", type=_level, default=LEVEL, metavar="L",
                        help=f"zstd level of the chunks, 1 to 19 (default {LEVEL}, as nix copy)")

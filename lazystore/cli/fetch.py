@@ -19,6 +19,7 @@ from typing import TypeVar
 
 import trio
 
+from lazystore.cli import positive_int as _positive_int
 from lazystore.errors import FormatError, LazystoreError, UnpackError
 from lazystore.nix import fsio
 from lazystore.nix.fsio import NarUnpacker
@@ -97,13 +98,6 @@ def config_from_args(args: argparse.Namespace) -> SubstituterConfig:
         low_speed_limit=args.low_speed_limit,
         low_speed_time=args.low_speed_time,
     )
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
 
 
 def _positive_float(text: str) -> float:

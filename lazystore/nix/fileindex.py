@@ -139,14 +139,19 @@ def write(info: NarInfo, chunk_size: int, data: str, data_size: int, root: dict[
           secret: SecretKey) -> bytes:
     """The signed index file of *info*'s NAR with tree *root* (regular nodes
     from :func:`regular_node`), checked as :func:`parse` checks it."""
+    return write_parsed(info, chunk_size, data, data_size, root, secret)[0]
+
+
+def write_parsed(info: NarInfo, chunk_size: int, data: str, data_size: int,
+                 root: dict[str, Any], secret: SecretKey) -> tuple[bytes, FileIndex]:
+    """:func:`write`, and the file as :func:`parse` reads it."""
     body = json.dumps({
         "storePath": info.store_path, "narHash": str(info.nar_hash), "narSize": info.nar_size,
         "chunkSize": chunk_size, "data": data, "dataSize": data_size, "root": root,
     }, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogateescape")
     sig = secret.sign(fingerprint(info.store_path, info.nar_hash, info.nar_size, body))
     text = MAGIC + f"Sig: {sig}\n\n".encode() + body
-    parse(text)
-    return text
+    return text, parse(text)
 
 
 # --- reading ----------------------------------------------------------------
