@@ -6,10 +6,14 @@ incremental, and a NAR that fails verification gets no index."""
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
+import pty
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -208,3 +212,195 @@ def test_large_chunks_rebuild_the_nar_and_random_ones_are_raw_blocks_zstd_reads(
     out = subprocess.run(["zstd", "-dc", cache / parsed.data], capture_output=True, check=True)
     assert out.stdout == b"".join(Path(top, name).read_bytes()
                                   for name in sorted(frames, key=lambda n: frames[n][0][0].offset))
+
+
+def tree_of(cache: Path) -> dict[str, bytes]:
+    """Every file we wrote into a cache folder, by name (temporaries too)."""
+    ours = [*cache.glob("*.lzindex"), *cache.glob(".*"), *(cache / fileindex.DATA_DIR).iterdir()]
+    return {str(p.relative_to(cache)): p.read_bytes() for p in ours}
+
+
+def test_worker_processes_write_what_threads_write(
+        binary_cache: nixcache.BinaryCache, tmp_path: Path, test_key: nixcache.KeyPair) -> None:
+    secret = SecretKey.parse(test_key.secret_file.read_text())
+    written = []
+    for processes in (True, False):
+        cache = copy_cache(binary_cache, tmp_path / f"cache-{processes}")
+        seen: list[object] = []
+        results = cacheindex.index_cache(cache, secret, 4096, jobs=2, on_done=seen.append,
+                                         processes=processes)
+        assert all(isinstance(r, cacheindex.Result) and r.indexed for r in results)
+        assert sorted(map(id, seen)) == sorted(map(id, results))  # each one reported once
+        assert [r.path for r in results] == [  # in narinfo order, whatever order they came in
+            NarInfo.parse(p.read_text()).store_path for p in cacheindex.narinfos(cache)]
+        written.append(tree_of(cache))
+    assert written[0] == written[1] and len(written[0]) == 2 * len(binary_cache.paths)
+    assert not multiprocessing.active_children()
+
+
+def test_a_worker_that_dies_fails_its_path_and_the_others_go_on(
+        binary_cache: nixcache.BinaryCache, tmp_path: Path, test_key: nixcache.KeyPair,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = copy_cache(binary_cache, tmp_path / "cache")
+    victim = NarInfo.parse(binary_cache.narinfo_path(binary_cache.top).read_text())
+    read_nar = cacheindex._read_nar
+
+    def dying(cache: Path, info: NarInfo, sink: object) -> None:
+        # the data file's temporary is open and written to when the worker dies
+        if info.store_path == victim.store_path:
+            assert list((cache / fileindex.DATA_DIR).glob(".*.tmp"))
+            os.kill(os.getpid(), signal.SIGKILL)
+        read_nar(cache, info, sink)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cacheindex, "_read_nar", dying)  # the forked workers inherit it
+    secret = SecretKey.parse(test_key.secret_file.read_text())
+    results = cacheindex.index_cache(cache, secret, jobs=2, processes=True)
+    failed = [r for r in results if isinstance(r, cacheindex.CacheIndexError)]
+    assert [str(r) for r in failed] == [
+        f"{victim.store_path}: the process indexing it died (killed by SIGKILL)"]
+    assert sum(isinstance(r, cacheindex.Result) for r in results) == len(results) - 1
+    assert not [p for p in (cache / fileindex.DATA_DIR).iterdir() if p.name.startswith(".")]
+    assert not list(cache.glob(".*"))
+    assert not multiprocessing.active_children()
+    monkeypatch.setattr(cacheindex, "_read_nar", read_nar)
+    again = cacheindex.index_cache(cache, secret, jobs=2, processes=True)
+    assert [r.indexed for r in again if isinstance(r, cacheindex.Result)].count(True) == 1
+    assert len(again) == len(results) and all(isinstance(r, cacheindex.Result) for r in again)
+
+
+def test_a_bug_in_a_worker_fails_that_path_only(
+        binary_cache: nixcache.BinaryCache, tmp_path: Path, test_key: nixcache.KeyPair,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = copy_cache(binary_cache, tmp_path / "cache")
+    victim = NarInfo.parse(binary_cache.narinfo_path(binary_cache.top).read_text())
+    read_nar = cacheindex._read_nar
+
+    def buggy(cache: Path, info: NarInfo, sink: object) -> None:
+        if info.store_path == victim.store_path:
+            raise ZeroDivisionError("a bug")
+        read_nar(cache, info, sink)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cacheindex, "_read_nar", buggy)
+    secret = SecretKey.parse(test_key.secret_file.read_text())
+    results = cacheindex.index_cache(cache, secret, jobs=2, processes=True)
+    failed = [str(r) for r in results if isinstance(r, cacheindex.CacheIndexError)]
+    assert failed == [f"{victim.store_path}: internal error: ZeroDivisionError('a bug')"]
+    assert not [p for p in (cache / fileindex.DATA_DIR).iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("processes", [True, False])
+def test_the_read_back_catches_a_frame_that_is_not_its_chunk(
+        processes: bool, binary_cache: nixcache.BinaryCache, tmp_path: Path,
+        test_key: nixcache.KeyPair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The NAR file is not hashed on the way in: the read-back alone stands
+    between a bad frame and an index."""
+    cache = copy_cache(binary_cache, tmp_path / "cache")
+    encode = chunks.encode
+
+    def flipped(data: bytes | bytearray | memoryview, level: int = chunks.LEVEL) -> bytes:
+        wrong = bytearray(data)
+        if wrong[:64] == b"d" * 64:  # the docs path's manual.txt only
+            wrong[len(wrong) // 2] ^= 1
+        return encode(wrong, level)
+
+    monkeypatch.setattr(chunks, "encode", flipped)
+    secret = SecretKey.parse(test_key.secret_file.read_text())
+    results = cacheindex.index_cache(cache, secret, 64 << 10, jobs=2, processes=processes)
+    failed = [str(r) for r in results if isinstance(r, cacheindex.CacheIndexError)]
+    assert len(failed) == 1 and failed[0].endswith(": the chunks do not reproduce its NarHash")
+    store_path = failed[0].split(":")[0]
+    [narinfo] = [p for p in cacheindex.narinfos(cache)
+                 if NarInfo.parse(p.read_text()).store_path == store_path]
+    assert not narinfo.with_suffix(".lzindex").exists()
+    assert not (cache / fileindex.DATA_DIR / narinfo.with_suffix(".lzdata").name).exists()
+    assert not [p for p in (cache / fileindex.DATA_DIR).iterdir() if p.name.startswith(".")]
+
+
+def test_a_frame_declaring_another_size_does_not_read_back(
+        binary_cache: nixcache.BinaryCache, tmp_path: Path, test_key: nixcache.KeyPair,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = copy_cache(binary_cache, tmp_path / "cache")
+    encode = chunks.encode
+    monkeypatch.setattr(chunks, "encode", lambda data, level=3: encode(bytes(data) + b"x", level))
+    secret = SecretKey.parse(test_key.secret_file.read_text())
+    results = cacheindex.index_cache(cache, secret, jobs=2, processes=False)
+    assert all(isinstance(r, cacheindex.CacheIndexError) and "data file does not read back"
+               in str(r) and "declares" in str(r) for r in results)
+    assert not list(cache.glob("*.lzindex"))
+
+
+def test_progress_bar_on_a_terminal(
+        binary_cache: nixcache.BinaryCache, tmp_path: Path, test_key: nixcache.KeyPair) -> None:
+    cache = copy_cache(binary_cache, tmp_path / "cache")
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "lazystore", "cache", "index", cache,
+                             "--secret-key-file", test_key.secret_file, "--jobs", "2"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=follower)
+    os.close(follower)
+    out = b""
+    while True:
+        try:
+            data = os.read(leader, 4096)
+        except OSError:  # EIO: the other end is closed
+            break
+        if not data:
+            break
+        out += data
+    os.close(leader)
+    assert proc.wait() == 0
+    n = len(binary_cache.paths)
+    text = out.decode()
+    assert f"] 1/{n} paths, " in text and f"[{'#' * 30}] {n}/{n} paths, " in text
+    assert text.count("\r") >= n and f"indexed {n} paths, 0 already indexed" in text
+
+
+def test_ctrl_c_stops_the_workers_and_leaves_no_temporary_files(
+        tmp_path: Path, test_key: nixcache.KeyPair) -> None:
+    expr = tmp_path / "big.nix"
+    expr.write_text(BIG_TEXT_NIX)
+    top = nixcache.build(expr)
+    cache = nixcache.make_cache(top, tmp_path / "cache", test_key).root
+    proc = subprocess.Popen([sys.executable, "-m", "lazystore", "cache", "index", cache,
+                             "--secret-key-file", test_key.secret_file, "--jobs", "2"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    data = cache / fileindex.DATA_DIR
+    deadline = time.monotonic() + 60
+    while not (data.is_dir() and list(data.glob(".*.tmp"))):  # a worker is writing
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.002)
+    workers = children(proc.pid)
+    assert workers
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    for pid in workers:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+    assert not [p for p in data.iterdir() if p.name.startswith(".")]
+    assert not list(cache.glob(".*"))
+
+
+def children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+BIG_TEXT_NIX = """
+let
+  text = name: derivation {
+    inherit name;
+    system = builtins.currentSystem;
+    builder = "/bin/sh";
+    args = [ "-c" "mkdir $out && seq 1 20000000 | head -c 100000000 > $out/text" ];
+    PATH = "/usr/bin:/bin";
+  };
+  other = text "cache-index-big-text-2";
+in derivation {
+  name = "cache-index-big-text-1";
+  system = builtins.currentSystem;
+  builder = "/bin/sh";
+  args = [ "-c" "mkdir $out && echo ${other} > $out/ref &&
+                 seq 1 20000000 | head -c 100000000 > $out/text" ];
+  PATH = "/usr/bin:/bin";
+}
+"""
