@@ -72,7 +72,7 @@ class FakeSubstituters:
     def expect_index(self, path: Any) -> None:
         pass  # these caches offer no file indexes (see test_store_chunks.py)
 
-    async def index_ahead(self, info: Any, limit: int) -> bool:
+    async def index_ahead(self, info: Any, limit: int, whole: int = 0) -> bool:
         return True
 
     async def file_index(self, info: Any) -> None:

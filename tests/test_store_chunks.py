@@ -24,7 +24,7 @@ from lazystore.fs.vfs import Vfs
 from lazystore.nix import fileindex
 from lazystore.nix.narinfo import NarInfo
 from lazystore.nix.signing import SecretKey
-from lazystore.store.cache import LocalStore
+from lazystore.store.cache import INDEX_WHOLE, LocalStore
 from lazystore.store.chunks import ChunkCache
 from lazystore.substituter.chunks import encode
 from lazystore.substituter.client import Substituters
@@ -409,6 +409,7 @@ async def test_a_big_index_learnt_ahead_is_only_its_start_until_its_first_read(
         indexed: nixcache.BinaryCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         ) -> None:
     monkeypatch.setattr("lazystore.store.cache.INDEX_AHEAD", 300)
+    monkeypatch.setattr("lazystore.store.cache.INDEX_WHOLE", 300)
     top, docs = Path(indexed.top).name, base_of(indexed, "docs")
     name = f"/{docs[:32]}.lzindex"
     size = (indexed.root / name[1:]).stat().st_size
@@ -431,6 +432,7 @@ async def test_a_big_index_start_learnt_ahead_is_asked_once_for_every_view_of_it
     """A second image's view holding a path whose big index was learnt ahead
     (and never read) does not ask its start again (a delta pull's bytes)."""
     monkeypatch.setattr("lazystore.store.cache.INDEX_AHEAD", 300)
+    monkeypatch.setattr("lazystore.store.cache.INDEX_WHOLE", 300)
     docs = base_of(indexed, "docs")
     name = f"/{docs[:32]}.lzindex"
     with served(indexed) as server:
@@ -440,6 +442,28 @@ async def test_a_big_index_start_learnt_ahead_is_asked_once_for_every_view_of_it
             assert server.range_requests.count(name) == 1
             assert await read(store, docs, MANUAL, 5, 10) == real(indexed, docs, MANUAL)[5:15]
         assert server.requests.count(name) == 2  # its start, then the rest at the read
+
+
+async def test_an_index_of_at_most_index_whole_is_learnt_ahead_whole_and_its_read_asks_none(
+        indexed: nixcache.BinaryCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+        ) -> None:
+    """An index bigger than INDEX_AHEAD but not than INDEX_WHOLE: its start,
+    then its rest, both in the background; its tree is known and its first
+    read waits for no index request."""
+    monkeypatch.setattr("lazystore.store.cache.INDEX_AHEAD", 300)
+    top, docs = Path(indexed.top).name, base_of(indexed, "docs")
+    name = f"/{docs[:32]}.lzindex"
+    assert 300 < (indexed.root / name[1:]).stat().st_size <= INDEX_WHOLE
+    with served(indexed) as server:
+        async with store_over(server.url, indexed.key.public_key, tmp_path) as store:
+            await store.lookup(top)
+            with trio.fail_after(30):  # the references learnt in the background
+                while docs not in store._indexed:
+                    await trio.sleep(0.01)
+            assert store.records[docs].tree is not None  # from that index
+            assert server.range_requests.count(name) == 2  # its start, then its rest
+            assert await read(store, docs, MANUAL, 5, 10) == real(indexed, docs, MANUAL)[5:15]
+        assert server.requests.count(name) == 2
 
 
 async def test_an_index_start_asked_of_a_server_that_ignores_range_is_the_whole_index(

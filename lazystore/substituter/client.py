@@ -455,19 +455,27 @@ class Substituters:
         assert self._nursery is not None, "Substituters used outside its context"
         self._nursery.start_soon(self._index_ahead, f"{path.hash_part}{fileindex.SUFFIX}")
 
-    async def index_ahead(self, info: NarInfo, limit: int) -> bool:
+    async def index_ahead(self, info: NarInfo, limit: int, whole: int = 0) -> bool:
         """Learn the file index of *info* (a narinfo this client returned)
         ahead of use, at most its first *limit* bytes (a big index of a path
-        that may never be read costs the link little); :meth:`file_index`
-        asks for the rest. Whether it needs no request now (the whole index
-        is here, or there is none)."""
+        that may never be read costs the link little), and the rest of one
+        of at most *whole* bytes (it is cheap, and its first use then waits
+        for no request); :meth:`file_index` asks for the rest of a bigger
+        one. Whether it needs no request now (the whole index is here, or
+        there is none)."""
         found = self._offered(info)
         if found is None or not await self._offers_indexes(found[0]):
             return True
         cache, name = found[0], f"{info.path.hash_part}{fileindex.SUFFIX}"
         if name in cache.indexes_ahead:  # asked ahead before (another view of the path)
-            return not isinstance(cache.indexes_ahead[name], tuple)
-        ahead = await self._index_bytes(cache, name, limit)
+            ahead = cache.indexes_ahead[name]
+        else:
+            ahead = await self._index_bytes(cache, name, limit)
+        if isinstance(ahead, tuple) and ahead[1] <= whole:
+            data = await self._index_rest(cache, name, *ahead)
+            if isinstance(cache.indexes_ahead.get(name), tuple):  # not taken meanwhile
+                cache.indexes_ahead[name] = data
+            return True
         return not isinstance(ahead, tuple)
 
     async def _index_file(self, cache: _Cache, name: str) -> bytes | None:
@@ -480,11 +488,20 @@ class Substituters:
             cache.indexes_ahead.pop(name, None)
         if not isinstance(ahead, tuple):
             return ahead
-        start, size = ahead
-        rest = await self._retry(
-            lambda: cache.transport.get_range(name, len(start), size - len(start)),
-            f"{cache.url}/{name}")
-        return start + rest
+        return await self._index_rest(cache, name, *ahead)
+
+    async def _index_rest(self, cache: _Cache, name: str, start: bytes, size: int) -> bytes:
+        """The whole of *cache*'s index *name* whose *start* is here (one
+        request for the rest for concurrent askers)."""
+        async def get() -> bytes:
+            rest = await self._retry(
+                lambda: cache.transport.get_range(name, len(start), size - len(start)),
+                f"{cache.url}/{name}")
+            return start + rest
+
+        assert self._requests is not None, "Substituters used outside its context"
+        data: bytes = await self._requests.run((cache.url, f"{name} (rest)"), get)
+        return data
 
     async def _index_ahead(self, name: str) -> None:
         try:
