@@ -2,8 +2,10 @@
 
 * index cost: ``nix copy --to file://DIR`` of the python workload's closure
   (zstd, signatures made beforehand, untimed) against ``lazystore cache index
-  DIR`` of the same folder (the CLI, ``--jobs 2``), wall and CPU seconds of
-  each command, ``--index-runs`` times (a fresh folder each);
+  DIR`` of such a folder (the CLI, ``--jobs 2``), wall and CPU seconds of
+  each command, both warmed once untimed and then interleaved
+  ``--index-runs`` times (a fresh folder each; see :func:`index_costs`): the
+  ratio of the medians;
 * the python workload (bench/harness) over the shaping proxy (100 Mbit, 20 ms):
   nix-eager, lazystore-fuse and lazystore-fuse-profile (the access profile of
   an earlier run sent as the program starts) from the indexed folder and
@@ -69,17 +71,28 @@ def timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, fl
     return elapsed, cpu
 
 
+def nix_copy(top: str, dest: Path) -> tuple[float, float]:
+    """``nix copy`` of *top*'s closure into a new folder *dest*: wall and CPU seconds."""
+    return timed(["nix", "copy", "--to", f"file://{dest}?compression=zstd", top],
+                 nixtool.nix_env())
+
+
+def cache_index(dest: Path, key: nixcache.KeyPair, chunk_size: str = "1MiB"
+                ) -> tuple[float, float]:
+    """``lazystore cache index`` of *dest* (the CLI, ``--jobs 2``): wall and CPU seconds."""
+    return timed([LAZYSTORE, "cache", "index", str(dest), "--secret-key-file",
+                  str(key.secret_file), "--jobs", "2", "--chunk-size", chunk_size])
+
+
 def write_cache(top: str, dest: Path, key: nixcache.KeyPair, chunk_size: str = "1MiB"
                 ) -> dict[str, Any]:
     """``nix copy`` of *top*'s closure into *dest* (timed), a hard-linked copy
     of that at *dest*-plain (never indexed), then ``lazystore cache index`` of
     *dest* (timed)."""
     nixcache.run_nix("nix", "store", "sign", "--key-file", key.secret_file, "-r", top)
-    copy, copy_cpu = timed(["nix", "copy", "--to", f"file://{dest}?compression=zstd", top],
-                           nixtool.nix_env())
+    copy, copy_cpu = nix_copy(top, dest)
     subprocess.run(["cp", "-al", str(dest), f"{dest}-plain"], check=True)
-    index, index_cpu = timed([LAZYSTORE, "cache", "index", str(dest), "--secret-key-file",
-                              str(key.secret_file), "--jobs", "2", "--chunk-size", chunk_size])
+    index, index_cpu = cache_index(dest, key, chunk_size)
     return {"nix_copy_seconds": copy, "cache_index_seconds": index,
             "index_over_copy": index / copy, "nix_copy_cpu_seconds": copy_cpu,
             "cache_index_cpu_seconds": index_cpu, "index_over_copy_cpu": index_cpu / copy_cpu,
@@ -88,21 +101,44 @@ def write_cache(top: str, dest: Path, key: nixcache.KeyPair, chunk_size: str = "
 
 def index_costs(top: str, key: nixcache.KeyPair, work: Path, runs: int, chunk_size: str
                 ) -> dict[str, Any]:
-    """:func:`write_cache` *runs* times into fresh folders; the first one stays
-    (work/python-cache and its -plain copy) for the runs."""
+    """Wall and CPU seconds of ``nix copy`` and of ``lazystore cache index``,
+    warmed the same way and interleaved. First, untimed, :func:`write_cache`
+    into work/python-cache (kept for the python runs): a nix copy, which reads
+    the closure from the store, and a cache index, which reads that folder, so
+    both commands' inputs and programs are in the page cache. Then *runs*
+    times, the two in turn (nix copy first in even runs, cache index first in
+    odd ones): a nix copy into a new folder, and a cache index of a new
+    hard-linked copy of work/python-cache without its indexes."""
+    source = work / "python-cache"
+    write_cache(top, source, key, chunk_size)  # warm-up, untimed
     costs = []
     for rep in range(runs):
-        dest = work / ("python-cache" if rep == 0 else f"python-cache-{rep}")
-        costs.append(write_cache(top, dest, key, chunk_size))
+        copied, indexed = work / f"copy-{rep}", work / f"index-{rep}"
+        subprocess.run(["cp", "-al", f"{source}-plain", str(indexed)], check=True)
+        if rep % 2:
+            index, index_cpu = cache_index(indexed, key, chunk_size)
+            copy, copy_cpu = nix_copy(top, copied)
+        else:
+            copy, copy_cpu = nix_copy(top, copied)
+            index, index_cpu = cache_index(indexed, key, chunk_size)
+        costs.append({"nix_copy_seconds": copy, "cache_index_seconds": index,
+                      "index_over_copy": index / copy, "nix_copy_cpu_seconds": copy_cpu,
+                      "cache_index_cpu_seconds": index_cpu,
+                      "index_over_copy_cpu": index_cpu / copy_cpu,
+                      "load_average": os.getloadavg()[0]})
         log.info("index cost: %s", {k: round(v, 2) for k, v in costs[-1].items()})
-        if rep:
-            shutil.rmtree(dest)
-            shutil.rmtree(f"{dest}-plain")
+        shutil.rmtree(copied)
+        shutil.rmtree(indexed)
+    copy = median(c["nix_copy_seconds"] for c in costs)
+    index = median(c["cache_index_seconds"] for c in costs)
+    copy_cpu = median(c["nix_copy_cpu_seconds"] for c in costs)
+    index_cpu = median(c["cache_index_cpu_seconds"] for c in costs)
     wall = [c["index_over_copy"] for c in costs]
-    cpu = [c["index_over_copy_cpu"] for c in costs]
-    return {"runs": costs, "index_over_copy_median": median(wall),
+    return {"runs": costs, "nix_copy_median": copy, "cache_index_median": index,
+            "index_over_copy_median": index / copy,
             "index_over_copy_range": [min(wall), max(wall)],
-            "index_over_copy_cpu_median": median(cpu)}
+            "nix_copy_cpu_median": copy_cpu, "cache_index_cpu_median": index_cpu,
+            "index_over_copy_cpu_median": index_cpu / copy_cpu}
 
 
 def python_runs(wl: workloads.Workload, cache: Path, key: nixcache.KeyPair, work: Path,
@@ -194,8 +230,10 @@ def main() -> int:
     parser.add_argument("--big-mib", type=int, default=1024)
     parser.add_argument("--skip-python", action="store_true")
     parser.add_argument("--skip-big", action="store_true")
-    parser.add_argument("--index-runs", type=int, default=3,
-                        help="nix copy + cache index pairs of the python closure (default 3)")
+    parser.add_argument("--index-only", action="store_true",
+                        help="only the python closure's index cost (implies --skip-big)")
+    parser.add_argument("--index-runs", type=int, default=5,
+                        help="nix copy + cache index pairs of the python closure (default 5)")
     parser.add_argument("--chunk-size", default="1MiB", help="of the python cache's index")
     parser.add_argument("--big-chunk-size", default="1MiB", help="of the large file's index")
     args = parser.parse_args()
@@ -208,9 +246,10 @@ def main() -> int:
             wl = workloads.build("python", quick=args.quick)
             result["python_index_cost"] = index_costs(wl.top, key, work, args.index_runs,
                                                       args.chunk_size)
-            result["python_100mbit"] = python_runs(wl, work / "python-cache", key, work,
-                                                   args.runs)
-        if not args.skip_big:
+            if not args.index_only:
+                result["python_100mbit"] = python_runs(wl, work / "python-cache", key, work,
+                                                       args.runs)
+        if not args.skip_big and not args.index_only:
             mib = 64 if args.quick else args.big_mib
             result["last_chunk_first_byte_100mbit"] = last_chunk_first_byte(
                 mib, key, work, args.runs, args.big_chunk_size)
