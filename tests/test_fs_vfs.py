@@ -234,6 +234,28 @@ async def test_open_read_fetches_once_and_pins(tmp_path: Path, subs: FakeSubstit
         assert await store.evict([]) == [A]
 
 
+async def test_fuse_requests_are_counted_by_kind_failed_ones_too(
+    tmp_path: Path, subs: FakeSubstituters
+) -> None:
+    async with LocalStore(subs, tmp_path) as store:
+        vfs = Vfs(store)
+        ops = Operations(vfs)
+        a = (await ops.lookup(ROOT_INODE, A.encode())).st_ino
+        lib = (await ops.lookup(a, b"lib")).st_ino
+        with pytest.raises(pyfuse3.FUSEError):
+            await ops.lookup(lib, b"missing")
+        data = (await ops.lookup(lib, b"data")).st_ino
+        with pytest.raises(pyfuse3.FUSEError) as info:
+            await ops.getxattr(data, b"trusted.overlay.metacopy", None)
+        assert info.value.errno == errno.ENODATA
+        fh = (await ops.open(data, os.O_RDONLY, None)).fh
+        await ops.read(fh, 0, 100)
+        await ops.release(fh)
+        await ops.forget([(data, 1)])
+        assert vfs.fuse_requests == {"lookup": 4, "getxattr": 1, "open": 1, "read": 1,
+                                     "release": 1, "forget": 1}
+
+
 # pyfuse3.Operations handlers that change nothing; every other one writes.
 NON_WRITING = {
     "access", "flush", "forget", "fsync", "fsyncdir", "getattr", "getxattr", "init",

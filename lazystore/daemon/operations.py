@@ -79,6 +79,7 @@ class ControlOperations:
             inodes=len(self.vfs.inodes),
             open_files=self.vfs.open_files(),
             bytes_served=self.vfs.bytes_served,
+            fuse_requests=dict(self.vfs.fuse_requests),
             requests=dict(self.requests),
             data_dir=str(self.store.data_dir),
         )

@@ -55,8 +55,11 @@ def to_errno(exc: BaseException) -> int:
 
 
 def mapped(fn: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """The handler *fn* with its errors mapped (:func:`to_errno`), counted in
+    the Vfs's ``fuse_requests`` (``status``: what a start asks of the daemon)."""
     @functools.wraps(fn)
     async def wrapper(*args: Any, **kwargs: Any) -> T:
+        args[0].vfs.fuse_requests[fn.__name__] += 1
         try:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
@@ -128,6 +131,7 @@ class Operations(pyfuse3.Operations):
         return self.entry(await self.vfs.lookup(parent_inode, os.fsdecode(name)))
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        self.vfs.fuse_requests["forget"] += 1
         for ino, n in inode_list:  # must never raise
             self.vfs.forget(ino, n)
 
@@ -168,6 +172,7 @@ class Operations(pyfuse3.Operations):
         return await self.vfs.read(fh, off, size)
 
     async def release(self, fh: int) -> None:
+        self.vfs.fuse_requests["release"] += 1
         try:
             self.vfs.release(fh)
         except OSError as exc:

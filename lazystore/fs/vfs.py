@@ -28,6 +28,7 @@ import hashlib
 import logging
 import os
 import stat
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,6 +174,7 @@ class Vfs:
         self.store = store
         self.store_dir_parts = tuple(p for p in store_dir.split("/") if p)
         self.bytes_served = 0  # bytes read through the mount
+        self.fuse_requests: Counter[str] = Counter()  # answered by the FUSE handlers, by kind
         self.inodes: dict[int, Inode] = {
             ROOT_INODE: Inode(ROOT_INODE, "root", lookups=1),
             VIEWS_INODE: Inode(VIEWS_INODE, "views", lookups=1),
