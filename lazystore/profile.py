@@ -122,3 +122,41 @@ def _read(row: object) -> Read | None:
             and isinstance(size, int) and size >= 0 and isinstance(at, (int, float))):
         return None
     return Read(path, file, size, float(at))
+
+
+# -- "ahead" entries: what an image's label or a view's prefetch names -------
+# An entry is a store path basename (fetch the whole path) or BASENAME/FILE
+# (one file of it: its chunks where the cache offers a file index, else the
+# whole path), in the order a start reads them.
+
+
+def ahead_entry(path: str, file: str = "") -> str:
+    """The entry naming *file* of store path *path* ("" for the path itself)."""
+    return f"{path}/{file}" if file else path
+
+
+def parse_ahead(entry: str) -> tuple[str, str] | None:
+    """(basename, file) of an untrusted entry, None if it is not one: the
+    basename a store path's, the file a plain relative path (no empty, ``.``
+    or ``..`` part, no NUL)."""
+    path, _, file = entry.partition("/")
+    if not is_valid_basename(path):
+        return None
+    if file and ("\0" in file or any(p in ("", ".", "..") for p in file.split("/"))):
+        return None
+    return path, file
+
+
+def ahead_files(entries: list[tuple[str, str]]) -> tuple[list[str], dict[str, list[str]]]:
+    """The store paths of parsed *entries* in order, each once, and for those
+    named only by files, their files (in order): the arguments of a
+    prefetch that fetches those files' chunks and the other paths whole."""
+    paths = list(dict.fromkeys(p for p, _ in entries))
+    whole = {p for p, f in entries if not f}
+    files: dict[str, list[str]] = {}
+    for path, file in entries:
+        if path not in whole:
+            files.setdefault(path, [])
+            if file not in files[path]:
+                files[path].append(file)
+    return paths, files

@@ -220,7 +220,17 @@ def test_a_profile_is_an_annotation_of_the_closures_paths_that_fit(
     assert nix.profile_paths(closure, [two, "0" * 31 + "1-elsewhere", one]) == [two]
 
 
-def test_cli_build_with_a_profile_annotates_its_paths_in_order(
+@pytest.mark.allow_log(r"the profile names 1 store paths outside the closure, ignored: "
+                       r"0+1-elsewhere$")
+def test_a_profiles_files_are_entries_of_the_closures_paths() -> None:
+    closure = [f"/nix/store/{'a' * 32}-one", f"/nix/store/{'b' * 32}-two"]
+    one, two = (p.rsplit("/", 1)[1] for p in closure)
+    elsewhere = "0" * 31 + "1-elsewhere"
+    assert nix.profile_paths(closure, [f"{two}/bin/x", f"{elsewhere}/lib/y", one,
+                                       f"{elsewhere}/z", f"{two}/bin/x"]) == [f"{two}/bin/x", one]
+
+
+def test_cli_build_with_a_profile_annotates_its_files_in_order(
         tmp_path: Path, sample_closure: str, capsys: pytest.CaptureFixture[str]) -> None:
     from lazystore import profile
 
@@ -236,4 +246,4 @@ def test_cli_build_with_a_profile_annotates_its_paths_in_order(
     with OciArchive(out) as image:
         (layer,) = image.layers
     assert layer.annotations["containerd.io/snapshot/lazystore-profile"] == (
-        f"{Path(sample_closure).name} {liba}")
+        f"{Path(sample_closure).name}/bin/prog {liba}/lib/data")

@@ -747,14 +747,16 @@ def test_a_second_snapshotter_on_the_same_root_is_refused(
     assert [i.name for i in listing(sn)] == ["a"]  # the first one still serves, unharmed
 
 
-@pytest.mark.allow_log(r"label containerd.io/snapshot/lazystore-profile: ignoring 1 names")
-def test_a_profile_label_is_handed_to_the_view_as_paths_to_fetch_ahead(
+@pytest.mark.allow_log(r"label containerd.io/snapshot/lazystore-profile: ignoring 3 names")
+def test_a_profile_label_is_handed_to_the_view_as_paths_and_files_to_fetch_ahead(
     env: Env, sn: pb_grpc.SnapshotsStub
 ) -> None:
     b1, b2 = os.path.basename(P1), os.path.basename(P2)
+    words = f"{b2} ../../etc {b1}/bin/run {b1}/../../etc/shadow {b1} {b2}/lib//x"
     labels = {REF: "sha256:prof", NIX_LAYER: "true", NIX_PATH + "0": P1, NIX_PATH + "1": P2,
-              "containerd.io/snapshot/lazystore-profile": f"{b2} ../../etc {b1}"}
+              "containerd.io/snapshot/lazystore-profile": words}
     assert code_of(lambda: prepare(sn, "x sha256:prof", **labels)) == (
         grpc.StatusCode.ALREADY_EXISTS)
     [created] = env.views.creates()
-    assert created["prefetch"] == [b2, b1]  # in the profile's order, the bad name dropped
+    # in the profile's order, the names that are no store path or plain file of one dropped
+    assert created["prefetch"] == [b2, f"{b1}/bin/run", b1]

@@ -20,6 +20,8 @@ import pytest
 import trio
 
 from lazystore import cacheindex
+from lazystore.daemon.operations import ControlOperations
+from lazystore.errors import ControlError
 from lazystore.fs.vfs import Vfs
 from lazystore.nix import fileindex
 from lazystore.nix.narinfo import NarInfo
@@ -244,6 +246,36 @@ async def test_a_profile_prefetches_only_its_files_chunks_and_reads_then_ask_not
                 indexed, busybox, binary)[:10]
         # adjacent chunks of the profile's files in groups of at most PROFILE_GROUP bytes
         assert 1 <= len(server.range_requests) <= 1 + manual.size // (1 << 20)
+        assert nar_of(indexed, docs) not in server.requests
+
+
+async def test_a_views_prefetch_of_a_file_fetches_that_files_chunks_and_whole_paths_else(
+        indexed: nixcache.BinaryCache, tmp_path: Path) -> None:
+    """What a nix layer's profile label hands the daemon (``BASENAME/FILE``
+    entries, lazystore.profile): only that file's chunks, no NAR of its path."""
+    docs, busybox = base_of(indexed, "docs"), base_of(indexed, "busybox")
+    manual = index_of(indexed, docs).files[-1]
+    with served(indexed) as server:
+        async with store_over(server.url, indexed.key.public_key, tmp_path) as store:
+            ops = ControlOperations(store, Vfs(store), "/mnt", [])
+            await ops.handle("view_create", {
+                "id": "v", "paths": [docs, busybox], "closure_info": None,
+                "prefetch": [f"/nix/store/{docs}/{'/'.join(MANUAL)}", busybox]})
+            stats = store.subs.stats  # type: ignore[attr-defined]
+            with trio.fail_after(30):
+                while not (store.records.get(busybox) and store.records[busybox].materialized
+                           and stats.chunk_bytes >= sum(c.length for c in manual.chunks)):
+                    await trio.sleep(0.01)
+            assert stats.chunk_bytes == sum(c.length for c in manual.chunks)
+            assert not store.records[docs].materialized
+            asked = len(server.requests)
+            assert await read(store, docs, MANUAL, 0, 1 << 20) == real(indexed, docs, MANUAL)
+            assert len(server.requests) == asked  # the read found every chunk here
+            with pytest.raises(ControlError, match="neither a store path nor a file of one"):
+                await ops.handle("view_create", {"id": "w", "paths": [docs],
+                                                 "closure_info": None,
+                                                 "prefetch": [f"{docs}/../{busybox}"]})
+            assert "w" not in ops.vfs.views
         assert nar_of(indexed, docs) not in server.requests
 
 

@@ -39,8 +39,9 @@ def _register_build(image: argparse._SubParsersAction) -> None:
         "--layered", type=int, metavar="N", help="classic image, real contents in <= N layers"
     )
     p.add_argument("--profile", type=Path, metavar="FILE",
-                   help="an access profile (lazystore profile save): its store paths are "
-                   "fetched ahead when the image is pulled through the lazystore snapshotter")
+                   help="an access profile (lazystore profile save): the files it read "
+                   "are fetched ahead, in its order, when the image is pulled through the "
+                   "lazystore snapshotter (as many as a label of 4 KiB names)")
     p.set_defaults(func=_build)
 
 
@@ -86,7 +87,8 @@ def _build(args: argparse.Namespace) -> int:
     from lazystore import profile
     from lazystore.cli.daemon import read_profile
 
-    ahead = [] if args.profile is None else profile.parse(read_profile(args.profile)).paths
+    reads = [] if args.profile is None else profile.parse(read_profile(args.profile)).reads
+    ahead = [profile.ahead_entry(r.path, r.file) for r in reads]
     result = build_image(args.paths, args.output, args.name, runtime, args.layered, ahead)
     print(
         f"{result.path}: {result.name.full} {result.manifest_digest} "

@@ -104,7 +104,9 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
         "whose store-paths file lists more paths; the paths stay pinned while the view "
         "exists; the same view again is a no-op, the same id with other paths an error; "
         "prefetch (an access profile's paths, README's Access profiles): those of the "
-        "view fetched in the background in this order, any other ignored; "
+        "view fetched in the background in this order, any other ignored; an entry "
+        "<path>/<file> fetches only that file (its chunks where the cache has a file "
+        "index, else the whole path); "
         "an id ending in .data: a view whose files an overlay with data_dir as a "
         "data-only layer reads from there once materialised (no other overlay may use it)",
         needs_one_of=("paths", "closure_info"),

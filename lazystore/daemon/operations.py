@@ -98,14 +98,26 @@ class ControlOperations:
         bases = [self.store.parse(p).basename for p in paths]
         if closure_info is not None:
             bases += await self._closure_info(closure_info)
+        entries = [self._ahead_entry(p) for p in prefetch]  # refused before any view
         new = id not in self.vfs.views
         rel = await self.vfs.create_view(id, bases)
         if new and (prefetch or self.background_fetch):
-            ahead = self._view_profile(id, [self.store.parse(p).basename for p in prefetch],
-                                       set(bases))
+            ahead = self._view_profile(id, [p for p, _ in entries], set(bases))
+            _, files = profile.ahead_files([e for e in entries if e[0] in set(ahead)])
             rest = [b for b in self.vfs.views[id].bases if b not in set(ahead)]
-            self.store.prefetch_soon(ahead, why=id, then=rest if self.background_fetch else [])
+            self.store.prefetch_soon(ahead, why=id, then=rest if self.background_fetch else [],
+                                     files=files)
         return {"path": f"{self.mountpoint}/{rel}", "paths": list(self.vfs.views[id].bases)}
+
+    def _ahead_entry(self, entry: str) -> tuple[str, str]:
+        """(basename, file) of a view's prefetch entry: a store path (full or
+        its basename) or a file of one (``BASENAME/FILE``, ``/nix/store/...``)."""
+        prefix = self.store.store_dir + "/"
+        found = profile.parse_ahead(entry[len(prefix):] if entry.startswith(prefix) else entry)
+        if found is None:
+            raise ControlError(f"view_create: {entry[:120]!r} is neither a store path nor "
+                               "a file of one")
+        return found
 
     def _view_profile(self, view_id: str, wanted: list[str], closure: set[str]) -> list[str]:
         """A view's profile came with its image (untrusted): only the view's

@@ -42,7 +42,8 @@ def placeholder_entries(
 
 def annotations(paths: Sequence[str], profile: Sequence[str] = ()) -> dict[str, str]:
     """The layer descriptor annotations naming *paths* (in the given order) and,
-    given, the store paths of an access profile (basenames, in its order)."""
+    given, the entries of an access profile (store path basenames and their
+    files, ``BASENAME/FILE``: lazystore.profile's entries, in its order)."""
     found = {NIX_LAYER: "true"}
     for i, path in enumerate(paths):
         found[f"{NIX_STORE_PATH}{i}"] = path
@@ -52,24 +53,26 @@ def annotations(paths: Sequence[str], profile: Sequence[str] = ()) -> dict[str, 
 
 
 def profile_paths(paths: Sequence[str], profile: Sequence[str]) -> list[str]:
-    """The basenames of *profile* (an access profile's store paths, in order)
-    that are in the closure *paths* (full store paths), each once, as many as
-    the label takes; what is left out is a warning."""
+    """The entries of *profile* (an access profile's store paths or files of
+    them, ``BASENAME/FILE``, in order) whose path is in the closure *paths*
+    (full store paths), each once, as many as the label takes; what is left
+    out is a warning."""
     closure = {p.rsplit("/", 1)[-1] for p in paths}
     wanted = list(dict.fromkeys(profile))
-    outside = [b for b in wanted if b not in closure]
+    outside = list(dict.fromkeys(b for e in wanted if (b := e.partition("/")[0]) not in closure))
     if outside:
         log.warning("the profile names %d store paths outside the closure, ignored: %s",
                     len(outside), ", ".join(outside[:3]) + (" ..." if outside[3:] else ""))
+    inside = [e for e in wanted if e.partition("/")[0] in closure]
     kept: list[str] = []
     size = -1
-    for base in (b for b in wanted if b in closure):
-        size += len(base) + 1
+    for entry in inside:
+        size += len(entry) + 1
         if size > PROFILE_BYTES:
             log.warning("the profile's store paths do not fit in a label: the first %d of "
-                        "%d are kept", len(kept), len([b for b in wanted if b in closure]))
+                        "%d are kept", len(kept), len(inside))
             break
-        kept.append(base)
+        kept.append(entry)
     return kept
 
 

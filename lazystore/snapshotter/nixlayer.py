@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from lazystore import profile
 from lazystore.errors import FormatError
 from lazystore.nix import storepath
 from lazystore.nix.labels import LAZYSTORE_PROFILE, NIX_CLOSURE, NIX_LAYER, NIX_STORE_PATH
@@ -54,15 +55,16 @@ def _store_path(label: str, value: str, store_dir: str) -> str:
 
 
 def profile_of(labels: Mapping[str, str]) -> list[str]:
-    """The store paths (basenames, in order) an image's access profile says
-    to fetch ahead; untrusted: names that are no store path basename are
-    dropped with a warning (the daemon keeps only the view's own)."""
+    """What an image's access profile says to fetch ahead, in order: store
+    path basenames and files of them (``BASENAME/FILE``, lazystore.profile's
+    entries); untrusted: other words are dropped with a warning (the daemon
+    keeps only the view's own paths)."""
     words = labels.get(LAZYSTORE_PROFILE, "").split()
-    bad = [w for w in words if not storepath.is_valid_basename(w)]
+    bad = [w for w in words if profile.parse_ahead(w) is None]
     if bad:
-        log.warning("label %s: ignoring %d names that are not store paths (%.60s)",
-                    LAZYSTORE_PROFILE, len(bad), bad[0])
-    return [w for w in words if storepath.is_valid_basename(w)]
+        log.warning("label %s: ignoring %d names that are not store paths or their files "
+                    "(%.60s)", LAZYSTORE_PROFILE, len(bad), bad[0])
+    return [w for w in words if profile.parse_ahead(w) is not None]
 
 
 def parse_labels(labels: dict[str, str], store_dir: str) -> NixLabels | None:

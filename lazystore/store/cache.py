@@ -874,19 +874,21 @@ class LocalStore:
         except StoreError as exc:
             log.info("resolving %d store paths: %s", len(bases), exc)
 
-    def prefetch_soon(self, bases: list[str], why: str = "", then: list[str] | None = None
-                      ) -> None:
-        """:meth:`prefetch_in_order` in the background (a task of the store's
-        nursery), and after it *then* at low priority (``--background-fetch``:
-        BACKGROUND_FETCH_PARALLEL at once); failures are only logged (a reader
-        sees its own)."""
+    def prefetch_soon(self, bases: list[str], why: str = "", then: list[str] | None = None,
+                      files: dict[str, list[str]] | None = None) -> None:
+        """:meth:`prefetch_in_order` (with *files*) in the background (a task of
+        the store's nursery), and after it *then* at low priority
+        (``--background-fetch``: BACKGROUND_FETCH_PARALLEL at once); failures
+        are only logged (a reader sees its own)."""
         assert self._nursery is not None, "LocalStore used outside its context"
-        self._nursery.start_soon(self._prefetch_soon, bases, why, then or [])
+        self._nursery.start_soon(self._prefetch_soon, bases, why, then or [], files)
 
-    async def _prefetch_soon(self, bases: list[str], why: str, then: list[str]) -> None:
-        for paths, parallel in ((bases, PROFILE_PARALLEL), (then, BACKGROUND_FETCH_PARALLEL)):
+    async def _prefetch_soon(self, bases: list[str], why: str, then: list[str],
+                             files: dict[str, list[str]] | None) -> None:
+        for paths, parallel, only in ((bases, PROFILE_PARALLEL, files),
+                                      (then, BACKGROUND_FETCH_PARALLEL, None)):
             try:
-                await self.prefetch_in_order(paths, why, parallel)
+                await self.prefetch_in_order(paths, why, parallel, files=only)
             except StoreError as exc:
                 log.info("prefetching %d store paths ahead of use: %s", len(paths), exc)
 
