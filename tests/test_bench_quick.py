@@ -81,6 +81,13 @@ def test_runs_report_plausible_values(quick_run: tuple[dict[str, Any], Path]) ->
         if run["mode"] in ("lazystore-fuse", "lazystore-snapshotter"):
             # the caches carry file indexes: files come by chunks (issue 15)
             assert run["chunk_requests"] > 0 and run["daemon_chunk_bytes"] > 0, run
+        if run["mode"].startswith("lazystore-snapshotter"):
+            # only an image with a profile label has the daemon fetch paths ahead (ctr
+            # image pull passes no labels; the profile mode pulls with ctr-remote)
+            assert (run["paths_fetched_ahead"] > 0) == run["mode"].endswith("-profile"), run
+        if run["mode"].startswith("delta-"):
+            # the second image is counted once the link is quiet after the first
+            assert run["settled"] and run["settle_seconds"] >= 1.0, run
         if run["mode"].endswith("-noindex"):
             # the same cache without them: whole NARs, never a chunk
             assert run["chunk_requests"] == 0 and run["nar_requests"] > 0, run
@@ -166,3 +173,41 @@ def test_file_index_targets_from_the_runs_chunk_bytes() -> None:
                "first output)"] == (True, 0.04)
     assert got["lazystore-fuse: bytes through the link <= 1.3x compressed bytes of the chunks "
                "reads used (python, 100mbit)"] == (True, 1.2)
+
+
+def test_wait_quiet_returns_once_nothing_crossed_the_proxy_for_the_quiet_time(
+        tmp_path: Path) -> None:
+    """What a delta mode waits for after its first image (the node's
+    background work settled), before counting the second pull."""
+    import threading
+    import time
+
+    from bench.harness.measure import wait_quiet
+
+    (tmp_path / "x").write_bytes(b"x" * 1000)
+    with serve_directory(tmp_path) as server:
+        with shaping_proxy(server.url, PROFILES["unshaped"]) as proxy:  # type: ignore[attr-defined]
+            busy_until = time.monotonic() + 0.8
+
+            def background() -> None:  # a request every 0.1 s for 0.8 s
+                while time.monotonic() < busy_until:
+                    with urllib.request.urlopen(f"{proxy.url}/x") as resp:
+                        resp.read()
+                    time.sleep(0.1)
+
+            worker = threading.Thread(target=background)
+            worker.start()
+            time.sleep(0.05)
+            started = time.monotonic()
+            waited, quiet = wait_quiet([proxy], quiet=0.3, timeout=10)
+            last = proxy.stats.log[-1][0]
+            worker.join()
+            assert quiet and time.monotonic() - last >= 0.3  # quiet since the last request
+            assert waited >= busy_until - started  # not before the background work ended
+            busy_until = time.monotonic() + 5
+            worker = threading.Thread(target=background)
+            worker.start()
+            waited, quiet = wait_quiet([proxy], quiet=0.3, timeout=0.6)
+            assert not quiet and 0.6 <= waited < 1.0  # never quiet: the timeout, said so
+            busy_until = 0.0
+            worker.join()

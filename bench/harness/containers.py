@@ -29,15 +29,18 @@ from bench.harness.measure import (
     peak_rss_kib,
     proc_peak_rss_kib,
     run_until_exit,
+    wait_quiet,
 )
 from bench.harness.modes import (
     LAZYSTORE,
     Context,
     cli_has,
+    event_timeline,
     fresh_daemon,
     lazystore_status,
     nar_fetches,
     paths_fetched,
+    recorded_profile,
 )
 from bench.harness.workloads import CACHE_DIR, Workload
 from bench.proxy import ShapingProxy, shaping_proxy
@@ -62,8 +65,9 @@ class Images:
         return self.refs[(kind, variant)].split("/", 1)[1]
 
 
-def _image_archive(wl: Workload, kind: str) -> Path:
-    """Build (once, cached in bench/.cache/images) the workload's nix or layered image."""
+def _image_archive(wl: Workload, kind: str, profile: Path | None = None) -> Path:
+    """Build (once, cached in bench/.cache/images) the workload's nix or layered
+    image, or its nix image annotated with the access profile *profile*."""
     dest = CACHE_DIR / "images" / f"{Path(wl.top).name}-{kind}.tar"
     if dest.exists():
         return dest
@@ -73,6 +77,8 @@ def _image_archive(wl: Workload, kind: str) -> Path:
             "--name", f"bench/{wl.name}:{kind}", "--entrypoint", json.dumps(wl.argv)]
     if kind == "layered":
         argv += ["--layered", str(LAYERS)]
+    if profile is not None:
+        argv += ["--profile", str(profile)]
     log.info("building %s image of %s", kind, wl.top)
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -96,14 +102,18 @@ def start_registry(stack: ExitStack, workdir: Path, first: Workload, second: Wor
     refs = {}
     for variant, wl in (("v1", first), ("v2", second)):
         for kind in ("nix", "layered"):
-            archive = _image_archive(wl, kind)
             repo = f"bench/{wl.name}-{kind}:{variant}"
-            proc = subprocess.run([LAZYSTORE, "image", "push", str(archive), f"{reg.host}/{repo}",
-                                   "--plain-http"], capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RunFailed(f"lazystore image push failed: {proc.stderr.strip()[-500:]}")
+            push_archive(_image_archive(wl, kind), reg.host, repo)
             refs[(kind, variant)] = f"{proxy.address}/{repo}"
     return Images(proxy, refs, reg.host)
+
+
+def push_archive(archive: Path, host: str, repo: str) -> None:
+    """Push an OCI archive into the registry at *host* as *repo* (REPO:TAG)."""
+    proc = subprocess.run([LAZYSTORE, "image", "push", str(archive), f"{host}/{repo}",
+                           "--plain-http"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RunFailed(f"lazystore image push failed: {proc.stderr.strip()[-500:]}")
 
 
 def images_for(ctx: Context) -> Images:
@@ -128,6 +138,8 @@ class Pull:
         self.ctd = ctd
         self.snapshotter = snapshotter
         self.timeout = timeout
+        self.started = 0.0  # time.monotonic() and time.time() at the last run's pull
+        self.started_wall = 0.0
 
     def ctr_args(self, *args: str) -> list[str]:
         return ["ctr", "--address", str(self.ctd.address), "--namespace", self.ctd.namespace,
@@ -139,7 +151,8 @@ class Pull:
 
     def run(self, ref: str, name: str, expect: str,
             argv: tuple[str, ...] = ()) -> tuple[Output, dict[str, float]]:
-        start = time.monotonic()
+        start = self.started = time.monotonic()
+        self.started_wall = time.time()
         pull = run_until_exit(self.pull_argv(ref), start, self.timeout)
         if pull.returncode != 0:
             raise RunFailed(f"ctr image pull failed: {pull.stderr.strip()[-500:]}")
@@ -155,6 +168,29 @@ class Pull:
         self.ctd.ctr("tasks", "delete", name, check=False)
         self.ctd.ctr("containers", "delete", name, check=False)
         return prog, split
+
+
+class RemotePull(Pull):
+    """A pull by ``ctr-remote image rpull`` (stargz-snapshotter's, from Debian):
+    containerd's client pull with unpacking, which hands each layer's
+    ``containerd.io/snapshot/`` annotations to the snapshotter as labels (as CRI
+    does with ``disable_snapshot_annotations = false``; ``ctr image pull``
+    passes none) and adds the stargz peer's remote-snapshot labels."""
+
+    def pull_argv(self, ref: str) -> list[str]:
+        return ["ctr-remote", *self.ctr_args("images", "rpull", "--plain-http",
+                                             "--snapshotter", self.snapshotter, ref)[1:]]
+
+
+def run_first(puller: Pull, ref: str, expect: str, proxies: list[ShapingProxy]) -> Record:
+    """A delta mode's first image, pulled and run (untimed), then until the link
+    is quiet (:func:`wait_quiet`): what the node still does for the first image
+    is not counted as the second's."""
+    puller.run(ref, "first", expect)
+    waited, quiet = wait_quiet(proxies)
+    if not quiet:
+        log.info("the link was still busy %.0f s after the first image", waited)
+    return {"settle_seconds": round(waited, 2), "settled": quiet}
 
 
 def record_of(prog: Output, split: dict[str, float], proxies: list[ShapingProxy],
@@ -176,8 +212,10 @@ def oci_overlayfs(ctx: Context, delta: bool = False) -> Record:
     with containerd.Containerd(ctx.fresh_dir("containerd-oci")) as ctd:
         puller = Pull(ctd, "overlayfs", ctx.timeout)
         new_nar = None
+        settled: Record = {}
         if delta:
-            puller.run(images.refs[("layered", "v1")], "first", ctx.workload.expect)
+            settled = run_first(puller, images.refs[("layered", "v1")], ctx.workload.expect,
+                                [images.proxy, ctx.cache_proxy])
             new_nar = new_nar_bytes(ctx)
         dropped = drop_caches()
         for p in (images.proxy, ctx.cache_proxy):
@@ -189,7 +227,7 @@ def oci_overlayfs(ctx: Context, delta: bool = False) -> Record:
         rss = proc_peak_rss_kib(ctd.proc)
     record.update({"store_paths_fetched": paths_in_layers(ctx, delta),
                    "blobs_fetched": layers, "daemon_peak_rss_kib": rss,
-                   "page_cache_dropped": dropped})
+                   "page_cache_dropped": dropped, **settled})
     if new_nar is not None:
         record["new_nar_bytes"] = new_nar
     return record
@@ -208,30 +246,43 @@ def new_nar_bytes(ctx: Context) -> int:
     return sum(second.nar_sizes[p] for p in new)
 
 
-def lazystore_snapshotter(ctx: Context, delta: bool = False) -> Record:
+def lazystore_snapshotter(ctx: Context, delta: bool = False, kind: str = "nix",
+                          labelled: bool = False) -> Record:
     """The nix image through lazystore's snapshotter (fresh daemon, snapshotter
-    and containerd, empty caches)."""
+    and containerd, empty caches); *labelled*: pulled so that the layer's
+    annotations reach the snapshotter (:class:`RemotePull`)."""
     images = images_for(ctx)
     if not cli_has("snapshotter"):
         raise Skip("`lazystore snapshotter` has not landed yet (issue 5)")
+    if labelled and shutil.which("ctr-remote") is None:
+        raise Skip("ctr-remote (Debian's stargz-snapshotter) is not installed")
     with ExitStack() as stack:
         daemon, snap, ctd, base = _lazy_node(ctx, stack)
-        puller = Pull(ctd, "lazystore", ctx.timeout)
+        puller = (RemotePull if labelled else Pull)(ctd, "lazystore", ctx.timeout)
         new_nar = None
         before: set[str] = set()
+        settled: Record = {}
         if delta:
-            puller.run(images.refs[("nix", "v1")], "first", ctx.workload.expect)
+            settled = run_first(puller, images.refs[("nix", "v1")], ctx.workload.expect,
+                                [images.proxy, ctx.cache_proxy])
             new_nar = new_nar_bytes(ctx)
             before = set(lazystore_status(daemon.sock).get("paths_materialized", []))
         dropped = drop_caches()
         for p in (images.proxy, ctx.cache_proxy):
             p.reset()
-        prog, split = puller.run(images.refs[("nix", "v2" if delta else "v1")], "bench",
+        prog, split = puller.run(images.refs[(kind, "v2" if delta else "v1")], "bench",
                                  ctx.extra["delta"].expect if delta else ctx.workload.expect)
         cache_stats = ctx.cache_proxy.stats
         record = record_of(prog, split, [images.proxy, ctx.cache_proxy])
         status = lazystore_status(daemon.sock)
+        timeline = event_timeline(daemon, puller.started_wall)
         record.update({
+            # times from the pull's start (the program's start is split's pull + create)
+            "timeline": timeline,
+            # the store paths an image's profile label had the daemon fetch ahead
+            "paths_fetched_ahead": len({e["path"] for e in timeline if e["kind"] == "profile"}),
+            "link_log": [[round(t - puller.started, 4), line] for t, line in cache_stats.log],
+            "fuse_requests": status.get("fuse_requests"),
             "store_paths_fetched": paths_fetched(status, cache_stats, before),
             "nar_requests": nar_fetches(cache_stats),
             "chunk_requests": len(cache_stats.targets("/lzdata/")),
@@ -241,6 +292,7 @@ def lazystore_snapshotter(ctx: Context, delta: bool = False) -> Record:
             "snapshotter_peak_rss_kib": peak_rss_kib(snap.pid),
             "containerd_peak_rss_kib": proc_peak_rss_kib(ctd.proc),
             "page_cache_dropped": dropped,
+            **settled,
         })
         if new_nar is not None:
             record["new_nar_bytes"] = new_nar
@@ -304,6 +356,24 @@ def registry_lazystore_snapshotter(ctx: Context) -> Record:
     return record
 
 
+def lazystore_snapshotter_profile(ctx: Context) -> Record:
+    """As lazystore-snapshotter with the nix image built with an access profile
+    (``lazystore image build --profile``; recorded by one untimed run of the
+    program through a root mount): its layer's label names the files the
+    program read first, in order, as many as the label takes, and the daemon
+    fetches their chunks from the pull on. The pull is ``ctr-remote image
+    rpull``, as for stargz (``ctr image pull`` hands the snapshotter no layer
+    annotations). Set against stargz-prefetch, whose image carries the files
+    an earlier run opened too."""
+    images = images_for(ctx)
+    if ("nix-profile", "v1") not in images.refs:
+        archive = _image_archive(ctx.workload, "nix-profile", recorded_profile(ctx))
+        repo = f"bench/{ctx.workload.name}-nix-profile:v1"
+        push_archive(archive, images.registry_host, repo)
+        images.refs[("nix-profile", "v1")] = f"{images.proxy.address}/{repo}"
+    return lazystore_snapshotter(ctx, kind="nix-profile", labelled=True)
+
+
 def lazystore_snapshotter_noindex(ctx: Context) -> Record:
     """As lazystore-snapshotter from the same cache without file indexes."""
     return lazystore_snapshotter(ctx.unindexed())
@@ -320,6 +390,7 @@ def delta_lazystore_snapshotter(ctx: Context) -> Record:
 CONTAINER_MODES = {
     "oci-overlayfs": oci_overlayfs,
     "lazystore-snapshotter": lazystore_snapshotter,
+    "lazystore-snapshotter-profile": lazystore_snapshotter_profile,
     "lazystore-snapshotter-noindex": lazystore_snapshotter_noindex,
     "delta-oci-overlayfs": delta_oci_overlayfs,
     "delta-lazystore-snapshotter": delta_lazystore_snapshotter,

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,35 @@ def peak_rss_kib(pid: int) -> int | None:
 def proc_peak_rss_kib(proc: subprocess.Popen[bytes] | None) -> int | None:
     """:func:`peak_rss_kib` of a started process (None when it never started)."""
     return None if proc is None else peak_rss_kib(proc.pid)
+
+
+SETTLE_QUIET_S = 1.0  # nothing crossed the link for this long: the node is idle
+SETTLE_TIMEOUT_S = 30.0
+
+
+def wait_quiet(proxies: Sequence[Any], quiet: float = SETTLE_QUIET_S,
+               timeout: float = SETTLE_TIMEOUT_S) -> tuple[float, bool]:
+    """Wait until nothing has crossed *proxies* (bench.proxy.ShapingProxy) for
+    *quiet* seconds, at most *timeout*: the background work a first image left
+    (a daemon still learning its paths ahead, a peer's background fetch) then
+    goes uncounted in the next pull, on every side alike. The seconds waited,
+    and whether the link went quiet."""
+    start = time.monotonic()
+
+    def seen() -> list[tuple[int, int, int, int]]:
+        return [(len(p.stats.requests), p.stats.bytes_down, p.stats.bytes_up,
+                 p.stats.connections) for p in proxies]
+
+    last, since = seen(), start
+    while True:
+        time.sleep(0.05)
+        now, current = time.monotonic(), seen()
+        if current != last:
+            last, since = current, now
+        elif now - since >= quiet:
+            return now - start, True
+        if now - start >= timeout:
+            return now - start, False
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str,

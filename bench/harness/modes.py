@@ -180,6 +180,12 @@ def lazystore_fuse_profile(ctx: Context) -> Record:
     of the program (recorded once per workload and link, untimed): the
     daemon's prefetch_profile (what `lazystore prefetch --profile` sends)
     starts with the program, which does not wait for it."""
+    return _fuse_run(ctx, recorded_profile(ctx))
+
+
+def recorded_profile(ctx: Context) -> Path:
+    """The access profile of one untimed run of the workload's program through
+    a fresh root mount (recorded once per workload and link)."""
     if not cli_has("profile", "save"):
         raise Skip("access profiles have not landed yet (issue 14)")
     saved = ctx.workdir / "profile.json"
@@ -187,9 +193,9 @@ def lazystore_fuse_profile(ctx: Context) -> Record:
         with fresh_daemon(ctx, "fuse-record") as daemon:
             prog = run_until_exit(in_store_namespace(daemon.mnt, ctx.workload.argv),
                                   time.monotonic(), ctx.timeout)
-            check(prog, ctx.workload.expect, "lazystore-fuse-profile recording")
+            check(prog, ctx.workload.expect, "the profile's recording")
             _lazystore("profile", "save", str(saved), "--control-socket", str(daemon.sock))
-    return _fuse_run(ctx, saved)
+    return saved
 
 
 def _lazystore(*args: str) -> None:
@@ -242,6 +248,7 @@ def _fuse_run(ctx: Context, profile: Path | None = None) -> Record:
         "daemon_bytes_downloaded": status.get("bytes_downloaded"),
         "daemon_chunk_bytes": status.get("chunk_bytes"),  # from indexed caches (issue 15)
         "daemon_chunk_bytes_read": status.get("chunk_bytes_read"),
+        "fuse_requests": status.get("fuse_requests"),
         "daemon_peak_rss_kib": rss,
         "output": prog.first_line,
         "page_cache_dropped": dropped,

@@ -27,11 +27,13 @@ from typing import Any
 
 from bench.harness.containers import (
     Images,
-    Pull,
+    RemotePull,
     images_for,
     new_nar_bytes,
     paths_in_layers,
+    push_archive,
     record_of,
+    run_first,
 )
 from bench.harness.measure import (
     RunFailed,
@@ -41,7 +43,7 @@ from bench.harness.measure import (
     proc_peak_rss_kib,
     wait_for,
 )
-from bench.harness.modes import LAZYSTORE, Context, Record
+from bench.harness.modes import Context, Record
 from bench.harness.workloads import BENCH, CACHE_DIR, Workload
 from lazystore.testing import containerd
 
@@ -116,24 +118,10 @@ def _stargz_ref(ctx: Context, images: Images, wl: Workload, variant: str,
     """The eStargz image in this context's registry (pushed on first use)."""
     key = ("stargz-optimized" if optimized else "stargz", variant)
     if key not in images.refs:
-        archive = _archive(ctx, images, wl, variant, optimized)
         repo = f"bench/{wl.name}-{key[0]}:{variant}"
-        proc = subprocess.run([LAZYSTORE, "image", "push", str(archive),
-                               f"{images.registry_host}/{repo}", "--plain-http"],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RunFailed(f"pushing the eStargz image failed: {proc.stderr.strip()[-500:]}")
+        push_archive(_archive(ctx, images, wl, variant, optimized), images.registry_host, repo)
         images.refs[key] = f"{images.proxy.address}/{repo}"
     return images.refs[key]
-
-
-class RemotePull(Pull):
-    """A lazy ``ctr-remote image rpull`` (a plain ``ctr image pull`` would add no
-    remote-snapshot labels and unpack every layer)."""
-
-    def pull_argv(self, ref: str) -> list[str]:
-        return ["ctr-remote", *self.ctr_args("images", "rpull", "--plain-http",
-                                             "--snapshotter", self.snapshotter, ref)[1:]]
 
 
 def stargz(ctx: Context, delta: bool = False, optimized: bool = False) -> Record:
@@ -154,8 +142,10 @@ def stargz(ctx: Context, delta: bool = False, optimized: bool = False) -> Record
             ctx.fresh_dir("containerd-stargz"), proxy_plugins={SNAPSHOTTER: str(address)}))
         _wait_for_proxy(ctd)
         puller = RemotePull(ctd, SNAPSHOTTER, ctx.timeout)
+        settled: Record = {}
         if delta:
-            puller.run(first_ref, "first", ctx.workload.expect)
+            settled = run_first(puller, first_ref, ctx.workload.expect,
+                                [images.proxy, ctx.cache_proxy])
         dropped = drop_caches()
         for p in (images.proxy, ctx.cache_proxy):
             p.reset()
@@ -171,6 +161,7 @@ def stargz(ctx: Context, delta: bool = False, optimized: bool = False) -> Record
             "daemon_peak_rss_kib": peak_rss_kib(peer.pid),
             "containerd_peak_rss_kib": proc_peak_rss_kib(ctd.proc),
             "page_cache_dropped": dropped,
+            **settled,
         })
         if delta:
             record["new_nar_bytes"] = new_nar_bytes(ctx)

@@ -18,7 +18,8 @@ Key = tuple[str, str, str]  # workload, profile, compression
 BASELINES = ("nix-eager", "oci-overlayfs", "stargz")
 MODE_ORDER = (
     "nix-eager", "lazystore-fuse", "lazystore-fuse-noindex", "lazystore-fuse-profile",
-    "oci-overlayfs", "lazystore-snapshotter", "lazystore-snapshotter-noindex", "stargz",
+    "oci-overlayfs", "lazystore-snapshotter", "lazystore-snapshotter-profile",
+    "lazystore-snapshotter-noindex", "stargz",
     "stargz-prefetch", "delta-oci-overlayfs", "delta-lazystore-snapshotter", "delta-stargz",
     "registry-lazystore-snapshotter",
 )
