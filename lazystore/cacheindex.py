@@ -97,12 +97,16 @@ def index_cache(cache: Path, secret: SecretKey, chunk_size: int = DEFAULT_CHUNK_
         results[path] = result
         on_done(result)
 
-    order = sorted(files, key=_cost, reverse=True)  # the costliest first: a short tail
+    costs = {path: _cost(path) for path in files}
+    order = sorted(files, key=costs.__getitem__, reverse=True)  # the costliest first
     if processes is None:
         processes = jobs > 1 and len(files) > 1 and threading.active_count() == 1
     job = _Job(cache, secret, chunk_size, level, jobs)
     if processes:
-        _in_processes(order, min(jobs, len(files)), job, done)
+        # a path's chunk pool only pays when the path is more than a worker's share
+        share = sum(costs.values()) / min(jobs, len(files))
+        pooled = {path for path, cost in costs.items() if cost > share}
+        _in_processes(order, min(jobs, len(files)), job, pooled, done)
     else:
         with ThreadPoolExecutor(max_workers=jobs) as threads, \
                 ThreadPoolExecutor(max_workers=jobs) as paths:
@@ -140,7 +144,8 @@ class _Job:
     level: int
     threads: int  # of each worker process's chunk pool
 
-    def __call__(self, narinfo_file: Path, threads: Executor) -> Result | CacheIndexError:
+    def __call__(self, narinfo_file: Path, threads: Executor | None
+                 ) -> Result | CacheIndexError:
         try:
             return index_path(self.cache, narinfo_file, self.secret, self.chunk_size, threads,
                               self.level)
@@ -151,12 +156,13 @@ class _Job:
 # --- worker processes ----------------------------------------------------------
 
 
-def _in_processes(order: list[Path], jobs: int, job: _Job,
+def _in_processes(order: list[Path], jobs: int, job: _Job, pooled: set[Path],
                   done: Callable[[Path, Result | CacheIndexError], None]) -> None:
     """Run *job* on each path of *order* in *jobs* forked processes, one path
-    at a time each. A worker that dies fails its path (its temporary files
-    removed) and is replaced; on any exception here (Ctrl-C) every worker is
-    terminated and their temporary files removed before it propagates."""
+    at a time each (with its chunk pool for those in *pooled*). A worker that
+    dies fails its path (its temporary files removed) and is replaced; on any
+    exception here (Ctrl-C) every worker is terminated and their temporary
+    files removed before it propagates."""
     context = multiprocessing.get_context("fork")
     queue = deque(order)
     idle: list[_Worker] = []
@@ -167,7 +173,8 @@ def _in_processes(order: list[Path], jobs: int, job: _Job,
                 idle.append(_Worker(context, job))
             while queue and idle:
                 worker = idle.pop()
-                if worker.send(queue.popleft()):
+                path = queue.popleft()
+                if worker.send(path, path in pooled):
                     busy[worker.conn] = worker
                 else:
                     done(*worker.died(job.cache))
@@ -199,10 +206,10 @@ class _Worker:
         child.close()
         self.path = Path()
 
-    def send(self, path: Path) -> bool:
+    def send(self, path: Path, pooled: bool) -> bool:
         self.path = path
         try:
-            self.conn.send(path)
+            self.conn.send((path, pooled))
         except OSError:
             return False
         return True
@@ -250,13 +257,14 @@ def _serve(conn: Connection, job: _Job) -> None:
     with ThreadPoolExecutor(max_workers=job.threads) as threads:
         while True:
             try:
-                path = conn.recv()
+                message = conn.recv()
             except EOFError:
                 return
-            if path is None:
+            if message is None:
                 return
+            path, pooled = message
             try:
-                result = job(path, threads)
+                result = job(path, threads if pooled else None)
             except Exception as exc:  # a bug: one path fails, with the traceback logged
                 log.error("indexing %s failed:\n%s", path.name, traceback.format_exc())
                 result = CacheIndexError(f"{_store_path(path)}: internal error: {exc!r}")
@@ -297,9 +305,12 @@ def index_path(cache: Path, narinfo_file: Path, secret: SecretKey, chunk_size: i
             _read_nar(cache, info, writer)
             assert writer.root is not None
             out.flush()
-            os.fsync(out.fileno())
-            size = out.tell()
-            read_back(info, writer.root, chunk_size, out, workers, cache)
+            size = writer.size
+            with ThreadPoolExecutor(max_workers=1) as syncer:
+                # to disk while the chunks are read back (from the page cache)
+                synced = syncer.submit(os.fsync, out.fileno())
+                read_back(info, writer.root, chunk_size, out, workers, cache)
+                synced.result()
         text, index = fileindex.write_parsed(info, chunk_size, data_name, size, writer.root,
                                              secret)
         if index.root != writer.root:
@@ -385,6 +396,7 @@ class _ChunkWriter:
         self._dirs: list[dict[str, Any]] = []
         self._file: dict[str, Any] | None = None
         self._buffer = bytearray()
+        self.size = 0  # bytes written to out
         # compressed or being compressed, not yet written: (frame, the file's chunk list)
         self._pending: deque[tuple[Future[bytes] | bytes, list[list[Any]]]] = deque()
 
@@ -441,8 +453,9 @@ class _ChunkWriter:
         while len(self._pending) > keep:
             encoded, into = self._pending.popleft()
             frame = encoded if isinstance(encoded, bytes) else encoded.result()
-            into.append([self._out.tell(), len(frame), ""])
+            into.append([self.size, len(frame), ""])
             self._out.write(frame)
+            self.size += len(frame)
 
     def finish(self) -> None:
         self._parser.close()
