@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_SIZE = 1 << 20
 READ_SIZE = 1 << 20
+WRITE_BUFFER = 1 << 20  # frames gathered into writes of this size (fewer syscalls)
 POOLED = 64 << 10  # chunks at least this large go to the pool; smaller ones are done inline
 AHEAD = 4  # chunks of one path encoded or decoded in the pool ahead of the one it waits for
 
@@ -300,7 +301,7 @@ def index_path(cache: Path, narinfo_file: Path, secret: SecretKey, chunk_size: i
     data_file = cache / data_name
     tmp = _temporary(data_file, os.getpid())
     try:
-        with open(tmp, "w+b") as out:
+        with open(tmp, "w+b", buffering=WRITE_BUFFER) as out:
             writer = _ChunkWriter(out, chunk_size, workers, level)
             _read_nar(cache, info, writer)
             assert writer.root is not None
