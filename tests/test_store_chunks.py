@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import shutil
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -188,6 +189,48 @@ async def test_the_chunks_of_a_read_are_kept_by_one_worker_thread_and_a_failure_
     assert cache.bytes == 60 and not cache.has(bad)
     assert all(cache.read(digest, 0, 100) == data for digest, data in good.items())
     assert await cache.put(good) == [] and len(hops) == 1  # kept already: no hop at all
+
+
+async def test_a_read_does_not_wait_for_the_writing_of_the_chunks_read_ahead_with_it(
+        indexed: nixcache.BinaryCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chunk a read needs is on disk when it is answered; those read
+    ahead with it are held in memory and written after, and a read of them
+    meanwhile is answered from memory (nothing asked again)."""
+    busybox = base_of(indexed, "busybox")
+    binary = ("bin", "busybox")
+    want = real(indexed, busybox, binary)
+    chunks = index_of(indexed, busybox).files[0].chunks
+    gate, writes = threading.Event(), []
+    write_all = ChunkCache._write_all
+
+    def gated(self: ChunkCache, todo: dict[bytes, bytes]) -> Any:
+        writes.append(set(todo))
+        if len(writes) > 1:  # the read-ahead's
+            gate.wait(30)
+        return write_all(self, todo)
+
+    monkeypatch.setattr(ChunkCache, "_write_all", gated)
+    with served(indexed) as server:
+        async with store_over(server.url, indexed.key.public_key, tmp_path,
+                              read_ahead=chunks[1].length + chunks[2].length) as store:
+            try:
+                with trio.fail_after(20):
+                    assert await read(store, busybox, binary, 0, 10) == want[:10]
+                    assert await read(store, busybox, binary, CHUNK, 2 * CHUNK) == want[
+                        CHUNK:3 * CHUNK]
+                    while len(writes) < 2:  # the read-ahead's write started, and waits
+                        await trio.sleep(0.01)
+                assert writes == [{chunks[0].sha256}, {chunks[1].sha256, chunks[2].sha256}]
+                assert store.chunks.path(chunks[0].sha256).exists()
+                assert not store.chunks.path(chunks[1].sha256).exists()
+            finally:
+                gate.set()
+            with trio.fail_after(20):
+                while store.chunks.bytes < sum(c.size for c in chunks[:3]):
+                    await trio.sleep(0.01)
+            assert store.chunks.read(chunks[2].sha256, 0, chunks[2].size) == want[
+                2 * CHUNK:3 * CHUNK]
+        assert len(server.range_requests) == 1
 
 
 async def test_concurrent_overlapping_reads_get_their_own_bytes(

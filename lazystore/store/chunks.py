@@ -103,6 +103,8 @@ class ChunkCache:
         # least recently used first
         self._sizes: OrderedDict[bytes, tuple[int, float]] = OrderedDict()
         self._pins: Counter[bytes] = Counter()
+        # Verified chunks on their way to disk (:meth:`hold`), read from here meanwhile.
+        self._held: dict[bytes, bytes] = {}
 
     def prepare(self) -> None:
         """Blocking, at start: adopt the chunks there, remove anything else."""
@@ -120,13 +122,22 @@ class ChunkCache:
             self.bytes += size
 
     def has(self, digest: bytes) -> bool:
-        return digest in self._sizes
+        return digest in self._sizes or digest in self._held
+
+    def whole(self, digest: bytes) -> bytes:
+        """Blocking (any thread): a cached chunk's bytes, held or on disk
+        (FileNotFoundError when neither)."""
+        held = self._held.get(digest)  # one dict lookup: safe beside the trio thread
+        return held if held is not None else self.path(digest).read_bytes()
 
     def path(self, digest: bytes) -> Path:
         return self.directory / digest.hex()
 
     def read(self, digest: bytes, offset: int, size: int) -> bytes | None:
         """Bytes of a cached chunk, or None when it is not here."""
+        held = self._held.get(digest)
+        if held is not None:
+            return held[offset:offset + size]
         if digest not in self._sizes:
             return None
         try:
@@ -143,15 +154,30 @@ class ChunkCache:
             self._sizes.move_to_end(digest)
         return data
 
+    def hold(self, chunks: dict[bytes, bytes]) -> None:
+        """Serve verified *chunks* (sha256 -> bytes) from memory until
+        :meth:`put` has written them (a read need not wait for the writing
+        of the chunks read ahead with its own)."""
+        self._held.update((d, data) for d, data in chunks.items() if d not in self._sizes)
+
+    def release(self, chunks: dict[bytes, bytes]) -> None:
+        """Stop holding *chunks* (they are not going to be written)."""
+        for digest in chunks:
+            self._held.pop(digest, None)
+
     async def put(self, chunks: dict[bytes, bytes]) -> list[OSError]:
         """Keep verified chunks (sha256 -> bytes), all written by one worker
         thread (a read-ahead brings a hundred small files: a thread hop each
         cost the reader more than a round trip); the errors of those the
-        directory could not take. The store enforces the quota after."""
+        directory could not take (no longer held either: fetched again when
+        read). The store enforces the quota after."""
         todo = {d: data for d, data in chunks.items() if d not in self._sizes}
         if not todo:
             return []
-        written, failed = await trio.to_thread.run_sync(self._write_all, todo)
+        try:
+            written, failed = await trio.to_thread.run_sync(self._write_all, todo)
+        finally:
+            self.release(todo)
         now = time.time()
         for digest in written:
             if digest not in self._sizes:
@@ -286,7 +312,7 @@ def assemble(indexed: IndexedPath, cache: ChunkCache, sink: NarSink) -> None:
     def contents(entry: FileEntry) -> Iterator[bytes]:
         for chunk in entry.chunks:
             try:
-                data = cache.path(chunk.sha256).read_bytes()
+                data = cache.whole(chunk.sha256)
             except FileNotFoundError:
                 raise Incomplete(chunk.sha256.hex()) from None
             yield data  # checked when written; the NarHash covers it again
