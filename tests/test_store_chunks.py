@@ -533,9 +533,9 @@ async def test_an_index_of_at_most_index_whole_is_learnt_ahead_whole_and_its_rea
         async with store_over(server.url, indexed.key.public_key, tmp_path) as store:
             await store.lookup(top)
             with trio.fail_after(30):  # the references learnt in the background
-                while docs not in store._indexed:
+                while docs not in store.records or store.records[docs].tree is None:
                     await trio.sleep(0.01)
-            assert store.records[docs].tree is not None  # from that index
+            assert store._indexed[docs] is not None  # the tree is that index's
             assert server.range_requests.count(name) == 2  # its start, then its rest
             assert await read(store, docs, MANUAL, 5, 10) == real(indexed, docs, MANUAL)[5:15]
         assert server.requests.count(name) == 2
