@@ -111,7 +111,7 @@ def index_cache(cache: Path, secret: SecretKey, chunk_size: int = DEFAULT_CHUNK_
     else:
         with ThreadPoolExecutor(max_workers=jobs) as threads, \
                 ThreadPoolExecutor(max_workers=jobs) as paths:
-            for path, result in zip(order, paths.map(lambda p: job(p, threads), order),
+            for path, result in zip(order, paths.map(lambda p: _commit(job(p, threads)), order),
                                     strict=True):
                 done(path, result)
     marker = cache / fileindex.MARKER
@@ -146,12 +146,19 @@ class _Job:
     threads: int  # of each worker process's chunk pool
 
     def __call__(self, narinfo_file: Path, threads: Executor | None
-                 ) -> Result | CacheIndexError:
+                 ) -> Result | Written | CacheIndexError:
         try:
-            return index_path(self.cache, narinfo_file, self.secret, self.chunk_size, threads,
+            return write_path(self.cache, narinfo_file, self.secret, self.chunk_size, threads,
                               self.level)
         except CacheIndexError as exc:
             return exc
+
+
+def _commit(result: Result | Written | CacheIndexError) -> Result | CacheIndexError:
+    try:
+        return result.commit() if isinstance(result, Written) else result
+    except CacheIndexError as exc:
+        return exc
 
 
 # --- worker processes ----------------------------------------------------------
@@ -188,7 +195,7 @@ def _in_processes(order: list[Path], jobs: int, job: _Job, pooled: set[Path],
                     done(*worker.died(job.cache))
                     continue
                 idle.append(worker)
-                done(path, result)
+                done(path, _commit(result))  # the index's fsyncs here, while workers go on
     finally:
         for worker in idle:
             worker.stop()
@@ -215,8 +222,8 @@ class _Worker:
             return False
         return True
 
-    def receive(self) -> Result | CacheIndexError:
-        result: Result | CacheIndexError = self.conn.recv()
+    def receive(self) -> Result | Written | CacheIndexError:
+        result: Result | Written | CacheIndexError = self.conn.recv()
         self.path = Path()
         return result
 
@@ -249,7 +256,6 @@ class _Worker:
         assert pid is not None
         hash_part = self.path.name.removesuffix(".narinfo")
         _temporary(cache / fileindex.DATA_DIR / f"{hash_part}.lzdata", pid).unlink(missing_ok=True)
-        _temporary(cache / f"{hash_part}{fileindex.SUFFIX}", pid).unlink(missing_ok=True)
 
 
 def _serve(conn: Connection, job: _Job) -> None:
@@ -292,6 +298,37 @@ def index_path(cache: Path, narinfo_file: Path, secret: SecretKey, chunk_size: i
     """Index one narinfo's NAR, unless a good index signed by *secret* is
     there; large chunks are compressed and read back in *workers* (default:
     in this thread)."""
+    written = write_path(cache, narinfo_file, secret, chunk_size, workers, level)
+    return written if isinstance(written, Result) else written.commit()
+
+
+@dataclass
+class Written:
+    """A path's data file, on disk and read back, under its temporary name,
+    and its index: what :meth:`commit` puts in place (the slow part of that
+    is the index's fsyncs, which a worker leaves to the parent)."""
+
+    store_path: str
+    tmp: Path
+    data_file: Path
+    index_file: Path
+    text: bytes
+    size: int
+
+    def commit(self) -> Result:
+        try:
+            os.rename(self.tmp, self.data_file)
+            fsio.write_atomic(self.index_file, self.text)
+        except OSError as exc:
+            raise CacheIndexError(f"{self.store_path}: cannot write the index: {exc}") from None
+        finally:
+            self.tmp.unlink(missing_ok=True)
+        return Result(self.store_path, indexed=True, data_bytes=self.size)
+
+
+def write_path(cache: Path, narinfo_file: Path, secret: SecretKey, chunk_size: int,
+               workers: Executor | None = None, level: int = chunks.LEVEL) -> Result | Written:
+    """:func:`index_path` up to the commit: a Result if it was indexed already."""
     info = _read_narinfo(narinfo_file)
     hash_part = narinfo_file.name.removesuffix(".narinfo")
     index_file = cache / f"{hash_part}{fileindex.SUFFIX}"
@@ -317,15 +354,14 @@ def index_path(cache: Path, narinfo_file: Path, secret: SecretKey, chunk_size: i
         if index.root != writer.root:
             raise CacheIndexError(f"{info.store_path}: its index does not parse into the tree "
                                   "that was read back")
-        os.rename(tmp, data_file)
-        fsio.write_atomic(index_file, text)
-    except OSError as exc:
-        raise CacheIndexError(f"{info.store_path}: cannot write the index: {exc}") from None
-    except FileIndexError as exc:
-        raise CacheIndexError(f"{info.store_path}: {exc}") from None
-    finally:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
-    return Result(info.store_path, indexed=True, data_bytes=size)
+        if isinstance(exc, OSError):
+            raise CacheIndexError(f"{info.store_path}: cannot write the index: {exc}") from None
+        if isinstance(exc, FileIndexError):
+            raise CacheIndexError(f"{info.store_path}: {exc}") from None
+        raise
+    return Written(info.store_path, tmp, data_file, index_file, text, size)
 
 
 def _read_narinfo(path: Path) -> NarInfo:
