@@ -145,8 +145,10 @@ async def test_adjacent_chunks_come_in_one_range_request(
         assert len(server.range_requests) == 1
 
 
-async def test_read_ahead_takes_the_next_chunks_in_the_same_request(
+async def test_read_ahead_takes_the_next_chunks_in_a_request_of_their_own(
         indexed: nixcache.BinaryCache, tmp_path: Path) -> None:
+    """The chunks after a read's come in a request of their own (its reader
+    waits only for its own); a read of them meanwhile or after asks nothing."""
     busybox = base_of(indexed, "busybox")
     binary = ("bin", "busybox")
     chunks = index_of(indexed, busybox).files[0].chunks
@@ -162,7 +164,7 @@ async def test_read_ahead_takes_the_next_chunks_in_the_same_request(
             got = await read(store, busybox, binary, CHUNK, 2 * CHUNK)  # read ahead already
             assert got == real(indexed, busybox, binary)[CHUNK:3 * CHUNK]
             assert stats.chunk_bytes == chunks[0].length + budget
-        assert len(server.range_requests) == 1
+        assert len(server.range_requests) == 2  # the read's, and the read-ahead's
 
 
 async def test_the_chunks_of_a_read_are_kept_by_one_worker_thread_and_a_failure_is_its_own(
@@ -205,7 +207,7 @@ async def test_a_read_does_not_wait_for_the_writing_of_the_chunks_read_ahead_wit
 
     def gated(self: ChunkCache, todo: dict[bytes, bytes]) -> Any:
         writes.append(set(todo))
-        if len(writes) > 1:  # the read-ahead's
+        if chunks[1].sha256 in todo:  # the read-ahead's
             gate.wait(30)
         return write_all(self, todo)
 
@@ -220,7 +222,8 @@ async def test_a_read_does_not_wait_for_the_writing_of_the_chunks_read_ahead_wit
                         CHUNK:3 * CHUNK]
                     while len(writes) < 2:  # the read-ahead's write started, and waits
                         await trio.sleep(0.01)
-                assert writes == [{chunks[0].sha256}, {chunks[1].sha256, chunks[2].sha256}]
+                assert sorted(writes, key=len) == [
+                    {chunks[0].sha256}, {chunks[1].sha256, chunks[2].sha256}]
                 assert store.chunks.path(chunks[0].sha256).exists()
                 assert not store.chunks.path(chunks[1].sha256).exists()
             finally:
@@ -230,7 +233,42 @@ async def test_a_read_does_not_wait_for_the_writing_of_the_chunks_read_ahead_wit
                     await trio.sleep(0.01)
             assert store.chunks.read(chunks[2].sha256, 0, chunks[2].size) == want[
                 2 * CHUNK:3 * CHUNK]
-        assert len(server.range_requests) == 1
+        assert len(server.range_requests) == 2  # the read's, the read-ahead's: none again
+
+
+@pytest.mark.parametrize("capped", [False, True])
+async def test_a_read_that_goes_on_to_another_chunk_of_a_file_brings_the_rest_of_it(
+        indexed: nixcache.BinaryCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capped: bool) -> None:
+    """A program that reads a second chunk of a file (the loader faulting a
+    binary in all over it) gets the rest of the file ahead, the chunks after
+    that one first (at most FILE_AHEAD compressed bytes), so its next reads
+    of it ask nothing."""
+    busybox = base_of(indexed, "busybox")
+    binary = ("bin", "busybox")
+    want = real(indexed, busybox, binary)
+    chunks = index_of(indexed, busybox).files[0].chunks
+    assert len(chunks) > 8
+    if capped:
+        monkeypatch.setattr("lazystore.store.cache.FILE_AHEAD",
+                            chunks[6].length + chunks[7].length)
+    rest = chunks[6:8] if capped else chunks[1:5] + chunks[6:]
+    with served(indexed) as server:
+        async with store_over(server.url, indexed.key.public_key, tmp_path) as store:
+            assert await read(store, busybox, binary, 0, 10) == want[:10]
+            assert len(server.range_requests) == 1  # its chunk, nothing ahead (read_ahead 0)
+            assert await read(store, busybox, binary, 5 * CHUNK + 3, 10) == want[
+                5 * CHUNK + 3:5 * CHUNK + 13]
+            with trio.fail_after(20):
+                while not all(store.chunks.has(c.sha256) for c in rest):
+                    await trio.sleep(0.01)
+            stats = store.subs.stats  # type: ignore[attr-defined]
+            assert stats.chunk_bytes == sum(c.length for c in [chunks[0], chunks[5], *rest])
+            # chunk 5's own request, then the rest after it and the rest before it
+            assert len(server.range_requests) == (3 if capped else 4)
+            if not capped:
+                assert await read(store, busybox, binary, 0, len(want)) == want
+                assert len(server.range_requests) == 4
 
 
 async def test_concurrent_overlapping_reads_get_their_own_bytes(

@@ -76,6 +76,11 @@ BACKGROUND_PARALLEL = 16
 # Compressed bytes of the chunks after a read's last one (the next files in NAR
 # order: a start-up reads neighbours) asked for in the same range request.
 READ_AHEAD = 256 << 10
+# A read that goes on to a second chunk of a file (a program mapping a binary
+# or a library faults its pages in all over it, one dependent miss after
+# another) fetches the rest of the file ahead, up to this many compressed bytes.
+FILE_AHEAD = 4 << 20
+LAST_CHUNKS_HELD = 10_000  # files whose last read chunk is remembered
 BACKGROUND_FETCH_PARALLEL = 2  # a view's other paths after its profile (--background-fetch)
 # A path with more references than this is an aggregate (a closure of hundreds
 # of paths of which a program reads a few): its references are not learnt ahead.
@@ -183,6 +188,9 @@ class LocalStore:
         self.chunks_from_copies = 0  # chunks read from materialised paths, not fetched
         self.events = EventLog()  # when narinfos, listings and NARs came (and first reads)
         self.read_ahead = READ_AHEAD
+        # (path, file) -> the chunk its last read ended in
+        self._last_chunk: cachetools.LRUCache[tuple[str, tuple[bytes, ...]], int] = \
+            cachetools.LRUCache(LAST_CHUNKS_HELD)
         self.chunk_bytes_read = 0  # compressed bytes of the distinct chunks reads used
         self._chunks_read: set[bytes] = set()
         self._dirty = trio.Event()
@@ -486,35 +494,96 @@ class LocalStore:
             pieces = [p if p is not None else self.chunks.read(c.sha256, *_span(c, offset, end))
                       for c, p in zip(wanted, pieces, strict=True)]
             missing = [c for c, piece in zip(wanted, pieces, strict=True) if piece is None]
+        moved = self._moved(base, indexed, entry, wanted)
         if missing:
-            ahead = [c for c in indexed.following(missing[-1], self.read_ahead)
-                     if not self.chunks.has(c.sha256) and c.sha256 not in self._ahead
-                     and self._copy_path(c) is None]
-            fetched = await self._fetch_once(base, indexed, missing, ahead)
+            self._read_ahead(base, indexed, self._ahead_of(indexed, entry, missing, moved))
+            fetched = await self._fetch_once(base, indexed, missing)
             if fetched is None:
                 return None
             pieces = [p if p is not None else _cut(fetched[c], c, offset, end)
                       for c, p in zip(wanted, pieces, strict=True)]
         return b"".join(pieces)  # type: ignore[arg-type]
 
-    async def _fetch_once(self, base: str, indexed: IndexedPath, missing: list[Chunk],
-                        ahead: list[Chunk]) -> dict[Chunk, bytes] | None:
-        """Fetch *missing* and *ahead* (a read's), each marked as under way in
-        ``_ahead`` until then, so that concurrent reads (the kernel reads a
-        file in several requests at once) wait for it instead of fetching it
-        again."""
+    def _moved(self, base: str, indexed: IndexedPath, entry: FileEntry,
+               wanted: tuple[Chunk, ...]) -> bool:
+        """Whether this read of *entry* starts in another chunk than the one
+        its last read ended in: the program goes on to a second chunk of the
+        file, and will likely read the rest (a program mapping a binary or a
+        library faults its pages in all over it; a sequential reader goes on)."""
+        key = (base, entry.path)
+        last = self._last_chunk.get(key)
+        first = wanted[0].start // indexed.index.chunk_size
+        self._last_chunk[key] = first + len(wanted) - 1
+        return last is not None and first != last
+
+    def _ahead_of(self, indexed: IndexedPath, entry: FileEntry, missing: list[Chunk],
+                  moved: bool) -> list[Chunk]:
+        """What a read that misses *missing* of *entry* fetches ahead of use:
+        when it *moved* to another chunk of the file, the rest of the file
+        (from the chunk after the read's, then those before it; at most
+        FILE_AHEAD compressed bytes), else the chunks after its last one (the
+        next files in NAR order: a start-up reads neighbours; at most
+        ``read_ahead`` bytes)."""
+        if moved:
+            at = entry.chunks.index(missing[-1]) + 1
+            order = [*entry.chunks[at:], *entry.chunks[:at]]
+            candidates, budget = [c for c in order if c not in missing], FILE_AHEAD
+        else:
+            candidates, budget = indexed.following(missing[-1], self.read_ahead), None
+        ahead, mine = [], {c.sha256 for c in missing}
+        for chunk in candidates:
+            if chunk.sha256 in mine or self.chunks.has(chunk.sha256) \
+                    or chunk.sha256 in self._ahead or self._copy_path(chunk) is not None:
+                continue
+            if budget is not None:
+                if budget < chunk.length:
+                    break
+                budget -= chunk.length
+            ahead.append(chunk)
+        return ahead
+
+    def _read_ahead(self, base: str, indexed: IndexedPath, ahead: list[Chunk]) -> None:
+        """Fetch *ahead* in the background, in requests of their own (a
+        reader waits only for its own chunks), each marked as under way in
+        ``_ahead`` until it is held, so a read of one meanwhile waits for it."""
+        if not ahead:
+            return
         arrived = trio.Event()
-        mine = [c for c in missing + ahead if c.sha256 not in self._ahead]
+        self._ahead.update((c.sha256, arrived) for c in ahead)
+
+        async def fetch() -> None:
+            try:
+                await self._single(
+                    "chunks", f"{base}@{','.join(str(c.offset) for c in ahead)} (ahead)",
+                    lambda: self._fetch_chunks(base, indexed, [], ahead))
+            except StoreError:
+                pass  # logged once; a reader of one of them fetches it itself
+            finally:
+                self._arrived(ahead, arrived)
+
+        assert self._nursery is not None, "LocalStore used outside its context"
+        self._nursery.start_soon(fetch)
+
+    def _arrived(self, chunks: list[Chunk], arrived: trio.Event) -> None:
+        for chunk in chunks:
+            if self._ahead.get(chunk.sha256) is arrived:
+                del self._ahead[chunk.sha256]
+        arrived.set()
+
+    async def _fetch_once(self, base: str, indexed: IndexedPath, missing: list[Chunk]
+                          ) -> dict[Chunk, bytes] | None:
+        """Fetch *missing* (a read's), each marked as under way in ``_ahead``
+        until then, so that concurrent reads (the kernel reads a file in
+        several requests at once) wait for it instead of fetching it again."""
+        arrived = trio.Event()
+        mine = [c for c in missing if c.sha256 not in self._ahead]
         self._ahead.update((c.sha256, arrived) for c in mine)
         try:
             fetched: dict[Chunk, bytes] | None = await self._single(
                 "chunks", f"{base}@{','.join(str(c.offset) for c in missing)}",
-                lambda: self._fetch_chunks(base, indexed, missing, ahead))
+                lambda: self._fetch_chunks(base, indexed, missing))
         finally:
-            for chunk in mine:
-                if self._ahead.get(chunk.sha256) is arrived:
-                    del self._ahead[chunk.sha256]
-            arrived.set()
+            self._arrived(mine, arrived)
         return fetched
 
     def _copy_path(self, chunk: Chunk) -> tuple[Path, int, bool] | None:
@@ -576,13 +645,14 @@ class LocalStore:
     async def _keep(self, base: str, chunks: dict[bytes, bytes]) -> None:
         """Write chunks of *base* read ahead (held until then)."""
         failed = await self.chunks.put(chunks)
-        if failed:
-            self._not_kept(base, len(failed), len(chunks), failed[0])
+        if failed:  # a reader's own chunks say it as a warning (one line per read)
+            self._not_kept(base, len(failed), len(chunks), failed[0], logging.INFO)
         await self._chunks_kept(base)
 
-    def _not_kept(self, base: str, failed: int, count: int, exc: OSError) -> None:
-        log.warning("cannot keep %d of %d chunks of %s in %s: %s", failed, count, base,
-                    self.chunks.directory, exc.strerror or exc)
+    def _not_kept(self, base: str, failed: int, count: int, exc: OSError,
+                  level: int = logging.WARNING) -> None:
+        log.log(level, "cannot keep %d of %d chunks of %s in %s: %s", failed, count, base,
+                self.chunks.directory, exc.strerror or exc)
 
     async def _chunks_kept(self, base: str) -> None:
         if self.verify_complete and self._complete(base) is not None:
