@@ -236,6 +236,31 @@ async def test_a_read_does_not_wait_for_the_writing_of_the_chunks_read_ahead_wit
         assert len(server.range_requests) == 2  # the read's, the read-ahead's: none again
 
 
+async def test_read_ahead_takes_the_chunks_just_before_a_read_too(
+        indexed: nixcache.BinaryCache, tmp_path: Path) -> None:
+    """With the chunks after a read's, those right before its first (at most
+    read_behind compressed bytes: python reads a module's source after its
+    __pycache__ entry) come ahead too."""
+    busybox = base_of(indexed, "busybox")
+    binary = ("bin", "busybox")
+    want = real(indexed, busybox, binary)
+    chunks = index_of(indexed, busybox).files[0].chunks
+    with served(indexed) as server:
+        async with store_over(server.url, indexed.key.public_key, tmp_path,
+                              read_ahead=chunks[6].length) as store:
+            store.read_behind = chunks[3].length + chunks[4].length
+            assert await read(store, busybox, binary, 5 * CHUNK, 10) == want[
+                5 * CHUNK:5 * CHUNK + 10]
+            with trio.fail_after(20):
+                while not all(store.chunks.has(c.sha256) for c in chunks[3:7]):
+                    await trio.sleep(0.01)
+            stats = store.subs.stats  # type: ignore[attr-defined]
+            assert stats.chunk_bytes == sum(c.length for c in chunks[3:7])
+            assert await read(store, busybox, binary, 3 * CHUNK, 4 * CHUNK) == want[
+                3 * CHUNK:7 * CHUNK]
+        assert len(server.range_requests) == 3  # the read's, the chunks after, before
+
+
 @pytest.mark.parametrize("capped", [False, True])
 async def test_a_read_that_goes_on_to_another_chunk_of_a_file_brings_the_rest_of_it(
         indexed: nixcache.BinaryCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

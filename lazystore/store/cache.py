@@ -76,6 +76,10 @@ BACKGROUND_PARALLEL = 16
 # Compressed bytes of the chunks after a read's last one (the next files in NAR
 # order: a start-up reads neighbours) asked for in the same range request.
 READ_AHEAD = 256 << 10
+# Compressed bytes of the chunks before a read's first one asked for with the
+# read-ahead: a program also reads the files just before (python a module's
+# source, checked against its hash, after its __pycache__ entry).
+READ_BEHIND = 16 << 10
 # A read that goes on to a second chunk of a file (a program mapping a binary
 # or a library faults its pages in all over it, one dependent miss after
 # another) fetches the rest of the file ahead, up to this many compressed bytes.
@@ -187,7 +191,8 @@ class LocalStore:
         self.copies = Copies(COPIES_HELD)
         self.chunks_from_copies = 0  # chunks read from materialised paths, not fetched
         self.events = EventLog()  # when narinfos, listings and NARs came (and first reads)
-        self.read_ahead = READ_AHEAD
+        self.read_ahead = READ_AHEAD  # 0: no read-ahead at all (nor behind)
+        self.read_behind = READ_BEHIND
         # (path, file) -> the chunk its last read ended in
         self._last_chunk: cachetools.LRUCache[tuple[str, tuple[bytes, ...]], int] = \
             cachetools.LRUCache(LAST_CHUNKS_HELD)
@@ -523,13 +528,15 @@ class LocalStore:
         (from the chunk after the read's, then those before it; at most
         FILE_AHEAD compressed bytes), else the chunks after its last one (the
         next files in NAR order: a start-up reads neighbours; at most
-        ``read_ahead`` bytes)."""
+        ``read_ahead`` bytes) and those before its first (``read_behind``)."""
         if moved:
             at = entry.chunks.index(missing[-1]) + 1
             order = [*entry.chunks[at:], *entry.chunks[:at]]
             candidates, budget = [c for c in order if c not in missing], FILE_AHEAD
         else:
-            candidates, budget = indexed.following(missing[-1], self.read_ahead), None
+            behind = indexed.preceding(missing[0], self.read_behind) if self.read_ahead else []
+            candidates = indexed.following(missing[-1], self.read_ahead) + behind
+            budget = None
         ahead, mine = [], {c.sha256 for c in missing}
         for chunk in candidates:
             if chunk.sha256 in mine or self.chunks.has(chunk.sha256) \

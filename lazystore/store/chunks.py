@@ -72,6 +72,21 @@ class IndexedPath:
             end = nxt.offset + nxt.length
         return out
 
+    def preceding(self, chunk: Chunk, budget: int) -> list[Chunk]:
+        """The chunks right before *chunk* in the data file (the files before
+        it in NAR order), adjacent, of at most *budget* compressed bytes
+        together, in data file order."""
+        at = bisect.bisect_left(self.by_offset, chunk.offset, key=lambda c: c.offset)
+        out: list[Chunk] = []
+        start = chunk.offset
+        for prev in (self.by_offset[i] for i in range(at - 1, -1, -1)):
+            if prev.offset + prev.length != start or budget < prev.length:
+                break
+            out.append(prev)
+            budget -= prev.length
+            start = prev.offset
+        return out[::-1]
+
     def chunks_for(self, entry: FileEntry, offset: int, end: int) -> tuple[Chunk, ...]:
         """The chunks holding bytes [offset, end) of *entry* (0 <= offset < end <= size)."""
         size = self.index.chunk_size
