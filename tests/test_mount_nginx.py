@@ -65,7 +65,9 @@ def test_reads_through_the_mount_fetch_only_their_chunks_from_nginx(
                 assert os.pread(f.fileno(), 10, (1 << 20) - 10) == b"d" * 10
             got = (daemon.mnt / busybox / "bin" / "busybox").read_bytes()
             assert got == Path("/nix/store", busybox, "bin", "busybox").read_bytes()
-            status = daemon.status()
+            readme = docs_index.files[0].chunks[0]  # read behind the manual (below)
+            status = daemon.status_when("chunk_bytes", manual.chunks[-1].length + readme.length
+                                        + sum(c.length for c in binary.chunks))
     rows = log_rows(nginx)
     assert status["nars_fetched"] == 0
     assert not [r for r in rows if r[0].startswith("/nar/")]
@@ -76,7 +78,7 @@ def test_reads_through_the_mount_fetch_only_their_chunks_from_nginx(
     # read behind it the file before it in NAR order (its other chunks are the
     # same bytes as the last: that one).
     docs_data = [r for r in data if docs[:32] in r[0]]
-    last, readme = manual.chunks[-1], docs_index.files[0].chunks[0]
+    last = manual.chunks[-1]
     assert docs_index.files[0].path == (b"share", b"doc", b"README")
     assert sorted((r[3], r[2]) for r in docs_data) == sorted([
         (f"bytes={c.offset}-{c.offset + c.length - 1}", c.length) for c in (last, readme)])

@@ -110,6 +110,17 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         return self.call("status")  # type: ignore[no-any-return]
 
+    def status_when(self, key: str, value: Any, timeout: float = 30.0) -> dict[str, Any]:
+        """The status once its *key* is *value* (background work such as a
+        read-ahead arrived); AssertionError with the last value after *timeout*."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status()
+            if status[key] == value:
+                return status
+            assert time.monotonic() < deadline, f"status {key} is {status[key]!r}, not {value!r}"
+            time.sleep(0.05)
+
     def stop(self, kill: bool = False) -> int | None:
         """SIGTERM (SIGKILL with *kill*, or when it hangs); never leaves a mount."""
         code = None
