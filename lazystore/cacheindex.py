@@ -169,50 +169,55 @@ def _in_processes(order: list[Path], jobs: int, job: _Job, pooled: set[Path],
     """Run *job* on each path of *order* in *jobs* forked processes, one path
     at a time each (with its chunk pool for those in *pooled*). A worker that
     dies fails its path (its temporary files removed) and is replaced; on any
-    exception here (Ctrl-C) every worker is terminated and their temporary
-    files removed before it propagates."""
+    exception here (Ctrl-C) every worker is stopped, those with a path not yet
+    committed terminated and their temporary files removed, before it
+    propagates."""
     context = multiprocessing.get_context("fork")
     queue = deque(order)
-    idle: list[_Worker] = []
-    busy: dict[Connection, _Worker] = {}
+    workers: list[_Worker] = []
     try:
-        while queue or busy:
-            while queue and len(idle) + len(busy) < jobs:
-                idle.append(_Worker(context, job))
-            while queue and idle:
-                worker = idle.pop()
-                path = queue.popleft()
-                if worker.send(path, path in pooled):
-                    busy[worker.conn] = worker
-                else:
-                    done(*worker.died(job.cache))
+        while queue or any(w.path for w in workers):
+            workers = [w for w in workers if w.alive]
+            while queue and len(workers) < jobs:
+                workers.append(_Worker(context, job, [w.conn for w in workers]))
+            for worker in workers:
+                if queue and worker.path is None:
+                    path = queue.popleft()
+                    if not worker.send(path, path in pooled):
+                        done(path, worker.died(job.cache))
+            busy = {w.conn: w for w in workers if w.path is not None}
             for conn in wait(list(busy)):
-                worker = busy.pop(conn)  # type: ignore[arg-type]
+                worker = busy[conn]  # type: ignore[index]
                 path = worker.path
+                assert path is not None
                 try:
-                    result = worker.receive()
+                    result = worker.conn.recv()
                 except (EOFError, OSError):
-                    done(*worker.died(job.cache))
+                    done(path, worker.died(job.cache))
                     continue
-                idle.append(worker)
-                done(path, _commit(result))  # the index's fsyncs here, while workers go on
+                committed = _commit(result)  # the index's fsyncs here, while workers go on
+                worker.path = None
+                done(path, committed)
     finally:
-        for worker in idle:
-            worker.stop()
-        for worker in busy.values():
-            worker.kill(job.cache)
+        for worker in workers:
+            worker.close(job.cache)
 
 
 class _Worker:
-    """A forked process indexing the paths it is sent, one at a time."""
+    """A forked process indexing the paths it is sent, one at a time; *path*
+    is the one it has (until its result is committed), None when idle."""
 
-    def __init__(self, context: Any, job: _Job) -> None:
+    def __init__(self, context: Any, job: _Job, others: list[Connection]) -> None:
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=_serve, args=(child, job), daemon=True,
-                                       name="lazystore-cache-index")
+        # *others*: the parent's ends of the other workers' pipes, which the
+        # fork copies; closed in the child, or a worker would never see EOF
+        # when the parent dies (another worker would hold its pipe open)
+        self.process = context.Process(target=_serve, args=(child, job, [*others, self.conn]),
+                                       daemon=True, name="lazystore-cache-index")
         self.process.start()
         child.close()
-        self.path = Path()
+        self.path: Path | None = None
+        self.alive = True
 
     def send(self, path: Path, pooled: bool) -> bool:
         self.path = path
@@ -222,44 +227,44 @@ class _Worker:
             return False
         return True
 
-    def receive(self) -> Result | Written | CacheIndexError:
-        result: Result | Written | CacheIndexError = self.conn.recv()
-        self.path = Path()
-        return result
-
-    def died(self, cache: Path) -> tuple[Path, CacheIndexError]:
+    def died(self, cache: Path) -> CacheIndexError:
         """The error of the path this worker had when it died; cleaned up."""
+        assert self.path is not None
         self.process.join()
         code = self.process.exitcode or 0
         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
-        self._remove_temporary(cache)
-        self.conn.close()
         name = _store_path(self.path)
-        return self.path, CacheIndexError(f"{name}: the process indexing it died ({how})")
+        self.close(cache)
+        return CacheIndexError(f"{name}: the process indexing it died ({how})")
 
-    def stop(self) -> None:
-        try:
-            self.conn.send(None)
-        except OSError:
-            pass
+    def close(self, cache: Path) -> None:
+        """Stop the process: asked to when idle, terminated when it has a path
+        (whose temporary data file is then removed)."""
+        if not self.alive:
+            return
+        self.alive = False
+        if self.path is None:
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+        else:
+            self.process.terminate()
         self.process.join()
         self.conn.close()
-
-    def kill(self, cache: Path) -> None:
-        self.process.terminate()
-        self.process.join()
-        self._remove_temporary(cache)
-        self.conn.close()
-
-    def _remove_temporary(self, cache: Path) -> None:
-        pid = self.process.pid
-        assert pid is not None
-        hash_part = self.path.name.removesuffix(".narinfo")
-        _temporary(cache / fileindex.DATA_DIR / f"{hash_part}.lzdata", pid).unlink(missing_ok=True)
+        if self.path is not None:
+            hash_part = self.path.name.removesuffix(".narinfo")
+            assert self.process.pid is not None
+            data = cache / fileindex.DATA_DIR / f"{hash_part}.lzdata"
+            _temporary(data, self.process.pid).unlink(missing_ok=True)
+            self.path = None
 
 
-def _serve(conn: Connection, job: _Job) -> None:
-    """A worker's loop: paths in, results out, until None or the parent is gone."""
+def _serve(conn: Connection, job: _Job, parents: list[Connection]) -> None:
+    """A worker's loop: paths in, results out, until None or the parent is
+    gone; *parents*: the parent's pipe ends this fork copied, closed first."""
+    for other in parents:
+        other.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us on Ctrl-C
     with ThreadPoolExecutor(max_workers=job.threads) as threads:
         while True:
@@ -275,7 +280,12 @@ def _serve(conn: Connection, job: _Job) -> None:
             except Exception as exc:  # a bug: one path fails, with the traceback logged
                 log.error("indexing %s failed:\n%s", path.name, traceback.format_exc())
                 result = CacheIndexError(f"{_store_path(path)}: internal error: {exc!r}")
-            conn.send(result)
+            try:
+                conn.send(result)
+            except OSError:  # the parent is gone: what it would have committed goes too
+                if isinstance(result, Written):
+                    result.tmp.unlink(missing_ok=True)
+                return
 
 
 def _store_path(narinfo_file: Path) -> str:

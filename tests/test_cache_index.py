@@ -404,3 +404,31 @@ in derivation {
   PATH = "/usr/bin:/bin";
 }
 """
+
+
+def test_workers_of_a_killed_parent_finish_their_path_and_exit_leaving_no_temporary(
+        tmp_path: Path, test_key: nixcache.KeyPair) -> None:
+    expr = tmp_path / "big.nix"
+    expr.write_text(BIG_TEXT_NIX)
+    cache = nixcache.make_cache(nixcache.build(expr), tmp_path / "cache", test_key).root
+    proc = subprocess.Popen([sys.executable, "-m", "lazystore", "cache", "index", cache,
+                             "--secret-key-file", test_key.secret_file, "--jobs", "2"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    data = cache / fileindex.DATA_DIR
+    deadline = time.monotonic() + 60
+    while not (data.is_dir() and list(data.glob(".*.tmp"))):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.002)
+    workers = children(proc.pid)
+    assert workers
+    proc.kill()
+    _, err = proc.communicate(timeout=60)
+    deadline = time.monotonic() + 60
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text()
+              for pid in workers):
+        assert time.monotonic() < deadline, "a worker outlived its parent"
+        time.sleep(0.05)
+    assert b"Traceback" not in err
+    assert not [p for p in data.iterdir() if p.name.startswith(".")]
+    assert not list(cache.glob(".*"))
