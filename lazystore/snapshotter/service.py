@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -50,6 +51,7 @@ def _mapped(
 ) -> Callable[..., Awaitable[R]]:
     @functools.wraps(method)
     async def wrapper(self: SnapshotsService, request: Any, context: Any) -> R:
+        started = time.monotonic()
         try:
             return await method(self, request, context)
         except LazystoreError as exc:
@@ -60,6 +62,8 @@ def _mapped(
         except OSError as exc:
             log.error("%s: %s", method.__name__, exc)
             await context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__}: {exc}")
+        finally:
+            log.debug("%s: %.3f s", method.__name__, time.monotonic() - started)
         raise AssertionError("unreachable")
 
     return wrapper

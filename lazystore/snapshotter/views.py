@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -97,4 +98,8 @@ class DaemonViews:
         await self._call("view_remove", {"id": view_id}, wait=0.0)
 
     async def _call(self, op: str, args: dict[str, object], wait: float | None = None) -> object:
-        return await self._control.call(op, args, RESTART_WAIT if wait is None else wait)
+        started = time.monotonic()
+        answer = await self._control.call(op, args, RESTART_WAIT if wait is None else wait)
+        log.debug("daemon %s %s: answered in %.3f s", op, args.get("id", ""),
+                  time.monotonic() - started)
+        return answer
