@@ -13,6 +13,9 @@ from lazystore.substituter.errors import VerificationError
 
 LEVEL = 3  # zstd level of the frames `lazystore cache index` writes
 MAX_RUN = 16 << 20  # compressed bytes asked for in one range request at most
+# Uncompressed bytes of a run decoded and hashed on the trio thread (well under
+# a millisecond; a worker thread's hop took 1-2 ms of a small miss under load).
+INLINE_DECODE = 64 << 10
 
 
 SAMPLE = 4096  # bytes of each of the three samples that judge a chunk's compressibility

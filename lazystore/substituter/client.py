@@ -579,8 +579,11 @@ class Substituters:
             self._count_bytes(len(data))
             self.stats.chunk_bytes += len(data)
             try:
-                pieces = await trio.to_thread.run_sync(
-                    chunks.decode_run, run, data, limiter=self._limiter)
+                if sum(c.size for c in run) <= chunks.INLINE_DECODE:  # a thread hop costs more
+                    pieces = chunks.decode_run(run, data)
+                else:
+                    pieces = await trio.to_thread.run_sync(
+                        chunks.decode_run, run, data, limiter=self._limiter)
             except VerificationError as exc:
                 raise VerificationError(f"{cache.url}/{index.data}: {exc}") from None
             out.update(zip(run, pieces, strict=True))
