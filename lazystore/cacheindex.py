@@ -444,6 +444,7 @@ class _ChunkWriter:
         self._file: dict[str, Any] | None = None
         self._buffer = bytearray()
         self.size = 0  # bytes written to out
+        self._left = 0  # bytes of the current file not yet taken
         # compressed or being compressed, not yet written: (frame, the file's chunk list)
         self._pending: deque[tuple[Future[bytes] | bytes, list[list[Any]]]] = deque()
 
@@ -463,6 +464,7 @@ class _ChunkWriter:
         node: dict[str, Any]
         if isinstance(event, FileStart):
             node = self._file = fileindex.regular_node(event.size, event.executable, [])
+            self._left = event.size
         elif isinstance(event, Symlink):
             node = {"type": "symlink", "target": listing.decode_name(event.target)}
         else:
@@ -477,17 +479,28 @@ class _ChunkWriter:
     def _take(self, data: bytes | memoryview) -> None:
         view = memoryview(data)
         while view:
+            whole = min(self._chunk_size, self._left)
+            if not self._buffer and len(view) >= whole:
+                # the whole chunk is in this piece: no copy (a NarParser's
+                # FileData is a view of bytes, which never change)
+                self._left -= whole
+                self._encode(view[:whole])
+                view = view[whole:]
+                continue
             room = self._chunk_size - len(self._buffer)
             self._buffer += view[:room]
+            self._left -= min(room, len(view))
             view = view[room:]
             if len(self._buffer) == self._chunk_size:
                 self._flush()
 
     def _flush(self) -> None:
-        if not self._buffer:
-            return
+        if self._buffer:
+            data, self._buffer = self._buffer, bytearray()
+            self._encode(data)
+
+    def _encode(self, data: bytearray | memoryview) -> None:
         assert self._file is not None
-        data, self._buffer = self._buffer, bytearray()
         if self._workers is None or len(data) < POOLED:
             self._pending.append((chunks.encode(data, self._level), self._file["chunks"]))
         else:
