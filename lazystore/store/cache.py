@@ -80,10 +80,12 @@ READ_AHEAD = 256 << 10
 # read-ahead: a program also reads the files just before (python a module's
 # source, checked against its hash, after its __pycache__ entry).
 READ_BEHIND = 16 << 10
-# A read that goes on to a second chunk of a file (a program mapping a binary
-# or a library faults its pages in all over it, one dependent miss after
-# another) fetches the rest of the file ahead, up to this many compressed bytes.
-FILE_AHEAD = 4 << 20
+# A read that goes on to a second chunk of a file of at most this many
+# compressed bytes (a program mapping a binary or a library faults its pages
+# in all over it, one dependent miss after another) fetches the rest of the
+# file ahead. A bigger file (a database read here and there) does not: each
+# such read would bring megabytes it may never read.
+FILE_AHEAD = 8 << 20
 LAST_CHUNKS_HELD = 10_000  # files whose last read chunk is remembered
 BACKGROUND_FETCH_PARALLEL = 2  # a view's other paths after its profile (--background-fetch)
 # A path with more references than this is an aggregate (a closure of hundreds
@@ -524,30 +526,20 @@ class LocalStore:
     def _ahead_of(self, indexed: IndexedPath, entry: FileEntry, missing: list[Chunk],
                   moved: bool) -> list[Chunk]:
         """What a read that misses *missing* of *entry* fetches ahead of use:
-        when it *moved* to another chunk of the file, the rest of the file
-        (from the chunk after the read's, then those before it; at most
-        FILE_AHEAD compressed bytes), else the chunks after its last one (the
+        when it *moved* to another chunk of a file of at most FILE_AHEAD
+        compressed bytes, the rest of the file (from the chunk after the
+        read's, then those before it), else the chunks after its last one (the
         next files in NAR order: a start-up reads neighbours; at most
         ``read_ahead`` bytes) and those before its first (``read_behind``)."""
-        if moved:
+        if moved and sum(c.length for c in entry.chunks) <= FILE_AHEAD:
             at = entry.chunks.index(missing[-1]) + 1
-            order = [*entry.chunks[at:], *entry.chunks[:at]]
-            candidates, budget = [c for c in order if c not in missing], FILE_AHEAD
+            candidates = [*entry.chunks[at:], *entry.chunks[:at]]
         else:
             behind = indexed.preceding(missing[0], self.read_behind) if self.read_ahead else []
             candidates = indexed.following(missing[-1], self.read_ahead) + behind
-            budget = None
-        ahead, mine = [], {c.sha256 for c in missing}
-        for chunk in candidates:
-            if chunk.sha256 in mine or self.chunks.has(chunk.sha256) \
-                    or chunk.sha256 in self._ahead or self._copy_path(chunk) is not None:
-                continue
-            if budget is not None:
-                if budget < chunk.length:
-                    break
-                budget -= chunk.length
-            ahead.append(chunk)
-        return ahead
+        mine = {c.sha256 for c in missing}
+        return [c for c in candidates if c.sha256 not in mine and not self.chunks.has(c.sha256)
+                and c.sha256 not in self._ahead and self._copy_path(c) is None]
 
     def _read_ahead(self, base: str, indexed: IndexedPath, ahead: list[Chunk]) -> None:
         """Fetch *ahead* in the background, in requests of their own (a
