@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -77,11 +78,13 @@ def nix_copy(top: str, dest: Path) -> tuple[float, float]:
                  nixtool.nix_env())
 
 
-def cache_index(dest: Path, key: nixcache.KeyPair, chunk_size: str = "1MiB"
-                ) -> tuple[float, float]:
-    """``lazystore cache index`` of *dest* (the CLI, ``--jobs 2``): wall and CPU seconds."""
+def cache_index(dest: Path, key: nixcache.KeyPair, chunk_size: str = "1MiB",
+                code: str | None = None) -> tuple[float, float]:
+    """``lazystore cache index`` of *dest* (the CLI, ``--jobs 2``): wall and CPU
+    seconds; with *code*, the lazystore package of that checkout (PYTHONPATH)."""
+    env = None if code is None else dict(os.environ, PYTHONPATH=code)
     return timed([LAZYSTORE, "cache", "index", str(dest), "--secret-key-file",
-                  str(key.secret_file), "--jobs", "2", "--chunk-size", chunk_size])
+                  str(key.secret_file), "--jobs", "2", "--chunk-size", chunk_size], env)
 
 
 def write_cache(top: str, dest: Path, key: nixcache.KeyPair, chunk_size: str = "1MiB"
@@ -99,8 +102,8 @@ def write_cache(top: str, dest: Path, key: nixcache.KeyPair, chunk_size: str = "
             "load_average": os.getloadavg()[0]}
 
 
-def index_costs(top: str, key: nixcache.KeyPair, work: Path, runs: int, chunk_size: str
-                ) -> dict[str, Any]:
+def index_costs(top: str, key: nixcache.KeyPair, work: Path, runs: int, chunk_size: str,
+                also: Sequence[str] = ()) -> dict[str, Any]:
     """Wall and CPU seconds of ``nix copy`` and of ``lazystore cache index``,
     warmed the same way and interleaved. First, untimed, :func:`write_cache`
     into work/python-cache (kept for the python runs): a nix copy, which reads
@@ -108,7 +111,9 @@ def index_costs(top: str, key: nixcache.KeyPair, work: Path, runs: int, chunk_si
     both commands' inputs and programs are in the page cache. Then *runs*
     times, the two in turn (nix copy first in even runs, cache index first in
     odd ones): a nix copy into a new folder, and a cache index of a new
-    hard-linked copy of work/python-cache without its indexes."""
+    hard-linked copy of work/python-cache without its indexes; and the same
+    cache index with the code of each checkout in *also* (an A/B against
+    another version, e.g. main), after them in each run (``also_*``)."""
     source = work / "python-cache"
     write_cache(top, source, key, chunk_size)  # warm-up, untimed
     costs = []
@@ -121,12 +126,22 @@ def index_costs(top: str, key: nixcache.KeyPair, work: Path, runs: int, chunk_si
         else:
             copy, copy_cpu = nix_copy(top, copied)
             index, index_cpu = cache_index(indexed, key, chunk_size)
+        others = {}
+        for code in also:
+            other = work / f"index-{rep}-other"
+            subprocess.run(["cp", "-al", f"{source}-plain", str(other)], check=True)
+            others[code] = cache_index(other, key, chunk_size, code)
+            shutil.rmtree(other)
         costs.append({"nix_copy_seconds": copy, "cache_index_seconds": index,
                       "index_over_copy": index / copy, "nix_copy_cpu_seconds": copy_cpu,
                       "cache_index_cpu_seconds": index_cpu,
                       "index_over_copy_cpu": index_cpu / copy_cpu,
-                      "load_average": os.getloadavg()[0]})
-        log.info("index cost: %s", {k: round(v, 2) for k, v in costs[-1].items()})
+                      "load_average": os.getloadavg()[0],
+                      "also": {code: {"cache_index_seconds": wall, "cache_index_cpu_seconds": cpu}
+                               for code, (wall, cpu) in others.items()}})
+        log.info("index cost: %s", {k: round(v, 2) for k, v in costs[-1].items() if k != "also"})
+        for code, (wall, cpu) in others.items():
+            log.info("  with %s: %.2f s, CPU %.2f s", code, wall, cpu)
         shutil.rmtree(copied)
         shutil.rmtree(indexed)
     copy = median(c["nix_copy_seconds"] for c in costs)
@@ -138,7 +153,17 @@ def index_costs(top: str, key: nixcache.KeyPair, work: Path, runs: int, chunk_si
             "index_over_copy_median": index / copy,
             "index_over_copy_range": [min(wall), max(wall)],
             "nix_copy_cpu_median": copy_cpu, "cache_index_cpu_median": index_cpu,
-            "index_over_copy_cpu_median": index_cpu / copy_cpu}
+            "index_over_copy_cpu_median": index_cpu / copy_cpu,
+            "also": {code: _also_medians([c["also"][code] for c in costs], copy, copy_cpu)
+                     for code in also}}
+
+
+def _also_medians(runs: list[dict[str, float]], copy: float, copy_cpu: float
+                  ) -> dict[str, float]:
+    wall = median(r["cache_index_seconds"] for r in runs)
+    cpu = median(r["cache_index_cpu_seconds"] for r in runs)
+    return {"cache_index_median": wall, "index_over_copy_median": wall / copy,
+            "cache_index_cpu_median": cpu, "index_over_copy_cpu_median": cpu / copy_cpu}
 
 
 def python_runs(wl: workloads.Workload, cache: Path, key: nixcache.KeyPair, work: Path,
@@ -230,6 +255,9 @@ def main() -> int:
     parser.add_argument("--big-mib", type=int, default=1024)
     parser.add_argument("--skip-python", action="store_true")
     parser.add_argument("--skip-big", action="store_true")
+    parser.add_argument("--index-also", action="append", default=[], metavar="DIR",
+                        help="also time cache index with the lazystore package of checkout "
+                        "DIR (put on PYTHONPATH), interleaved: an A/B; may be repeated")
     parser.add_argument("--index-only", action="store_true",
                         help="only the python closure's index cost (implies --skip-big)")
     parser.add_argument("--index-runs", type=int, default=5,
@@ -245,7 +273,7 @@ def main() -> int:
         if not args.skip_python:
             wl = workloads.build("python", quick=args.quick)
             result["python_index_cost"] = index_costs(wl.top, key, work, args.index_runs,
-                                                      args.chunk_size)
+                                                      args.chunk_size, args.index_also)
             if not args.index_only:
                 result["python_100mbit"] = python_runs(wl, work / "python-cache", key, work,
                                                        args.runs)
