@@ -49,15 +49,10 @@ def wait_bound(d: Daemon, base: str, bound: bool = True, timeout: float = 30) ->
         time.sleep(0.05)
 
 
-def evicted_once_free(d: Daemon, base: str, timeout: float = 60) -> bool:
-    """Evict *base*, again while a mount namespace that someone else made on the
-    machine meanwhile holds a copy of its bind (the daemon rightly refuses then)."""
-    deadline = time.monotonic() + timeout
-    while d.call("evict", paths=[f"/nix/store/{base}"])["evicted"] != [base]:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.5)
-    return True
+def evicted(d: Daemon, base: str) -> bool:
+    """Evict *base*: True if it went (an unused copy of its bind in a mount
+    namespace someone else made meanwhile on the machine does not keep it)."""
+    return d.call("evict", paths=[f"/nix/store/{base}"])["evicted"] == [base]
 
 
 def read_uncached(path: Path) -> bytes:
@@ -113,7 +108,7 @@ def test_eviction_waits_for_a_reader_below_the_bind(
             assert os.pread(fd, 100, 0) == b"hello from liba\n"
         finally:
             os.close(fd)
-        assert evicted_once_free(d, liba)
+        assert evicted(d, liba)
         assert liba not in bound_paths(d.mnt)
         assert not (d.cache / "store" / liba).exists()
         assert liba not in d.status()["paths_materialized"]
@@ -134,26 +129,13 @@ def test_the_quota_never_evicts_a_path_in_use_below_its_bind(
         os.chdir(d.mnt / liba / "lib")  # a working directory below the bind is a use
         try:
             busybox = base_of(binary_cache, "busybox")
-            deadline = time.monotonic() + 60
-            while True:
-                (d.mnt / busybox / "bin/busybox").read_bytes()  # over the quota
-                assert liba in d.status()["paths_materialized"]
-                assert Path("data").read_bytes() == b"hello from liba\n"
-                if "is in use below its bind: not evicted" in d.log.read_text():
-                    break
-                # only because a mount namespace someone made meanwhile (every nix
-                # command does) copied the bind: over the quota again once it is gone
-                assert "mounted elsewhere too" in d.log.read_text()
-                assert time.monotonic() < deadline, "the copy of the bind never went"
-                assert evicted_once_free(d, busybox)
-                time.sleep(0.5)
+            (d.mnt / busybox / "bin/busybox").read_bytes()  # over the quota
+            assert liba in d.status()["paths_materialized"]
+            assert Path("data").read_bytes() == b"hello from liba\n"
+            assert "is in use below its bind: not evicted" in d.log.read_text()
         finally:
             os.chdir(tmp_path)
         d.call("prefetch", paths=[f"/nix/store/{base_of(binary_cache, 'prog')}"])
-        if liba in d.status()["paths_materialized"]:
-            # only because a mount namespace someone made meanwhile copied the bind
-            assert "mounted elsewhere too" in d.log.read_text()
-            assert evicted_once_free(d, liba)
         assert liba not in d.status()["paths_materialized"]  # unused: evicted and unbound
         assert liba not in bound_paths(d.mnt)  # unbound before its data went
 
@@ -189,37 +171,96 @@ def test_no_binds_serves_everything_through_fuse(
         assert bound_paths(d.mnt) == []
 
 
-def test_eviction_keeps_a_path_whose_bind_a_new_mount_namespace_copied(
-    tmp_path: Path, binary_cache: nixcache.BinaryCache, http_cache: str
-) -> None:
+@contextmanager
+def namespace_reader(script: str, propagation: str = "private",
+                     ) -> Iterator[subprocess.Popen[bytes]]:
+    """`sh -c script` in a mount namespace of its own, once it is up: a copy of
+    every mount, ours included, that our unmounts do not reach if private."""
     if shutil.which("unshare") is None:
         pytest.skip("unshare is not installed")
+    reader = subprocess.Popen(["unshare", "-m", "--propagation", propagation, "--",
+                               "sh", "-c", script],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        own = os.stat("/proc/self/ns/mnt").st_ino
+        while _mount_ns(reader.pid) in (own, None):
+            assert time.monotonic() < deadline, "the namespace never came up"
+            time.sleep(0.05)
+        yield reader
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+        reader.wait()
+
+
+def copies_in(pid: int, point: Path) -> list[str]:
+    """Mountinfo lines of process *pid*'s namespace with a mount at *point*."""
+    text = Path(f"/proc/{pid}/mountinfo").read_text()
+    return [ln for ln in text.splitlines() if ln.split()[4] == os.path.realpath(point)]
+
+
+def test_an_unused_copy_of_a_bind_in_another_mount_namespace_does_not_keep_the_path(
+    tmp_path: Path, binary_cache: nixcache.BinaryCache, http_cache: str
+) -> None:
+    """The copy is unmounted in its own namespace, the path evicted, and that
+    namespace then reads it through its copy of the FUSE mount."""
     with mounted(tmp_path, http_cache, binary_cache.key.public_key) as d:
         liba = base_of(binary_cache, "liba")
         data = d.mnt / liba / "lib/data"
         data.read_bytes()
         wait_bound(d, liba)
-        # a namespace made now holds its own copy of the bind (and reads through it later)
-        reader = subprocess.Popen(
-            ["unshare", "-m", "--propagation", "private", "--", "sh", "-c",
-             f'read line; cat "{data}"'],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        try:
-            deadline = time.monotonic() + 10
-            own = os.stat("/proc/self/ns/mnt").st_ino
-            while _mount_ns(reader.pid) in (own, None):
-                assert time.monotonic() < deadline, "the namespace never came up"
-                time.sleep(0.05)
-            assert d.call("evict", paths=[f"/nix/store/{liba}"])["evicted"] == []
-            assert "mounted elsewhere too" in d.log.read_text()
+        fetched = d.status()["nars_fetched"]
+        with namespace_reader(f'read line; cat "{data}"') as reader:
+            assert len(copies_in(reader.pid, d.mnt / liba)) == 1
+            assert d.call("evict", paths=[f"/nix/store/{liba}"])["evicted"] == [liba]
+            assert copies_in(reader.pid, d.mnt / liba) == []
+            assert liba not in bound_paths(d.mnt)
+            assert not (d.cache / "store" / liba).exists()
             out, _ = reader.communicate(b"go\n", timeout=30)
             assert out == b"hello from liba\n"
-        finally:
-            if reader.poll() is None:
-                reader.kill()
-                reader.wait()
-        assert evicted_once_free(d, liba)
+        assert d.status()["nars_fetched"] == fetched + 1  # fetched again, through FUSE
+
+
+def test_a_copy_of_a_bind_in_use_in_another_mount_namespace_keeps_the_path(
+    tmp_path: Path, binary_cache: nixcache.BinaryCache, http_cache: str
+) -> None:
+    with mounted(tmp_path, http_cache, binary_cache.key.public_key) as d:
+        liba = base_of(binary_cache, "liba")
+        data = d.mnt / liba / "lib/data"
+        data.read_bytes()
+        wait_bound(d, liba)
+        # its working directory is below the copy there: a use
+        with namespace_reader(f'cd "{data.parent}" && read line && cat data') as reader:
+            assert d.call("evict", paths=[f"/nix/store/{liba}"])["evicted"] == []
+            assert "is in use below a copy of its bind" in d.log.read_text()
+            assert len(copies_in(reader.pid, d.mnt / liba)) == 1
+            assert liba in bound_paths(d.mnt)
+            out, _ = reader.communicate(b"go\n", timeout=30)
+            assert out == b"hello from liba\n"
+        assert d.call("evict", paths=[f"/nix/store/{liba}"])["evicted"] == [liba]
         assert liba not in bound_paths(d.mnt)
+
+
+def test_a_bind_someone_made_of_a_bound_path_keeps_it(
+    tmp_path: Path, binary_cache: nixcache.BinaryCache, http_cache: str
+) -> None:
+    """Unmounting a bind of the path made elsewhere would show what is below
+    it there: the path stays while it exists."""
+    with mounted(tmp_path, http_cache, binary_cache.key.public_key) as d:
+        liba = base_of(binary_cache, "liba")
+        (d.mnt / liba / "lib/data").read_bytes()
+        wait_bound(d, liba)
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        subprocess.run(["mount", "--bind", str(d.mnt / liba), str(elsewhere)], check=True)
+        try:
+            assert d.call("evict", paths=[f"/nix/store/{liba}"])["evicted"] == []
+            assert "mounted elsewhere too (at " in d.log.read_text()
+            assert (elsewhere / "lib/data").read_bytes() == b"hello from liba\n"
+        finally:
+            unmount(str(elsewhere), lazily=False)
+        assert d.call("evict", paths=[f"/nix/store/{liba}"])["evicted"] == [liba]
 
 
 def _mount_ns(pid: int) -> int | None:
@@ -235,33 +276,16 @@ def test_a_copy_that_receives_our_unmount_does_not_keep_the_path(
     """With the mount shared (systemd makes / shared), a namespace made later
     holds a slave copy of each bind: the unmount propagates to it, so eviction
     goes ahead, and the copy there goes with it."""
-    if shutil.which("unshare") is None:
-        pytest.skip("unshare is not installed")
     with mounted(tmp_path, http_cache, binary_cache.key.public_key) as d:
         subprocess.run(["mount", "--make-shared", str(d.mnt)], check=True)
         liba = base_of(binary_cache, "liba")
         (d.mnt / liba / "lib/data").read_bytes()
         wait_bound(d, liba)
-        reader = subprocess.Popen(["unshare", "-m", "--propagation", "slave", "--", "sleep", "60"])
-        try:
-            deadline = time.monotonic() + 10
-            own = os.stat("/proc/self/ns/mnt").st_ino
-            while _mount_ns(reader.pid) in (own, None):
-                assert time.monotonic() < deadline, "the namespace never came up"
-                time.sleep(0.05)
-            point = os.path.realpath(d.mnt / liba)
-
-            def copies() -> list[str]:
-                text = Path(f"/proc/{reader.pid}/mountinfo").read_text()
-                return [ln for ln in text.splitlines() if ln.split()[4] == point]
-
-            [copy] = copies()
+        with namespace_reader("sleep 60", propagation="slave") as reader:
+            [copy] = copies_in(reader.pid, d.mnt / liba)
             assert "master:" in copy
-            assert evicted_once_free(d, liba)
-            assert copies() == []
-        finally:
-            reader.kill()
-            reader.wait()
+            assert evicted(d, liba)
+            assert copies_in(reader.pid, d.mnt / liba) == []
 
 
 class _Records:

@@ -14,10 +14,14 @@ the cache file system's page cache) and never asks FUSE.
 - Eviction: the store asks :meth:`Binds.release` first; the bind is unmounted
   without ``MNT_DETACH``, so a path that a process still uses below the bind
   (an open file, a mapping, a working directory) is busy (EBUSY), and the
-  store keeps it as if it were pinned. A bind copied elsewhere (``mount
-  --rbind`` of the mount, or a mount namespace made since: ``unshare -m``
-  copies every mount) counts as in use too, found in every namespace's
-  mountinfo. Nothing is pulled from under a reader.
+  store keeps it as if it were pinned. A mount namespace made since (``unshare
+  -m``, a container runtime, every Nix command) holds a copy of every mount,
+  ours included, that our unmount does not reach unless the mount is shared:
+  each such copy at the path's place in a copy of the FUSE mount is unmounted
+  in its own namespace first, also without ``MNT_DETACH`` (EBUSY while used
+  there: the path stays), after which that namespace reads the path through
+  its copy of the FUSE mount. Any other copy (a bind someone made of the
+  path) keeps the path. Nothing is pulled from under a reader.
 - The mount calls resolve ``<mountpoint>/<base>`` through FUSE: they run in a
   worker thread while the trio thread goes on answering the kernel.
 - The bind is made with the new mount API (``open_tree``, ``mount_setattr``,
@@ -37,7 +41,11 @@ import ctypes
 import errno
 import logging
 import os
+import posixpath
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import trio
 
@@ -62,6 +70,8 @@ MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
 MNT_DETACH = 2
 UMOUNT_NOFOLLOW = 8
+CLONE_FS = 0x200
+CLONE_NEWNS = 0x20000
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -115,32 +125,45 @@ def _optional(fields: list[str]) -> list[str]:
     return fields[6:fields.index("-")]
 
 
-def _mountinfo_root(target: str) -> tuple[str, str, set[str]] | None:
-    """(major:minor, root within its file system, peer groups as "shared:N"
-    and "master:N") of the mount at *target*."""
-    found = None
+class _Bind(NamedTuple):
+    """Our bind as /proc/self/mountinfo shows it."""
+
+    device: str  # major:minor of the cache's file system
+    root: str  # the path's directory within it
+    groups: set[str]  # peer groups, as "shared:N" and "master:N"
+    parent_device: str  # the FUSE mount's major:minor
+
+
+class Copy(NamedTuple):
+    """Another mount of a bind's tree: a bind of it, or a mount namespace's copy."""
+
+    pid: int  # a process of its mount namespace
+    ns: int  # that namespace's inode
+    mount_id: str
+    point: str  # its mount point, as *pid* sees it
+    over_mount: bool  # at the path's place in a copy of the FUSE mount
+
+
+def _mountinfo_bind(target: str) -> _Bind | None:
+    """Our bind at *target* (the last mount there: the one on top)."""
+    found: list[str] | None = None
+    devices: dict[str, str] = {}
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
-            if _unescape(fields[4]) == target:  # the last one is on top
-                groups = {g.replace("shared:", "master:") for g in _optional(fields)
-                          if g.startswith("shared:")}
-                groups |= {g.replace("master:", "shared:") for g in groups}
-                found = (fields[2], _unescape(fields[3]), groups)
-    return found
+            devices[fields[0]] = fields[2]
+            if _unescape(fields[4]) == target:
+                found = fields
+    if found is None:
+        return None
+    groups = {g.replace("shared:", "master:") for g in _optional(found)
+              if g.startswith("shared:")}
+    groups |= {g.replace("master:", "shared:") for g in groups}
+    return _Bind(found[2], _unescape(found[3]), groups, devices.get(found[1], ""))
 
 
-def copied_elsewhere(target: str) -> bool:
-    """Whether the tree bound at *target* is also mounted somewhere else: a
-    bind of it, or a copy in another mount namespace (``unshare -m`` copies
-    every mount), where unmounting ours would leave it in use (blocking). A
-    copy in our peer group, or a slave of it, is not counted: our unmount
-    propagates to it (and fails with EBUSY while it is in use there)."""
-    ours = _mountinfo_root(target)
-    if ours is None:
-        return False
-    device, root, groups = ours
-    own_ns = os.stat("/proc/self/ns/mnt").st_ino
+def _namespaces() -> Iterator[tuple[int, int, list[list[str]]]]:
+    """(a pid, namespace inode, mountinfo lines split) of every mount namespace."""
     seen: set[int] = set()
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -150,23 +173,86 @@ def copied_elsewhere(target: str) -> bool:
             if ns in seen:
                 continue
             with open(f"/proc/{pid}/mountinfo") as f:
-                lines = f.read().splitlines()
+                lines = [line.split() for line in f]
         except OSError:  # gone, or a kernel thread
             continue
         seen.add(ns)
-        for line in lines:
-            fields = line.split()
-            if fields[2] != device:
-                continue
+        yield int(pid), ns, lines
+
+
+def copies_of(bind: _Bind, target: str) -> list[Copy]:
+    """Every mount of the tree *bind* shows except our bind at *target* and
+    those our unmount reaches (our peer group, or a slave of it: a namespace
+    made later under a shared mount), in every mount namespace (blocking)."""
+    own_ns = os.stat("/proc/self/ns/mnt").st_ino
+    base = os.path.basename(target)
+    out = []
+    for pid, ns, lines in _namespaces():
+        mounts = {fields[0]: fields for fields in lines}
+        for fields in lines:
             mroot = _unescape(fields[3])
-            if mroot != root and not mroot.startswith(root + "/"):
+            if fields[2] != bind.device or not _within(mroot, bind.root):
                 continue
-            if ns == own_ns and _unescape(fields[4]) == target:
+            point = _unescape(fields[4])
+            if ns == own_ns and point == target:
                 continue  # ours
-            if groups & set(_optional(fields)):
+            if bind.groups & set(_optional(fields)):
                 continue  # our unmount reaches it
-            return True
-    return False
+            parent = mounts.get(fields[1])
+            over = (parent is not None and mroot == bind.root
+                    and parent[2] == bind.parent_device
+                    and _place(parent, point) == "/" + base)
+            out.append(Copy(pid, ns, fields[0], point, over))
+    return out
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def _place(parent: list[str], point: str) -> str:
+    """Where *point* is within the file system of the *parent* mount."""
+    rel = posixpath.relpath(point, _unescape(parent[4]))
+    return posixpath.normpath(posixpath.join(_unescape(parent[3]), rel))
+
+
+def unmount_copy(copy: Copy) -> None:
+    """Unmount *copy* in its own mount namespace, not lazily: OSError(EBUSY)
+    while something there uses it; nothing if its namespace is gone (blocking).
+    A thread may enter another mount namespace only with a file system context
+    (root, working directory) of its own: a fresh thread makes one and ends."""
+    if copy.ns == os.stat("/proc/self/ns/mnt").st_ino:
+        unmount(copy.point, lazily=False)
+        return
+    failure: list[OSError] = []
+    thread = threading.Thread(target=_unmount_there, args=(copy, failure),
+                              name="unmount-copy")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+
+
+def _unmount_there(copy: Copy, failure: list[OSError]) -> None:
+    try:
+        _check(_libc.unshare(CLONE_FS), "unshare")
+        try:
+            root = os.open(f"/proc/{copy.pid}/root", os.O_PATH | os.O_DIRECTORY)
+            ns = os.open(f"/proc/{copy.pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, ProcessLookupError):
+            return  # the process is gone
+        try:
+            if os.fstat(ns).st_ino != copy.ns:
+                return  # its pid is another process's now
+            _check(_libc.setns(ns, CLONE_NEWNS), "setns")
+            os.fchdir(root)  # mountinfo's paths are from the process's root
+            os.chroot(".")
+            unmount(copy.point, lazily=False)
+        finally:
+            os.close(root)
+            os.close(ns)
+    except OSError as exc:
+        failure.append(exc)
 
 
 def mounts_below(directory: str) -> list[str]:
@@ -287,14 +373,15 @@ class Binds:
         have opened the directory already), then is undone. Not before the
         binds an earlier daemon left are adopted: evicting a path whose old
         bind is not yet known would leave that bind over a deleted directory
-        (ENOENT for everything below it)."""
+        (ENOENT for everything below it). Copies of the bind in other mount
+        namespaces go first (:meth:`_free_copies`)."""
         await self._adopted.wait()
         async with self._lock:
             if base not in self.bound:
                 return True
             target = self._target(base)
-            if await trio.to_thread.run_sync(copied_elsewhere, target):
-                log.info("%s is mounted elsewhere too (a copy of its bind): not evicted", base)
+            bind = await trio.to_thread.run_sync(_mountinfo_bind, target)
+            if bind is not None and not await self._free_copies(base, bind, target):
                 return False
             try:
                 await trio.to_thread.run_sync(unmount, target, False)
@@ -306,7 +393,41 @@ class Binds:
                     log.warning("cannot unbind %s: %s", base, exc.strerror)
                     return False
             self.bound.discard(base)
-            return True
+            # A namespace made since the first look copied the bind: kept if
+            # that copy cannot go (here the path is served by FUSE meanwhile).
+            return bind is None or await self._free_copies(base, bind, target)
+
+    async def _free_copies(self, base: str, bind: _Bind, target: str) -> bool:
+        """Unmount the copies of *base*'s bind that our unmount would not reach,
+        each in its own mount namespace (``unshare -m``, a container runtime and
+        every Nix command make one, with a copy of every mount), so they do not
+        keep the path while nothing uses them: there, the path is then read
+        through that namespace's copy of the FUSE mount, as here. False (the
+        path stays) if one is in use, or is not at the path's place in a copy
+        of the mount (a bind someone made of it: unmounting that would show
+        whatever is below it)."""
+        copies = await trio.to_thread.run_sync(copies_of, bind, target)
+        for copy in copies:
+            if not copy.over_mount:
+                log.info("%s is mounted elsewhere too (at %s, the mount namespace of "
+                         "pid %d): not evicted", base, copy.point, copy.pid)
+                return False
+        for copy in copies:
+            try:
+                await trio.to_thread.run_sync(unmount_copy, copy)
+            except OSError as exc:
+                if copy not in await trio.to_thread.run_sync(copies_of, bind, target):
+                    continue  # gone meanwhile (its namespace unmounted it)
+                if exc.errno == errno.EBUSY:
+                    log.info("%s is in use below a copy of its bind (the mount "
+                             "namespace of pid %d): not evicted", base, copy.pid)
+                else:
+                    log.info("%s is mounted elsewhere too (the mount namespace of "
+                             "pid %d: %s): not evicted", base, copy.pid, exc)
+                return False
+            log.debug("unmounted the copy of %s's bind in the mount namespace of pid %d",
+                      base, copy.pid)
+        return True
 
     async def detach_all(self) -> None:
         """Detach every bind (lazily: readers keep theirs), before the mount goes."""
