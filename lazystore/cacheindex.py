@@ -326,8 +326,14 @@ class Written:
     size: int
 
     def commit(self) -> Result:
+        """Put the data file in place, then the index, in the order Nix puts a
+        NAR and then its narinfo: the data file (fsynced when it was written)
+        is renamed and its directory fsynced before the index is written (file
+        fsynced, renamed, directory fsynced), so after a crash an index is
+        never there without its data file."""
         try:
             os.rename(self.tmp, self.data_file)
+            fsio.fsync_dir(self.data_file.parent)
             fsio.write_atomic(self.index_file, self.text)
         except OSError as exc:
             raise CacheIndexError(f"{self.store_path}: cannot write the index: {exc}") from None
@@ -383,11 +389,14 @@ def _read_narinfo(path: Path) -> NarInfo:
 
 def _indexed(cache: Path, index_file: Path, info: NarInfo, secret: SecretKey) -> bool:
     """True if *index_file* is this key's index of exactly this NAR and its
-    data file has the size it says."""
+    data file has the size it says. Its signature is checked, not its tree
+    (:func:`fileindex.check_signed`): this key signed it only once it read
+    back into this NarHash, so an index of another NAR, or edited since, is
+    redone, and a rerun over thousands of paths does not parse them all."""
     try:
-        index = fileindex.parse(index_file.read_bytes())
-        fileindex.check(index, info, [secret.public_key])
-        return (cache / index.data).stat().st_size == index.data_size
+        data, size = fileindex.check_signed(index_file.read_bytes(), info,
+                                            [secret.public_key])
+        return (cache / data).stat().st_size == size
     except FileNotFoundError:
         return False
     except (OSError, FileIndexError) as exc:

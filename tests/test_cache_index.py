@@ -14,7 +14,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -128,6 +130,71 @@ def test_second_run_skips_what_is_indexed_and_redoes_what_is_damaged(
     assert f"indexed {n} paths, 0 already indexed" in signed_by_other.stderr
     redo = index(cache, test_key)
     assert f"indexed {n} paths, 0 already indexed" in redo.stderr
+
+
+def test_a_rerun_keeps_only_an_index_signed_for_exactly_its_nar(
+        binary_cache: nixcache.BinaryCache, tmp_path: Path, test_key: nixcache.KeyPair) -> None:
+    """The skip checks the signature, not the tree: an index of another NAR
+    (signed by the same key) and one edited since it was signed are redone."""
+    cache = copy_cache(binary_cache, tmp_path / "cache")
+    assert index(cache, test_key).returncode == 0
+    first, second, third = sorted(cache.glob("*.lzindex"))[:3]
+    second.write_bytes(first.read_bytes())  # the index of another path's NAR
+    text = third.read_bytes()
+    at = text.rindex(b'"size":') + len(b'"size":')
+    third.write_bytes(text[:at] + b"1" + text[at:])  # a file's size, after signing
+    again = index(cache, test_key)
+    n = len(binary_cache.paths)
+    assert f"indexed 2 paths, {n - 2} already indexed, 0 failed" in again.stderr
+    key = PublicKey.parse(test_key.public_key)
+    for index_file in (first, second, third):
+        info = NarInfo.parse(index_file.with_suffix(".narinfo").read_text())
+        parsed = fileindex.parse(index_file.read_bytes())
+        assert fileindex.check(parsed, info, [key]) == nixcache.KEY_NAME
+        assert rebuilt_nar(cache, parsed) == nixcache.run_nix("nix-store", "--dump",
+                                                              info.store_path)
+
+
+def test_the_data_file_is_on_disk_before_its_index_is_in_place(
+        binary_cache: nixcache.BinaryCache, tmp_path: Path, test_key: nixcache.KeyPair,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """As Nix puts a NAR before its narinfo: the data file is fsynced, renamed
+    and its directory fsynced before the index is written, renamed and its
+    directory fsynced, so a crash never leaves an index without its data."""
+    cache = copy_cache(binary_cache, tmp_path / "cache")
+    narinfo = cache / binary_cache.narinfo_path(binary_cache.top).name
+    calls: list[tuple[str, str]] = []
+    fsync, rename, replace = os.fsync, os.rename, os.replace
+
+    def traced_fsync(fd: int) -> None:
+        calls.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def traced(name: str, real: Callable[[Any, Any], None]) -> Callable[[Any, Any], None]:
+        def move(src: Any, dst: Any) -> None:
+            calls.append((name, str(dst)))
+            real(src, dst)
+        return move
+
+    monkeypatch.setattr(os, "fsync", traced_fsync)
+    monkeypatch.setattr(os, "rename", traced("rename", rename))
+    monkeypatch.setattr(os, "replace", traced("rename", replace))
+    (cache / fileindex.DATA_DIR).mkdir()
+    secret = SecretKey.parse(test_key.secret_file.read_text())
+    assert cacheindex.index_path(cache, narinfo, secret, 4096).indexed
+    monkeypatch.undo()
+    hash_part = narinfo.name.removesuffix(".narinfo")
+    data = cache / fileindex.DATA_DIR / f"{hash_part}.lzdata"
+    index_file = narinfo.with_suffix(".lzindex")
+    pid = os.getpid()
+    assert calls == [
+        ("fsync", str(data.with_name(f".{data.name}.{pid}.tmp"))),
+        ("rename", str(data)),
+        ("fsync", str(data.parent)),
+        ("fsync", str(index_file.with_name(f".{index_file.name}.{pid}.tmp"))),
+        ("rename", str(index_file)),
+        ("fsync", str(cache)),
+    ]
 
 
 def test_a_nar_failing_its_hash_gets_no_index(

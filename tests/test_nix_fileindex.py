@@ -176,6 +176,32 @@ def test_index_for_another_nar_hash() -> None:
             "another NAR")
 
 
+@pytest.mark.parametrize("case", ["another NAR", "another store path", "another key",
+                                  "edited", "re-signed for another NAR hash", "bad magic"])
+def test_check_signed_refuses_all_but_this_keys_index_of_exactly_this_nar(case: str) -> None:
+    good = make()
+    text, info = {
+        "another NAR": (good, info_of(TreeDir({b"x": TreeFile(b"other")}))),
+        "another store path": (good, info_of(TREE, "/nix/store/" + "b" * 32 + "-demo")),
+        "another key": (make(secret=OTHER), info_of(TREE)),
+        "edited": (good.replace(b'"target":"bin/prog"', b'"target":"bin/evil"'),
+                   info_of(TREE)),
+        "re-signed for another NAR hash": (
+            rewrite(good, lambda b: b.update(narHash=str(Hash("sha256", bytes(32))))),
+            info_of(TREE)),
+        "bad magic": (b"Nope" + good, info_of(TREE)),
+    }[case]
+    with pytest.raises(FileIndexError, match="no valid signature" if case != "bad magic"
+                       else "bad magic"):
+        fileindex.check_signed(text, info, [KEY.public_key])
+
+
+def test_check_signed_gives_the_data_file_of_this_keys_index() -> None:
+    """The writer's cheap check (the tree is not walked) of its own index."""
+    assert fileindex.check_signed(make(), info_of(TREE), [KEY.public_key]) == (
+        "lzdata/x.lzdata", root_of(TREE)[1])
+
+
 def test_offsets_past_the_data_file() -> None:
     refused(rewrite(make(), lambda b: b.update(dataSize=b["dataSize"] - 1)),
             "past the data file")

@@ -198,6 +198,27 @@ def check(index: FileIndex, info: NarInfo, keys: Iterable[PublicKey]) -> str:
     raise FileIndexError(f"index of {info.store_path} has no valid signature by a trusted key")
 
 
+def check_signed(text: bytes, info: NarInfo, keys: Iterable[PublicKey]) -> tuple[str, int]:
+    """The data file name and size of index file *text* if a trusted key
+    signed it for exactly *info*'s store path, NarHash and NarSize (the
+    fingerprint is made from the narinfo); FileIndexError otherwise. The tree
+    is not walked, which is most of :func:`parse`'s time: this is for a writer
+    asking whether its own index is in place, as its key signs only indexes
+    that :func:`parse` accepted (:func:`write`); a reader parses and checks."""
+    sigs, body = _frame(text)
+    message = fingerprint(info.store_path, info.nar_hash, info.nar_size, body)
+    if not any(key.verify(message, sig) for key in keys for sig in sigs):
+        raise FileIndexError(f"index of {info.store_path} has no valid signature by a "
+                             "trusted key for its NAR")
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError) as exc:
+        raise FileIndexError(f"malformed index: {str(exc)[:200]}") from None
+    if not isinstance(doc, dict):
+        raise FileIndexError("malformed index: not an object")
+    return _data_name(doc), _count(doc, "dataSize")
+
+
 def _frame(text: bytes) -> tuple[list[str], bytes]:
     head, sep, body = text.partition(b"\n\n")
     lines = head.split(b"\n")

@@ -389,11 +389,16 @@ def write_atomic(path: Path, data: bytes, sync: bool = True) -> None:
         tmp.unlink(missing_ok=True)
         raise
     if sync:
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """fsync *directory*: the renames into it so far survive a crash."""
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def reason(exc: BaseException) -> str:
