@@ -50,7 +50,7 @@ def test_every_httpx_exception_is_caught_and_mapped_to_a_specific_class() -> Non
     classes = _httpx_exception_classes()
     assert len(classes) > 20  # the walk really found httpx's hierarchy
     for cls in classes:
-        assert issubclass(cls, errors.HTTPX_ERRORS), f"{cls.__name__} would escape"
+        assert issubclass(cls, errors.httpx_errors()), f"{cls.__name__} would escape"
         exc = cls.__new__(cls)
         Exception.__init__(exc, "boom")
         mapped = errors.map_httpx_error(exc, "http://cache")

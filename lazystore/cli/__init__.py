@@ -13,9 +13,14 @@ import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lazystore import __version__
 from lazystore.errors import LazystoreError
+
+if TYPE_CHECKING:
+    from lazystore.substituter.config import SubstituterConfig
 
 COMMAND_MODULES = (
     "nar",
@@ -32,7 +37,8 @@ COMMAND_MODULES = (
 
 # Command words registered by a module of another name (see build_parser).
 COMMAND_MODULE_OF = {"key": "keys", "narinfo": "keys", "image-service": "imageservice",
-                     "profile": "daemon"}
+                     "mount": "daemon", "status": "daemon", "prefetch": "daemon",
+                     "profile": "daemon", "evict": "daemon", "install-systemd": "deploy"}
 
 
 class Stdout:
@@ -68,6 +74,74 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def add_substituter_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options choosing and trusting binary caches (defaults: nix.conf, then
+    cache.nixos.org), for the commands that fetch (fetch, mount, registry)."""
+    from lazystore.substituter.config import NIX_CONF
+
+    group = parser.add_argument_group("substituters")
+    group.add_argument("--substituter", dest="substituters", action="append", metavar="URL",
+                       help="binary cache URL (http, https, file); repeatable")
+    group.add_argument("--trusted-public-key", dest="trusted_public_keys", action="append",
+                       metavar="KEY", help="name:base64 key whose signatures are trusted; "
+                       "repeatable")
+    group.add_argument("--no-require-sigs", dest="require_sigs", action="store_false",
+                       default=None, help="accept unsigned narinfos (local testing only)")
+    group.add_argument("--nix-conf", type=Path, default=NIX_CONF, metavar="FILE",
+                       help=f"nix.conf to take defaults from (default {NIX_CONF})")
+    group.add_argument("--netrc-file", type=Path, metavar="FILE",
+                       help="credentials for HTTP caches (default: nix.conf's netrc-file)")
+    group.add_argument("--ssl-cert-file", type=Path, metavar="FILE",
+                       help="CA certificates for https caches (default: nix.conf's "
+                       "ssl-cert-file, else the system's)")
+    group.add_argument("--max-connections", type=positive_int, metavar="N",
+                       help="HTTP connections at most (default 25)")
+    group.add_argument("--attempts", type=positive_int, metavar="N",
+                       help="tries per download (default 5)")
+    group.add_argument("--connect-timeout", type=_positive_float, metavar="SECONDS")
+    group.add_argument("--stall-timeout", type=_positive_float, metavar="SECONDS",
+                       help="give up a download after this long without data (default 300)")
+    group.add_argument("--low-speed-limit", type=_non_negative_float, metavar="BYTES",
+                       help="give up a download slower than this many bytes/s over "
+                       "--low-speed-time (default 1024; 0: no limit)")
+    group.add_argument("--low-speed-time", type=_positive_float, metavar="SECONDS",
+                       help="the window of --low-speed-limit (default: the stall timeout)")
+
+
+def config_from_args(args: argparse.Namespace) -> SubstituterConfig:
+    """The SubstituterConfig for options added by ``add_substituter_arguments``."""
+    from lazystore.substituter.config import SubstituterConfig
+
+    return SubstituterConfig.from_nix_conf(
+        args.nix_conf,
+        urls=args.substituters,
+        trusted_public_keys=args.trusted_public_keys,
+        require_sigs=args.require_sigs,
+        netrc_file=args.netrc_file,
+        ssl_cert_file=args.ssl_cert_file,
+        max_connections=args.max_connections,
+        attempts=args.attempts,
+        connect_timeout=args.connect_timeout,
+        stall_timeout=args.stall_timeout,
+        low_speed_limit=args.low_speed_limit,
+        low_speed_time=args.low_speed_time,
+    )
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
     return value
 
 

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 from lazystore import defaults, profile
+from lazystore.cli import add_substituter_arguments, config_from_args
 from lazystore.control.client import ControlClient
 from lazystore.errors import LazystoreError
 
@@ -60,11 +61,9 @@ def metrics_arg(p: argparse.ArgumentParser) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add this module's sub-commands to *sub*."""
-    from lazystore.cli import fetch as fetch_cli
-
     p = sub.add_parser("mount", help="mount the lazy store (foreground)")
     p.add_argument("mountpoint", nargs="?", default=defaults.MOUNT_POINT)
-    fetch_cli.add_substituter_arguments(p)
+    add_substituter_arguments(p)
     p.add_argument("--cache-dir", type=Path, default=Path(defaults.CACHE_DIR))
     p.add_argument("--cache-size", type=parse_size, default=None, metavar="SIZE",
                    help="evict least recently used paths above this (e.g. 20G)")
@@ -123,12 +122,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_mount(args: argparse.Namespace) -> int:
     import trio
 
-    from lazystore.cli import fetch as fetch_cli
     from lazystore.daemon import process
     from lazystore.nurseries import first_error
     from lazystore.substituter.client import Substituters
 
-    config = fetch_cli.config_from_args(args)
+    config = config_from_args(args)
     if args.store_dir:
         config = dataclasses.replace(config, store_dir=args.store_dir)
     try:

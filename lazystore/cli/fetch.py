@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import trio
 
-from lazystore.cli import positive_int as _positive_int
+from lazystore.cli import add_substituter_arguments, config_from_args
 from lazystore.errors import FormatError, LazystoreError, UnpackError
 from lazystore.nix import fsio
 from lazystore.nix.fsio import NarUnpacker
@@ -28,7 +28,7 @@ from lazystore.nix.storepath import StorePath
 from lazystore.nurseries import first_error
 from lazystore.progress import Progress, mib
 from lazystore.substituter.client import Substituters
-from lazystore.substituter.config import NIX_CONF, SubstituterConfig
+from lazystore.substituter.config import SubstituterConfig
 from lazystore.substituter.download import OpenSink
 from lazystore.substituter.errors import SubstituterError
 
@@ -49,69 +49,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="fetch only the paths named, not what they reference")
     add_substituter_arguments(parser)
     parser.set_defaults(func=run)
-
-
-def add_substituter_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options choosing and trusting binary caches (defaults: nix.conf, then cache.nixos.org)."""
-    group = parser.add_argument_group("substituters")
-    group.add_argument("--substituter", dest="substituters", action="append", metavar="URL",
-                       help="binary cache URL (http, https, file); repeatable")
-    group.add_argument("--trusted-public-key", dest="trusted_public_keys", action="append",
-                       metavar="KEY", help="name:base64 key whose signatures are trusted; "
-                       "repeatable")
-    group.add_argument("--no-require-sigs", dest="require_sigs", action="store_false",
-                       default=None, help="accept unsigned narinfos (local testing only)")
-    group.add_argument("--nix-conf", type=Path, default=NIX_CONF, metavar="FILE",
-                       help=f"nix.conf to take defaults from (default {NIX_CONF})")
-    group.add_argument("--netrc-file", type=Path, metavar="FILE",
-                       help="credentials for HTTP caches (default: nix.conf's netrc-file)")
-    group.add_argument("--ssl-cert-file", type=Path, metavar="FILE",
-                       help="CA certificates for https caches (default: nix.conf's "
-                       "ssl-cert-file, else the system's)")
-    group.add_argument("--max-connections", type=_positive_int, metavar="N",
-                       help="HTTP connections at most (default 25)")
-    group.add_argument("--attempts", type=_positive_int, metavar="N",
-                       help="tries per download (default 5)")
-    group.add_argument("--connect-timeout", type=_positive_float, metavar="SECONDS")
-    group.add_argument("--stall-timeout", type=_positive_float, metavar="SECONDS",
-                       help="give up a download after this long without data (default 300)")
-    group.add_argument("--low-speed-limit", type=_non_negative_float, metavar="BYTES",
-                       help="give up a download slower than this many bytes/s over "
-                       "--low-speed-time (default 1024; 0: no limit)")
-    group.add_argument("--low-speed-time", type=_positive_float, metavar="SECONDS",
-                       help="the window of --low-speed-limit (default: the stall timeout)")
-
-
-def config_from_args(args: argparse.Namespace) -> SubstituterConfig:
-    """The SubstituterConfig for options added by ``add_substituter_arguments``."""
-    return SubstituterConfig.from_nix_conf(
-        args.nix_conf,
-        urls=args.substituters,
-        trusted_public_keys=args.trusted_public_keys,
-        require_sigs=args.require_sigs,
-        netrc_file=args.netrc_file,
-        ssl_cert_file=args.ssl_cert_file,
-        max_connections=args.max_connections,
-        attempts=args.attempts,
-        connect_timeout=args.connect_timeout,
-        stall_timeout=args.stall_timeout,
-        low_speed_limit=args.low_speed_limit,
-        low_speed_time=args.low_speed_time,
-    )
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be positive")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must not be negative")
-    return value
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,9 +7,13 @@ server asked for), which is all :mod:`lazystore.substituter.retry` looks at.
 
 from __future__ import annotations
 
-import httpx
+from functools import cache
+from typing import TYPE_CHECKING
 
 from lazystore.errors import SubstituterError
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = [
     "SubstituterError",
@@ -27,6 +31,7 @@ __all__ = [
     "RangeError",
     "NotAvailableError",
     "map_httpx_error",
+    "httpx_errors",
 ]
 
 # Nix retries 5xx except these (and 408/429): they will not get better by retrying.
@@ -107,41 +112,57 @@ class NotAvailableError(SubstituterError):
     """No substituter could provide the path."""
 
 
-# Most specific class first: the first isinstance match wins.
-_HTTPX_MAP: tuple[tuple[type[Exception], type[TransportError], str], ...] = (
-    (httpx.ConnectTimeout, TimedOut, "connection timed out"),
-    (httpx.ReadTimeout, StalledError, "no data received in time"),
-    (httpx.WriteTimeout, TimedOut, "sending timed out"),
-    (httpx.PoolTimeout, TimedOut, "no free connection in time"),
-    (httpx.TimeoutException, TimedOut, "timed out"),
-    (httpx.ConnectError, ConnectionFailed, "cannot connect"),
-    (httpx.ReadError, ConnectionFailed, "connection broken while reading"),
-    (httpx.WriteError, ConnectionFailed, "connection broken while sending"),
-    (httpx.CloseError, ConnectionFailed, "error closing the connection"),
-    (httpx.NetworkError, ConnectionFailed, "network error"),
-    (httpx.ProxyError, ConnectionFailed, "proxy error"),
-    (httpx.RemoteProtocolError, ProtocolError, "server broke the HTTP protocol"),
-    (httpx.LocalProtocolError, RequestError, "invalid request"),
-    (httpx.ProtocolError, ProtocolError, "HTTP protocol error"),
-    (httpx.UnsupportedProtocol, RequestError, "unsupported URL scheme"),
-    (httpx.DecodingError, ProtocolError, "cannot decode the response's Content-Encoding"),
-    (httpx.TooManyRedirects, RequestError, "too many redirects"),
-    (httpx.TransportError, ConnectionFailed, "transport error"),
-    (httpx.HTTPStatusError, RequestError, "unexpected HTTP status"),
-    (httpx.RequestError, RequestError, "request failed"),
-    (httpx.InvalidURL, RequestError, "invalid URL"),
-    (httpx.CookieConflict, RequestError, "cookie conflict"),
-    (httpx.StreamError, RequestError, "response stream misused"),
-    (httpx.HTTPError, RequestError, "HTTP error"),
-)
+# httpx is imported by the functions below, not at the top: the classes above
+# are raised by code that makes no HTTP request (cache index, the chunk codec),
+# and a command that makes none (cache index, status) does not pay its import.
 
-# Every httpx exception the transport catches (see transport.py).
-HTTPX_ERRORS = (httpx.HTTPError, httpx.InvalidURL, httpx.CookieConflict, httpx.StreamError)
+
+@cache
+def _httpx_map() -> tuple[tuple[type[Exception], type[TransportError], str], ...]:
+    """httpx's exceptions and theirs, most specific class first: the first
+    isinstance match wins."""
+    import httpx
+
+    return (
+        (httpx.ConnectTimeout, TimedOut, "connection timed out"),
+        (httpx.ReadTimeout, StalledError, "no data received in time"),
+        (httpx.WriteTimeout, TimedOut, "sending timed out"),
+        (httpx.PoolTimeout, TimedOut, "no free connection in time"),
+        (httpx.TimeoutException, TimedOut, "timed out"),
+        (httpx.ConnectError, ConnectionFailed, "cannot connect"),
+        (httpx.ReadError, ConnectionFailed, "connection broken while reading"),
+        (httpx.WriteError, ConnectionFailed, "connection broken while sending"),
+        (httpx.CloseError, ConnectionFailed, "error closing the connection"),
+        (httpx.NetworkError, ConnectionFailed, "network error"),
+        (httpx.ProxyError, ConnectionFailed, "proxy error"),
+        (httpx.RemoteProtocolError, ProtocolError, "server broke the HTTP protocol"),
+        (httpx.LocalProtocolError, RequestError, "invalid request"),
+        (httpx.ProtocolError, ProtocolError, "HTTP protocol error"),
+        (httpx.UnsupportedProtocol, RequestError, "unsupported URL scheme"),
+        (httpx.DecodingError, ProtocolError, "cannot decode the response's Content-Encoding"),
+        (httpx.TooManyRedirects, RequestError, "too many redirects"),
+        (httpx.TransportError, ConnectionFailed, "transport error"),
+        (httpx.HTTPStatusError, RequestError, "unexpected HTTP status"),
+        (httpx.RequestError, RequestError, "request failed"),
+        (httpx.InvalidURL, RequestError, "invalid URL"),
+        (httpx.CookieConflict, RequestError, "cookie conflict"),
+        (httpx.StreamError, RequestError, "response stream misused"),
+        (httpx.HTTPError, RequestError, "HTTP error"),
+    )
+
+
+@cache
+def httpx_errors() -> tuple[type[httpx.HTTPError | httpx.InvalidURL | httpx.CookieConflict
+                                  | httpx.StreamError], ...]:
+    """Every httpx exception the transport catches (see transport.py)."""
+    import httpx
+
+    return (httpx.HTTPError, httpx.InvalidURL, httpx.CookieConflict, httpx.StreamError)
 
 
 def map_httpx_error(exc: Exception, url: str) -> TransportError:
     """The SubstituterError for an httpx exception raised while fetching *url*."""
-    for cls, mapped, what in _HTTPX_MAP:
+    for cls, mapped, what in _httpx_map():
         if isinstance(exc, cls):
             return mapped(f"{url}: {what} ({_detail(exc)})")
     raise TypeError(f"not an httpx exception: {exc!r}")

@@ -26,7 +26,6 @@ import trio
 from lazystore.substituter import decompress, retry
 from lazystore.substituter.config import SpeedLimit
 from lazystore.substituter.errors import (
-    HTTPX_ERRORS,
     HTTPStatusError,
     LowSpeedError,
     NotFoundError,
@@ -36,10 +35,13 @@ from lazystore.substituter.errors import (
     SubstituterError,
     TransportError,
     VerificationError,
+    httpx_errors,
     map_httpx_error,
 )
 
 log = logging.getLogger(__name__)
+
+HTTPX_ERRORS = httpx_errors()  # every httpx exception, each mapped by map_httpx_error
 
 # Nix treats these as "the cache does not have it".
 NOT_FOUND_STATUSES = frozenset({403, 404, 410})
