@@ -5,16 +5,16 @@ incremental, and a NAR that fails verification gets no index."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import multiprocessing
 import os
-import pty
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from lazystore.nix.narinfo import NarInfo
 from lazystore.nix.signing import PublicKey, SecretKey
 from lazystore.substituter import chunks
 from lazystore.testing import nixcache
+from tests.support.terminal import run_on_terminal
 
 pytestmark = pytest.mark.usefixtures("nix")
 
@@ -305,21 +306,33 @@ def test_worker_processes_write_what_threads_write(
     assert not multiprocessing.active_children()
 
 
+def sabotaged(cache_of: nixcache.BinaryCache, cache: Path, monkeypatch: pytest.MonkeyPatch,
+              act: Callable[[Path], None]) -> NarInfo:
+    """Make the top path's worker run *act(cache)* before it reads its NAR (the
+    forked workers inherit the patch); the top path's narinfo."""
+    victim = NarInfo.parse(cache_of.narinfo_path(cache_of.top).read_text())
+    read_nar = cacheindex._read_nar
+
+    def patched(cache: Path, info: NarInfo, sink: object) -> None:
+        if info.store_path == victim.store_path:
+            act(cache)
+        read_nar(cache, info, sink)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cacheindex, "_read_nar", patched)
+    return victim
+
+
 def test_a_worker_that_dies_fails_its_path_and_the_others_go_on(
         binary_cache: nixcache.BinaryCache, tmp_path: Path, test_key: nixcache.KeyPair,
         monkeypatch: pytest.MonkeyPatch) -> None:
     cache = copy_cache(binary_cache, tmp_path / "cache")
-    victim = NarInfo.parse(binary_cache.narinfo_path(binary_cache.top).read_text())
-    read_nar = cacheindex._read_nar
 
-    def dying(cache: Path, info: NarInfo, sink: object) -> None:
+    def die(cache: Path) -> None:
         # the data file's temporary is open and written to when the worker dies
-        if info.store_path == victim.store_path:
-            assert list((cache / fileindex.DATA_DIR).glob(".*.tmp"))
-            os.kill(os.getpid(), signal.SIGKILL)
-        read_nar(cache, info, sink)  # type: ignore[arg-type]
+        assert list((cache / fileindex.DATA_DIR).glob(".*.tmp"))
+        os.kill(os.getpid(), signal.SIGKILL)
 
-    monkeypatch.setattr(cacheindex, "_read_nar", dying)  # the forked workers inherit it
+    victim = sabotaged(binary_cache, cache, monkeypatch, die)
     secret = SecretKey.parse(test_key.secret_file.read_text())
     results = cacheindex.index_cache(cache, secret, jobs=2, processes=True)
     failed = [r for r in results if isinstance(r, cacheindex.CacheIndexError)]
@@ -329,7 +342,7 @@ def test_a_worker_that_dies_fails_its_path_and_the_others_go_on(
     assert not [p for p in (cache / fileindex.DATA_DIR).iterdir() if p.name.startswith(".")]
     assert not list(cache.glob(".*"))
     assert not multiprocessing.active_children()
-    monkeypatch.setattr(cacheindex, "_read_nar", read_nar)
+    monkeypatch.undo()
     again = cacheindex.index_cache(cache, secret, jobs=2, processes=True)
     assert [r.indexed for r in again if isinstance(r, cacheindex.Result)].count(True) == 1
     assert len(again) == len(results) and all(isinstance(r, cacheindex.Result) for r in again)
@@ -339,15 +352,11 @@ def test_a_bug_in_a_worker_fails_that_path_only(
         binary_cache: nixcache.BinaryCache, tmp_path: Path, test_key: nixcache.KeyPair,
         monkeypatch: pytest.MonkeyPatch) -> None:
     cache = copy_cache(binary_cache, tmp_path / "cache")
-    victim = NarInfo.parse(binary_cache.narinfo_path(binary_cache.top).read_text())
-    read_nar = cacheindex._read_nar
 
-    def buggy(cache: Path, info: NarInfo, sink: object) -> None:
-        if info.store_path == victim.store_path:
-            raise ZeroDivisionError("a bug")
-        read_nar(cache, info, sink)  # type: ignore[arg-type]
+    def bug(cache: Path) -> None:
+        raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(cacheindex, "_read_nar", buggy)
+    victim = sabotaged(binary_cache, cache, monkeypatch, bug)
     secret = SecretKey.parse(test_key.secret_file.read_text())
     results = cacheindex.index_cache(cache, secret, jobs=2, processes=True)
     failed = [str(r) for r in results if isinstance(r, cacheindex.CacheIndexError)]
@@ -399,52 +408,51 @@ def test_a_frame_declaring_another_size_does_not_read_back(
 def test_progress_bar_on_a_terminal(
         binary_cache: nixcache.BinaryCache, tmp_path: Path, test_key: nixcache.KeyPair) -> None:
     cache = copy_cache(binary_cache, tmp_path / "cache")
-    leader, follower = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "lazystore", "cache", "index", cache,
-                             "--secret-key-file", test_key.secret_file, "--jobs", "2"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=follower)
-    os.close(follower)
-    out = b""
-    while True:
-        try:
-            data = os.read(leader, 4096)
-        except OSError:  # EIO: the other end is closed
-            break
-        if not data:
-            break
-        out += data
-    os.close(leader)
-    assert proc.wait() == 0
+    code, text = run_on_terminal([sys.executable, "-m", "lazystore", "cache", "index", cache,
+                                  "--secret-key-file", test_key.secret_file, "--jobs", "2"])
+    assert code == 0
     n = len(binary_cache.paths)
-    text = out.decode()
     assert f"] 1/{n} paths, " in text and f"[{'#' * 30}] {n}/{n} paths, " in text
     assert text.count("\r") >= n and f"indexed {n} paths, 0 already indexed" in text
 
 
-def test_ctrl_c_stops_the_workers_and_leaves_no_temporary_files(
-        tmp_path: Path, test_key: nixcache.KeyPair) -> None:
+@contextlib.contextmanager
+def indexing_big_cache(tmp_path: Path, key: nixcache.KeyPair
+                       ) -> Iterator[tuple[subprocess.Popen[bytes], Path, list[int]]]:
+    """`cache index --jobs 2` of two 100 MB paths in a session of its own,
+    once a worker is writing a data file: (the process, the cache, its
+    workers' pids). Killed on the way out if still running."""
     expr = tmp_path / "big.nix"
     expr.write_text(BIG_TEXT_NIX)
-    top = nixcache.build(expr)
-    cache = nixcache.make_cache(top, tmp_path / "cache", test_key).root
+    cache = nixcache.make_cache(nixcache.build(expr), tmp_path / "cache", key).root
     proc = subprocess.Popen([sys.executable, "-m", "lazystore", "cache", "index", cache,
-                             "--secret-key-file", test_key.secret_file, "--jobs", "2"],
+                             "--secret-key-file", key.secret_file, "--jobs", "2"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)
-    data = cache / fileindex.DATA_DIR
-    deadline = time.monotonic() + 60
-    while not (data.is_dir() and list(data.glob(".*.tmp"))):  # a worker is writing
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.002)
-    workers = children(proc.pid)
-    assert workers
-    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group
-    _, err = proc.communicate(timeout=60)
+    try:
+        data = cache / fileindex.DATA_DIR
+        deadline = time.monotonic() + 60
+        while not (data.is_dir() and list(data.glob(".*.tmp"))):  # a worker is writing
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.002)
+        workers = children(proc.pid)
+        assert workers
+        yield proc, cache, workers
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_ctrl_c_stops_the_workers_and_leaves_no_temporary_files(
+        tmp_path: Path, test_key: nixcache.KeyPair) -> None:
+    with indexing_big_cache(tmp_path, test_key) as (proc, cache, workers):
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group
+        _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     for pid in workers:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
-    assert not [p for p in data.iterdir() if p.name.startswith(".")]
+    assert not [p for p in (cache / fileindex.DATA_DIR).iterdir() if p.name.startswith(".")]
     assert not list(cache.glob(".*"))
 
 
@@ -475,27 +483,14 @@ in derivation {
 
 def test_workers_of_a_killed_parent_finish_their_path_and_exit_leaving_no_temporary(
         tmp_path: Path, test_key: nixcache.KeyPair) -> None:
-    expr = tmp_path / "big.nix"
-    expr.write_text(BIG_TEXT_NIX)
-    cache = nixcache.make_cache(nixcache.build(expr), tmp_path / "cache", test_key).root
-    proc = subprocess.Popen([sys.executable, "-m", "lazystore", "cache", "index", cache,
-                             "--secret-key-file", test_key.secret_file, "--jobs", "2"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
-    data = cache / fileindex.DATA_DIR
-    deadline = time.monotonic() + 60
-    while not (data.is_dir() and list(data.glob(".*.tmp"))):
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.002)
-    workers = children(proc.pid)
-    assert workers
-    proc.kill()
-    _, err = proc.communicate(timeout=60)
+    with indexing_big_cache(tmp_path, test_key) as (proc, cache, workers):
+        proc.kill()
+        _, err = proc.communicate(timeout=60)
     deadline = time.monotonic() + 60
     while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text()
               for pid in workers):
         assert time.monotonic() < deadline, "a worker outlived its parent"
         time.sleep(0.05)
     assert b"Traceback" not in err
-    assert not [p for p in data.iterdir() if p.name.startswith(".")]
+    assert not [p for p in (cache / fileindex.DATA_DIR).iterdir() if p.name.startswith(".")]
     assert not list(cache.glob(".*"))

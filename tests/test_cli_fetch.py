@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pty
 import signal
 import stat
 import subprocess
@@ -20,6 +19,7 @@ from lazystore.nix.storepath import StorePath
 from lazystore.testing import nixcache
 from lazystore.testing.httpserver import serve_directory
 from tests.support.faultserver import Fault, FaultServer
+from tests.support.terminal import run_on_terminal
 
 
 def nix_hash(path: Path) -> str:
@@ -140,24 +140,11 @@ def test_invalid_store_path_is_one_clear_line(tmp_path: Path,
 
 def test_progress_bar_on_a_terminal(binary_cache: nixcache.BinaryCache,
                                     tmp_path: Path) -> None:
-    primary, secondary = pty.openpty()
     dest = tmp_path / "out"
     args = base_args(binary_cache, binary_cache.url, dest, tmp_path) + [binary_cache.top]
-    proc = subprocess.Popen([sys.executable, "-m", "lazystore", *args], stderr=secondary,
-                            stdout=subprocess.DEVNULL, cwd=Path(__file__).parents[1])
-    os.close(secondary)
-    output = b""
-    while True:
-        try:
-            chunk = os.read(primary, 4096)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not chunk:
-            break
-        output += chunk
-    os.close(primary)
-    assert proc.wait(timeout=120) == 0
-    text = output.decode()
+    code, text = run_on_terminal([sys.executable, "-m", "lazystore", *args],
+                                 cwd=Path(__file__).parents[1])
+    assert code == 0
     total = len(binary_cache.paths)
     assert "\r[" in text and f"{total}/{total} paths" in text and "MiB/s" in text
     assert StorePath.from_basename(Path(binary_cache.top).name).basename in {
