@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import tempfile
@@ -33,11 +34,12 @@ from lazystore.nix.signing import SecretKey
 from lazystore.snapshotter.proto import snapshots_pb2 as pb
 from lazystore.snapshotter.proto import snapshots_pb2_grpc as pb_grpc
 from lazystore.testing import nixcache, registry
-from lazystore.testing.containerd import Containerd, logs_tail, snapshotter_process
+from lazystore.testing.containerd import Containerd
 from lazystore.testing.daemon import LAZYSTORE, Daemon, container_stack_missing
 from lazystore.testing.httpserver import serve_directory
 from lazystore.testing.ocilayout import oci_archive, placeholder_layer
 from lazystore.testing.ocilayout import tar as _tar
+from lazystore.testing.snapstack import SnapshotterStack
 
 SN = "lazystore"
 WIDE_NIX = Path(__file__).resolve().parents[1] / "bench/workloads/wide.nix"
@@ -55,13 +57,7 @@ def _need_tools() -> None:
 
 
 @dataclass
-class Stack:
-    base: Path
-    daemon: Daemon
-    ctd: Containerd
-    registry: registry.Registry
-    sn_root: Path
-    sn_address: Path
+class Stack(SnapshotterStack):
     one: str  # sample closure top (prog)
     two: str  # overlapping closure top (prog-two)
     wide: str  # bench's "wide" closure: over 300 store paths
@@ -69,23 +65,6 @@ class Stack:
     big: str = ""  # prog with a 3 MiB docs path, from a cache with file indexes
     big_cache: Path | None = None  # that cache's folder
     big_server: Any = None  # and its server (its requests)
-    sn_cm: Any = None
-    sn_proc: subprocess.Popen | None = None
-
-    def start_snapshotter(self) -> None:
-        self.sn_cm = snapshotter_process(
-            self.sn_root, self.sn_address, self.daemon.sock, self.daemon.mnt,
-            log_file=self.base / "snapshotter.log",
-        )
-        self.sn_proc = self.sn_cm.__enter__()
-
-    def stop_snapshotter(self, kill: bool = False) -> None:
-        if self.sn_cm is not None:
-            cm, self.sn_cm = self.sn_cm, None
-            if kill and self.sn_proc is not None:
-                self.sn_proc.kill()
-                self.sn_proc.wait()
-            cm.__exit__(None, None, None)
 
     def fresh_daemon(self) -> None:
         """The daemon restarted on an empty cache dir (the snapshotter's views
@@ -96,9 +75,6 @@ class Stack:
 
     def materialized(self) -> set[str]:
         return set(self.daemon.status()["paths_materialized"])
-
-    def logs(self) -> str:
-        return logs_tail([self.base / "snapshotter.log", self.daemon.log], self.ctd)
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +111,8 @@ def shared_stack(
                 yield st
             finally:
                 st.ctd.stop()
-                st.stop_snapshotter()
+                if st.sn_cm is not None:
+                    st.stop_snapshotter()
                 daemon.stop()
     finally:
         _unmount_below(base)
@@ -486,17 +463,11 @@ def test_restart_of_snapshotter_and_daemon_keeps_snapshots_mountable(stack: Stac
     image = imported_one(stack)
     listed = committed(stack)
     assert listed
-    stack.stop_snapshotter(kill=True)
+    stack.stop_snapshotter(signal.SIGKILL)
     stack.daemon.stop(kill=True)
     stack.daemon.start()
     stack.start_snapshotter()
-    # containerd's gRPC client reconnects to the new socket with its own backoff.
-    deadline = time.monotonic() + 60
-    while True:
-        proc = stack.ctd.ctr("snapshots", "--snapshotter", SN, "ls", check=False)
-        if proc.returncode == 0 or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    stack.wait_served()  # containerd reconnects to the new socket with its own backoff
     assert committed(stack) == listed
     assert run(stack, image, f"{stack.one}/bin/prog") == "hello from liba\n"
     # The daemon alone restarts: the next container's mounts re-create its views.

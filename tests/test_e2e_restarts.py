@@ -83,7 +83,8 @@ def st(
                 yield stack
             finally:
                 stack.ctd.stop()
-                stack.stop_snapshotter()
+                if stack.sn_cm is not None:
+                    stack.stop_snapshotter()
                 daemon.stop()
     finally:
         supervisor.close()

@@ -88,19 +88,19 @@ def build_image(dest: Path, top: str, ref: str) -> Image:
 
 
 @dataclass
-class Stack:
+class SnapshotterStack:
+    """A lazystore daemon, ``lazystore snapshotter`` over it (its log at
+    ``base/snapshotter.log``) and a private containerd with it as the proxy
+    plugin ``lazystore``; the fields a subclass adds come after these."""
+
     base: Path
     daemon: Daemon
     ctd: Containerd
     registry: registry.Registry
-    image: Image
-    top: str
     sn_root: Path
     sn_address: Path
-    out: Path  # bind-mounted into readers as /out
-    sn_cm: Any = None
-    sn_proc: subprocess.Popen | None = None
-    serve_again: list[float] = field(default_factory=list)
+    sn_cm: Any = field(default=None, kw_only=True)
+    sn_proc: subprocess.Popen | None = field(default=None, kw_only=True)
 
     @property
     def sn_log(self) -> Path:
@@ -112,24 +112,16 @@ class Stack:
         self.sn_proc = self.sn_cm.__enter__()
 
     def stop_snapshotter(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        """Send the running snapshotter *sig* and wait for it to exit."""
         assert self.sn_cm is not None and self.sn_proc is not None
         cm, self.sn_cm = self.sn_cm, None
         self.sn_proc.send_signal(sig)
         self.sn_proc.wait(30)
         cm.__exit__(None, None, None)
 
-    def restart_snapshotter(self, sig: signal.Signals) -> float:
-        """Stop it with *sig*, start it again; the time from the signal until
-        containerd lists its snapshots again."""
-        start = time.monotonic()
-        self.stop_snapshotter(sig)
-        self.start_snapshotter()
-        self.wait_served()
-        took = time.monotonic() - start
-        self.serve_again.append(took)
-        return took
-
     def wait_served(self) -> None:
+        """Until containerd lists the snapshotter's snapshots (it reconnects
+        to a restarted proxy plugin with its own backoff)."""
         deadline = time.monotonic() + SERVE_TIMEOUT
         while True:
             proc = self.ctd.ctr("snapshots", "--snapshotter", SN, "ls", check=False)
@@ -152,6 +144,27 @@ class Stack:
         return logs_tail([self.sn_log, self.daemon.log], self.ctd)
 
 
+@dataclass
+class Stack(SnapshotterStack):
+    """:class:`SnapshotterStack` with the six-layer image pushed (:func:`running`)."""
+
+    image: Image
+    top: str
+    out: Path  # bind-mounted into readers as /out
+    serve_again: list[float] = field(default_factory=list)
+
+    def restart_snapshotter(self, sig: signal.Signals) -> float:
+        """Stop it with *sig*, start it again; the time from the signal until
+        containerd lists its snapshots again."""
+        start = time.monotonic()
+        self.stop_snapshotter(sig)
+        self.start_snapshotter()
+        self.wait_served()
+        took = time.monotonic() - start
+        self.serve_again.append(took)
+        return took
+
+
 @contextmanager
 def running(base: Path, cache_url: str, public_key: str, top: str) -> Iterator[Stack]:
     """The stack under *base* (a short path: unix sockets) over the binary
@@ -164,7 +177,7 @@ def running(base: Path, cache_url: str, public_key: str, top: str) -> Iterator[S
             subprocess.run([LAZYSTORE, "image", "push", str(image.archive), image.ref,
                             "--plain-http"], check=True, capture_output=True, timeout=300)
             st = Stack(base, daemon, Containerd(base / "ctd", {SN: str(base / "sn.sock")}),
-                       reg, image, top, base / "sn", base / "sn.sock", base / "out")
+                       reg, base / "sn", base / "sn.sock", image, top, base / "out")
             st.out.mkdir()
             (st.out / "sums").write_text(image.sums_file())
             st.start_snapshotter()
