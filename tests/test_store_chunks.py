@@ -238,6 +238,65 @@ async def test_a_read_does_not_wait_for_the_writing_of_the_chunks_read_ahead_wit
         assert len(server.range_requests) == 2  # the read's, the read-ahead's: none again
 
 
+def the_binary(cache: nixcache.BinaryCache) -> tuple[str, tuple[str, ...], bytes, tuple[Any, ...]]:
+    """busybox's path, its binary's path in it, bytes and chunks."""
+    busybox = base_of(cache, "busybox")
+    binary = ("bin", "busybox")
+    return busybox, binary, real(cache, busybox, binary), index_of(cache, busybox).files[0].chunks
+
+
+async def test_chunks_read_ahead_wait_in_memory_while_chunks_come_and_are_kept_at_exit(
+        indexed: nixcache.BinaryCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks read ahead are not written while chunks are still being
+    fetched (WRITE_QUIET, here never): they are served from memory, do not
+    count toward the quota yet, and are written when the store closes, so a
+    restart has them on disk and asks for nothing."""
+    monkeypatch.setattr("lazystore.store.cache.WRITE_QUIET", 3600.0)
+    busybox, binary, want, chunks = the_binary(indexed)
+    with served(indexed) as server:
+        async with store_over(server.url, indexed.key.public_key, tmp_path,
+                              read_ahead=chunks[1].length + chunks[2].length) as store:
+            assert await read(store, busybox, binary, 0, 10) == want[:10]
+            with trio.fail_after(20):
+                while not all(store.chunks.has(c.sha256) for c in chunks[1:3]):
+                    await trio.sleep(0.01)
+            await trio.sleep(0.2)
+            assert not any(store.chunks.path(c.sha256).exists() for c in chunks[1:3])
+            assert store.chunks.bytes == chunks[0].size
+            assert await read(store, busybox, binary, CHUNK, 2 * CHUNK) == want[
+                CHUNK:3 * CHUNK]
+        assert len(server.range_requests) == 2  # the read's, the read-ahead's
+        async with store_over(server.url, indexed.key.public_key, tmp_path) as store:
+            assert store.chunks.bytes == sum(c.size for c in chunks[:3])
+            assert await read(store, busybox, binary, 0, 3 * CHUNK) == want[:3 * CHUNK]
+        assert len(server.range_requests) == 2
+
+
+@pytest.mark.parametrize("why", ["quiet", "held"])
+async def test_chunks_read_ahead_are_written_once_fetches_pause_or_too_many_wait(
+        indexed: nixcache.BinaryCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        why: str) -> None:
+    """The chunks read ahead are written WRITE_QUIET seconds after the last
+    chunk fetch ended ("quiet"), or at once when more than WRITE_HELD bytes
+    of them wait ("held"); then the quota counts them."""
+    quiet = 0.3 if why == "quiet" else 3600.0
+    monkeypatch.setattr("lazystore.store.cache.WRITE_QUIET", quiet)
+    if why == "held":
+        monkeypatch.setattr("lazystore.store.cache.WRITE_HELD", 1)
+    busybox, binary, _, chunks = the_binary(indexed)
+    with served(indexed) as server:
+        async with store_over(server.url, indexed.key.public_key, tmp_path,
+                              read_ahead=chunks[1].length + chunks[2].length) as store:
+            started = trio.current_time()
+            await read(store, busybox, binary, 0, 10)
+            with trio.fail_after(20):
+                while store.chunks.bytes < sum(c.size for c in chunks[:3]):
+                    await trio.sleep(0.01)
+            assert all(store.chunks.path(c.sha256).exists() for c in chunks[:3])
+            if why == "quiet":  # not before the read-ahead's fetch ended, plus WRITE_QUIET
+                assert trio.current_time() - started >= quiet
+
+
 async def test_read_ahead_takes_the_chunks_just_before_a_read_too(
         indexed: nixcache.BinaryCache, tmp_path: Path) -> None:
     """With the chunks after a read's, those right before its first (at most

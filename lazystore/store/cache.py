@@ -18,6 +18,7 @@ down in developer-notes/store.md.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import uuid
@@ -57,6 +58,7 @@ from lazystore.substituter.timings import Timings
 log = logging.getLogger(__name__)
 
 SAVE_DELAY = 1.0
+WRITE_AT_EXIT = 10.0  # seconds the chunks still held may take to be written at exit
 NEGATIVE_CACHE_SIZE = 100_000
 NARINFOS_HELD = 10_000  # narinfos of paths known but not fetched, for their fetch
 COPIES_HELD = 200_000  # places of chunks in indexed paths' files (chunks.Copies)
@@ -87,6 +89,12 @@ READ_BEHIND = 16 << 10
 # such read would bring megabytes it may never read.
 FILE_AHEAD = 8 << 20
 LAST_CHUNKS_HELD = 10_000  # files whose last read chunk is remembered
+# Chunks read ahead are held in memory and written once no chunk has been
+# fetched for this long (or WRITE_HELD bytes of them wait): creating a
+# read-ahead's hundred small files takes 15-40 ms of CPU, which a start-up's
+# program on two shared cores waited for (python's start, same bytes: 8-16%).
+WRITE_QUIET = 0.5
+WRITE_HELD = 32 << 20
 BACKGROUND_FETCH_PARALLEL = 2  # a view's other paths after its profile (--background-fetch)
 # A path with more references than this is an aggregate (a closure of hundreds
 # of paths of which a program reads a few): its references are not learnt ahead.
@@ -200,6 +208,13 @@ class LocalStore:
             cachetools.LRUCache(LAST_CHUNKS_HELD)
         self.chunk_bytes_read = 0  # compressed bytes of the distinct chunks reads used
         self._chunks_read: set[bytes] = set()
+        # Chunks read ahead, held (ChunkCache.hold) until the writer keeps them.
+        self._unwritten: dict[str, dict[bytes, bytes]] = {}
+        self._unwritten_bytes = 0
+        self._write_wanted = trio.Event()  # set: some are held
+        self._write_now = trio.Event()  # set: WRITE_HELD bytes are
+        self._fetches = 0  # chunk fetches under way
+        self._last_fetch = -math.inf  # trio.current_time() the last one ended
         self._dirty = trio.Event()
         self._save_failed = False
         self._stack = AsyncExitStack()
@@ -217,10 +232,13 @@ class LocalStore:
         self._flights = Flights(self._nursery, _flight_cancelled)
         self._stack.push_async_callback(self._final_save)
         self._nursery.start_soon(self._saver)
+        self._nursery.start_soon(self._writer)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._nursery is not None
+        with trio.CancelScope(shield=True), trio.move_on_after(WRITE_AT_EXIT):
+            await self._write_held()  # what a restart finds on disk is not fetched again
         self._nursery.cancel_scope.cancel()
         await self._stack.aclose()
 
@@ -620,14 +638,17 @@ class LocalStore:
                             ahead: list[Chunk] | None = None) -> dict[Chunk, bytes] | None:
         """Fetch *missing* and *ahead* (read ahead of use), all kept in the
         chunk cache; *missing* are written before this returns, *ahead* are
-        held in memory and written after (a read-ahead of a hundred small
-        files takes 20-30 ms to write, which its reader need not wait for)."""
+        held in memory and written once the fetches pause (WRITE_QUIET)."""
+        self._fetches += 1
         try:
             fetched = await self.subs.read_chunks(indexed.info, indexed.index,
                                                   missing + (ahead or []))
         except VerificationError as exc:
             self._index_failed(base, exc)
             return None
+        finally:
+            self._fetches -= 1
+            self._last_fetch = trio.current_time()
         now = {c.sha256: fetched[c] for c in missing}  # equal chunks: one file
         later = {c.sha256: fetched[c] for c in ahead or [] if c.sha256 not in now}
         self.chunks.hold(later)
@@ -636,10 +657,36 @@ class LocalStore:
             self.chunks.release(later)
             self._not_kept(base, len(failed) + len(later), len(now) + len(later), failed[0])
         elif later:
-            assert self._nursery is not None
-            self._nursery.start_soon(self._keep, base, later)
+            self._unwritten.setdefault(base, {}).update(later)
+            self._unwritten_bytes += sum(len(data) for data in later.values())
+            self._write_wanted.set()
+            if self._unwritten_bytes >= WRITE_HELD:
+                self._write_now.set()
         await self._chunks_kept(base)
         return fetched
+
+    async def _writer(self) -> None:
+        """Write the chunks read ahead once no chunk has been fetched for
+        WRITE_QUIET seconds (or WRITE_HELD bytes of them wait)."""
+        while True:
+            await self._write_wanted.wait()
+            while not self._write_now.is_set() and (wait := self._quiet_in()) > 0:
+                with trio.move_on_after(wait):
+                    await self._write_now.wait()
+            await self._write_held()
+
+    def _quiet_in(self) -> float:
+        """Seconds until no chunk will have been fetched for WRITE_QUIET."""
+        if self._fetches:
+            return WRITE_QUIET
+        return self._last_fetch + WRITE_QUIET - trio.current_time()
+
+    async def _write_held(self) -> None:
+        while self._unwritten:
+            held, self._unwritten, self._unwritten_bytes = self._unwritten, {}, 0
+            self._write_wanted, self._write_now = trio.Event(), trio.Event()
+            for base, chunks in held.items():
+                await self._keep(base, chunks)
 
     async def _keep(self, base: str, chunks: dict[bytes, bytes]) -> None:
         """Write chunks of *base* read ahead (held until then)."""
