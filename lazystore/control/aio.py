@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import threading
 import time
 
@@ -85,3 +86,57 @@ class AsyncControl:
         async with self._slots:
             threading.Thread(target=call, name=f"daemon-{op}", daemon=True).start()
             return await answer
+
+
+class DaemonWatch:
+    """An idle connection to the daemon at *path*, never sent anything: while
+    it is open, the daemon process that accepted it still serves, so what
+    that process made (views) is still there. A daemon that stops closes it
+    (its server closes every connection before its socket, and a killed
+    process's are closed by the kernel), and no other daemon can serve the
+    socket before then; so a caller that saw a call answered between
+    :meth:`open` and an unchanged :meth:`current` may skip asking again."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._sock: socket.socket | None = None
+        self._number = 0  # of the connection open now, one more for each
+
+    def current(self) -> int | None:
+        """The number of the watch open now; None if there is none (never
+        opened, or its daemon has gone since)."""
+        if self._sock is not None and not self._still_open(self._sock):
+            self._sock.close()
+            self._sock = None
+        return self._number if self._sock is not None else None
+
+    def open(self) -> int | None:
+        """:meth:`current`, after connecting if there is no watch (None: the
+        daemon cannot be reached now). Never blocks: a unix socket's connect
+        completes at once or fails."""
+        if self.current() is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                sock.connect(self.path)
+            except OSError:  # absent, refused, or its backlog full (EAGAIN)
+                sock.close()
+                return None
+            self._sock = sock
+            self._number += 1
+        return self._number
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    @staticmethod
+    def _still_open(sock: socket.socket) -> bool:
+        try:
+            sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True  # nothing to read: connected, the daemon is there
+        except OSError:
+            return False
+        return False  # EOF, or bytes the daemon never sends unasked: not trusted

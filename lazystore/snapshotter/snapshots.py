@@ -167,14 +167,29 @@ class Snapshotter:
             raise Unavailable(f"no view for nix layer {snap.key!r}: {exc}") from None
         return self.views.path(view_id)
 
+    async def _made_views(self, snap: Snapshot) -> None:
+        """The nix layer's view and, where containers' overlays will use it, its
+        data view, asked at once (a container's Prepare then finds both made)."""
+        data = self.layout.data_layers and await self.views.data_layer() is not None
+        made = await asyncio.gather(self._view(snap), *([self._view(snap, True)] if data else []),
+                                    return_exceptions=True)
+        for result in made:
+            if isinstance(result, BaseException):
+                raise result
+
     async def restore_views(self) -> None:
-        """Re-create the views of every nix layer (after a restart of either process)."""
-        for snap in self.meta.all():
-            if snap.is_nix and snap.kind == Kind.COMMITTED:
-                try:
-                    await self._view(snap)
-                except Unavailable as exc:
-                    log.warning("%s (will retry when a container needs it)", exc)
+        """Re-create the views of every nix layer (after a restart of either
+        process); the daemon's data directory is asked first, before any
+        container's Prepare needs it."""
+        if self.layout.data_layers:
+            await self.views.data_layer()
+        layers = [s for s in self.meta.all() if s.is_nix and s.kind == Kind.COMMITTED]
+        for snap in layers:
+            try:
+                await self._view(snap)
+            except Unavailable as exc:
+                log.warning("%s (will retry when a container needs it)", exc)
+        log.info("views of %d nix layers restored", len(layers))
 
     async def _lowers(self, chain: list[Snapshot], data: bool = False) -> list[str]:
         lowers: list[str] = []
@@ -329,7 +344,7 @@ class Snapshotter:
         # if the daemon refuses, the snapshot is taken back. (After a crash in
         # between, the start-up restores its view like any other's.)
         try:
-            await self._view(snap)
+            await self._made_views(snap)
         except BaseException:
             with self.meta.transaction():
                 self.meta.delete(snap)
@@ -362,7 +377,7 @@ class Snapshotter:
             if paths or snap.nix_closure:
                 # The view before the row changes: a refusal leaves the snapshot
                 # active, and no transaction is open during the daemon call.
-                await self._view(dataclasses.replace(snap, nix_paths=paths))
+                await self._made_views(dataclasses.replace(snap, nix_paths=paths))
             with self.meta.transaction():
                 self.meta.commit(snap, name, dict(labels), size, inodes, paths)
         log.info("committed %s as %s (id %d%s)", key, name, snap.id,

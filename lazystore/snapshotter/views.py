@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
-from lazystore.control.aio import CALL_TIMEOUT, RESTART_WAIT, AsyncControl
+from lazystore.control.aio import CALL_TIMEOUT, RESTART_WAIT, AsyncControl, DaemonWatch
 from lazystore.errors import ControlError
 
 log = logging.getLogger(__name__)
@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 # A call for a view (or the data layer) is asked again while the daemon
 # restarts (control.aio.RESTART_WAIT), so a pull or a container start rides it
 # out; a view's removal is not: a view left behind only costs the daemon memory.
+# A view made on the daemon that still serves is not asked for again (a
+# container's start asks for its views up to three times, each a round trip
+# to a daemon busy with the start's first fetches): a DaemonWatch tells that
+# daemon from the next one, which may have lost every view (a fresh mount).
 
 
 class ViewProvider(Protocol):
@@ -62,10 +66,15 @@ class DaemonViews:
         self.mount_point = mount_point
         self._control = AsyncControl(control_socket, timeout)
         self._data_dir: str | None = None
+        self._watch = DaemonWatch(control_socket)
+        # view id -> (its paths and closure, the watch it was made under)
+        self._made: dict[str, tuple[tuple[tuple[str, ...], str | None], int]] = {}
+        self._removals = 0  # a view removed during an ensure may be the one it made
 
     def close(self) -> None:
         """Nothing to wait for: a call still waiting for the daemon ends with
         its socket's timeout, or with the process."""
+        self._watch.close()
 
     def path(self, view_id: str) -> str:
         return os.path.join(self.mount_point, ".views", view_id)
@@ -82,6 +91,11 @@ class DaemonViews:
 
     async def ensure(self, view_id: str, paths: Sequence[str], closure: str | None,
                      prefetch: Sequence[str] = ()) -> None:
+        what = (tuple(paths), closure)
+        made = self._made.get(view_id)
+        if made is not None and made == (what, self._watch.current()):
+            return  # made by the daemon serving now (the prefetch went with it)
+        watch, removals = self._watch.open(), self._removals
         args: dict[str, object] = {"id": view_id}
         if paths:
             args["paths"] = list(paths)
@@ -93,8 +107,12 @@ class DaemonViews:
         if not isinstance(result, dict) or not isinstance(result.get("path"), str):
             raise ControlError("the daemon answered view_create without a view path")
         log.debug("view %s: %d store paths", view_id, len(result.get("paths") or ()))
+        if watch is not None and self._watch.current() == watch and removals == self._removals:
+            self._made[view_id] = (what, watch)
 
     async def remove(self, view_id: str) -> None:
+        self._made.pop(view_id, None)
+        self._removals += 1
         await self._call("view_remove", {"id": view_id}, wait=0.0)
 
     async def _call(self, op: str, args: dict[str, object], wait: float | None = None) -> object:
