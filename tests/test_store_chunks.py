@@ -173,7 +173,7 @@ async def test_the_chunks_of_a_read_are_kept_by_one_worker_thread_and_a_failure_
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A read-ahead brings many small chunks: they go to disk in one thread
     hop, not one each; a chunk the directory refuses is reported and not
-    counted, the others are kept."""
+    counted, the others are kept. One small chunk needs no hop at all."""
     cache = ChunkCache(tmp_path / "chunks")
     cache.prepare()
     good = {hashlib.sha256(data).digest(): data for data in (b"a" * 10, b"b" * 20, b"c" * 30)}
@@ -193,6 +193,11 @@ async def test_the_chunks_of_a_read_are_kept_by_one_worker_thread_and_a_failure_
     assert cache.bytes == 60 and not cache.has(bad)
     assert all(cache.read(digest, 0, 100) == data for digest, data in good.items())
     assert await cache.put(good) == [] and len(hops) == 1  # kept already: no hop at all
+    # One small chunk (a read's own, of a small file) is written without a hop.
+    small = b"d" * 100
+    assert await cache.put({hashlib.sha256(small).digest(): small}) == [] and len(hops) == 1
+    assert cache.read(hashlib.sha256(small).digest(), 0, 200) == small
+    assert cache.path(hashlib.sha256(small).digest()).read_bytes() == small
 
 
 async def test_a_read_does_not_wait_for_the_writing_of_the_chunks_read_ahead_with_it(

@@ -7,7 +7,8 @@ whatever is there has the hash its name says. Chunks are shared by every
 path and file that holds the same bytes. Their bytes count toward the
 store's one quota, with the materialised paths': LocalStore evicts the least
 recently used of both (:meth:`ChunkCache.victims`), never a chunk that an
-open file pins. Runs on the trio thread; file writes go to worker threads.
+open file pins. Runs on the trio thread; file writes go to worker threads
+(but for one or two small chunks).
 
 :class:`Copies` remembers where the chunks of the indexes seen sit in their
 files, so that a chunk the cache no longer has (or never had: its path came
@@ -39,6 +40,12 @@ from lazystore.nix.narinfo import NarInfo
 from lazystore.substituter.download import NarPipeline, NarSink
 
 log = logging.getLogger(__name__)
+
+# Chunks written on the trio thread when this few and small (a read's own
+# chunk of a small file: well under a millisecond; the worker thread's hop
+# took 1-3 ms of each small miss under load, which its reader waited for).
+INLINE_FILES = 2
+INLINE_BYTES = 64 << 10
 
 
 @dataclass
@@ -183,14 +190,18 @@ class ChunkCache:
     async def put(self, chunks: dict[bytes, bytes]) -> list[OSError]:
         """Keep verified chunks (sha256 -> bytes), all written by one worker
         thread (a read-ahead brings a hundred small files: a thread hop each
-        cost the reader more than a round trip); the errors of those the
+        cost the reader more than a round trip), or on the trio thread when
+        few and small (INLINE_FILES, INLINE_BYTES); the errors of those the
         directory could not take (no longer held either: fetched again when
         read). The store enforces the quota after."""
         todo = {d: data for d, data in chunks.items() if d not in self._sizes}
         if not todo:
             return []
         try:
-            written, failed = await trio.to_thread.run_sync(self._write_all, todo)
+            if len(todo) <= INLINE_FILES and sum(map(len, todo.values())) <= INLINE_BYTES:
+                written, failed = self._write_all(todo)  # a thread hop costs more
+            else:
+                written, failed = await trio.to_thread.run_sync(self._write_all, todo)
         finally:
             self.release(todo)
         now = time.time()
