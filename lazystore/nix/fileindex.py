@@ -177,8 +177,12 @@ def parse(text: bytes) -> FileIndex:
     )
     if not 0 < index.chunk_size <= MAX_CHUNK_SIZE:
         raise FileIndexError(f"malformed index: chunk size {index.chunk_size}")
-    index.files = _files(index)
-    _check_layout(index)
+    try:
+        events = list(index.events())  # walked twice below, built once (the costly part)
+    except listing.ListingError as exc:
+        raise FileIndexError(str(exc).replace("malformed listing", "malformed index")) from None
+    index.files = _files(index, events)
+    _check_layout(index, events)
     return index
 
 
@@ -265,29 +269,26 @@ def _data_name(doc: dict[str, Any]) -> str:
     return name
 
 
-def _files(index: FileIndex) -> list[FileEntry]:
+def _files(index: FileIndex, events: list[Event]) -> list[FileEntry]:
     """The regular files in NAR order with their chunks, walking the listing
-    events (which check every node) beside the JSON tree."""
+    *events* of the index (which checked every node) beside the JSON tree."""
     files: list[FileEntry] = []
     path: list[bytes] = []
     dirs: list[dict[str, Any]] = []
-    try:
-        for event in index.events():
-            if isinstance(event, DirStart):
-                node = _node(index.root, dirs, event.name)
-                if event.name is not None:
-                    path.append(event.name)
-                dirs.append(node)
-            elif isinstance(event, DirEnd):
-                dirs.pop()
-                if path:
-                    path.pop()
-            elif isinstance(event, FileStart):
-                node = _node(index.root, dirs, event.name)
-                where = (*path, event.name) if event.name is not None else ()
-                files.append(_file(index, where, event, node))
-    except listing.ListingError as exc:
-        raise FileIndexError(str(exc).replace("malformed listing", "malformed index")) from None
+    for event in events:
+        if isinstance(event, DirStart):
+            node = _node(index.root, dirs, event.name)
+            if event.name is not None:
+                path.append(event.name)
+            dirs.append(node)
+        elif isinstance(event, DirEnd):
+            dirs.pop()
+            if path:
+                path.pop()
+        elif isinstance(event, FileStart):
+            node = _node(index.root, dirs, event.name)
+            where = (*path, event.name) if event.name is not None else ()
+            files.append(_file(index, where, event, node))
     return files
 
 
@@ -324,7 +325,7 @@ def _chunk(item: Any, start: int, size: int, where: str) -> Chunk:
     return Chunk(item[0], item[1], start, size, digest)
 
 
-def _check_layout(index: FileIndex) -> None:
+def _check_layout(index: FileIndex, events: list[Event]) -> None:
     chunks = sorted((c for f in index.files for c in f.chunks), key=lambda c: c.offset)
     end = 0
     for chunk in chunks:
@@ -334,7 +335,7 @@ def _check_layout(index: FileIndex) -> None:
     if end > index.data_size:
         raise FileIndexError(f"malformed index: a chunk ends at {end}, past the data file's "
                              f"{index.data_size} bytes")
-    implied = nar_size(index.events())
+    implied = nar_size(events)
     if implied != index.nar_size:
         raise FileIndexError(f"malformed index: its tree makes a NAR of {implied} bytes, "
                              f"not narSize {index.nar_size}")
