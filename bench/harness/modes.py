@@ -195,6 +195,10 @@ def recorded_profile(ctx: Context) -> Path:
                                   time.monotonic(), ctx.timeout)
             check(prog, ctx.workload.expect, "the profile's recording")
             _lazystore("profile", "save", str(saved), "--control-socket", str(daemon.sock))
+        if not json.loads(saved.read_text()).get("reads"):
+            # else the profile modes' image, cached, would carry no profile: the plain mode
+            saved.unlink()
+            raise RunFailed("the profile's recording saw no read through the mount")
     return saved
 
 
