@@ -681,11 +681,12 @@ async def test_an_index_start_asked_of_a_server_that_ignores_range_is_the_whole_
     with served(indexed, ranges=False) as server:
         async with store_over(server.url, indexed.key.public_key, tmp_path) as store:
             await store.lookup(top)
-            with trio.fail_after(30):
-                while docs not in store._indexed:  # the 200's whole index, taken
+            with trio.fail_after(30):  # the tree is built after the index is taken
+                while docs not in store.records or store.records[docs].tree is None:
                     await trio.sleep(0.01)
-            assert store.records[docs].tree is not None  # from that index
+            assert store._indexed[docs] is not None  # the 200's whole index, taken
         assert server.requests.count(name) == 1
+        assert f"/{docs[:32]}.ls" not in server.requests  # the tree is that index's
 
 
 # --- complete paths: assembled from their chunks, NarHash checked ----------------
